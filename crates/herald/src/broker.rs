@@ -1,0 +1,77 @@
+//! The broker sequences, stores and distributes messages: it gives each message its
+//! offset, keeps the channel's recent history for recovery, and hands the message to
+//! every node's [`Hub`](crate::hub::Hub).
+//!
+//! Guarantees every implementation keeps (memory now, Redis later):
+//! - Offsets in a channel start at 1 and grow by exactly 1 per message, within an epoch.
+//! - Appending to history and handing to subscribers happen as one step per channel:
+//!   subscribers receive a channel's messages in offset order, and a message a
+//!   subscriber receives is already in history (so a reconnect can always fill a gap
+//!   up to the last message it saw).
+//! - A channel's epoch changes only when its offsets restart (its state was lost or
+//!   evicted); a client holding an old epoch must reload instead of resuming.
+//! - `publish` returning `Ok` means the message is in history (when history is on) and
+//!   handed to delivery: it is not lost if no one is connected.
+
+pub mod memory;
+
+use async_trait::async_trait;
+
+use crate::channel::{Channel, Draft, Message};
+
+/// Where a channel stands: its epoch and the offset of its last message (0 if none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub epoch: String,
+    pub offset: u64,
+}
+
+/// The result of a publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub id: String,
+    pub offset: u64,
+    pub epoch: String,
+}
+
+/// Messages of a channel after some offset.
+#[derive(Debug, Clone)]
+pub struct History {
+    pub position: Position,
+    /// Oldest first, every offset greater than the requested one that is still kept
+    /// (up to the requested limit).
+    pub messages: Vec<Message>,
+    /// False when some message after the requested offset has already left history,
+    /// so the caller cannot rebuild the sequence without a gap.
+    pub complete: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("the broker is unavailable: {0}")]
+    Unavailable(String),
+}
+
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Sequences `draft` in `channel`, appends it to history and hands it to every
+    /// subscriber on every node.
+    async fn publish(&self, channel: &Channel, draft: &Draft) -> Result<Published, BrokerError>;
+
+    /// The channel's messages with an offset greater than `since`, oldest first, at most
+    /// `limit` of them.
+    async fn history(&self, channel: &Channel, since: u64, limit: usize) -> Result<History, BrokerError>;
+
+    /// The channel's epoch and last offset. Creates the channel's epoch if it has none
+    /// yet, so the epoch a client is told stays valid for the messages that follow.
+    async fn position(&self, channel: &Channel) -> Result<Position, BrokerError>;
+
+    /// Called when the first socket on this node subscribes to `channel`.
+    async fn subscribe(&self, channel: &Channel) -> Result<(), BrokerError>;
+
+    /// Called when the last socket on this node leaves `channel`.
+    async fn unsubscribe(&self, channel: &Channel);
+
+    /// Whether the broker can take publishes now.
+    async fn ready(&self) -> bool;
+}

@@ -1,0 +1,194 @@
+//! Channels and the messages published to them.
+//!
+//! A channel is named `kind:id`: `notifications:{user}`, `org:{org_id}` or
+//! `frames:{user_id}`. Every message published to a channel gets an `offset` (+1 per
+//! message in that channel), the channel's `epoch`, an `id` and a `timestamp`. Those
+//! fields are added once, when the message is sequenced, and the result is kept as the
+//! exact bytes every subscriber receives: a message is serialized once per publish.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::ids::{check_id, InvalidId};
+
+/// The three kinds of channel herald serves (SPEC §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChannelKind {
+    /// `notifications:{user}`: one user's notifications.
+    Notifications,
+    /// `org:{org_id}`: events for every member of an organization.
+    Org,
+    /// `frames:{user_id}`: one user's LLM response streams.
+    Frames,
+}
+
+impl ChannelKind {
+    pub const ALL: [ChannelKind; 3] = [Self::Notifications, Self::Org, Self::Frames];
+
+    /// The prefix before `:` in the channel name.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Self::Notifications => "notifications",
+            Self::Org => "org",
+            Self::Frames => "frames",
+        }
+    }
+
+    /// A bounded label for metrics and logs.
+    pub fn label(self) -> &'static str {
+        self.prefix()
+    }
+}
+
+/// A validated channel name. Cheap to clone.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Channel {
+    kind: ChannelKind,
+    name: Arc<str>,
+}
+
+/// Why a string is not a channel name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidChannel {
+    #[error("channel must look like notifications:{{user_id}}, org:{{org_id}} or frames:{{user_id}}")]
+    UnknownKind,
+    #[error(transparent)]
+    BadId(#[from] InvalidId),
+}
+
+impl Channel {
+    /// Builds the channel of `kind` for `id`, validating `id`.
+    pub fn new(kind: ChannelKind, id: &str) -> Result<Self, InvalidId> {
+        let what = match kind {
+            ChannelKind::Org => "org_id",
+            ChannelKind::Notifications | ChannelKind::Frames => "user_id",
+        };
+        check_id(id, what)?;
+        Ok(Self {
+            kind,
+            name: Arc::from(format!("{}:{id}", kind.prefix())),
+        })
+    }
+
+    /// Parses a full channel name such as `org:acme`.
+    pub fn parse(name: &str) -> Result<Self, InvalidChannel> {
+        let (prefix, id) = name.split_once(':').ok_or(InvalidChannel::UnknownKind)?;
+        let kind = ChannelKind::ALL
+            .into_iter()
+            .find(|kind| kind.prefix() == prefix)
+            .ok_or(InvalidChannel::UnknownKind)?;
+        Ok(Self::new(kind, id)?)
+    }
+
+    pub fn kind(&self) -> ChannelKind {
+        self.kind
+    }
+
+    /// The full name, `kind:id`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The part after `kind:`.
+    pub fn id(&self) -> &str {
+        &self.name[self.kind.prefix().len() + 1..]
+    }
+}
+
+impl fmt::Debug for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl fmt::Display for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+/// Fields herald adds to every published message; a publisher's own values for them
+/// are dropped so the wire never carries a key twice.
+pub const RESERVED_FIELDS: [&str; 4] = ["id", "offset", "epoch", "timestamp"];
+
+/// A message body before it is sequenced: a JSON object serialized once, without the
+/// fields in [`RESERVED_FIELDS`].
+#[derive(Debug, Clone)]
+pub struct Draft {
+    /// Serialized JSON object, starting with `{` and ending with `}`.
+    body: Vec<u8>,
+}
+
+impl Draft {
+    /// Serializes `body`, dropping any reserved fields it carries.
+    pub fn from_object(mut body: serde_json::Map<String, serde_json::Value>) -> Self {
+        for field in RESERVED_FIELDS {
+            body.remove(field);
+        }
+        // Serializing a map of JSON values cannot fail: keys are strings and values are
+        // already valid JSON.
+        let body = serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec());
+        Self { body }
+    }
+
+    /// Rebuilds a draft from bytes produced by [`Draft::from_object`] (used by brokers
+    /// that ship drafts between processes).
+    pub fn from_serialized(body: Vec<u8>) -> Option<Self> {
+        (body.first() == Some(&b'{') && body.last() == Some(&b'}')).then_some(Self { body })
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// Completes the message with its sequence fields. This is the one serialization a
+    /// publish does: the bytes returned are what every subscriber receives.
+    pub fn seal(&self, id: &str, offset: u64, epoch: &str, timestamp: &str) -> Bytes {
+        let mut out = Vec::with_capacity(self.body.len() + 128);
+        out.extend_from_slice(&self.body[..self.body.len() - 1]);
+        if self.body.len() > 2 {
+            out.push(b',');
+        }
+        // `id`, `epoch` and `timestamp` are generated by herald from a safe alphabet, so
+        // they need no escaping; serde_json would escape them identically.
+        out.extend_from_slice(b"\"id\":\"");
+        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(b"\",\"offset\":");
+        out.extend_from_slice(offset.to_string().as_bytes());
+        out.extend_from_slice(b",\"epoch\":\"");
+        out.extend_from_slice(epoch.as_bytes());
+        out.extend_from_slice(b"\",\"timestamp\":\"");
+        out.extend_from_slice(timestamp.as_bytes());
+        out.extend_from_slice(b"\"}");
+        Bytes::from(out)
+    }
+}
+
+/// A sequenced message: its offset in the channel and the exact bytes sent to clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub offset: u64,
+    /// The JSON text frame, shared by every subscriber.
+    pub bytes: Bytes,
+}
+
+/// The current time as RFC 3339 UTC with milliseconds and a `Z` suffix.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+/// Formats a Unix timestamp (seconds) as RFC 3339 UTC.
+pub fn unix_to_rfc3339(secs: u64) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
+/// A fresh random identifier for messages, connections and epochs.
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+#[cfg(test)]
+mod tests;

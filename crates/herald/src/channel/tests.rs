@@ -1,0 +1,54 @@
+use serde_json::json;
+
+use super::*;
+
+#[test]
+fn channel_names() {
+    let ch = Channel::parse("org:acme.eu").unwrap();
+    assert_eq!(ch.kind(), ChannelKind::Org);
+    assert_eq!(ch.id(), "acme.eu");
+    assert_eq!(ch.name(), "org:acme.eu");
+    // Identifiers may themselves contain ':'.
+    assert_eq!(Channel::parse("frames:a:b").unwrap().id(), "a:b");
+    assert_eq!(Channel::parse("presence:x"), Err(InvalidChannel::UnknownKind));
+    assert_eq!(Channel::parse("org"), Err(InvalidChannel::UnknownKind));
+    assert!(matches!(
+        Channel::parse("notifications:a b"),
+        Err(InvalidChannel::BadId(_))
+    ));
+}
+
+#[test]
+fn seal_adds_sequence_fields_once() {
+    let body = json!({"type": "notification", "offset": 99, "id": "forged", "x": "é\"q"});
+    let serde_json::Value::Object(map) = body else {
+        unreachable!()
+    };
+    let sealed = Draft::from_object(map).seal("abc", 42, "ep1", "2025-01-01T00:00:00.000Z");
+    let value: serde_json::Value = serde_json::from_slice(&sealed).unwrap();
+    assert_eq!(
+        value,
+        json!({"type": "notification", "x": "é\"q", "id": "abc", "offset": 42, "epoch": "ep1",
+               "timestamp": "2025-01-01T00:00:00.000Z"})
+    );
+    let text = std::str::from_utf8(&sealed).unwrap();
+    assert_eq!(text.matches("\"offset\"").count(), 1);
+}
+
+#[test]
+fn seal_empty_object() {
+    let sealed = Draft::from_object(serde_json::Map::new()).seal("i", 1, "e", "t");
+    let value: serde_json::Value = serde_json::from_slice(&sealed).unwrap();
+    assert_eq!(
+        value,
+        json!({"id": "i", "offset": 1, "epoch": "e", "timestamp": "t"})
+    );
+}
+
+#[test]
+fn timestamps_are_rfc3339_utc_millis() {
+    let ts = now_rfc3339();
+    assert_eq!(ts.len(), "2025-11-04T10:30:00.123Z".len(), "{ts}");
+    assert!(ts.ends_with('Z'));
+    assert_eq!(unix_to_rfc3339(0), "1970-01-01T00:00:00Z");
+}

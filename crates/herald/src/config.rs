@@ -1,0 +1,473 @@
+//! Configuration: one typed [`Config`], loaded from defaults < TOML file < `HERALD_*`
+//! environment, validated once at start.
+//!
+//! Every setting is a row of [`SETTINGS`]: its environment name, its TOML key (the same
+//! name, lowercase, without `HERALD_`), its default and its meaning. The environment is
+//! read only through the [`Env`] trait so tests can pass a map instead of mutating the
+//! process environment.
+
+mod env;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use env::{Env, ProcessEnv};
+
+/// One configuration setting, as documented in SPEC §1.
+#[derive(Debug, Clone, Copy)]
+pub struct Setting {
+    /// The environment variable, e.g. `HERALD_LISTEN`.
+    pub env: &'static str,
+    /// The default, as text; empty means "not set".
+    pub default: &'static str,
+    /// What it means, one line.
+    pub doc: &'static str,
+    /// Whether the value is a secret that must never be echoed back.
+    pub secret: bool,
+}
+
+impl Setting {
+    /// The TOML key for this setting: `HERALD_JWT_SECRET` → `jwt_secret`.
+    pub fn toml_key(&self) -> String {
+        self.env.trim_start_matches("HERALD_").to_ascii_lowercase()
+    }
+}
+
+macro_rules! settings {
+    ($($konst:ident = $env:literal, $default:literal, $secret:literal, $doc:literal;)*) => {
+        $(
+            #[doc = $doc]
+            pub const $konst: &str = $env;
+        )*
+        /// Every setting herald reads, in SPEC order.
+        pub const SETTINGS: &[Setting] = &[
+            $(Setting { env: $env, default: $default, doc: $doc, secret: $secret },)*
+        ];
+    };
+}
+
+settings! {
+    ENV_LISTEN = "HERALD_LISTEN", "127.0.0.1:8000", false, "Address to bind.";
+    ENV_JWT_SECRET = "HERALD_JWT_SECRET", "", true, "HS256 secret for user tokens; generated and saved in dev mode when no key source is set.";
+    ENV_JWT_JWKS_URL = "HERALD_JWT_JWKS_URL", "", false, "JWKS document URL (RS256/ES256/EdDSA); enables JWKS mode.";
+    ENV_JWT_ISSUER = "HERALD_JWT_ISSUER", "", false, "Required `iss`; alone, the JWKS is discovered from `<issuer>/.well-known/openid-configuration`.";
+    ENV_JWT_AUDIENCE = "HERALD_JWT_AUDIENCE", "", false, "Required `aud` (comma list: any of); not checked when empty.";
+    ENV_JWT_USER_CLAIM = "HERALD_JWT_USER_CLAIM", "sub", false, "Claim holding the user id.";
+    ENV_ALLOWED_ORIGINS = "HERALD_ALLOWED_ORIGINS", "http://localhost:8000,http://127.0.0.1:8000", false, "Comma list of allowed `Origin`s; `*` allows all.";
+    ENV_API_KEYS = "HERALD_API_KEYS", "", true, "Comma list of service keys for the publish/admin API; generated and saved in dev mode when empty.";
+    ENV_REDIS_URL = "HERALD_REDIS_URL", "", false, "Redis for multi-node fan-out, history, limits and the task queue; in-memory single node when empty.";
+    ENV_DATABASE_URL = "HERALD_DATABASE_URL", "sqlite://herald.db", false, "`sqlite://…` or `postgres://…` for memberships and chats.";
+    ENV_MEMBERSHIP = "HERALD_MEMBERSHIP", "database", false, "`database`, `claims` or `webhook:<url>`.";
+    ENV_LLM_BASE_URL = "HERALD_LLM_BASE_URL", "", false, "OpenAI-compatible API base (`…/v1`); the `echo` dev provider when empty.";
+    ENV_LLM_API_KEY = "HERALD_LLM_API_KEY", "", true, "Bearer key for the LLM API.";
+    ENV_LLM_MODEL = "HERALD_LLM_MODEL", "gpt-4o-mini", false, "Model name sent to the LLM.";
+    ENV_MAX_CONNECTIONS_PER_USER = "HERALD_MAX_CONNECTIONS_PER_USER", "3", false, "Concurrent sockets per user, all endpoints, all nodes.";
+    ENV_MAX_CONNECTION_AGE = "HERALD_MAX_CONNECTION_AGE", "7200", false, "Seconds before the server closes a socket.";
+    ENV_CLIENT_MESSAGES_PER_MINUTE = "HERALD_CLIENT_MESSAGES_PER_MINUTE", "60", false, "Client-to-server messages allowed per socket per minute.";
+    ENV_LOG = "HERALD_LOG", "info", false, "Log filter, `RUST_LOG` syntax.";
+    ENV_LOG_FORMAT = "HERALD_LOG_FORMAT", "text", false, "`text` or `json` (JSON lines).";
+    ENV_HISTORY_SIZE = "HERALD_HISTORY_SIZE", "1000", false, "Messages kept per channel for recovery.";
+    ENV_HISTORY_TTL = "HERALD_HISTORY_TTL", "600", false, "Seconds a message stays in history.";
+    ENV_WORKERS = "HERALD_WORKERS", "", false, "LLM tasks run at once by this process (0: none); 64 for `serve`, 256 for `worker`.";
+    ENV_CHAT_CONTEXT_MESSAGES = "HERALD_CHAT_CONTEXT_MESSAGES", "20", false, "Earlier chat turns sent to the LLM.";
+    ENV_FRAME_COALESCE_MS = "HERALD_FRAME_COALESCE_MS", "0", false, "Join LLM deltas arriving within this many milliseconds.";
+    ENV_SHUTDOWN_DRAIN = "HERALD_SHUTDOWN_DRAIN", "10", false, "Seconds over which sockets are closed on shutdown.";
+    ENV_DJANGO_BRIDGE = "HERALD_DJANGO_BRIDGE", "", false, "Redis URL of a Django Channels layer to bridge.";
+}
+
+/// A value that must never reach logs: its `Debug` and `Display` are masked.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself. Call sites are the few places that must use it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Where org membership is decided (`HERALD_MEMBERSHIP`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MembershipMode {
+    /// The `org_members` table, managed through the service API.
+    Database,
+    /// The token's `orgs` claim or Keycloak's `organization` claim.
+    Claims,
+    /// An HTTP endpoint asked `{"user_id","org_id"}`.
+    Webhook(String),
+}
+
+/// Which browser origins may open sockets (`HERALD_ALLOWED_ORIGINS`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowedOrigins {
+    Any,
+    /// Normalized `scheme://host[:port]` values, compared exactly.
+    List(Vec<String>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Everything herald needs to run, typed and validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub jwt_secret: Option<Secret>,
+    pub jwt_jwks_url: Option<String>,
+    pub jwt_issuer: Option<String>,
+    pub jwt_audience: Vec<String>,
+    pub jwt_user_claim: String,
+    pub allowed_origins: AllowedOrigins,
+    pub api_keys: Vec<Secret>,
+    pub redis_url: Option<String>,
+    pub database_url: String,
+    pub membership: MembershipMode,
+    pub llm_base_url: Option<String>,
+    pub llm_api_key: Option<Secret>,
+    pub llm_model: String,
+    pub max_connections_per_user: u32,
+    pub max_connection_age: Duration,
+    pub client_messages_per_minute: u32,
+    pub log: String,
+    pub log_format: LogFormat,
+    pub history_size: usize,
+    pub history_ttl: Duration,
+    /// `None` means the command's default (64 for `serve`, 256 for `worker`).
+    pub workers: Option<usize>,
+    pub chat_context_messages: usize,
+    pub frame_coalesce: Duration,
+    pub shutdown_drain: Duration,
+    pub django_bridge: Option<String>,
+    /// Bytes a socket's outbox may hold before the client counts as too slow (close
+    /// 1008). Not an environment setting; TOML key `outbox_max_bytes`.
+    pub outbox_max_bytes: usize,
+}
+
+/// Default for [`Config::outbox_max_bytes`]: like Centrifugo's 1 MiB client queue, big
+/// enough for bursts, small enough that 10,000 stuck clients cannot exhaust memory.
+pub const DEFAULT_OUTBOX_MAX_BYTES: usize = 1 << 20;
+
+/// Why configuration could not be loaded. Each variant names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{name}={value} is not valid: {reason}")]
+    Invalid {
+        name: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid TOML: {reason}")]
+    ParseFile { path: PathBuf, reason: String },
+    #[error("config file {path}: unknown key `{key}` (keys are the HERALD_* names in lowercase without the prefix, e.g. `listen`)")]
+    UnknownKey { path: PathBuf, key: String },
+}
+
+/// Loads configuration: defaults, then the TOML file (if any), then the environment.
+pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
+    let mut raw: BTreeMap<&'static str, String> = BTreeMap::new();
+    let mut outbox_max_bytes = None;
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.to_owned(),
+            source,
+        })?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|err: toml::de::Error| ConfigError::ParseFile {
+                path: path.to_owned(),
+                reason: err.message().to_owned(),
+            })?;
+        for (key, value) in table {
+            if key == "outbox_max_bytes" {
+                outbox_max_bytes = Some(toml_to_text(&value));
+                continue;
+            }
+            let Some(setting) = SETTINGS.iter().find(|s| s.toml_key() == key) else {
+                return Err(ConfigError::UnknownKey {
+                    path: path.to_owned(),
+                    key,
+                });
+            };
+            raw.insert(setting.env, toml_to_text(&value));
+        }
+    }
+    for setting in SETTINGS {
+        if let Some(value) = env.get(setting.env) {
+            raw.insert(setting.env, value);
+        }
+    }
+    let values = Values { raw };
+
+    let config = Config {
+        listen: values.parse(ENV_LISTEN, |v| {
+            v.parse::<SocketAddr>()
+                .map_err(|_| "expected host:port, e.g. 127.0.0.1:8000".to_owned())
+        })?,
+        jwt_secret: values.optional(ENV_JWT_SECRET).map(Secret::new),
+        jwt_jwks_url: values.parse_optional(ENV_JWT_JWKS_URL, parse_http_url)?,
+        jwt_issuer: values.optional(ENV_JWT_ISSUER),
+        jwt_audience: split_list(&values.get(ENV_JWT_AUDIENCE)),
+        jwt_user_claim: values.parse(ENV_JWT_USER_CLAIM, |v| {
+            if v.is_empty() {
+                Err("expected a claim name such as sub".to_owned())
+            } else {
+                Ok(v.to_owned())
+            }
+        })?,
+        allowed_origins: values.parse(ENV_ALLOWED_ORIGINS, parse_origins)?,
+        api_keys: split_list(&values.get(ENV_API_KEYS))
+            .into_iter()
+            .map(Secret::new)
+            .collect(),
+        redis_url: values.parse_optional(ENV_REDIS_URL, |v| parse_scheme(v, &["redis", "rediss"]))?,
+        database_url: values.parse(ENV_DATABASE_URL, |v| {
+            parse_scheme(v, &["sqlite", "postgres", "postgresql"])
+        })?,
+        membership: values.parse(ENV_MEMBERSHIP, parse_membership)?,
+        llm_base_url: values.parse_optional(ENV_LLM_BASE_URL, parse_http_url)?,
+        llm_api_key: values.optional(ENV_LLM_API_KEY).map(Secret::new),
+        llm_model: values.get(ENV_LLM_MODEL),
+        max_connections_per_user: values.parse(ENV_MAX_CONNECTIONS_PER_USER, parse_positive)?,
+        max_connection_age: values.parse(ENV_MAX_CONNECTION_AGE, parse_seconds)?,
+        client_messages_per_minute: values.parse(ENV_CLIENT_MESSAGES_PER_MINUTE, parse_positive)?,
+        log: values.get(ENV_LOG),
+        log_format: values.parse(ENV_LOG_FORMAT, |v| match v {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err("expected text or json".to_owned()),
+        })?,
+        history_size: values.parse(ENV_HISTORY_SIZE, parse_count)?,
+        history_ttl: values.parse(ENV_HISTORY_TTL, parse_seconds)?,
+        workers: values.parse_optional(ENV_WORKERS, parse_count)?,
+        chat_context_messages: values.parse(ENV_CHAT_CONTEXT_MESSAGES, parse_count)?,
+        frame_coalesce: values.parse(ENV_FRAME_COALESCE_MS, |v| {
+            parse_count(v).map(|ms| Duration::from_millis(ms as u64))
+        })?,
+        shutdown_drain: values.parse(ENV_SHUTDOWN_DRAIN, parse_seconds)?,
+        django_bridge: values.parse_optional(ENV_DJANGO_BRIDGE, |v| parse_scheme(v, &["redis", "rediss"]))?,
+        outbox_max_bytes: match outbox_max_bytes {
+            None => DEFAULT_OUTBOX_MAX_BYTES,
+            Some(v) => parse_count(&v).map_err(|reason| ConfigError::Invalid {
+                name: "outbox_max_bytes",
+                value: v.clone(),
+                reason,
+            })?,
+        },
+    };
+    Ok(config)
+}
+
+impl Config {
+    /// The configuration a test or embedded use starts from: every default, with
+    /// `database_url` in memory.
+    pub fn defaults() -> Config {
+        #[allow(clippy::expect_used)]
+        // The defaults are constants covered by the `defaults_load` test.
+        load(None, &BTreeMap::<String, String>::new()).expect("built-in defaults are valid")
+    }
+
+    /// True when no key source is configured and herald runs with a generated secret.
+    pub fn jwt_dev_mode(&self) -> bool {
+        self.jwt_secret.is_none() && self.jwt_jwks_url.is_none() && self.jwt_issuer.is_none()
+    }
+}
+
+/// Raw text values by environment name, after merging file and environment.
+struct Values {
+    raw: BTreeMap<&'static str, String>,
+}
+
+impl Values {
+    fn setting(name: &'static str) -> &'static Setting {
+        SETTINGS.iter().find(|s| s.env == name).unwrap_or(&SETTINGS[0])
+    }
+
+    fn get(&self, name: &'static str) -> String {
+        match self.raw.get(name) {
+            Some(v) => v.trim().to_owned(),
+            None => Self::setting(name).default.to_owned(),
+        }
+    }
+
+    fn optional(&self, name: &'static str) -> Option<String> {
+        Some(self.get(name)).filter(|v| !v.is_empty())
+    }
+
+    fn parse<T>(
+        &self,
+        name: &'static str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<T, ConfigError> {
+        let value = self.get(name);
+        parse(&value).map_err(|reason| ConfigError::Invalid {
+            name,
+            value: if Self::setting(name).secret {
+                "<redacted>".to_owned()
+            } else {
+                format!("{value:?}")
+            },
+            reason,
+        })
+    }
+
+    fn parse_optional<T>(
+        &self,
+        name: &'static str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
+        if self.optional(name).is_none() {
+            return Ok(None);
+        }
+        self.parse(name, parse).map(Some)
+    }
+}
+
+fn toml_to_text(value: &toml::Value) -> String {
+    match value {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Array(items) => items.iter().map(toml_to_text).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+fn split_list(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn parse_count(value: &str) -> Result<usize, String> {
+    value
+        .parse::<usize>()
+        .map_err(|_| "expected a whole number, 0 or more".to_owned())
+}
+
+fn parse_positive(value: &str) -> Result<u32, String> {
+    match value.parse::<u32>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err("expected a whole number, 1 or more".to_owned()),
+    }
+}
+
+fn parse_seconds(value: &str) -> Result<Duration, String> {
+    match value.parse::<u64>() {
+        Ok(n) if n > 0 => Ok(Duration::from_secs(n)),
+        _ => Err("expected a whole number of seconds, 1 or more".to_owned()),
+    }
+}
+
+fn parse_scheme(value: &str, schemes: &[&str]) -> Result<String, String> {
+    let ok = value
+        .split_once("://")
+        .is_some_and(|(scheme, _)| schemes.contains(&scheme));
+    if ok {
+        Ok(value.to_owned())
+    } else {
+        Err(format!(
+            "expected a URL starting with {}://",
+            schemes.join(":// or ")
+        ))
+    }
+}
+
+fn parse_http_url(value: &str) -> Result<String, String> {
+    parse_scheme(value, &["http", "https"]).and_then(|url| {
+        reqwest::Url::parse(&url)
+            .map(|_| url)
+            .map_err(|err| format!("not a valid URL ({err})"))
+    })
+}
+
+fn parse_membership(value: &str) -> Result<MembershipMode, String> {
+    match value {
+        "database" => Ok(MembershipMode::Database),
+        "claims" => Ok(MembershipMode::Claims),
+        other => match other.strip_prefix("webhook:") {
+            Some(url) => parse_http_url(url).map(MembershipMode::Webhook),
+            None => Err("expected database, claims or webhook:<http(s) url>".to_owned()),
+        },
+    }
+}
+
+fn parse_origins(value: &str) -> Result<AllowedOrigins, String> {
+    let items = split_list(value);
+    if items.iter().any(|item| item == "*") {
+        return Ok(AllowedOrigins::Any);
+    }
+    items
+        .iter()
+        .map(|item| {
+            normalize_origin(item).ok_or_else(|| {
+                format!(
+                    "{item:?} is not an origin; expected scheme://host[:port], e.g. https://app.example.com"
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(AllowedOrigins::List)
+}
+
+/// Normalizes an origin for exact comparison: lowercase scheme and host, default ports
+/// dropped, trailing `/` removed. Returns `None` for anything that is not
+/// `scheme://host[:port]` (including the literal `null`).
+pub fn normalize_origin(origin: &str) -> Option<String> {
+    let origin = origin.trim().trim_end_matches('/');
+    let (scheme, rest) = origin.split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    if scheme.is_empty()
+        || !scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+    {
+        return None;
+    }
+    if rest.is_empty() || rest.contains(['/', '?', '#', '@', ' ']) {
+        return None;
+    }
+    let rest = rest.to_ascii_lowercase();
+    let rest = match (scheme.as_str(), rest.rsplit_once(':')) {
+        ("http", Some((host, "80"))) | ("https", Some((host, "443")))
+            if !host.ends_with(']') || host.starts_with('[') =>
+        {
+            host.to_owned()
+        }
+        _ => rest,
+    };
+    Some(format!("{scheme}://{rest}"))
+}
+
+impl AllowedOrigins {
+    /// Whether a browser `Origin` header value is allowed.
+    pub fn allows(&self, origin: &str) -> bool {
+        match self {
+            AllowedOrigins::Any => true,
+            AllowedOrigins::List(list) => {
+                normalize_origin(origin).is_some_and(|origin| list.contains(&origin))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,125 @@
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn defaults_load() {
+    let config = Config::defaults();
+    assert_eq!(config.listen.to_string(), "127.0.0.1:8000");
+    assert_eq!(config.database_url, "sqlite://herald.db");
+    assert_eq!(config.membership, MembershipMode::Database);
+    assert_eq!(config.max_connections_per_user, 3);
+    assert_eq!(config.max_connection_age, Duration::from_secs(7200));
+    assert_eq!(config.client_messages_per_minute, 60);
+    assert_eq!(config.history_size, 1000);
+    assert_eq!(config.history_ttl, Duration::from_secs(600));
+    assert_eq!(config.workers, None);
+    assert_eq!(config.chat_context_messages, 20);
+    assert_eq!(config.frame_coalesce, Duration::ZERO);
+    assert_eq!(config.shutdown_drain, Duration::from_secs(10));
+    assert_eq!(config.llm_model, "gpt-4o-mini");
+    assert_eq!(config.jwt_user_claim, "sub");
+    assert!(config.jwt_dev_mode());
+    assert!(config.api_keys.is_empty());
+    assert!(config.allowed_origins.allows("http://localhost:8000"));
+    assert!(config.allowed_origins.allows("http://127.0.0.1:8000"));
+    assert!(!config.allowed_origins.allows("http://localhost:8001"));
+}
+
+#[test]
+fn environment_wins_over_file() {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    writeln!(
+        file,
+        "listen = \"127.0.0.1:9000\"\nhistory_size = 5\napi_keys = [\"a\", \"b\"]"
+    )
+    .unwrap();
+    let config = load(Some(file.path()), &env(&[("HERALD_LISTEN", "127.0.0.1:9100")])).unwrap();
+    assert_eq!(config.listen.to_string(), "127.0.0.1:9100");
+    assert_eq!(config.history_size, 5);
+    assert_eq!(config.api_keys, vec![Secret::new("a"), Secret::new("b")]);
+}
+
+#[test]
+fn unknown_file_key_is_named() {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    writeln!(file, "lisen = \"x\"").unwrap();
+    let err = load(Some(file.path()), &env(&[])).unwrap_err();
+    assert!(err.to_string().contains("unknown key `lisen`"), "{err}");
+}
+
+#[track_caller]
+fn check_invalid(name: &str, value: &str, expected: &str) {
+    let err = load(None, &env(&[(name, value)])).unwrap_err();
+    let text = err.to_string();
+    assert!(text.starts_with(&format!("{name}=")), "{text}");
+    assert!(text.contains(expected), "{text}");
+}
+
+#[test]
+fn bad_values_name_the_variable() {
+    check_invalid("HERALD_LISTEN", "localhost", "expected host:port");
+    check_invalid("HERALD_MAX_CONNECTIONS_PER_USER", "0", "1 or more");
+    check_invalid("HERALD_MAX_CONNECTION_AGE", "soon", "seconds");
+    check_invalid("HERALD_LOG_FORMAT", "xml", "text or json");
+    check_invalid("HERALD_MEMBERSHIP", "ldap", "database, claims or webhook");
+    check_invalid("HERALD_DATABASE_URL", "mysql://x", "sqlite://");
+    check_invalid("HERALD_REDIS_URL", "localhost:6379", "redis://");
+    check_invalid("HERALD_ALLOWED_ORIGINS", "example.com", "not an origin");
+    check_invalid("HERALD_JWT_JWKS_URL", "ftp://x", "http://");
+}
+
+#[test]
+fn secrets_are_not_echoed_in_errors_or_debug() {
+    let config = load(None, &env(&[("HERALD_JWT_SECRET", "s3cr3t-value")])).unwrap();
+    assert!(!format!("{config:?}").contains("s3cr3t-value"));
+    assert!(!config.jwt_dev_mode());
+}
+
+#[test]
+fn origins_match_exactly() {
+    let origins = parse_origins("https://app.example.com, http://localhost:3000/").unwrap();
+    assert!(origins.allows("https://app.example.com"));
+    assert!(origins.allows("https://app.example.com:443"));
+    assert!(origins.allows("HTTPS://APP.example.com"));
+    assert!(origins.allows("http://localhost:3000"));
+    for refused in [
+        "null",
+        "http://app.example.com",
+        "https://app.example.com:8443",
+        "https://evil.app.example.com",
+        "https://app.example.com.evil.com",
+        "https://example.com",
+        "http://localhost:3001",
+        "",
+    ] {
+        assert!(!origins.allows(refused), "{refused} must be refused");
+    }
+    assert!(parse_origins("*").unwrap().allows("null"));
+}
+
+#[test]
+fn membership_modes() {
+    assert_eq!(parse_membership("claims"), Ok(MembershipMode::Claims));
+    assert_eq!(
+        parse_membership("webhook:http://127.0.0.1:9/check"),
+        Ok(MembershipMode::Webhook("http://127.0.0.1:9/check".to_owned()))
+    );
+    assert!(parse_membership("webhook:nope").is_err());
+}
+
+#[test]
+fn every_setting_has_a_toml_key() {
+    for setting in SETTINGS {
+        assert!(setting.env.starts_with("HERALD_"));
+        assert_eq!(setting.toml_key(), setting.env[7..].to_ascii_lowercase());
+    }
+}

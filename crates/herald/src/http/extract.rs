@@ -1,0 +1,64 @@
+//! Extractors whose rejections come out in the API's error shape: `ApiJson` (64 KiB,
+//! JSON only) and `ServiceKey` (the publish/admin API key).
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::header;
+use axum::http::request::Parts;
+use serde_json::Value;
+
+use crate::app::AppState;
+use crate::auth::bearer;
+use crate::http::error::ApiError;
+
+/// Request bodies larger than this are refused with 413 (SPEC §4).
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// A JSON body of at most [`MAX_BODY`] bytes with a JSON content type.
+pub struct ApiJson(pub Value);
+
+impl<S: Send + Sync> FromRequest<S> for ApiJson {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let is_json = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|v| v.trim().to_ascii_lowercase())
+            .is_some_and(|v| {
+                v == "application/json" || (v.starts_with("application/") && v.ends_with("+json"))
+            });
+        if !is_json {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let bytes = axum::body::to_bytes(request.into_body(), MAX_BODY)
+            .await
+            .map_err(|_| ApiError::PayloadTooLarge)?;
+        let value = serde_json::from_slice(&bytes)
+            .map_err(|err| ApiError::BadRequest(format!("the body is not valid JSON: {err}")))?;
+        Ok(ApiJson(value))
+    }
+}
+
+/// Proof that the request carried a valid service API key.
+pub struct ServiceKey;
+
+impl FromRequestParts<AppState> for ServiceKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let Some(key) = bearer(&parts.headers) else {
+            state.stats.auth_failed("missing_api_key");
+            return Err(ApiError::Unauthorized(
+                "send the service API key as Authorization: Bearer <key>".to_owned(),
+            ));
+        };
+        if !state.api_keys.verify(key) {
+            state.stats.auth_failed("bad_api_key");
+            tracing::warn!(path = parts.uri.path(), "service API key refused");
+            return Err(ApiError::Unauthorized("the API key is not valid".to_owned()));
+        }
+        Ok(ServiceKey)
+    }
+}

@@ -1,0 +1,213 @@
+//! The publish API (SPEC §4, service key): notifications, org events, frame-stream
+//! messages, generic and batch publish, and channel history.
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::app::AppState;
+use crate::broker::Published;
+use crate::channel::{Channel, ChannelKind, Draft};
+use crate::http::error::ApiError;
+use crate::http::extract::{ApiJson, ServiceKey};
+use crate::ids::{ChatId, OrgId};
+
+/// `type`s an external worker may publish to a frame stream (SPEC §4).
+pub const FRAME_MESSAGE_TYPES: [&str; 4] = ["llm_status", "llm_frame", "llm_response", "llm_error"];
+
+/// Largest `limit` a history call may ask for.
+pub const MAX_HISTORY_LIMIT: usize = 10_000;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/notifications/{user_id}", post(notification))
+        .route("/api/v1/orgs/{org_id}/events", post(org_event))
+        .route("/api/v1/frame-stream/{user_id}", post(frame))
+        .route("/api/v1/publish", post(publish))
+        .route("/api/v1/channels/{channel}/history", get(history))
+}
+
+fn receipt(channel: &Channel, published: &Published) -> Value {
+    json!({"id": published.id, "channel": channel.name(), "offset": published.offset})
+}
+
+fn accepted(body: Value) -> Response {
+    (StatusCode::ACCEPTED, Json(body)).into_response()
+}
+
+fn object(value: Value, what: &str) -> Result<Map<String, Value>, ApiError> {
+    match value {
+        Value::Object(map) => Ok(map),
+        _ => Err(ApiError::BadRequest(format!("{what} must be a JSON object"))),
+    }
+}
+
+async fn notification(
+    State(state): State<AppState>,
+    _key: ServiceKey,
+    Path(user_id): Path<String>,
+    ApiJson(body): ApiJson,
+) -> Result<Response, ApiError> {
+    let channel = Channel::new(ChannelKind::Notifications, &user_id)?;
+    let notification = object(body, "the notification")?;
+    let mut message = Map::new();
+    message.insert("type".to_owned(), json!("notification"));
+    message.insert("notification".to_owned(), Value::Object(notification));
+    let published = state.publish(&channel, &Draft::from_object(message)).await?;
+    Ok(accepted(receipt(&channel, &published)))
+}
+
+async fn org_event(
+    State(state): State<AppState>,
+    _key: ServiceKey,
+    Path(org_id): Path<String>,
+    ApiJson(body): ApiJson,
+) -> Result<Response, ApiError> {
+    let org_id = OrgId::parse(&org_id)?;
+    let channel = Channel::new(ChannelKind::Org, org_id.as_str())?;
+    let mut body = object(body, "the event")?;
+    let event_type = match body.remove("event_type") {
+        Some(Value::String(t)) if !t.is_empty() && t.len() <= 128 => t,
+        _ => {
+            return Err(ApiError::BadRequest(
+                "event_type must be a non-empty string of at most 128 characters".to_owned(),
+            ))
+        }
+    };
+    let data = match body.remove("data") {
+        None | Some(Value::Null) => Value::Object(Map::new()),
+        Some(data @ Value::Object(_)) => data,
+        Some(_) => return Err(ApiError::BadRequest("data must be a JSON object".to_owned())),
+    };
+    let mut message = Map::new();
+    message.insert("type".to_owned(), json!("org_event"));
+    message.insert("org_id".to_owned(), json!(org_id.as_str()));
+    message.insert("event_type".to_owned(), json!(event_type));
+    message.insert("data".to_owned(), data);
+    let published = state.publish(&channel, &Draft::from_object(message)).await?;
+    Ok(accepted(receipt(&channel, &published)))
+}
+
+async fn frame(
+    State(state): State<AppState>,
+    _key: ServiceKey,
+    Path(user_id): Path<String>,
+    ApiJson(body): ApiJson,
+) -> Result<Response, ApiError> {
+    let channel = Channel::new(ChannelKind::Frames, &user_id)?;
+    let mut message = object(body, "the frame-stream message")?;
+    let kind = message.get("type").and_then(Value::as_str).unwrap_or("");
+    if !FRAME_MESSAGE_TYPES.contains(&kind) {
+        return Err(ApiError::BadRequest(format!(
+            "type must be one of {}",
+            FRAME_MESSAGE_TYPES.join(", ")
+        )));
+    }
+    match message.get("chat_id").and_then(Value::as_str) {
+        Some(chat_id) => {
+            ChatId::parse(chat_id)?;
+        }
+        None => return Err(ApiError::BadRequest("chat_id is required".to_owned())),
+    }
+    message.insert("user_id".to_owned(), json!(channel.id()));
+    let published = state.publish(&channel, &Draft::from_object(message)).await?;
+    Ok(accepted(receipt(&channel, &published)))
+}
+
+/// `{"channel","data"}` or a JSON array of them. Every item is checked before any is
+/// published, so a bad batch publishes nothing.
+async fn publish(
+    State(state): State<AppState>,
+    _key: ServiceKey,
+    ApiJson(body): ApiJson,
+) -> Result<Response, ApiError> {
+    let items = match body {
+        Value::Array(items) => items,
+        single @ Value::Object(_) => vec![single],
+        _ => {
+            return Err(ApiError::BadRequest(
+                "the body must be {\"channel\",\"data\"} or an array of them".to_owned(),
+            ))
+        }
+    };
+    if items.is_empty() {
+        return Err(ApiError::BadRequest("the batch is empty".to_owned()));
+    }
+    let mut checked = Vec::with_capacity(items.len());
+    for (idx, item) in items.into_iter().enumerate() {
+        let mut item = object(item, "each item")?;
+        let channel = match item.get("channel").and_then(Value::as_str) {
+            Some(name) => {
+                Channel::parse(name).map_err(|err| ApiError::BadRequest(format!("item {idx}: {err}")))?
+            }
+            None => return Err(ApiError::BadRequest(format!("item {idx}: channel is required"))),
+        };
+        let Some(Value::Object(data)) = item.remove("data") else {
+            return Err(ApiError::BadRequest(format!(
+                "item {idx}: data must be a JSON object"
+            )));
+        };
+        checked.push((channel, Draft::from_object(data)));
+    }
+    let mut receipts = Vec::with_capacity(checked.len());
+    for (channel, draft) in &checked {
+        let published = state.publish(channel, draft).await?;
+        receipts.push(receipt(channel, &published));
+    }
+    Ok(accepted(Value::Array(receipts)))
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    since: Option<String>,
+    limit: Option<String>,
+}
+
+async fn history(
+    State(state): State<AppState>,
+    _key: ServiceKey,
+    Path(channel): Path<String>,
+    Query(query): Query<HistoryQuery>,
+) -> Result<Response, ApiError> {
+    let channel = Channel::parse(&channel).map_err(|err| ApiError::BadRequest(err.to_string()))?;
+    let since = match query.since.as_deref() {
+        None | Some("") => 0,
+        Some(s) => s
+            .parse::<u64>()
+            .map_err(|_| ApiError::BadRequest("since must be a non-negative integer".to_owned()))?,
+    };
+    let limit = match query.limit.as_deref() {
+        None | Some("") => 100,
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=MAX_HISTORY_LIMIT).contains(&n) => n,
+            _ => {
+                return Err(ApiError::BadRequest(format!(
+                    "limit must be an integer from 1 to {MAX_HISTORY_LIMIT}"
+                )))
+            }
+        },
+    };
+    let history = state.broker.history(&channel, since, limit).await?;
+    // The stored messages are already JSON text: splice them in instead of parsing and
+    // re-serializing each one.
+    let mut body = Vec::with_capacity(64 + history.messages.iter().map(|m| m.bytes.len() + 1).sum::<usize>());
+    body.extend_from_slice(
+        format!(
+            "{{\"epoch\":\"{}\",\"offset\":{},\"messages\":[",
+            history.position.epoch, history.position.offset
+        )
+        .as_bytes(),
+    );
+    for (idx, message) in history.messages.iter().enumerate() {
+        if idx > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(&message.bytes);
+    }
+    body.extend_from_slice(b"]}");
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}

@@ -1,0 +1,172 @@
+//! This node's fan-out: channel name → the outboxes of the sockets subscribed to it here.
+//!
+//! **Invariant:** no publisher ever waits on a client. Delivery pushes the message's
+//! shared bytes into each outbox without blocking; an outbox that overflows asks its
+//! session to close with 1008 and is dropped from the channel.
+
+pub mod outbox;
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::channel::{Channel, Message};
+use crate::close::Close;
+pub use outbox::{Drained, Outbox, Overflow};
+
+/// Channels are spread over this many independently locked maps so that publishes and
+/// subscribes to different channels rarely contend.
+const SHARDS: usize = 64;
+
+type Subscribers = HashMap<Arc<str>, Vec<Arc<Outbox>>>;
+
+pub struct Hub {
+    shards: Box<[Mutex<Subscribers>]>,
+    hasher: RandomState,
+    /// Messages queued into outboxes, all channels.
+    delivered: AtomicU64,
+    /// Outboxes closed for overflowing.
+    slow: AtomicU64,
+}
+
+/// Totals since start, for stats and metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct HubCounters {
+    pub delivered: u64,
+    pub slow: u64,
+}
+
+/// What one delivery did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    /// Outboxes the message was queued in.
+    pub queued: usize,
+    /// Outboxes that overflowed and were asked to close with 1008.
+    pub slow: usize,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            delivered: AtomicU64::new(0),
+            slow: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Hub {
+    fn shard(&self, channel: &str) -> MutexGuard<'_, Subscribers> {
+        let idx = (self.hasher.hash_one(channel) as usize) % SHARDS;
+        // Critical sections only edit vectors and push into outboxes; a panic cannot
+        // leave a shard half-updated in a way that matters, so poisoning is ignored.
+        self.shards[idx]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Adds `outbox` to `channel`. Returns true if it is the channel's first subscriber
+    /// on this node (the broker then starts listening for it).
+    pub fn subscribe(&self, channel: &Channel, outbox: Arc<Outbox>) -> bool {
+        let mut shard = self.shard(channel.name());
+        let subscribers = shard.entry(Arc::from(channel.name())).or_default();
+        subscribers.push(outbox);
+        subscribers.len() == 1
+    }
+
+    /// Removes `outbox` from `channel`. Returns true if the channel has no subscriber
+    /// left on this node.
+    pub fn unsubscribe(&self, channel: &Channel, outbox: &Arc<Outbox>) -> bool {
+        let mut shard = self.shard(channel.name());
+        let Some(subscribers) = shard.get_mut(channel.name()) else {
+            return true;
+        };
+        subscribers.retain(|o| !Arc::ptr_eq(o, outbox));
+        if subscribers.is_empty() {
+            shard.remove(channel.name());
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Hands `message` to every subscriber of `channel` on this node. The bytes are
+    /// shared, never copied or re-serialized per subscriber.
+    pub fn deliver(&self, channel: &str, message: &Message) -> Delivery {
+        let mut shard = self.shard(channel);
+        let Some(subscribers) = shard.get_mut(channel) else {
+            return Delivery::default();
+        };
+        let mut delivery = Delivery::default();
+        subscribers.retain(|outbox| match outbox.push(message) {
+            Ok(()) => {
+                delivery.queued += 1;
+                true
+            }
+            Err(Overflow) => {
+                delivery.slow += 1;
+                false
+            }
+        });
+        if subscribers.is_empty() {
+            shard.remove(channel);
+        }
+        drop(shard);
+        self.delivered
+            .fetch_add(delivery.queued as u64, Ordering::Relaxed);
+        if delivery.slow > 0 {
+            self.slow.fetch_add(delivery.slow as u64, Ordering::Relaxed);
+            tracing::warn!(
+                channel,
+                n_slow = delivery.slow,
+                "slow consumers disconnected (1008)"
+            );
+        }
+        delivery
+    }
+
+    pub fn counters(&self) -> HubCounters {
+        HubCounters {
+            delivered: self.delivered.load(Ordering::Relaxed),
+            slow: self.slow.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Asks every socket of `user_id` on `channel` to close. Returns how many.
+    pub fn disconnect_user(&self, channel: &Channel, user_id: &str, close: &Close) -> usize {
+        let shard = self.shard(channel.name());
+        let Some(subscribers) = shard.get(channel.name()) else {
+            return 0;
+        };
+        let mut n = 0;
+        for outbox in subscribers.iter().filter(|o| o.user_id() == user_id) {
+            outbox.request_close(close.clone());
+            n += 1;
+        }
+        n
+    }
+
+    /// Whether any socket on this node is subscribed to `channel`.
+    pub fn has_subscribers(&self, channel: &str) -> bool {
+        self.shard(channel).contains_key(channel)
+    }
+
+    /// Number of subscriptions on this node.
+    pub fn subscription_count(&self) -> usize {
+        (0..SHARDS)
+            .map(|idx| {
+                self.shards[idx]
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .values()
+                    .map(Vec::len)
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,372 @@
+//! The three WebSocket endpoints and their handshake (SPEC §3).
+//!
+//! Handshake order: the `Origin` check answers 403 without upgrading; every other check
+//! (path id, `since`/`epoch`, token, membership) is decided before the `101` is sent,
+//! and a failure closes the upgraded socket at once with its close code, so browsers see
+//! it in `CloseEvent.code`.
+//!
+//! The upgrade is done here on hyper's upgraded connection with tokio-websockets, which
+//! keeps no per-socket write buffer beyond the frames in flight and reads into a small
+//! fixed buffer (see ARCHITECTURE.md for the measurements behind the choice).
+
+pub mod protocol;
+pub mod session;
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use base64::Engine;
+use hyper_util::rt::TokioIo;
+use tokio_websockets::{CloseCode as WsCloseCode, Limits, Message, ServerBuilder};
+
+use crate::app::AppState;
+use crate::auth::{find_token, offers_bearer_subprotocol, BEARER_SUBPROTOCOL};
+use crate::channel::{Channel, ChannelKind};
+use crate::close::{Close, CloseCode};
+use crate::http::error::ApiError;
+use crate::ids::UserId;
+use session::{Plan, Resume};
+
+/// Client messages larger than this close the socket with 1009 (SPEC §3).
+pub const MAX_CLIENT_MESSAGE: usize = 4 * 1024;
+
+/// The longest `epoch` a client may send back (herald's are 32 characters).
+const MAX_EPOCH_LEN: usize = 64;
+
+/// The endpoint a socket connected to; a bounded label for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    Notifications,
+    Events,
+    FrameStream,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 3] = [Self::Notifications, Self::Events, Self::FrameStream];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Notifications => "notifications",
+            Self::Events => "events",
+            Self::FrameStream => "frame_stream",
+        }
+    }
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/ws/notifications", get(notifications))
+        .route("/ws/notifications/", get(notifications))
+        .route("/ws/events/{org_id}", get(events))
+        .route("/ws/events/{org_id}/", get(events))
+        .route("/ws/frame-stream/{user_id}", get(frame_stream))
+        .route("/ws/frame-stream/{user_id}/", get(frame_stream))
+}
+
+async fn notifications(State(state): State<AppState>, request: Request) -> Response {
+    handshake(state, Endpoint::Notifications, None, request).await
+}
+
+async fn events(State(state): State<AppState>, Path(org_id): Path<String>, request: Request) -> Response {
+    handshake(state, Endpoint::Events, Some(org_id), request).await
+}
+
+async fn frame_stream(
+    State(state): State<AppState>,
+    Path(user_id): Path<String>,
+    request: Request,
+) -> Response {
+    handshake(state, Endpoint::FrameStream, Some(user_id), request).await
+}
+
+/// What the checks decided: run a session, or close at once with a code.
+enum Outcome {
+    Accept(Box<Plan>),
+    Reject(Close),
+}
+
+async fn handshake(
+    state: AppState,
+    endpoint: Endpoint,
+    path_id: Option<String>,
+    mut request: Request,
+) -> Response {
+    let Some(accept_key) = websocket_accept_key(request.method(), request.headers()) else {
+        return ApiError::BadRequest(
+            "this endpoint expects a WebSocket upgrade (GET with Upgrade: websocket)".to_owned(),
+        )
+        .into_response();
+    };
+    if let Some(origin) = request.headers().get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("");
+        if !state.config.allowed_origins.allows(origin) {
+            tracing::warn!(origin, endpoint = endpoint.label(), "origin rejected");
+            state.stats.rejected_origin();
+            return ApiError::Forbidden(
+                "this Origin is not allowed; add it to HERALD_ALLOWED_ORIGINS".to_owned(),
+            )
+            .into_response();
+        }
+    }
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let outcome = decide(
+        &state,
+        endpoint,
+        path_id.as_deref(),
+        request.headers(),
+        request.uri().query(),
+    )
+    .await;
+    if let Outcome::Reject(close) = &outcome {
+        state.stats.rejected(close.code);
+    }
+
+    let tracker = state.tracker.clone();
+    tracker.spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(err) => {
+                tracing::debug!(error = %err, "websocket upgrade failed");
+                return;
+            }
+        };
+        let limits = Limits::default().max_payload_len(Some(MAX_CLIENT_MESSAGE));
+        let mut ws = ServerBuilder::new().limits(limits).serve(TokioIo::new(upgraded));
+        match outcome {
+            Outcome::Accept(plan) => session::run(state, ws, *plan).await,
+            Outcome::Reject(close) => {
+                use futures_util::SinkExt;
+                if let Ok(code) = WsCloseCode::try_from(close.code.code()) {
+                    let _ = tokio::time::timeout(session::CLOSE_TIMEOUT, async {
+                        if ws.send(Message::close(Some(code), &close.reason)).await.is_ok() {
+                            use futures_util::StreamExt;
+                            while let Some(Ok(_)) = ws.next().await {}
+                        }
+                    })
+                    .await;
+                }
+            }
+        }
+    });
+
+    let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Ok(value) = HeaderValue::from_str(&accept_key) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, value);
+    }
+    if offers_bearer_subprotocol(request.headers()) {
+        // Answer with the protocol name only: the token is never echoed.
+        headers.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(BEARER_SUBPROTOCOL),
+        );
+    }
+    response
+}
+
+/// Validates the upgrade request and computes `Sec-WebSocket-Accept` (RFC 6455 §4.2.2).
+fn websocket_accept_key(method: &Method, headers: &HeaderMap) -> Option<String> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|value| {
+            value
+                .to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if method != Method::GET
+        || !has_token(header::UPGRADE, "websocket")
+        || !has_token(header::CONNECTION, "upgrade")
+        || headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .map(HeaderValue::as_bytes)
+            != Some(b"13")
+    {
+        return None;
+    }
+    let key = headers.get(header::SEC_WEBSOCKET_KEY)?.as_bytes();
+    let mut sha1 = sha1_smol::Sha1::new();
+    sha1.update(key);
+    sha1.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    Some(base64::engine::general_purpose::STANDARD.encode(sha1.digest().bytes()))
+}
+
+/// Runs every check after the origin, in order: path id and query (4000), token
+/// (4001), permission (4003).
+async fn decide(
+    state: &AppState,
+    endpoint: Endpoint,
+    path_id: Option<&str>,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Outcome {
+    let reject = |code: CloseCode, reason: String| Outcome::Reject(Close::new(code, reason));
+    let query: HashMap<String, String> = serde_urlencoded::from_str(query.unwrap_or("")).unwrap_or_default();
+
+    // 4000: the path id and the resume position must be well-formed.
+    let path_channel = match (endpoint, path_id) {
+        (Endpoint::Events, Some(id)) => Some(Channel::new(ChannelKind::Org, id)),
+        (Endpoint::FrameStream, Some(id)) => Some(Channel::new(ChannelKind::Frames, id)),
+        _ => None,
+    };
+    let path_channel = match path_channel.transpose() {
+        Ok(channel) => channel,
+        Err(err) => return reject(CloseCode::BadRequest, err.to_string()),
+    };
+    let resume = match parse_resume(&query) {
+        Ok(resume) => resume,
+        Err(reason) => return reject(CloseCode::BadRequest, reason.to_owned()),
+    };
+
+    // 4001: a valid token.
+    let Some((token, _source)) = find_token(headers, query.get("token").map(String::as_str)) else {
+        state.stats.auth_failed("missing");
+        tracing::warn!(
+            endpoint = endpoint.label(),
+            reason = "missing",
+            "authentication failed"
+        );
+        return reject(
+            CloseCode::Unauthorized,
+            "no token: use the herald.bearer subprotocol, an Authorization header or ?token=".to_owned(),
+        );
+    };
+    let identity = match state.auth.authenticate(&token).await {
+        Ok(identity) => identity,
+        Err(failure) => {
+            state.stats.auth_failed(failure.reason());
+            tracing::warn!(
+                endpoint = endpoint.label(),
+                reason = failure.reason(),
+                "authentication failed"
+            );
+            return reject(CloseCode::Unauthorized, failure.to_string());
+        }
+    };
+
+    // 4003: permission for the channel.
+    let (channel, org_id) = match (endpoint, path_channel) {
+        (Endpoint::Notifications, _) => {
+            match Channel::new(ChannelKind::Notifications, identity.user_id.as_str()) {
+                Ok(channel) => (channel, None),
+                Err(err) => return reject(CloseCode::Unauthorized, err.to_string()),
+            }
+        }
+        (Endpoint::Events, Some(channel)) => {
+            if !state.membership.is_member(channel.id(), &identity).await {
+                tracing::warn!(org_id = channel.id(), user_id = %identity.user_id, "not a member of the org");
+                return reject(
+                    CloseCode::Forbidden,
+                    "not a member of this organization".to_owned(),
+                );
+            }
+            let org_id = channel.id().to_owned();
+            (channel, Some(org_id))
+        }
+        (Endpoint::FrameStream, Some(channel)) => {
+            if UserId::parse(channel.id()).ok().as_ref() != Some(&identity.user_id) {
+                tracing::warn!(user_id = %identity.user_id, "frame stream of another user refused");
+                return reject(
+                    CloseCode::Forbidden,
+                    "this stream belongs to another user".to_owned(),
+                );
+            }
+            (channel, None)
+        }
+        (_, None) => return reject(CloseCode::BadRequest, "missing path id".to_owned()),
+    };
+
+    Outcome::Accept(Box::new(Plan {
+        endpoint,
+        channel,
+        identity,
+        org_id,
+        resume,
+    }))
+}
+
+/// `since` must be a non-negative integer; `epoch` a short token. `epoch` alone is an
+/// error; `since` alone resumes from whatever epoch the channel has.
+fn parse_resume(query: &HashMap<String, String>) -> Result<Option<Resume>, &'static str> {
+    let epoch = match query.get("epoch").map(String::as_str) {
+        None | Some("") => None,
+        Some(epoch)
+            if epoch.len() <= MAX_EPOCH_LEN
+                && epoch
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+        {
+            Some(epoch.to_owned())
+        }
+        Some(_) => return Err("epoch is not a valid epoch"),
+    };
+    match query.get("since") {
+        None if epoch.is_some() => Err("epoch needs since"),
+        None => Ok(None),
+        Some(since) => match since.parse::<u64>() {
+            Ok(since) => Ok(Some(Resume { since, epoch })),
+            Err(_) => Err("since must be a non-negative integer"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn resume_parameters() {
+        assert_eq!(parse_resume(&query(&[])), Ok(None));
+        assert_eq!(
+            parse_resume(&query(&[("since", "41"), ("epoch", "abc")])),
+            Ok(Some(Resume {
+                since: 41,
+                epoch: Some("abc".to_owned())
+            }))
+        );
+        assert_eq!(
+            parse_resume(&query(&[("since", "0")])),
+            Ok(Some(Resume {
+                since: 0,
+                epoch: None
+            }))
+        );
+        for bad in ["-1", "1.5", "x", "", "99999999999999999999999"] {
+            assert!(parse_resume(&query(&[("since", bad)])).is_err(), "since={bad}");
+        }
+        assert!(parse_resume(&query(&[("since", "1"), ("epoch", "a b")])).is_err());
+        assert!(parse_resume(&query(&[("epoch", "abc")])).is_err());
+    }
+
+    #[test]
+    fn accept_key_matches_rfc_example() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        headers.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        headers.insert(
+            header::SEC_WEBSOCKET_KEY,
+            HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="),
+        );
+        assert_eq!(
+            websocket_accept_key(&Method::GET, &headers).as_deref(),
+            Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+        );
+        assert_eq!(websocket_accept_key(&Method::POST, &headers), None);
+    }
+}

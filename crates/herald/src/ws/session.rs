@@ -1,0 +1,410 @@
+//! One socket's life after the handshake: one task, one `select!` loop over every event
+//! source, and one place where the socket is closed.
+//!
+//! Writing never blocks reading: published messages are queued into the WebSocket's
+//! frame queue in batches, and the same poll that reads client frames also flushes
+//! writes. While a batch is being written, new messages wait in the outbox, where its
+//! byte bound applies; a client that cannot keep up is closed with 1008.
+
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use rand::Rng;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{sleep_until, Instant};
+use tokio_websockets::{CloseCode as WsCloseCode, Message, Payload, WebSocketStream};
+
+use crate::app::AppState;
+use crate::auth::{Identity, LEEWAY};
+use crate::channel::{new_id, unix_to_rfc3339, Channel, Message as ChannelMessage};
+use crate::close::{Close, CloseCode};
+use crate::hub::{Drained, Outbox};
+use crate::ws::protocol::{self, ClientMessage, Welcome};
+use crate::ws::Endpoint;
+
+/// The server sends a protocol ping this often (SPEC §3).
+pub const PING_INTERVAL: Duration = Duration::from_secs(25);
+
+/// A socket that has sent nothing (not even a pong) for this long is dropped (SPEC §3).
+pub const PONG_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long closing may take: flushing what is queued, the close frame, and the
+/// client's answering close frame.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the handshake decided for an accepted socket.
+pub struct Plan {
+    pub endpoint: Endpoint,
+    pub channel: Channel,
+    pub identity: Identity,
+    pub org_id: Option<String>,
+    pub resume: Option<Resume>,
+}
+
+/// `?since=<offset>&epoch=<epoch>`: the client's last position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    pub since: u64,
+    /// `None` accepts whatever epoch the channel has (`since=0` without an epoch
+    /// replays the whole history).
+    pub epoch: Option<String>,
+}
+
+/// How the loop ended.
+enum Exit {
+    /// Send this close frame.
+    Close(Close),
+    /// The WebSocket layer already queued its own close frame (protocol error or a
+    /// message over the size limit); flush it.
+    Flush,
+    /// The client is gone or unresponsive; nothing more can be sent.
+    Gone,
+}
+
+struct Session<'a, S> {
+    state: &'a AppState,
+    ws: WebSocketStream<S>,
+    plan: Plan,
+    outbox: Arc<Outbox>,
+    /// Offset of the last channel message written to this socket.
+    last_offset: u64,
+    /// True while a batch sits in the WebSocket's frame queue, not yet flushed.
+    writing: bool,
+    /// Reused batch buffer.
+    batch: Vec<ChannelMessage>,
+}
+
+/// Runs an accepted socket until it closes.
+pub async fn run<S>(state: AppState, ws: WebSocketStream<S>, plan: Plan)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let outbox = Arc::new(Outbox::new(
+        Arc::from(plan.identity.user_id.as_str()),
+        state.config.outbox_max_bytes,
+    ));
+    let channel = plan.channel.clone();
+    let endpoint = plan.endpoint;
+    state.stats.opened(endpoint);
+    if state.hub.subscribe(&channel, outbox.clone()) {
+        if let Err(err) = state.broker.subscribe(&channel).await {
+            tracing::warn!(%channel, error = %err, "broker subscribe failed");
+        }
+    }
+    let mut session = Session {
+        state: &state,
+        ws,
+        plan,
+        outbox: outbox.clone(),
+        last_offset: 0,
+        writing: false,
+        batch: Vec::new(),
+    };
+    let exit = match session.start().await {
+        Ok(()) => session.run().await,
+        Err(exit) => exit,
+    };
+    let code = session.finish(exit).await;
+    if state.hub.unsubscribe(&channel, &outbox) {
+        state.broker.unsubscribe(&channel).await;
+    }
+    state.stats.closed(endpoint);
+    tracing::debug!(endpoint = endpoint.label(), code, "session closed");
+}
+
+impl<S> Session<'_, S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    fn queue_text(&mut self, text: impl Into<Payload>) -> Result<(), Exit> {
+        self.ws
+            .start_send_unpin(Message::text(text))
+            .map_err(|_| Exit::Gone)?;
+        self.writing = true;
+        Ok(())
+    }
+
+    /// Sends the welcome, then (on resume) the missed messages and the `recovered`
+    /// message.
+    async fn start(&mut self) -> Result<(), Exit> {
+        let position = self
+            .state
+            .broker
+            .position(&self.plan.channel)
+            .await
+            .map_err(|_| Exit::Close(Close::new(CloseCode::GoingAway, "broker unavailable")))?;
+        let connection_id = new_id();
+        let welcome = Welcome {
+            connection_id: &connection_id,
+            user_id: self.plan.identity.user_id.as_str(),
+            channel: self.plan.channel.name(),
+            org_id: self.plan.org_id.as_deref(),
+            epoch: &position.epoch,
+            offset: position.offset,
+        }
+        .to_json();
+        self.queue_text(welcome)?;
+        self.last_offset = position.offset;
+
+        let Some(resume) = self.plan.resume.clone() else {
+            return Ok(());
+        };
+        let epoch_matches = resume.epoch.as_deref().is_none_or(|e| e == position.epoch);
+        let mut missed = 0;
+        let mut recovered = false;
+        if epoch_matches && resume.since <= position.offset {
+            let history = self
+                .state
+                .broker
+                .history(&self.plan.channel, resume.since, usize::MAX)
+                .await
+                .map_err(|_| Exit::Close(Close::new(CloseCode::GoingAway, "broker unavailable")))?;
+            if history.complete && history.position.epoch == position.epoch {
+                recovered = true;
+                for message in history.messages {
+                    self.last_offset = self.last_offset.max(message.offset);
+                    missed += 1;
+                    self.queue_text(message.bytes)?;
+                }
+            }
+        }
+        let text = protocol::recovered(recovered, missed, &position.epoch, self.last_offset);
+        self.queue_text(text)
+    }
+
+    async fn run(&mut self) -> Exit {
+        let state = self.state;
+        let mut ping = tokio::time::interval_at(Instant::now() + PING_INTERVAL, PING_INTERVAL);
+        let mut last_heard = Instant::now();
+        let age_deadline = Instant::now() + jittered(state.config.max_connection_age);
+        let mut expiry_deadline = expiry_instant(self.plan.identity.expires_at);
+        let shutdown = state.shutdown.clone();
+        let mut shutdown_at: Option<Instant> = None;
+
+        loop {
+            let writing = self.writing;
+            let ws = &mut self.ws;
+            let io = poll_fn(|cx| {
+                if writing {
+                    match ws.poll_flush_unpin(cx) {
+                        Poll::Ready(Ok(())) => return Poll::Ready(Io::Flushed),
+                        Poll::Ready(Err(_)) => return Poll::Ready(Io::Read(None)),
+                        Poll::Pending => {}
+                    }
+                }
+                ws.poll_next_unpin(cx).map(Io::Read)
+            });
+            let shutdown_sleep = async {
+                match shutdown_at {
+                    Some(at) => sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                io = io => match io {
+                    Io::Flushed => {
+                        self.writing = false;
+                        if let Err(exit) = self.forward_outbox().await {
+                            return exit;
+                        }
+                    }
+                    Io::Read(None) => return Exit::Gone,
+                    Io::Read(Some(Err(tokio_websockets::Error::Io(_)))) => return Exit::Gone,
+                    // The layer queued its own close (1009 for a message over 4 KiB,
+                    // 1002/1007 for protocol errors); it only needs flushing.
+                    Io::Read(Some(Err(_))) => return Exit::Flush,
+                    Io::Read(Some(Ok(frame))) => {
+                        last_heard = Instant::now();
+                        if let Err(exit) = self.on_frame(frame, &mut expiry_deadline).await {
+                            return exit;
+                        }
+                    }
+                },
+                // A message or a close request for this socket.
+                () = self.outbox.wait() => {
+                    if self.writing {
+                        if let Some(close) = self.outbox.close_requested() {
+                            return Exit::Close(close);
+                        }
+                    } else if let Err(exit) = self.forward_outbox().await {
+                        return exit;
+                    }
+                }
+                _ = ping.tick() => {
+                    if last_heard.elapsed() >= PONG_TIMEOUT {
+                        tracing::debug!("no pong in time; dropping socket");
+                        return Exit::Gone;
+                    }
+                    if self.ws.start_send_unpin(Message::ping(Payload::from(&b""[..]))).is_err() {
+                        return Exit::Gone;
+                    }
+                    self.writing = true;
+                }
+                () = sleep_until(age_deadline) => {
+                    return Exit::Close(Close::new(CloseCode::Normal, "max connection age"));
+                }
+                () = sleep_until(expiry_deadline) => {
+                    return Exit::Close(Close::new(CloseCode::Unauthorized, "token expired"));
+                }
+                // Shutdown: each socket closes at a random moment within the drain
+                // window, so clients do not all reconnect at once.
+                () = shutdown.cancelled(), if shutdown_at.is_none() => {
+                    let drain = state.config.shutdown_drain;
+                    let delay = rand::rng().random_range(Duration::ZERO..=drain);
+                    shutdown_at = Some(Instant::now() + delay);
+                }
+                () = shutdown_sleep => {
+                    return Exit::Close(CloseCode::GoingAway.into());
+                }
+            }
+        }
+    }
+
+    /// Moves queued messages into the WebSocket's frame queue, skipping any the client
+    /// already has and filling a gap from history.
+    async fn forward_outbox(&mut self) -> Result<(), Exit> {
+        let mut batch = std::mem::take(&mut self.batch);
+        if let Drained::Close(close) = self.outbox.drain(&mut batch) {
+            return Err(Exit::Close(close));
+        }
+        let result = self.forward(&mut batch).await;
+        batch.clear();
+        self.batch = batch;
+        result
+    }
+
+    async fn forward(&mut self, batch: &mut Vec<ChannelMessage>) -> Result<(), Exit> {
+        for message in batch.drain(..) {
+            if message.offset <= self.last_offset {
+                continue;
+            }
+            if message.offset > self.last_offset + 1 {
+                self.fill_gap(message.offset).await?;
+            }
+            self.last_offset = message.offset;
+            self.queue_text(message.bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Sends the messages between the last one written and `next` from history. If they
+    /// have left history, the client must resume (and will learn it lost messages).
+    async fn fill_gap(&mut self, next: u64) -> Result<(), Exit> {
+        let lost = || {
+            Exit::Close(Close::new(
+                CloseCode::GoingAway,
+                "lost position; resume with since",
+            ))
+        };
+        let history = self
+            .state
+            .broker
+            .history(
+                &self.plan.channel,
+                self.last_offset,
+                (next - self.last_offset - 1) as usize,
+            )
+            .await
+            .map_err(|_| lost())?;
+        if !history.complete {
+            return Err(lost());
+        }
+        for message in history.messages {
+            if message.offset < next && message.offset == self.last_offset + 1 {
+                self.last_offset = message.offset;
+                self.queue_text(message.bytes)?;
+            }
+        }
+        if self.last_offset + 1 == next {
+            Ok(())
+        } else {
+            Err(lost())
+        }
+    }
+
+    async fn on_frame(&mut self, frame: Message, expiry: &mut Instant) -> Result<(), Exit> {
+        if frame.is_binary() {
+            return Err(Exit::Close(CloseCode::UnsupportedData.into()));
+        }
+        let Some(text) = frame.as_text() else {
+            // Ping (answered by the layer), pong and close frames.
+            return Ok(());
+        };
+        let message = ClientMessage::parse(text);
+        let reply = match message {
+            ClientMessage::Ping => protocol::pong(),
+            ClientMessage::Heartbeat => protocol::heartbeat_ack(),
+            ClientMessage::InvalidJson => protocol::invalid_json(),
+            ClientMessage::Unsupported => protocol::unsupported_message(),
+            ClientMessage::Refresh { token } => {
+                let identity = self.state.auth.authenticate(&token).await.map_err(|failure| {
+                    tracing::warn!(reason = failure.reason(), "token refresh refused");
+                    Exit::Close(Close::new(CloseCode::Unauthorized, failure.to_string()))
+                })?;
+                if identity.user_id != self.plan.identity.user_id {
+                    tracing::warn!("token refresh for another user refused");
+                    return Err(Exit::Close(Close::new(
+                        CloseCode::Unauthorized,
+                        "refresh token is for another user",
+                    )));
+                }
+                *expiry = expiry_instant(identity.expires_at);
+                let expires_at = unix_to_rfc3339(identity.expires_at);
+                self.plan.identity = identity;
+                protocol::refreshed(&expires_at)
+            }
+        };
+        self.queue_text(reply)
+    }
+
+    /// The one place a socket is closed. Returns the close code sent (0 if none).
+    async fn finish(&mut self, exit: Exit) -> u16 {
+        let code = match exit {
+            Exit::Gone => return 0,
+            Exit::Flush => 0,
+            Exit::Close(close) => {
+                let code = close.code.code();
+                let frame =
+                    WsCloseCode::try_from(code).map(|ws_code| Message::close(Some(ws_code), &close.reason));
+                if let Ok(frame) = frame {
+                    if self.ws.start_send_unpin(frame).is_err() {
+                        return 0;
+                    }
+                }
+                code
+            }
+        };
+        // Flush what is queued and the close frame, then wait for the client's close.
+        let ws = &mut self.ws;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            if ws.flush().await.is_ok() {
+                while let Some(Ok(_)) = ws.next().await {}
+            }
+        })
+        .await;
+        code
+    }
+}
+
+enum Io {
+    Flushed,
+    Read(Option<Result<Message, tokio_websockets::Error>>),
+}
+
+/// The moment a token with this `exp` stops being accepted (with the leeway).
+fn expiry_instant(exp: u64) -> Instant {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let remaining = exp.saturating_add(LEEWAY.as_secs()).saturating_sub(now);
+    Instant::now() + Duration::from_secs(remaining.min(10 * 365 * 24 * 3600))
+}
+
+/// `age` shortened by up to 10 %, so sockets opened together do not all close together.
+fn jittered(age: Duration) -> Duration {
+    let max_cut = age / 10;
+    age - rand::rng().random_range(Duration::ZERO..=max_cut)
+}
