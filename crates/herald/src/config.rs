@@ -239,7 +239,11 @@ pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
             .collect(),
         redis_url: values.parse_optional(ENV_REDIS_URL, |v| parse_scheme(v, &["redis", "rediss"]))?,
         database_url: values.parse(ENV_DATABASE_URL, |v| {
-            parse_scheme(v, &["sqlite", "postgres", "postgresql"])
+            if v.starts_with("sqlite:") {
+                Ok(v.to_owned())
+            } else {
+                parse_scheme(v, &["sqlite", "postgres", "postgresql"])
+            }
         })?,
         membership: values.parse(ENV_MEMBERSHIP, parse_membership)?,
         llm_base_url: values.parse_optional(ENV_LLM_BASE_URL, parse_http_url)?,

@@ -1,0 +1,14 @@
+//! The single integration-test binary: one module per feature area, all against a real
+//! herald on 127.0.0.1:0.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::print_stderr
+)]
+
+mod support;
+
+mod api;
+mod handshake;
