@@ -1,5 +1,5 @@
 //! `AppState`, built once at start, and `router`, the one place that lists every route
-//! and global layer (read it next to SPEC §3–§4).
+//! and global layer (read it next to docs/protocol.md).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

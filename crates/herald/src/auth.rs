@@ -1,7 +1,7 @@
 //! User authentication: where a token is found, how it is verified, and what a
 //! verified token says ([`Identity`]).
 //!
-//! Key source, first that applies (SPEC §2): a JWKS URL; an HS256 secret; an issuer
+//! Key source, first that applies (docs/protocol.md): a JWKS URL; an HS256 secret; an issuer
 //! alone (JWKS by OIDC discovery). Dev mode is an HS256 secret generated at start.
 //! The algorithm is fixed by the key, never by the token: `none` and algorithm
 //! switching are refused.
@@ -23,7 +23,7 @@ use crate::ids::UserId;
 pub use api_key::ApiKeys;
 use jwks::JwksKeys;
 
-/// Clock skew tolerated on `exp` and `nbf` (SPEC §2).
+/// Clock skew tolerated on `exp` and `nbf` (docs/protocol.md).
 pub const LEEWAY: Duration = Duration::from_secs(30);
 
 /// The subprotocol a browser offers, followed by the token, to authenticate without
@@ -90,7 +90,7 @@ impl AuthFailure {
     }
 }
 
-/// Where a token came from, in the order SPEC §2 gives.
+/// Where a token came from, in the documented order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenSource {
     Subprotocol,

@@ -13,7 +13,7 @@ use bytes::Bytes;
 
 use crate::ids::{check_id, InvalidId};
 
-/// The three kinds of channel herald serves (SPEC §3).
+/// The three kinds of channel herald serves (docs/protocol.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ChannelKind {
     /// `notifications:{user}`: one user's notifications.

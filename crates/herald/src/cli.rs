@@ -71,6 +71,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     crate::telemetry::init(&config)?;
+    for note in config.not_yet_supported() {
+        tracing::warn!("{note}");
+    }
     let (secrets, dev_path) = crate::dev::resolve(&config)?;
     let listener = TcpListener::bind(config.listen)
         .await

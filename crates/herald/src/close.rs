@@ -1,4 +1,4 @@
-//! WebSocket close codes: the one table in code, mirrored by SPEC §3 and
+//! WebSocket close codes: the one table in code, mirrored by
 //! `docs/protocol.md` (a tidy test compares them).
 //!
 //! 4000–4099 are "do not reconnect unchanged" (Pusher's convention), except 4429,

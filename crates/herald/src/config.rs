@@ -16,7 +16,7 @@ use std::time::Duration;
 
 pub use env::{Env, ProcessEnv};
 
-/// One configuration setting, as documented in SPEC §1.
+/// One configuration setting, as documented in docs/protocol.md.
 #[derive(Debug, Clone, Copy)]
 pub struct Setting {
     /// The environment variable, e.g. `HERALD_LISTEN`.
@@ -42,7 +42,7 @@ macro_rules! settings {
             #[doc = $doc]
             pub const $konst: &str = $env;
         )*
-        /// Every setting herald reads, in SPEC order.
+        /// Every setting herald reads, in documented order.
         pub const SETTINGS: &[Setting] = &[
             $(Setting { env: $env, default: $default, doc: $doc, secret: $secret },)*
         ];
@@ -78,7 +78,7 @@ settings! {
     ENV_DJANGO_BRIDGE = "HERALD_DJANGO_BRIDGE", "", false, "Redis URL of a Django Channels layer to bridge.";
 }
 
-/// A value that must never reach logs: its `Debug` and `Display` are masked.
+/// A value that must never reach logs: its `Debug` is masked and it has no `Display`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 
@@ -286,6 +286,26 @@ impl Config {
         #[allow(clippy::expect_used)]
         // The defaults are constants covered by the `defaults_load` test.
         load(None, &BTreeMap::<String, String>::new()).expect("built-in defaults are valid")
+    }
+
+    /// Settings that are accepted but whose feature is not built yet, with what herald
+    /// does instead. Logged as warnings at start so nobody relies on them silently.
+    pub fn not_yet_supported(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if self.redis_url.is_some() {
+            notes.push(format!("{ENV_REDIS_URL} is set, but the Redis engine is not built yet: this node runs alone, in memory"));
+        }
+        if self.django_bridge.is_some() {
+            notes.push(format!(
+                "{ENV_DJANGO_BRIDGE} is set, but the Django bridge is not built yet: it is ignored"
+            ));
+        }
+        if self.llm_base_url.is_some() {
+            notes.push(format!(
+                "{ENV_LLM_BASE_URL} is set, but LLM tasks are not built yet: it is ignored"
+            ));
+        }
+        notes
     }
 
     /// True when no key source is configured and herald runs with a generated secret.

@@ -1,7 +1,7 @@
 //! Identifiers that arrive from outside (`user_id`, `org_id`, `chat_id`), validated once
 //! at the boundary so the rest of herald can trust them.
 //!
-//! SPEC: identifiers are strings of 1–128 characters from `[A-Za-z0-9_.:@-]`.
+//! The rule: identifiers are strings of 1–128 characters from `[A-Za-z0-9_.:@-]`.
 
 use std::fmt;
 

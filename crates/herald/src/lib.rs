@@ -4,7 +4,7 @@
 //! # Layout
 //!
 //! - [`config`]: the typed configuration, loaded from defaults < TOML < environment.
-//! - [`cli`]: `herald serve | token`; thin, calls [`serve`].
+//! - [`cli`]: `herald serve | token | listen`; thin, calls [`serve`].
 //! - [`app`]: `AppState` and the router listing every route.
 //! - [`ws`]: the three WebSocket endpoints; [`ws::session`] runs one socket.
 //! - [`http`]: the service API (publish, members, stats) and operations endpoints.

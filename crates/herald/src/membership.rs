@@ -14,7 +14,7 @@ use crate::auth::Identity;
 use crate::config::MembershipMode;
 use crate::store::Store;
 
-/// How long a webhook's answer is reused (SPEC: cached at most 30 s).
+/// How long a webhook's answer is reused (documented: cached at most 30 s).
 pub const WEBHOOK_CACHE_TTL: Duration = Duration::from_secs(30);
 
 /// How long the webhook may take to answer.

@@ -1,4 +1,4 @@
-//! The three WebSocket endpoints and their handshake (SPEC §3).
+//! The three WebSocket endpoints and their handshake (docs/protocol.md).
 //!
 //! Handshake order: the `Origin` check answers 403 without upgrading; every other check
 //! (path id, `since`/`epoch`, token, membership) is decided before the `101` is sent,
@@ -31,7 +31,7 @@ use crate::http::error::ApiError;
 use crate::ids::UserId;
 use session::{Plan, Resume};
 
-/// Client messages larger than this close the socket with 1009 (SPEC §3).
+/// Client messages larger than this close the socket with 1009 (docs/protocol.md).
 pub const MAX_CLIENT_MESSAGE: usize = 4 * 1024;
 
 /// The longest `epoch` a client may send back (herald's are 32 characters).

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::auth::AuthFailure;
 
-/// Unknown key ids refetch the JWKS at most this often (SPEC §2).
+/// Unknown key ids refetch the JWKS at most this often (docs/protocol.md).
 pub const JWKS_REFETCH_MIN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Keys are refreshed in the background of a request once they are this old, so a

@@ -1,5 +1,5 @@
 //! API errors: one enum, one JSON shape `{"error": "<code>", "message": "…"}`, the
-//! statuses SPEC §4 lists. Internal causes are logged, never sent.
+//! statuses docs/protocol.md lists. Internal causes are logged, never sent.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};

@@ -10,7 +10,7 @@ use crate::app::AppState;
 use crate::auth::bearer;
 use crate::http::error::ApiError;
 
-/// Request bodies larger than this are refused with 413 (SPEC §4).
+/// Request bodies larger than this are refused with 413 (docs/protocol.md).
 pub const MAX_BODY: usize = 64 * 1024;
 
 /// A JSON body of at most [`MAX_BODY`] bytes with a JSON content type.

@@ -1,4 +1,4 @@
-//! Org membership API (SPEC §4, service key). Removing a member closes that user's open
+//! Org membership API (docs/protocol.md, service key). Removing a member closes that user's open
 //! sockets on the org with 4003.
 
 use axum::extract::{Path, Request, State};

@@ -1,4 +1,4 @@
-//! The publish API (SPEC §4, service key): notifications, org events, frame-stream
+//! The publish API (docs/protocol.md, service key): notifications, org events, frame-stream
 //! messages, generic and batch publish, and channel history.
 
 use axum::extract::{Path, Query, State};
@@ -16,7 +16,7 @@ use crate::http::error::ApiError;
 use crate::http::extract::{ApiJson, ServiceKey};
 use crate::ids::{ChatId, OrgId};
 
-/// `type`s an external worker may publish to a frame stream (SPEC §4).
+/// `type`s an external worker may publish to a frame stream (docs/protocol.md).
 pub const FRAME_MESSAGE_TYPES: [&str; 4] = ["llm_status", "llm_frame", "llm_response", "llm_error"];
 
 /// Largest `limit` a history call may ask for.

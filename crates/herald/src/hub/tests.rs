@@ -18,7 +18,7 @@ fn drain(outbox: &Outbox) -> Result<Vec<Message>, Close> {
     }
 }
 
-/// SPEC/issue 2: a publish to 1,000 subscribers serializes once. Every subscriber's
+/// Issue 2: a publish to 1,000 subscribers serializes once. Every subscriber's
 /// queued message points at the very same buffer.
 #[test]
 fn fanout_shares_one_buffer() {

@@ -1,11 +1,11 @@
 //! The JSON messages a session exchanges with its client, besides published messages
-//! (which arrive already serialized). SPEC §3 "Client → server".
+//! (which arrive already serialized): the "client → server" table of docs/protocol.md.
 
 use serde_json::{json, Value};
 
 use crate::channel::now_rfc3339;
 
-/// Client message types herald understands, in the order of the SPEC table.
+/// Client message types herald understands, in the order of the documented table.
 pub const CLIENT_MESSAGE_TYPES: [&str; 3] = ["ping", "heartbeat", "refresh"];
 
 /// A parsed client text frame.

@@ -25,10 +25,10 @@ use crate::hub::{Drained, Outbox};
 use crate::ws::protocol::{self, ClientMessage, Welcome};
 use crate::ws::Endpoint;
 
-/// The server sends a protocol ping this often (SPEC §3).
+/// The server sends a protocol ping this often (docs/protocol.md).
 pub const PING_INTERVAL: Duration = Duration::from_secs(25);
 
-/// A socket that has sent nothing (not even a pong) for this long is dropped (SPEC §3).
+/// A socket that has sent nothing (not even a pong) for this long is dropped (docs/protocol.md).
 pub const PONG_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long closing may take: flushing what is queued, the close frame, and the

@@ -11,4 +11,6 @@
 mod support;
 
 mod api;
+mod delivery;
 mod handshake;
+mod recovery;

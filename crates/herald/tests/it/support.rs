@@ -33,12 +33,19 @@ pub struct TestServer {
 #[derive(Default)]
 pub struct Builder {
     env: BTreeMap<String, String>,
+    outbox_max_bytes: Option<usize>,
 }
 
 impl Builder {
     /// Sets a `HERALD_*` variable for this server.
     pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
         self.env.insert(key.to_owned(), value.into());
+        self
+    }
+
+    /// Sets the per-socket outbox bound (a TOML-only setting).
+    pub fn outbox_max_bytes(mut self, bytes: usize) -> Self {
+        self.outbox_max_bytes = Some(bytes);
         self
     }
 
@@ -57,7 +64,10 @@ impl Builder {
                 env.insert(k, v);
             }
         }
-        let config = config::load(None, &env).expect("test config is valid");
+        let mut config = config::load(None, &env).expect("test config is valid");
+        if let Some(bytes) = self.outbox_max_bytes {
+            config.outbox_max_bytes = bytes;
+        }
         let (secrets, _) = herald::dev::resolve(&config).expect("secrets");
         let listener = tokio::net::TcpListener::bind(config.listen).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
