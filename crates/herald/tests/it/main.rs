@@ -8,7 +8,11 @@
     clippy::print_stderr
 )]
 
+// Not every helper is used by every set of tests compiled so far.
+#[allow(dead_code)]
 mod support;
 
 mod api;
 mod handshake;
+mod readme;
+mod tidy;
