@@ -1,3 +1,5 @@
+//! Unit tests for `auth`: token sources, HS256 verification rules and identities.
+
 use std::collections::BTreeMap;
 
 use http::HeaderValue;

@@ -1,3 +1,5 @@
+//! Unit tests for `channel`: channel names, drafts and sealing.
+
 use serde_json::json;
 
 use super::*;

@@ -1,3 +1,5 @@
+//! Unit tests for `config`: defaults, TOML and environment precedence, validation.
+
 use std::collections::BTreeMap;
 use std::io::Write;
 

@@ -1,3 +1,5 @@
+//! Unit tests for `hub`: subscription bookkeeping, fan-out and outbox overflow.
+
 use bytes::Bytes;
 
 use super::*;

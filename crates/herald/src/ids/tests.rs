@@ -1,3 +1,5 @@
+//! Unit tests for `ids`: the identifier rule.
+
 use super::*;
 
 #[track_caller]

@@ -8,9 +8,13 @@
     clippy::print_stderr
 )]
 
+// Not every helper is used by every set of tests compiled so far.
+#[allow(dead_code)]
 mod support;
 
 mod api;
 mod delivery;
 mod handshake;
+mod readme;
 mod recovery;
+mod tidy;

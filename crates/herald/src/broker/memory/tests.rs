@@ -1,3 +1,5 @@
+//! Unit tests for the memory broker: offsets, history bounds, epochs and eviction.
+
 use super::*;
 
 fn draft(n: u64) -> Draft {

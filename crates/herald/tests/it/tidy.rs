@@ -1,0 +1,261 @@
+//! Tidy checks: the docs and the code agree, and the code keeps a few house rules.
+//!
+//! `docs/protocol.md` is the user-facing contract; its close-code, client-message and
+//! configuration tables are compared with `CloseCode::ALL`, `CLIENT_MESSAGE_TYPES` and
+//! `config::SETTINGS`, so a change on one side without the other fails here with a
+//! message saying what to update.
+
+use std::path::{Path, PathBuf};
+
+use herald::close::CloseCode;
+use herald::config::SETTINGS;
+use herald::ws::protocol::CLIENT_MESSAGE_TYPES;
+
+/// The `HERALD_WORKERS` default depends on the command, so `SETTINGS` leaves it empty
+/// and the doc spells it out.
+const WORKERS_DEFAULT_IN_DOC: &str = "64 (serve), 256 (worker)";
+
+/// The rows of the client-message table that are not message types.
+const CLIENT_TABLE_EXTRA_ROWS: [&str; 2] = ["not JSON", "any other JSON"];
+
+/// Files outside the HTTP/WebSocket boundary that may still name axum: the router
+/// assembly and `serve`.
+const AXUM_ALLOWED: [&str; 4] = ["app.rs", "lib.rs", "http.rs", "ws.rs"];
+const AXUM_ALLOWED_DIRS: [&str; 2] = ["http", "ws"];
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn read(relative: &str) -> String {
+    let path = repo_root().join(relative);
+    std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("cannot read {}: {err}", path.display()))
+}
+
+/// Every `.rs` file under `dir`, sorted.
+fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries =
+            std::fs::read_dir(&dir).unwrap_or_else(|err| panic!("cannot list {}: {err}", dir.display()));
+        for entry in entries {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                if path.file_name().is_some_and(|name| name == "target") {
+                    continue;
+                }
+                stack.push(path);
+            } else if path.extension().is_some_and(|ext| ext == "rs") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+fn cells(line: &str) -> Vec<String> {
+    let line = line.trim();
+    let inner = line.strip_prefix('|').unwrap_or(line);
+    let inner = inner.strip_suffix('|').unwrap_or(inner);
+    inner.split('|').map(|cell| cell.trim().to_owned()).collect()
+}
+
+/// The body rows of the one Markdown table in `doc` whose header is `header`.
+#[track_caller]
+fn table(doc: &str, file: &str, header: &[&str]) -> Vec<Vec<String>> {
+    let lines: Vec<&str> = doc.lines().collect();
+    let starts: Vec<usize> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, line)| line.trim_start().starts_with('|') && cells(line) == header)
+        .map(|(idx, _)| idx)
+        .collect();
+    let header_line = format!("| {} |", header.join(" | "));
+    assert_eq!(
+        starts.len(),
+        1,
+        "{file} must have exactly one table with the header `{header_line}` (found {})",
+        starts.len()
+    );
+    lines[starts[0] + 2..]
+        .iter()
+        .take_while(|line| line.trim_start().starts_with('|'))
+        .map(|line| {
+            let row = cells(line);
+            assert_eq!(
+                row.len(),
+                header.len(),
+                "{file}: the row `{line}` of the `{header_line}` table must have {} cells",
+                header.len()
+            );
+            row
+        })
+        .collect()
+}
+
+fn unquote(cell: &str) -> &str {
+    cell.trim_matches('`')
+}
+
+#[test]
+fn every_source_file_starts_with_a_module_doc() {
+    let src = repo_root().join("crates/herald/src");
+    let missing: Vec<String> = rust_files(&src)
+        .into_iter()
+        .filter(|path| !std::fs::read_to_string(path).unwrap().starts_with("//!"))
+        .map(|path| path.strip_prefix(&src).unwrap().display().to_string())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "these files under crates/herald/src do not start with a `//!` comment saying what \
+         the module owns; add one: {missing:?}"
+    );
+}
+
+#[test]
+fn no_ignored_or_should_panic_tests() {
+    // Spelled in two pieces so that this file does not match itself.
+    let banned = [concat!("#[", "ignore"), concat!("#[", "should_panic")];
+    let crates = repo_root().join("crates");
+    let mut found = Vec::new();
+    for path in rust_files(&crates) {
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (idx, line) in text.lines().enumerate() {
+            if banned.iter().any(|b| line.contains(b)) {
+                found.push(format!(
+                    "{}:{}",
+                    path.strip_prefix(&crates).unwrap().display(),
+                    idx + 1
+                ));
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "found ignored or should_panic tests under crates/: {found:?}. Assert on the Err or None \
+         instead of should_panic; instead of ignoring a test, assert today's behaviour and add a FIXME"
+    );
+}
+
+#[test]
+fn close_code_table_matches_close_code_all() {
+    let doc = read("docs/protocol.md");
+    let documented: Vec<String> = table(&doc, "docs/protocol.md", &["code", "when"])
+        .into_iter()
+        .map(|row| unquote(&row[0]).to_owned())
+        .collect();
+    let in_code: Vec<String> = CloseCode::ALL.iter().map(|c| c.code().to_string()).collect();
+    assert_eq!(
+        documented, in_code,
+        "the `| code | when |` table in docs/protocol.md must list exactly herald::close::CloseCode::ALL \
+         (crates/herald/src/close.rs), in the same order; update whichever side is behind, and the \
+         client-action table below it"
+    );
+}
+
+#[test]
+fn configuration_table_matches_settings() {
+    let doc = read("docs/protocol.md");
+    let rows = table(&doc, "docs/protocol.md", &["variable", "meaning", "default"]);
+    let documented: Vec<&str> = rows.iter().map(|row| unquote(&row[0])).collect();
+    let in_code: Vec<&str> = SETTINGS.iter().map(|s| s.env).collect();
+    assert_eq!(
+        documented, in_code,
+        "the `| variable | meaning | default |` table in docs/protocol.md must list exactly the \
+         names of herald::config::SETTINGS (crates/herald/src/config.rs), in the same order"
+    );
+    for (row, setting) in rows.iter().zip(SETTINGS) {
+        let cell = row[2].as_str();
+        let ok = if setting.env == "HERALD_WORKERS" {
+            cell == WORKERS_DEFAULT_IN_DOC
+        } else if setting.default.is_empty() {
+            cell.starts_with('—')
+        } else {
+            cell == format!("`{}`", setting.default)
+        };
+        let expected = if setting.env == "HERALD_WORKERS" {
+            WORKERS_DEFAULT_IN_DOC.to_owned()
+        } else if setting.default.is_empty() {
+            "— (an em dash, optionally followed by an explanation)".to_owned()
+        } else {
+            format!("`{}`", setting.default)
+        };
+        assert!(
+            ok,
+            "docs/protocol.md gives {} the default {cell}, but config::SETTINGS says {:?}; the \
+             default cell must be {expected}. Update the doc or SETTINGS",
+            setting.env, setting.default
+        );
+    }
+}
+
+#[test]
+fn client_message_table_matches_protocol() {
+    let doc = read("docs/protocol.md");
+    let documented: Vec<String> = table(&doc, "docs/protocol.md", &["client sends", "server answers"])
+        .into_iter()
+        .map(|row| {
+            let cell = &row[0];
+            match cell.find("\"type\":\"") {
+                Some(start) => {
+                    let rest = &cell[start + "\"type\":\"".len()..];
+                    rest[..rest.find('"').unwrap_or(rest.len())].to_owned()
+                }
+                None => cell.clone(),
+            }
+        })
+        .collect();
+    let expected: Vec<String> = CLIENT_MESSAGE_TYPES
+        .iter()
+        .chain(CLIENT_TABLE_EXTRA_ROWS.iter())
+        .map(|s| (*s).to_owned())
+        .collect();
+    assert_eq!(
+        documented, expected,
+        "the `| client sends | server answers |` table in docs/protocol.md must have one row per \
+         herald::ws::protocol::CLIENT_MESSAGE_TYPES entry (as `{{\"type\":\"…\"}}`, in order), then \
+         the rows `not JSON` and `any other JSON`; update the table or CLIENT_MESSAGE_TYPES \
+         (crates/herald/src/ws/protocol.rs)"
+    );
+}
+
+#[test]
+fn readme_shows_how_to_run_and_test() {
+    let readme = read("README.md");
+    for command in ["cargo run --release -- serve", "cargo test --workspace"] {
+        assert!(
+            readme.contains(command),
+            "README.md must show `{command}`; put it back near the top"
+        );
+    }
+}
+
+#[test]
+fn only_the_http_and_websocket_boundary_imports_axum() {
+    let src = repo_root().join("crates/herald/src");
+    let offenders: Vec<String> = rust_files(&src)
+        .into_iter()
+        .filter(|path| {
+            let relative = path.strip_prefix(&src).unwrap();
+            let top = relative
+                .components()
+                .next()
+                .unwrap()
+                .as_os_str()
+                .to_string_lossy();
+            let allowed = AXUM_ALLOWED.contains(&&*top) || AXUM_ALLOWED_DIRS.contains(&&*top);
+            !allowed && {
+                let text = std::fs::read_to_string(path).unwrap();
+                text.contains("axum::") || text.contains("use axum")
+            }
+        })
+        .map(|path| path.strip_prefix(&src).unwrap().display().to_string())
+        .collect();
+    assert!(
+        offenders.is_empty(),
+        "only http, ws, app::router and serve may use axum (ARCHITECTURE.md, codemap `ws`); these \
+         files do: {offenders:?}. Move the axum-specific part into http/ or ws/"
+    );
+}
