@@ -8,7 +8,10 @@
     clippy::print_stderr
 )]
 
+// Shared helpers: not every module uses every one of them.
+#[allow(dead_code)]
 mod support;
 
 mod api;
 mod handshake;
+mod jwks;
