@@ -203,15 +203,21 @@ impl Authenticator {
         let mut validation = Validation::new(algorithm);
         validation.leeway = LEEWAY.as_secs();
         validation.validate_nbf = true;
+        // jsonwebtoken checks `iss` and `aud` only when the token has them: a configured
+        // issuer or audience must also be required, or leaving the claim out would pass.
         validation.required_spec_claims = HashSet::from(["exp".to_owned()]);
         match &self.inner.issuer {
-            Some(issuer) => validation.set_issuer(&[issuer]),
+            Some(issuer) => {
+                validation.set_issuer(&[issuer]);
+                validation.required_spec_claims.insert("iss".to_owned());
+            }
             None => validation.iss = None,
         }
         if self.inner.audience.is_empty() {
             validation.validate_aud = false;
         } else {
             validation.set_audience(&self.inner.audience);
+            validation.required_spec_claims.insert("aud".to_owned());
         }
         let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key, &validation)
             .map_err(|err| classify(&err))?;
@@ -243,7 +249,11 @@ fn classify(err: &jsonwebtoken::errors::Error) -> AuthFailure {
         ErrorKind::ImmatureSignature => AuthFailure::NotYetValid,
         ErrorKind::InvalidIssuer => AuthFailure::WrongIssuer,
         ErrorKind::InvalidAudience => AuthFailure::WrongAudience,
-        ErrorKind::MissingRequiredClaim(_) => AuthFailure::MissingExpiry,
+        ErrorKind::MissingRequiredClaim(claim) => match claim.as_str() {
+            "iss" => AuthFailure::WrongIssuer,
+            "aud" => AuthFailure::WrongAudience,
+            _ => AuthFailure::MissingExpiry,
+        },
         ErrorKind::InvalidSignature => AuthFailure::BadSignature,
         ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => AuthFailure::WrongAlgorithm,
         _ => AuthFailure::Malformed,

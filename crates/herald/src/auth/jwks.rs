@@ -171,6 +171,11 @@ impl State {
 /// Turns a JWK into a verification key with its one algorithm. Symmetric keys, keys
 /// for encryption and unsupported types are skipped.
 fn cached_key(jwk: &Jwk) -> Option<CachedKey> {
+    // A symmetric key in a published JWKS is readable by anyone, whatever `alg` it
+    // declares.
+    if matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_)) {
+        return None;
+    }
     if jwk
         .common
         .public_key_use

@@ -98,6 +98,17 @@ fn hs256_rules() {
         ),
         Err(AuthFailure::WrongAudience),
     );
+    // A configured issuer and audience are required, not only checked when present.
+    check(
+        &auth,
+        &sign(json!({"sub": "u1", "exp": now() + 60, "aud": "a1"}), "k"),
+        Err(AuthFailure::WrongIssuer),
+    );
+    check(
+        &auth,
+        &sign(json!({"sub": "u1", "exp": now() + 60, "iss": "iss1"}), "k"),
+        Err(AuthFailure::WrongAudience),
+    );
     check(
         &auth,
         &sign(

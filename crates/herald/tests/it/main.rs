@@ -8,13 +8,15 @@
     clippy::print_stderr
 )]
 
-// Not every helper is used by every set of tests compiled so far.
+// Shared helpers: not every module uses every one of them.
 #[allow(dead_code)]
 mod support;
 
 mod api;
 mod delivery;
 mod handshake;
+mod jwks;
+mod members;
 mod readme;
 mod recovery;
 mod tidy;
