@@ -12,3 +12,4 @@ mod support;
 
 mod api;
 mod handshake;
+mod members;
