@@ -28,6 +28,10 @@ pub struct Hub {
     delivered: AtomicU64,
     /// Outboxes closed for overflowing.
     slow: AtomicU64,
+    /// Calls to [`Hub::disconnect_user`]. A session reads it before its membership
+    /// check and again after subscribing: if it moved, a removal may have run in
+    /// between, found no socket to close, and the membership must be checked again.
+    revocations: AtomicU64,
 }
 
 /// Totals since start, for stats and metrics.
@@ -53,6 +57,7 @@ impl Default for Hub {
             hasher: RandomState::new(),
             delivered: AtomicU64::new(0),
             slow: AtomicU64::new(0),
+            revocations: AtomicU64::new(0),
         }
     }
 }
@@ -137,6 +142,9 @@ impl Hub {
     /// Asks every socket of `user_id` on `channel` to close. Returns how many.
     pub fn disconnect_user(&self, channel: &Channel, user_id: &str, close: &Close) -> usize {
         let shard = self.shard(channel.name());
+        // Counted under the shard lock: a session that subscribes after this scan sees
+        // the new count; one that subscribed before it is found by the scan.
+        self.revocations.fetch_add(1, Ordering::SeqCst);
         let Some(subscribers) = shard.get(channel.name()) else {
             return 0;
         };
@@ -146,6 +154,11 @@ impl Hub {
             n += 1;
         }
         n
+    }
+
+    /// How many times [`Hub::disconnect_user`] has run.
+    pub fn revocations(&self) -> u64 {
+        self.revocations.load(Ordering::SeqCst)
     }
 
     /// Whether any socket on this node is subscribed to `channel`.

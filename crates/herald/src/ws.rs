@@ -250,6 +250,7 @@ async fn decide(
     };
 
     // 4003: permission for the channel.
+    let revocations = state.hub.revocations();
     let (channel, org_id) = match (endpoint, path_channel) {
         (Endpoint::Notifications, _) => {
             match Channel::new(ChannelKind::Notifications, identity.user_id.as_str()) {
@@ -287,6 +288,7 @@ async fn decide(
         identity,
         org_id,
         resume,
+        revocations,
     }))
 }
 

@@ -62,6 +62,11 @@ async fn role_from_body(request: Request) -> Result<String, ApiError> {
         return Err(ApiError::UnsupportedMediaType);
     }
     let ApiJson(body) = <ApiJson as axum::extract::FromRequest<()>>::from_request(request, &()).await?;
+    let Value::Object(body) = body else {
+        return Err(ApiError::BadRequest(
+            "the body must be a JSON object, like {\"role\": \"admin\"}".to_owned(),
+        ));
+    };
     match body.get("role") {
         None | Some(Value::Null) => Ok(DEFAULT_ROLE.to_owned()),
         Some(Value::String(role)) if !role.is_empty() && role.len() <= 64 => Ok(role.clone()),

@@ -42,6 +42,8 @@ pub struct Plan {
     pub identity: Identity,
     pub org_id: Option<String>,
     pub resume: Option<Resume>,
+    /// [`crate::hub::Hub::revocations`] read before the membership check.
+    pub revocations: u64,
 }
 
 /// `?since=<offset>&epoch=<epoch>`: the client's last position.
@@ -93,6 +95,15 @@ where
         if let Err(err) = state.broker.subscribe(&channel).await {
             tracing::warn!(%channel, error = %err, "broker subscribe failed");
         }
+    }
+    // A member removed while this socket was being admitted: the removal may have run
+    // between the handshake's membership check and the subscription above, and found
+    // no socket to close. If any removal ran meanwhile, check again.
+    if endpoint == Endpoint::Events
+        && state.hub.revocations() != plan.revocations
+        && !state.membership.is_member(channel.id(), &plan.identity).await
+    {
+        outbox.request_close(Close::new(CloseCode::Forbidden, "membership revoked"));
     }
     let mut session = Session {
         state: &state,
