@@ -1,9 +1,5 @@
 //! Test harness: a real herald on 127.0.0.1:0, WebSocket and HTTP clients, tokens.
 
-// The harness is shared by every test module; a helper that no module uses yet is not
-// dead, and must not fail `clippy -D warnings`.
-#![allow(dead_code)]
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
