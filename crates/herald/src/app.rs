@@ -131,6 +131,13 @@ impl Stats {
                 "slow_consumer_disconnects": delivery.slow,
             },
             "subscriptions": state.hub.subscription_count(),
+            "history": state.broker.memory_stats().map(|m| json!({
+                "channels": m.channels,
+                "bytes": m.history_bytes,
+                "max_bytes": m.history_max_bytes,
+                "evicted_histories": m.history_evictions,
+                "evicted_idle_channels": m.idle_evictions,
+            })),
         })
     }
 }

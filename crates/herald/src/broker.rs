@@ -74,4 +74,9 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Whether the broker can take publishes now.
     async fn ready(&self) -> bool;
+
+    /// History memory use and evictions on this node, for stats and metrics.
+    fn memory_stats(&self) -> Option<memory::MemoryStats> {
+        None
+    }
 }

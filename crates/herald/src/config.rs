@@ -157,7 +157,14 @@ pub struct Config {
     /// Bytes a socket's outbox may hold before the client counts as too slow (close
     /// 1008). Not an environment setting; TOML key `outbox_max_bytes`.
     pub outbox_max_bytes: usize,
+    /// Bytes of history kept in memory across all channels before the least recently
+    /// used channels' histories are dropped. Not an environment setting; TOML key
+    /// `history_max_bytes`.
+    pub history_max_bytes: usize,
 }
+
+/// Default for [`Config::history_max_bytes`].
+pub const DEFAULT_HISTORY_MAX_BYTES: usize = 256 << 20;
 
 /// Default for [`Config::outbox_max_bytes`]: like Centrifugo's 1 MiB client queue, big
 /// enough for bursts, small enough that 10,000 stuck clients cannot exhaust memory.
@@ -184,6 +191,7 @@ pub enum ConfigError {
 pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
     let mut raw: BTreeMap<&'static str, String> = BTreeMap::new();
     let mut outbox_max_bytes = None;
+    let mut history_max_bytes = None;
     if let Some(path) = file {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
             path: path.to_owned(),
@@ -198,6 +206,10 @@ pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
         for (key, value) in table {
             if key == "outbox_max_bytes" {
                 outbox_max_bytes = Some(toml_to_text(&value));
+                continue;
+            }
+            if key == "history_max_bytes" {
+                history_max_bytes = Some(toml_to_text(&value));
                 continue;
             }
             let Some(setting) = SETTINGS.iter().find(|s| s.toml_key() == key) else {
@@ -267,14 +279,8 @@ pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
         })?,
         shutdown_drain: values.parse(ENV_SHUTDOWN_DRAIN, parse_seconds)?,
         django_bridge: values.parse_optional(ENV_DJANGO_BRIDGE, |v| parse_scheme(v, &["redis", "rediss"]))?,
-        outbox_max_bytes: match outbox_max_bytes {
-            None => DEFAULT_OUTBOX_MAX_BYTES,
-            Some(v) => parse_count(&v).map_err(|reason| ConfigError::Invalid {
-                name: "outbox_max_bytes",
-                value: v.clone(),
-                reason,
-            })?,
-        },
+        outbox_max_bytes: toml_only("outbox_max_bytes", outbox_max_bytes, DEFAULT_OUTBOX_MAX_BYTES)?,
+        history_max_bytes: toml_only("history_max_bytes", history_max_bytes, DEFAULT_HISTORY_MAX_BYTES)?,
     };
     Ok(config)
 }
@@ -361,6 +367,18 @@ impl Values {
             return Ok(None);
         }
         self.parse(name, parse).map(Some)
+    }
+}
+
+/// A byte-count setting that only the TOML file can set.
+fn toml_only(name: &'static str, value: Option<String>, default: usize) -> Result<usize, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => parse_count(&v).map_err(|reason| ConfigError::Invalid {
+            name,
+            value: v.clone(),
+            reason,
+        }),
     }
 }
 

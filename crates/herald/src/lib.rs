@@ -69,6 +69,7 @@ pub async fn build_state(
         hub.clone(),
         config.history_size,
         config.history_ttl,
+        config.history_max_bytes,
     ));
     let state = AppState {
         auth,

@@ -9,9 +9,17 @@
 //! `HERALD_HISTORY_TTL`. A channel with no subscriber here and no message in history
 //! for a TTL is dropped by [`MemoryBroker::evict_idle`]; its next message starts a new
 //! epoch.
+//!
+//! Memory bound: the bytes of every message in history, plus [`MESSAGE_OVERHEAD`] each,
+//! are counted against `history_max_bytes`. When a publish takes the total over it, the
+//! histories of the least recently used channels are dropped until the total is under
+//! 90 % of the bound (clients resuming on them get `recovered:false`). What is left
+//! outside the bound is the per-channel state (epoch and offset, about
+//! [`CHANNEL_OVERHEAD`] bytes each), which idle eviction reclaims.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -24,12 +32,46 @@ use crate::hub::Hub;
 
 const SHARDS: usize = 64;
 
+/// Heap bytes a history entry costs beyond its message bytes: the ring slot and the
+/// shared buffer's header, rounded up.
+pub const MESSAGE_OVERHEAD: usize = 96;
+
+/// Approximate heap bytes of a channel's state without history: the map entry, its
+/// name, the lock and the epoch.
+pub const CHANNEL_OVERHEAD: usize = 320;
+
 pub struct MemoryBroker {
     hub: Arc<Hub>,
     history_size: usize,
     history_ttl: Duration,
+    /// Budget for history bytes, all channels together.
+    history_max_bytes: usize,
     shards: Box<[Mutex<ChannelMap>]>,
     hasher: RandomState,
+    /// Bytes of history held now, counted as described in the module docs.
+    history_bytes: AtomicUsize,
+    /// Set while one thread shrinks history to the budget; others skip.
+    shrinking: AtomicBool,
+    counters: Counters,
+}
+
+/// Totals since start, for stats and metrics.
+#[derive(Default)]
+struct Counters {
+    /// Channels whose history was dropped to stay within the memory bound.
+    history_evictions: AtomicU64,
+    /// Idle channels dropped entirely.
+    idle_evictions: AtomicU64,
+}
+
+/// A snapshot of the broker's memory use and evictions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryStats {
+    pub channels: usize,
+    pub history_bytes: usize,
+    pub history_max_bytes: usize,
+    pub history_evictions: u64,
+    pub idle_evictions: u64,
 }
 
 type ChannelMap = HashMap<Arc<str>, Arc<Mutex<ChannelState>>>;
@@ -53,14 +95,22 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+fn cost(message: &Message) -> usize {
+    message.bytes.len() + MESSAGE_OVERHEAD
+}
+
 impl MemoryBroker {
-    pub fn new(hub: Arc<Hub>, history_size: usize, history_ttl: Duration) -> Self {
+    pub fn new(hub: Arc<Hub>, history_size: usize, history_ttl: Duration, history_max_bytes: usize) -> Self {
         Self {
             hub,
             history_size,
             history_ttl,
+            history_max_bytes,
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
+            history_bytes: AtomicUsize::new(0),
+            shrinking: AtomicBool::new(false),
+            counters: Counters::default(),
         }
     }
 
@@ -80,16 +130,67 @@ impl MemoryBroker {
         state
     }
 
+    /// Drops messages over the size limit or older than the TTL.
     fn prune(&self, state: &mut ChannelState, now: Instant) {
-        while state.history.len() > self.history_size {
-            state.history.pop_front();
-        }
-        while state
-            .history
-            .front()
-            .is_some_and(|stored| now.duration_since(stored.at) >= self.history_ttl)
+        let mut freed = 0;
+        while state.history.len() > self.history_size
+            || state
+                .history
+                .front()
+                .is_some_and(|stored| now.duration_since(stored.at) >= self.history_ttl)
         {
-            state.history.pop_front();
+            if let Some(stored) = state.history.pop_front() {
+                freed += cost(&stored.message);
+            }
+        }
+        if freed > 0 {
+            self.history_bytes.fetch_sub(freed, Ordering::Relaxed);
+        }
+    }
+
+    /// Drops the histories of the least recently used channels until history is under
+    /// 90 % of the budget. One thread at a time; the others carry on publishing.
+    fn shrink_to_budget(&self) {
+        if self.shrinking.swap(true, Ordering::Acquire) {
+            return;
+        }
+        let target = self.history_max_bytes / 10 * 9;
+        let mut candidates: Vec<(Instant, Arc<Mutex<ChannelState>>)> = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = lock(shard);
+            for state in shard.values() {
+                let touched = {
+                    let guard = lock(state);
+                    if guard.history.is_empty() {
+                        continue;
+                    }
+                    guard.touched
+                };
+                candidates.push((touched, state.clone()));
+            }
+        }
+        candidates.sort_by_key(|(touched, _)| *touched);
+        for (_, state) in candidates {
+            if self.history_bytes.load(Ordering::Relaxed) <= target {
+                break;
+            }
+            let mut state = lock(&state);
+            let freed: usize = state.history.drain(..).map(|stored| cost(&stored.message)).sum();
+            state.history = VecDeque::new();
+            self.history_bytes.fetch_sub(freed, Ordering::Relaxed);
+            self.counters.history_evictions.fetch_add(1, Ordering::Relaxed);
+        }
+        self.shrinking.store(false, Ordering::Release);
+    }
+
+    /// Memory use and evictions so far.
+    pub fn memory_stats(&self) -> MemoryStats {
+        MemoryStats {
+            channels: self.channel_count(),
+            history_bytes: self.history_bytes.load(Ordering::Relaxed),
+            history_max_bytes: self.history_max_bytes,
+            history_evictions: self.counters.history_evictions.load(Ordering::Relaxed),
+            idle_evictions: self.counters.idle_evictions.load(Ordering::Relaxed),
         }
     }
 
@@ -110,6 +211,9 @@ impl MemoryBroker {
                 !idle
             });
         }
+        self.counters
+            .idle_evictions
+            .fetch_add(evicted as u64, Ordering::Relaxed);
         evicted
     }
 
@@ -134,6 +238,7 @@ impl Broker for MemoryBroker {
             bytes,
         };
         if self.history_size > 0 {
+            self.history_bytes.fetch_add(cost(&message), Ordering::Relaxed);
             state.history.push_back(Stored {
                 message: message.clone(),
                 at: now,
@@ -141,11 +246,16 @@ impl Broker for MemoryBroker {
             self.prune(&mut state, now);
         }
         self.hub.deliver(channel.name(), &message);
-        Ok(Published {
+        let published = Published {
             id,
             offset: state.offset,
             epoch: state.epoch.clone(),
-        })
+        };
+        drop(state);
+        if self.history_bytes.load(Ordering::Relaxed) > self.history_max_bytes {
+            self.shrink_to_budget();
+        }
+        Ok(published)
     }
 
     async fn history(&self, channel: &Channel, since: u64, limit: usize) -> Result<History, BrokerError> {
@@ -192,6 +302,10 @@ impl Broker for MemoryBroker {
 
     async fn ready(&self) -> bool {
         true
+    }
+
+    fn memory_stats(&self) -> Option<MemoryStats> {
+        Some(MemoryBroker::memory_stats(self))
     }
 }
 

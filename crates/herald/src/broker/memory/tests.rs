@@ -15,7 +15,7 @@ fn offsets(history: &History) -> Vec<u64> {
 
 #[tokio::test]
 async fn offsets_grow_by_one_per_channel() {
-    let broker = MemoryBroker::new(Arc::new(Hub::default()), 10, Duration::from_secs(60));
+    let broker = MemoryBroker::new(Arc::new(Hub::default()), 10, Duration::from_secs(60), 1 << 20);
     let a = Channel::parse("org:a").unwrap();
     let b = Channel::parse("org:b").unwrap();
     assert_eq!(broker.position(&a).await.unwrap().offset, 0);
@@ -34,7 +34,7 @@ async fn offsets_grow_by_one_per_channel() {
 
 #[tokio::test]
 async fn history_since_is_exclusive_and_limited() {
-    let broker = MemoryBroker::new(Arc::new(Hub::default()), 5, Duration::from_secs(60));
+    let broker = MemoryBroker::new(Arc::new(Hub::default()), 5, Duration::from_secs(60), 1 << 20);
     let ch = Channel::parse("frames:u1").unwrap();
     for n in 1..=8 {
         broker.publish(&ch, &draft(n)).await.unwrap();
@@ -59,7 +59,7 @@ async fn history_since_is_exclusive_and_limited() {
 #[tokio::test(start_paused = true)]
 async fn history_expires_and_idle_channels_are_evicted() {
     let hub = Arc::new(Hub::default());
-    let broker = MemoryBroker::new(hub, 100, Duration::from_secs(10));
+    let broker = MemoryBroker::new(hub, 100, Duration::from_secs(10), 1 << 20);
     let ch = Channel::parse("org:x").unwrap();
     let epoch = broker.publish(&ch, &draft(1)).await.unwrap().epoch;
     tokio::time::advance(Duration::from_secs(5)).await;
@@ -76,4 +76,33 @@ async fn history_expires_and_idle_channels_are_evicted() {
         after.epoch, epoch,
         "a channel that restarts its offsets gets a new epoch"
     );
+}
+
+#[tokio::test]
+async fn history_stays_within_the_byte_budget() {
+    let budget = 64 * 1024;
+    let broker = MemoryBroker::new(Arc::new(Hub::default()), 1000, Duration::from_secs(600), budget);
+    let mut first_epoch = None;
+    for i in 0..2000u64 {
+        let ch = Channel::parse(&format!("notifications:u{i}")).unwrap();
+        let published = broker.publish(&ch, &draft(i)).await.unwrap();
+        first_epoch.get_or_insert(published.epoch);
+        assert!(
+            broker.memory_stats().history_bytes <= budget,
+            "over budget after {i} publishes"
+        );
+    }
+    let stats = broker.memory_stats();
+    assert!(stats.history_evictions > 0);
+    assert_eq!(stats.channels, 2000, "channel state (offsets, epochs) is kept");
+    // The oldest channel lost its history, so a resume there is not complete, but its
+    // offsets go on in the same epoch.
+    let oldest = Channel::parse("notifications:u0").unwrap();
+    assert!(!broker.history(&oldest, 0, 10).await.unwrap().complete);
+    let next = broker.publish(&oldest, &draft(1)).await.unwrap();
+    assert_eq!((next.offset, Some(next.epoch)), (2, first_epoch));
+    // The newest channel still has its message.
+    let newest = Channel::parse("notifications:u1999").unwrap();
+    let history = broker.history(&newest, 0, 10).await.unwrap();
+    assert!(history.complete && history.messages.len() == 1);
 }
