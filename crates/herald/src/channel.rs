@@ -172,6 +172,8 @@ pub struct Message {
     pub offset: u64,
     /// The JSON text frame, shared by every subscriber.
     pub bytes: Bytes,
+    /// When this node sequenced (or received) it, for publish-to-send latency.
+    pub published_at: tokio::time::Instant,
 }
 
 /// The current time as RFC 3339 UTC with milliseconds and a `Z` suffix.

@@ -161,7 +161,15 @@ pub struct Config {
     /// used channels' histories are dropped. Not an environment setting; TOML key
     /// `history_max_bytes`.
     pub history_max_bytes: usize,
+    /// WebSocket handshakes per second per client IP (bursts of 4x), answered with 429
+    /// beyond; 0 turns the limit off. Not an environment setting; TOML key
+    /// `handshakes_per_ip_per_second`.
+    pub handshakes_per_ip_per_second: u32,
 }
+
+/// Default for [`Config::handshakes_per_ip_per_second`]: generous for people behind
+/// one NAT reconnecting after a deploy, tight enough to blunt a single flooding client.
+pub const DEFAULT_HANDSHAKES_PER_IP_PER_SECOND: u32 = 50;
 
 /// Default for [`Config::history_max_bytes`].
 pub const DEFAULT_HISTORY_MAX_BYTES: usize = 256 << 20;
@@ -192,6 +200,7 @@ pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
     let mut raw: BTreeMap<&'static str, String> = BTreeMap::new();
     let mut outbox_max_bytes = None;
     let mut history_max_bytes = None;
+    let mut handshakes_per_ip = None;
     if let Some(path) = file {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
             path: path.to_owned(),
@@ -210,6 +219,10 @@ pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
             }
             if key == "history_max_bytes" {
                 history_max_bytes = Some(toml_to_text(&value));
+                continue;
+            }
+            if key == "handshakes_per_ip_per_second" {
+                handshakes_per_ip = Some(toml_to_text(&value));
                 continue;
             }
             let Some(setting) = SETTINGS.iter().find(|s| s.toml_key() == key) else {
@@ -281,6 +294,12 @@ pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
         django_bridge: values.parse_optional(ENV_DJANGO_BRIDGE, |v| parse_scheme(v, &["redis", "rediss"]))?,
         outbox_max_bytes: toml_only("outbox_max_bytes", outbox_max_bytes, DEFAULT_OUTBOX_MAX_BYTES)?,
         history_max_bytes: toml_only("history_max_bytes", history_max_bytes, DEFAULT_HISTORY_MAX_BYTES)?,
+        handshakes_per_ip_per_second: u32::try_from(toml_only(
+            "handshakes_per_ip_per_second",
+            handshakes_per_ip,
+            DEFAULT_HANDSHAKES_PER_IP_PER_SECOND as usize,
+        )?)
+        .unwrap_or(u32::MAX),
     };
     Ok(config)
 }

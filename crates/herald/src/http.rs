@@ -7,7 +7,10 @@ pub mod members;
 pub mod ops;
 pub mod publish;
 
-use axum::response::IntoResponse;
+use axum::extract::Request;
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::Router;
 
 use crate::app::AppState;
@@ -20,4 +23,30 @@ pub fn router() -> Router<AppState> {
         .merge(members::router())
         .merge(ops::router())
         .fallback(|| async { ApiError::NotFound("no such endpoint".to_owned()).into_response() })
+}
+
+/// The longest request target (path and query) accepted.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+
+/// The most header bytes (names and values) accepted in one request.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Refuses oversized request targets (414) and header sections (431) before any
+/// handler parses them.
+pub async fn limit_request_size(request: Request, next: Next) -> Response {
+    if request.uri().to_string().len() > MAX_URI_BYTES {
+        let body =
+            serde_json::json!({"error": "uri_too_long", "message": "the request URL is longer than 8 KiB"});
+        return (StatusCode::URI_TOO_LONG, axum::Json(body)).into_response();
+    }
+    let header_bytes: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    if header_bytes > MAX_HEADER_BYTES {
+        let body = serde_json::json!({"error": "headers_too_large", "message": "the request headers are larger than 16 KiB"});
+        return (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, axum::Json(body)).into_response();
+    }
+    next.run(request).await
 }

@@ -12,6 +12,8 @@
 //! - [`membership`]: who may join an org channel (database, claims or webhook).
 //! - [`broker`]: sequencing (offsets, epochs), history, and distribution to nodes.
 //! - [`hub`]: this node's fan-out from a channel to its sockets' outboxes.
+//! - [`limits`]: connections per user, handshakes per IP, client messages per socket.
+//! - [`metrics`]: every Prometheus metric, with typed record functions.
 //! - [`channel`], [`ids`], [`close`]: the vocabulary: channels, messages, identifiers,
 //!   close codes.
 //! - [`store`]: SQLite/PostgreSQL access and migrations.
@@ -27,7 +29,9 @@ pub mod dev;
 pub mod http;
 pub mod hub;
 pub mod ids;
+pub mod limits;
 pub mod membership;
+pub mod metrics;
 pub mod store;
 pub mod telemetry;
 pub mod ws;
@@ -39,7 +43,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::app::{AppState, Secrets, Stats};
+use crate::app::{AppState, Secrets};
 use crate::auth::{ApiKeys, Authenticator};
 use crate::broker::memory::MemoryBroker;
 use crate::config::Config;
@@ -78,7 +82,12 @@ pub async fn build_state(
         broker: memory.clone(),
         store,
         membership: Arc::new(membership),
-        stats: Arc::new(Stats::default()),
+        metrics: metrics::Metrics::new(),
+        connection_limits: limits::ConnectionLimits::new(config.max_connections_per_user),
+        handshake_limiter: Arc::new(limits::HandshakeLimiter::new(
+            config.handshakes_per_ip_per_second,
+            config.handshakes_per_ip_per_second.saturating_mul(4),
+        )),
         shutdown,
         tracker: TaskTracker::new(),
         node_id: Arc::from(channel::new_id()),
@@ -97,6 +106,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let (state, memory) = build_state(config, secrets, shutdown.clone()).await?;
     let tracker = state.tracker.clone();
+    let handshake_limiter = state.handshake_limiter.clone();
     tracker.spawn({
         let shutdown = shutdown.clone();
         async move {
@@ -105,6 +115,7 @@ pub async fn serve(
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     _ = tick.tick() => {
+                        handshake_limiter.forget_idle();
                         let evicted = memory.evict_idle();
                         if evicted > 0 {
                             tracing::debug!(evicted, "idle channels evicted");
@@ -115,10 +126,13 @@ pub async fn serve(
         }
     });
     let app = app::router(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await
-        .map_err(|err| anyhow::anyhow!("the HTTP server failed: {err}"))?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+    .await
+    .map_err(|err| anyhow::anyhow!("the HTTP server failed: {err}"))?;
     tracker.close();
     tracker.wait().await;
     Ok(())

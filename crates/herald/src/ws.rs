@@ -13,6 +13,7 @@ pub mod protocol;
 pub mod session;
 
 use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -95,6 +96,18 @@ async fn handshake(
     path_id: Option<String>,
     mut request: Request,
 ) -> Response {
+    let ip = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |info| info.0.ip());
+    if !state.handshake_limiter.allow(ip) {
+        tracing::warn!(%ip, endpoint = endpoint.label(), "handshake rate limited");
+        state.metrics.rate_limited("handshakes_per_ip");
+        return ApiError::TooManyRequests(
+            "too many connection attempts from this address; retry with backoff".to_owned(),
+        )
+        .into_response();
+    }
     let Some(accept_key) = websocket_accept_key(request.method(), request.headers()) else {
         return ApiError::BadRequest(
             "this endpoint expects a WebSocket upgrade (GET with Upgrade: websocket)".to_owned(),
@@ -104,8 +117,8 @@ async fn handshake(
     if let Some(origin) = request.headers().get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("");
         if !state.config.allowed_origins.allows(origin) {
-            tracing::warn!(origin, endpoint = endpoint.label(), "origin rejected");
-            state.stats.rejected_origin();
+            tracing::warn!(origin, %ip, endpoint = endpoint.label(), "origin rejected");
+            state.metrics.origin_rejected();
             return ApiError::Forbidden(
                 "this Origin is not allowed; add it to HERALD_ALLOWED_ORIGINS".to_owned(),
             )
@@ -119,10 +132,11 @@ async fn handshake(
         path_id.as_deref(),
         request.headers(),
         request.uri().query(),
+        ip,
     )
     .await;
     if let Outcome::Reject(close) = &outcome {
-        state.stats.rejected(close.code);
+        state.metrics.close_sent(close.code);
     }
 
     let tracker = state.tracker.clone();
@@ -204,6 +218,7 @@ async fn decide(
     path_id: Option<&str>,
     headers: &HeaderMap,
     query: Option<&str>,
+    ip: IpAddr,
 ) -> Outcome {
     let reject = |code: CloseCode, reason: String| Outcome::Reject(Close::new(code, reason));
     let query: HashMap<String, String> = serde_urlencoded::from_str(query.unwrap_or("")).unwrap_or_default();
@@ -225,8 +240,9 @@ async fn decide(
 
     // 4001: a valid token.
     let Some((token, _source)) = find_token(headers, query.get("token").map(String::as_str)) else {
-        state.stats.auth_failed("missing");
+        state.metrics.auth_failed("missing");
         tracing::warn!(
+            %ip,
             endpoint = endpoint.label(),
             reason = "missing",
             "authentication failed"
@@ -239,8 +255,9 @@ async fn decide(
     let identity = match state.auth.authenticate(&token).await {
         Ok(identity) => identity,
         Err(failure) => {
-            state.stats.auth_failed(failure.reason());
+            state.metrics.auth_failed(failure.reason());
             tracing::warn!(
+                %ip,
                 endpoint = endpoint.label(),
                 reason = failure.reason(),
                 "authentication failed"
@@ -282,6 +299,19 @@ async fn decide(
         (_, None) => return reject(CloseCode::BadRequest, "missing path id".to_owned()),
     };
 
+    // 4429: the user's connection limit, counted over every endpoint.
+    let Ok(slot) = state.connection_limits.acquire(identity.user_id.as_str()) else {
+        tracing::warn!(%ip, user_id = %identity.user_id, "too many connections for this user");
+        state.metrics.rate_limited("connections_per_user");
+        return reject(
+            CloseCode::TooManyRequests,
+            format!(
+                "too many connections for this user (at most {})",
+                state.config.max_connections_per_user
+            ),
+        );
+    };
+
     Outcome::Accept(Box::new(Plan {
         endpoint,
         channel,
@@ -289,6 +319,8 @@ async fn decide(
         org_id,
         resume,
         revocations,
+        slot,
+        ip,
     }))
 }
 

@@ -236,6 +236,7 @@ impl Broker for MemoryBroker {
         let message = Message {
             offset: state.offset,
             bytes,
+            published_at: now,
         };
         if self.history_size > 0 {
             self.history_bytes.fetch_add(cost(&message), Ordering::Relaxed);

@@ -49,13 +49,13 @@ impl FromRequestParts<AppState> for ServiceKey {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let Some(key) = bearer(&parts.headers) else {
-            state.stats.auth_failed("missing_api_key");
+            state.metrics.auth_failed("missing_api_key");
             return Err(ApiError::Unauthorized(
                 "send the service API key as Authorization: Bearer <key>".to_owned(),
             ));
         };
         if !state.api_keys.verify(key) {
-            state.stats.auth_failed("bad_api_key");
+            state.metrics.auth_failed("bad_api_key");
             tracing::warn!(path = parts.uri.path(), "service API key refused");
             return Err(ApiError::Unauthorized("the API key is not valid".to_owned()));
         }

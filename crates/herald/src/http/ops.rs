@@ -9,6 +9,7 @@ use serde_json::json;
 
 use crate::app::AppState;
 use crate::http::extract::ServiceKey;
+use crate::ws::Endpoint;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -16,6 +17,22 @@ pub fn router() -> Router<AppState> {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/api/v1/stats", get(stats))
+        .route("/metrics", get(metrics))
+}
+
+/// Prometheus scrape endpoint (OpenMetrics text).
+async fn metrics(State(state): State<AppState>) -> Response {
+    if let Some(memory) = state.broker.memory_stats() {
+        state.metrics.sync_history_evictions(memory.history_evictions);
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
 }
 
 /// The process is alive.
@@ -44,7 +61,32 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn stats(State(state): State<AppState>, _key: ServiceKey) -> Response {
-    Json(json!({"nodes": [state.stats.snapshot(&state)]})).into_response()
+    let metrics = &state.metrics;
+    let open = |endpoint: Endpoint| metrics.open_connections(endpoint);
+    let node = json!({
+        "node_id": &*state.node_id,
+        "connections": {
+            "open": Endpoint::ALL.iter().map(|e| open(*e)).sum::<i64>(),
+            "notifications": open(Endpoint::Notifications),
+            "events": open(Endpoint::Events),
+            "frame_stream": open(Endpoint::FrameStream),
+            "auth_failures_total": metrics.auth_failures_total(),
+        },
+        "messages": {
+            "published": metrics.published_total(),
+            "delivered": metrics.delivered_total(),
+            "slow_consumer_disconnects": metrics.slow_consumers_total(),
+        },
+        "subscriptions": state.hub.subscription_count(),
+        "history": state.broker.memory_stats().map(|m| json!({
+            "channels": m.channels,
+            "bytes": m.history_bytes,
+            "max_bytes": m.history_max_bytes,
+            "evicted_histories": m.history_evictions,
+            "evicted_idle_channels": m.idle_evictions,
+        })),
+    });
+    Json(json!({"nodes": [node]})).into_response()
 }
 
 async fn index(State(state): State<AppState>) -> Response {

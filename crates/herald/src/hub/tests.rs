@@ -9,6 +9,7 @@ fn message(offset: u64, len: usize) -> Message {
     Message {
         offset,
         bytes: Bytes::from(vec![b'x'; len]),
+        published_at: tokio::time::Instant::now(),
     }
 }
 

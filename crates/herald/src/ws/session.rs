@@ -7,6 +7,7 @@
 //! byte bound applies; a client that cannot keep up is closed with 1008.
 
 use std::future::poll_fn;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -22,6 +23,7 @@ use crate::auth::{Identity, LEEWAY};
 use crate::channel::{new_id, unix_to_rfc3339, Channel, Message as ChannelMessage};
 use crate::close::{Close, CloseCode};
 use crate::hub::{Drained, Outbox};
+use crate::limits::{client_message_limiter, ConnectionSlot};
 use crate::ws::protocol::{self, ClientMessage, Welcome};
 use crate::ws::Endpoint;
 
@@ -44,6 +46,10 @@ pub struct Plan {
     pub resume: Option<Resume>,
     /// [`crate::hub::Hub::revocations`] read before the membership check.
     pub revocations: u64,
+    /// The user's connection slot, held for the life of the socket.
+    pub slot: ConnectionSlot,
+    /// The client's address, for security logs.
+    pub ip: IpAddr,
 }
 
 /// `?since=<offset>&epoch=<epoch>`: the client's last position.
@@ -77,6 +83,8 @@ struct Session<'a, S> {
     writing: bool,
     /// Reused batch buffer.
     batch: Vec<ChannelMessage>,
+    /// `HERALD_CLIENT_MESSAGES_PER_MINUTE` for this socket.
+    limiter: governor::DefaultDirectRateLimiter,
 }
 
 /// Runs an accepted socket until it closes.
@@ -90,7 +98,8 @@ where
     ));
     let channel = plan.channel.clone();
     let endpoint = plan.endpoint;
-    state.stats.opened(endpoint);
+    let opened_at = Instant::now();
+    state.metrics.connection_opened(endpoint, plan.slot.count);
     if state.hub.subscribe(&channel, outbox.clone()) {
         if let Err(err) = state.broker.subscribe(&channel).await {
             tracing::warn!(%channel, error = %err, "broker subscribe failed");
@@ -113,6 +122,7 @@ where
         last_offset: 0,
         writing: false,
         batch: Vec::new(),
+        limiter: client_message_limiter(state.config.client_messages_per_minute),
     };
     let exit = match session.start().await {
         Ok(()) => session.run().await,
@@ -122,7 +132,8 @@ where
     if state.hub.unsubscribe(&channel, &outbox) {
         state.broker.unsubscribe(&channel).await;
     }
-    state.stats.closed(endpoint);
+    drop(session);
+    state.metrics.connection_closed(endpoint, opened_at.elapsed());
     tracing::debug!(endpoint = endpoint.label(), code, "session closed");
 }
 
@@ -288,6 +299,8 @@ where
     }
 
     async fn forward(&mut self, batch: &mut Vec<ChannelMessage>) -> Result<(), Exit> {
+        let mut n_sent = 0;
+        let mut oldest = None;
         for message in batch.drain(..) {
             if message.offset <= self.last_offset {
                 continue;
@@ -296,8 +309,13 @@ where
                 self.fill_gap(message.offset).await?;
             }
             self.last_offset = message.offset;
+            oldest.get_or_insert(message.published_at);
+            n_sent += 1;
             self.queue_text(message.bytes)?;
         }
+        self.state
+            .metrics
+            .delivered(self.plan.channel.kind(), n_sent, oldest.map(|at| at.elapsed()));
         Ok(())
     }
 
@@ -344,7 +362,16 @@ where
             // Ping (answered by the layer), pong and close frames.
             return Ok(());
         };
+        if self.limiter.check().is_err() {
+            tracing::warn!(ip = %self.plan.ip, user_id = %self.plan.identity.user_id, "client message rate limited");
+            self.state.metrics.rate_limited("client_messages");
+            return Err(Exit::Close(Close::new(
+                CloseCode::TooManyRequests,
+                "too many client messages",
+            )));
+        }
         let message = ClientMessage::parse(text);
+        self.state.metrics.client_message(message.label());
         let reply = match message {
             ClientMessage::Ping => protocol::pong(),
             ClientMessage::Heartbeat => protocol::heartbeat_ack(),
@@ -377,6 +404,12 @@ where
             Exit::Gone => return 0,
             Exit::Flush => 0,
             Exit::Close(close) => {
+                self.state.metrics.close_sent(close.code);
+                if close.code == CloseCode::SlowConsumer {
+                    self.state.metrics.slow_consumers(1);
+                    tracing::warn!(ip = %self.plan.ip, user_id = %self.plan.identity.user_id,
+                        channel = %self.plan.channel, "slow consumer closed (1008)");
+                }
                 let code = close.code.code();
                 let frame =
                     WsCloseCode::try_from(code).map(|ws_code| Message::close(Some(ws_code), &close.reason));

@@ -34,6 +34,7 @@ pub struct TestServer {
 pub struct Builder {
     env: BTreeMap<String, String>,
     outbox_max_bytes: Option<usize>,
+    handshakes_per_ip_per_second: Option<u32>,
 }
 
 impl Builder {
@@ -49,6 +50,12 @@ impl Builder {
         self
     }
 
+    /// Sets the per-IP handshake rate (a TOML-only setting; off in tests by default).
+    pub fn handshakes_per_ip_per_second(mut self, rate: u32) -> Self {
+        self.handshakes_per_ip_per_second = Some(rate);
+        self
+    }
+
     pub async fn spawn(self) -> TestServer {
         let mut env = BTreeMap::from([
             ("HERALD_LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
@@ -56,6 +63,9 @@ impl Builder {
             ("HERALD_API_KEYS".to_owned(), API_KEY.to_owned()),
             ("HERALD_DATABASE_URL".to_owned(), "sqlite::memory:".to_owned()),
             ("HERALD_SHUTDOWN_DRAIN".to_owned(), "1".to_owned()),
+            // Tests open many sockets per user and per address; the limit tests set
+            // their own values.
+            ("HERALD_MAX_CONNECTIONS_PER_USER".to_owned(), "100000".to_owned()),
         ]);
         for (k, v) in self.env {
             if v.is_empty() {
@@ -68,6 +78,7 @@ impl Builder {
         if let Some(bytes) = self.outbox_max_bytes {
             config.outbox_max_bytes = bytes;
         }
+        config.handshakes_per_ip_per_second = self.handshakes_per_ip_per_second.unwrap_or(0);
         let (secrets, _) = herald::dev::resolve(&config).expect("secrets");
         let listener = tokio::net::TcpListener::bind(config.listen).await.expect("bind");
         let addr = listener.local_addr().expect("addr");

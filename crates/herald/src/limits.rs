@@ -1,0 +1,156 @@
+//! Limits that protect a node: concurrent sockets per user, handshakes per client IP,
+//! and client messages per socket (the per-socket limiter lives in the session).
+//!
+//! The per-user count is per node for now; with Redis it will hold across nodes.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use governor::clock::DefaultClock;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
+
+/// Concurrent sockets per user (`HERALD_MAX_CONNECTIONS_PER_USER`), all endpoints.
+pub struct ConnectionLimits {
+    max_per_user: u32,
+    counts: Mutex<HashMap<String, u32>>,
+}
+
+/// A held connection slot; dropping it frees the slot.
+pub struct ConnectionSlot {
+    limits: Arc<ConnectionLimits>,
+    user_id: String,
+    /// The user's open sockets, this one included, when it was admitted.
+    pub count: u32,
+}
+
+/// The user already has the maximum number of sockets open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooManyConnections;
+
+impl ConnectionLimits {
+    pub fn new(max_per_user: u32) -> Arc<Self> {
+        Arc::new(Self {
+            max_per_user,
+            counts: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, u32>> {
+        // Critical sections are single map updates; a poisoned lock is still consistent.
+        self.counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Takes a slot for `user_id`, or refuses if the user is at the limit.
+    pub fn acquire(self: &Arc<Self>, user_id: &str) -> Result<ConnectionSlot, TooManyConnections> {
+        let mut counts = self.lock();
+        let count = counts.entry(user_id.to_owned()).or_insert(0);
+        if *count >= self.max_per_user {
+            return Err(TooManyConnections);
+        }
+        *count += 1;
+        Ok(ConnectionSlot {
+            limits: self.clone(),
+            user_id: user_id.to_owned(),
+            count: *count,
+        })
+    }
+
+    /// The user's open sockets on this node.
+    pub fn count(&self, user_id: &str) -> u32 {
+        self.lock().get(user_id).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut counts = self.limits.lock();
+        if let Some(count) = counts.get_mut(&self.user_id) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.user_id);
+            }
+        }
+    }
+}
+
+/// WebSocket handshakes per client IP, answered with HTTP 429 before the upgrade, so a
+/// misbehaving client or a reconnect storm cannot spend the node's CPU on TLS-less
+/// token checks and upgrades.
+pub struct HandshakeLimiter {
+    limiter: Option<RateLimiter<IpAddr, DefaultKeyedStateStore<IpAddr>, DefaultClock>>,
+}
+
+impl HandshakeLimiter {
+    /// `per_second` handshakes per IP on average, in bursts of up to `burst`; 0 turns
+    /// the limit off.
+    pub fn new(per_second: u32, burst: u32) -> Self {
+        let limiter = NonZeroU32::new(per_second).map(|rate| {
+            let burst = NonZeroU32::new(burst.max(per_second)).unwrap_or(rate);
+            RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
+        });
+        Self { limiter }
+    }
+
+    /// Whether `ip` may open another socket now.
+    pub fn allow(&self, ip: IpAddr) -> bool {
+        self.limiter
+            .as_ref()
+            .is_none_or(|limiter| limiter.check_key(&ip).is_ok())
+    }
+
+    /// Forgets IPs whose budget is full again, so the map does not grow forever.
+    pub fn forget_idle(&self) {
+        if let Some(limiter) = &self.limiter {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    }
+}
+
+/// The per-socket client message limiter (`HERALD_CLIENT_MESSAGES_PER_MINUTE`, with the
+/// whole minute's allowance available as a burst).
+pub fn client_message_limiter(per_minute: u32) -> governor::DefaultDirectRateLimiter {
+    let per_minute = NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN);
+    RateLimiter::direct(Quota::per_minute(per_minute))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_counted_and_freed() {
+        let limits = ConnectionLimits::new(2);
+        let a = limits.acquire("u").unwrap();
+        let b = limits.acquire("u").unwrap();
+        assert_eq!((a.count, b.count), (1, 2));
+        assert_eq!(limits.acquire("u").err(), Some(TooManyConnections));
+        assert!(limits.acquire("other").is_ok());
+        drop(a);
+        assert_eq!(limits.count("u"), 1);
+        assert!(limits.acquire("u").is_ok());
+    }
+
+    #[test]
+    fn handshake_limit_per_ip() {
+        let limiter = HandshakeLimiter::new(1, 3);
+        let ip: IpAddr = "127.0.0.9".parse().unwrap();
+        assert!((0..3).all(|_| limiter.allow(ip)));
+        assert!(!limiter.allow(ip));
+        assert!(limiter.allow("127.0.0.10".parse().unwrap()));
+        let off = HandshakeLimiter::new(0, 0);
+        assert!((0..1000).all(|_| off.allow(ip)));
+    }
+
+    #[test]
+    fn client_message_burst_is_the_per_minute_allowance() {
+        let limiter = client_message_limiter(5);
+        assert!((0..5).all(|_| limiter.check().is_ok()));
+        assert!(limiter.check().is_err());
+    }
+}
