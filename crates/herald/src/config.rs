@@ -165,7 +165,18 @@ pub struct Config {
     /// beyond; 0 turns the limit off. Not an environment setting; TOML key
     /// `handshakes_per_ip_per_second`.
     pub handshakes_per_ip_per_second: u32,
+    /// How often the server sends a protocol ping. TOML key `ping_interval_ms`.
+    pub ping_interval: Duration,
+    /// A socket that has sent nothing, not even a pong, for this long is dropped. TOML
+    /// key `pong_timeout_ms`.
+    pub pong_timeout: Duration,
 }
+
+/// Default for [`Config::ping_interval`] (the documented 25 s).
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(25);
+
+/// Default for [`Config::pong_timeout`] (the documented 60 s).
+pub const DEFAULT_PONG_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Default for [`Config::handshakes_per_ip_per_second`]: generous for people behind
 /// one NAT reconnecting after a deploy, tight enough to blunt a single flooding client.
@@ -201,6 +212,8 @@ pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
     let mut outbox_max_bytes = None;
     let mut history_max_bytes = None;
     let mut handshakes_per_ip = None;
+    let mut ping_interval_ms = None;
+    let mut pong_timeout_ms = None;
     if let Some(path) = file {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
             path: path.to_owned(),
@@ -223,6 +236,14 @@ pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
             }
             if key == "handshakes_per_ip_per_second" {
                 handshakes_per_ip = Some(toml_to_text(&value));
+                continue;
+            }
+            if key == "ping_interval_ms" {
+                ping_interval_ms = Some(toml_to_text(&value));
+                continue;
+            }
+            if key == "pong_timeout_ms" {
+                pong_timeout_ms = Some(toml_to_text(&value));
                 continue;
             }
             let Some(setting) = SETTINGS.iter().find(|s| s.toml_key() == key) else {
@@ -300,6 +321,8 @@ pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
             DEFAULT_HANDSHAKES_PER_IP_PER_SECOND as usize,
         )?)
         .unwrap_or(u32::MAX),
+        ping_interval: toml_millis("ping_interval_ms", ping_interval_ms, DEFAULT_PING_INTERVAL)?,
+        pong_timeout: toml_millis("pong_timeout_ms", pong_timeout_ms, DEFAULT_PONG_TIMEOUT)?,
     };
     Ok(config)
 }
@@ -398,6 +421,18 @@ fn toml_only(name: &'static str, value: Option<String>, default: usize) -> Resul
             value: v.clone(),
             reason,
         }),
+    }
+}
+
+/// A positive duration in milliseconds that only the TOML file can set.
+fn toml_millis(
+    name: &'static str,
+    value: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match toml_only(name, value, 0)? {
+        0 => Ok(default),
+        ms => Ok(Duration::from_millis(ms as u64)),
     }
 }
 

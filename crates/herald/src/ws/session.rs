@@ -27,12 +27,6 @@ use crate::limits::{client_message_limiter, ConnectionSlot};
 use crate::ws::protocol::{self, ClientMessage, Welcome};
 use crate::ws::Endpoint;
 
-/// The server sends a protocol ping this often (docs/protocol.md).
-pub const PING_INTERVAL: Duration = Duration::from_secs(25);
-
-/// A socket that has sent nothing (not even a pong) for this long is dropped (docs/protocol.md).
-pub const PONG_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// How long closing may take: flushing what is queued, the close frame, and the
 /// client's answering close frame.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -199,12 +193,20 @@ where
 
     async fn run(&mut self) -> Exit {
         let state = self.state;
-        let mut ping = tokio::time::interval_at(Instant::now() + PING_INTERVAL, PING_INTERVAL);
+        let ping_interval = state.config.ping_interval;
+        let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
         let mut last_heard = Instant::now();
-        let age_deadline = Instant::now() + jittered(state.config.max_connection_age);
-        let mut expiry_deadline = expiry_instant(self.plan.identity.expires_at);
+        // Deadlines live outside the loop and are reset, not re-created per wake-up.
+        let age = sleep_until(Instant::now() + jittered(state.config.max_connection_age));
+        tokio::pin!(age);
+        let expiry = sleep_until(expiry_instant(self.plan.identity.expires_at));
+        tokio::pin!(expiry);
         let shutdown = state.shutdown.clone();
-        let mut shutdown_at: Option<Instant> = None;
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+        let drain = sleep_until(Instant::now());
+        tokio::pin!(drain);
+        let mut draining = false;
 
         loop {
             let writing = self.writing;
@@ -219,12 +221,6 @@ where
                 }
                 ws.poll_next_unpin(cx).map(Io::Read)
             });
-            let shutdown_sleep = async {
-                match shutdown_at {
-                    Some(at) => sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 io = io => match io {
                     Io::Flushed => {
@@ -240,8 +236,10 @@ where
                     Io::Read(Some(Err(_))) => return Exit::Flush,
                     Io::Read(Some(Ok(frame))) => {
                         last_heard = Instant::now();
-                        if let Err(exit) = self.on_frame(frame, &mut expiry_deadline).await {
-                            return exit;
+                        match self.on_frame(frame).await {
+                            Ok(Some(new_expiry)) => expiry.as_mut().reset(new_expiry),
+                            Ok(None) => {}
+                            Err(exit) => return exit,
                         }
                     }
                 },
@@ -256,7 +254,7 @@ where
                     }
                 }
                 _ = ping.tick() => {
-                    if last_heard.elapsed() >= PONG_TIMEOUT {
+                    if last_heard.elapsed() >= state.config.pong_timeout {
                         tracing::debug!("no pong in time; dropping socket");
                         return Exit::Gone;
                     }
@@ -265,20 +263,21 @@ where
                     }
                     self.writing = true;
                 }
-                () = sleep_until(age_deadline) => {
+                () = &mut age => {
                     return Exit::Close(Close::new(CloseCode::Normal, "max connection age"));
                 }
-                () = sleep_until(expiry_deadline) => {
+                () = &mut expiry => {
                     return Exit::Close(Close::new(CloseCode::Unauthorized, "token expired"));
                 }
                 // Shutdown: each socket closes at a random moment within the drain
                 // window, so clients do not all reconnect at once.
-                () = shutdown.cancelled(), if shutdown_at.is_none() => {
-                    let drain = state.config.shutdown_drain;
-                    let delay = rand::rng().random_range(Duration::ZERO..=drain);
-                    shutdown_at = Some(Instant::now() + delay);
+                () = &mut cancelled, if !draining => {
+                    let window = state.config.shutdown_drain;
+                    let delay = rand::rng().random_range(Duration::ZERO..=window);
+                    drain.as_mut().reset(Instant::now() + delay);
+                    draining = true;
                 }
-                () = shutdown_sleep => {
+                () = &mut drain, if draining => {
                     return Exit::Close(CloseCode::GoingAway.into());
                 }
             }
@@ -354,13 +353,15 @@ where
         }
     }
 
-    async fn on_frame(&mut self, frame: Message, expiry: &mut Instant) -> Result<(), Exit> {
+    /// Handles one client frame. Returns the new token expiry after a refresh.
+    async fn on_frame(&mut self, frame: Message) -> Result<Option<Instant>, Exit> {
+        let mut new_expiry = None;
         if frame.is_binary() {
             return Err(Exit::Close(CloseCode::UnsupportedData.into()));
         }
         let Some(text) = frame.as_text() else {
             // Ping (answered by the layer), pong and close frames.
-            return Ok(());
+            return Ok(None);
         };
         if self.limiter.check().is_err() {
             tracing::warn!(ip = %self.plan.ip, user_id = %self.plan.identity.user_id, "client message rate limited");
@@ -389,13 +390,14 @@ where
                         "refresh token is for another user",
                     )));
                 }
-                *expiry = expiry_instant(identity.expires_at);
+                new_expiry = Some(expiry_instant(identity.expires_at));
                 let expires_at = unix_to_rfc3339(identity.expires_at);
                 self.plan.identity = identity;
                 protocol::refreshed(&expires_at)
             }
         };
-        self.queue_text(reply)
+        self.queue_text(reply)?;
+        Ok(new_expiry)
     }
 
     /// The one place a socket is closed. Returns the close code sent (0 if none).

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::support::*;
@@ -50,4 +51,80 @@ async fn shutdown_closes_every_socket_1001_within_the_drain_window() {
         "{:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test]
+async fn server_pings_and_drops_a_silent_client() {
+    let srv = TestServer::builder()
+        .configure(|c| {
+            c.ping_interval = Duration::from_millis(200);
+            c.pong_timeout = Duration::from_millis(600);
+        })
+        .spawn()
+        .await;
+
+    // A client that answers pings (tungstenite does) stays connected well past the
+    // pong timeout.
+    let (mut alive, _) = srv.connect("/ws/notifications/", "u1").await;
+    let reader = tokio::spawn(async move {
+        use futures_util::StreamExt;
+        let mut pings = 0;
+        let until = Instant::now() + Duration::from_millis(1500);
+        while let Ok(Some(Ok(message))) = tokio::time::timeout_at(until, alive.ws.next()).await {
+            if message.is_ping() {
+                pings += 1;
+            }
+        }
+        (pings, alive)
+    });
+
+    // A client that upgrades and then never sends a byte, not even a pong.
+    let mut silent = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    let request = format!(
+        "GET /ws/notifications/?token={} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        srv.token("u2"),
+        srv.addr
+    );
+    silent.write_all(request.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let mut received = Vec::new();
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        received.extend_from_slice(&buf[..n]);
+    }
+    let dropped_after = started.elapsed();
+    assert!(received.starts_with(b"HTTP/1.1 101"), "the upgrade succeeded");
+    // Ping frames (opcode 0x9, empty payload) were sent before the drop.
+    assert!(
+        received.windows(2).any(|w| w == [0x89, 0x00]),
+        "no ping frame was sent"
+    );
+    assert!(
+        dropped_after >= Duration::from_millis(550) && dropped_after < Duration::from_millis(2500),
+        "dropped after {dropped_after:?}"
+    );
+
+    let (pings, mut alive) = reader.await.unwrap();
+    assert!(pings >= 5, "expected a ping every 200 ms, got {pings}");
+    alive.send_json(serde_json::json!({"type": "ping"})).await;
+    assert_eq!(
+        alive.next_json().await["type"],
+        "pong",
+        "the answering client is still connected"
+    );
+}
+
+#[test]
+fn documented_ping_defaults() {
+    let config = herald::config::Config::defaults();
+    assert_eq!(config.ping_interval, Duration::from_secs(25));
+    assert_eq!(config.pong_timeout, Duration::from_secs(60));
 }

@@ -20,6 +20,7 @@ mod lifecycle;
 mod limits;
 mod members;
 mod metrics;
+mod process;
 mod readme;
 mod recovery;
 mod tidy;

@@ -10,11 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
+use tokio::process::Command;
 
-use crate::support::WAIT;
+use crate::support::{herald, Proc, WAIT};
 
 const SERVE_BANNER: &str = "herald listening on http://";
 
@@ -25,69 +23,6 @@ const README_COMMANDS: [&str; 4] = [
     "cargo run --release -q -- listen ws://127.0.0.1:8000/ws/notifications/ --token \"$TOKEN\"",
     "http://127.0.0.1:8000/api/v1/notifications/alice",
 ];
-
-/// A child process that is killed when the test ends, even by a panic.
-struct Proc {
-    name: &'static str,
-    child: Child,
-    /// Its stdout, line by line (read by a task, so the child never blocks on a full
-    /// pipe and never writes to a closed one).
-    lines: mpsc::UnboundedReceiver<String>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
-
-impl Proc {
-    fn spawn(name: &'static str, mut cmd: Command) -> Proc {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|err| panic!("cannot start {name}: {err}"));
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let (tx, lines) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc { name, child, lines }
-    }
-
-    /// The next line of stdout; panics after [`WAIT`] or at end of output.
-    async fn next_line(&mut self, context: &str) -> String {
-        match tokio::time::timeout(WAIT, self.lines.recv()).await {
-            Ok(Some(line)) => line,
-            Ok(None) => panic!("{} ended its output while {context}", self.name),
-            Err(_) => panic!("{} printed nothing for {WAIT:?} while {context}", self.name),
-        }
-    }
-
-    async fn stop(mut self) {
-        let _ = self.child.start_kill();
-        let _ = tokio::time::timeout(WAIT, self.child.wait()).await;
-    }
-}
-
-/// `herald …` in `dir`, with an environment holding nothing but `PATH` and `HOME`: the
-/// example must work with no configuration at all.
-fn herald(dir: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
-    cmd.env_clear().current_dir(dir).stdin(Stdio::null());
-    for key in ["PATH", "HOME"] {
-        if let Some(value) = std::env::var_os(key) {
-            cmd.env(key, value);
-        }
-    }
-    cmd
-}
 
 struct Served {
     proc: Proc,

@@ -2,12 +2,17 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use herald::config::{self, Config, Secret};
 use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -30,11 +35,15 @@ pub struct TestServer {
     pub http: reqwest::Client,
 }
 
+/// A change to the loaded configuration, applied before the server starts.
+type ConfigChange = Box<dyn FnOnce(&mut Config) + Send>;
+
 #[derive(Default)]
 pub struct Builder {
     env: BTreeMap<String, String>,
     outbox_max_bytes: Option<usize>,
     handshakes_per_ip_per_second: Option<u32>,
+    configure: Vec<ConfigChange>,
 }
 
 impl Builder {
@@ -53,6 +62,12 @@ impl Builder {
     /// Sets the per-IP handshake rate (a TOML-only setting; off in tests by default).
     pub fn handshakes_per_ip_per_second(mut self, rate: u32) -> Self {
         self.handshakes_per_ip_per_second = Some(rate);
+        self
+    }
+
+    /// Changes the loaded configuration (for TOML-only settings).
+    pub fn configure(mut self, f: impl FnOnce(&mut Config) + Send + 'static) -> Self {
+        self.configure.push(Box::new(f));
         self
     }
 
@@ -79,6 +94,9 @@ impl Builder {
             config.outbox_max_bytes = bytes;
         }
         config.handshakes_per_ip_per_second = self.handshakes_per_ip_per_second.unwrap_or(0);
+        for f in self.configure {
+            f(&mut config);
+        }
         let (secrets, _) = herald::dev::resolve(&config).expect("secrets");
         let listener = tokio::net::TcpListener::bind(config.listen).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -412,4 +430,69 @@ pub async fn expect_refused_with(connect: Connect, code: u16) -> String {
     let (got, reason) = ws.expect_close().await;
     assert_eq!(got, code, "close reason: {reason}");
     reason
+}
+
+// === real processes ===
+
+/// A child process that is killed when the test ends, even by a panic.
+pub struct Proc {
+    pub name: &'static str,
+    pub child: Child,
+    /// Its stdout, line by line (read by a task, so the child never blocks on a full
+    /// pipe and never writes to a closed one).
+    pub lines: mpsc::UnboundedReceiver<String>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+impl Proc {
+    pub fn spawn(name: &'static str, mut cmd: Command) -> Proc {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start {name}: {err}"));
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, lines) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc { name, child, lines }
+    }
+
+    /// The next line of stdout; panics after [`WAIT`] or at end of output.
+    pub async fn next_line(&mut self, context: &str) -> String {
+        match tokio::time::timeout(WAIT, self.lines.recv()).await {
+            Ok(Some(line)) => line,
+            Ok(None) => panic!("{} ended its output while {context}", self.name),
+            Err(_) => panic!("{} printed nothing for {WAIT:?} while {context}", self.name),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.start_kill();
+        let _ = tokio::time::timeout(WAIT, self.child.wait()).await;
+    }
+}
+
+/// `herald …` in `dir`, with an environment holding nothing but `PATH` and `HOME`: the
+/// example must work with no configuration at all.
+pub fn herald(dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+    cmd.env_clear().current_dir(dir).stdin(Stdio::null());
+    for key in ["PATH", "HOME"] {
+        if let Some(value) = std::env::var_os(key) {
+            cmd.env(key, value);
+        }
+    }
+    cmd
 }
