@@ -16,6 +16,7 @@ use crate::limits::{ConnectionLimits, HandshakeLimiter};
 use crate::membership::Membership;
 use crate::metrics::Metrics;
 use crate::store::Store;
+use crate::tasks::Tasks;
 
 /// Everything request handlers and sessions share. Cheap to clone.
 #[derive(Clone)]
@@ -27,6 +28,8 @@ pub struct AppState {
     pub broker: Arc<dyn Broker>,
     pub store: Store,
     pub membership: Arc<Membership>,
+    pub publisher: Publisher,
+    pub tasks: Tasks,
     pub metrics: Metrics,
     pub connection_limits: Arc<ConnectionLimits>,
     pub handshake_limiter: Arc<HandshakeLimiter>,
@@ -46,12 +49,32 @@ pub struct Secrets {
 }
 
 impl AppState {
-    /// Publishes through the broker and counts it. Every publish path (HTTP API, LLM
-    /// workers, bridges) goes through here.
+    /// Publishes through the broker and counts it.
+    pub async fn publish(&self, channel: &Channel, draft: &Draft) -> Result<Published, BrokerError> {
+        self.publisher.publish(channel, draft).await
+    }
+}
+
+/// The one publish path (HTTP API, LLM workers, bridges): the broker, counted.
+#[derive(Clone)]
+pub struct Publisher {
+    broker: Arc<dyn Broker>,
+    metrics: Metrics,
+}
+
+impl Publisher {
+    pub fn new(broker: Arc<dyn Broker>, metrics: Metrics) -> Self {
+        Self { broker, metrics }
+    }
+
     pub async fn publish(&self, channel: &Channel, draft: &Draft) -> Result<Published, BrokerError> {
         let published = self.broker.publish(channel, draft).await?;
         self.metrics.published(channel.kind());
         Ok(published)
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 }
 

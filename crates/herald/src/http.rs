@@ -1,6 +1,7 @@
 //! The HTTP boundary: the service API, the user API and operations endpoints. With
 //! `ws`, the only code that knows axum.
 
+pub mod chat;
 pub mod error;
 pub mod extract;
 pub mod members;
@@ -20,6 +21,7 @@ use error::ApiError;
 pub fn router() -> Router<AppState> {
     Router::new()
         .merge(publish::router())
+        .merge(chat::router())
         .merge(members::router())
         .merge(ops::router())
         .fallback(|| async { ApiError::NotFound("no such endpoint".to_owned()).into_response() })

@@ -17,6 +17,8 @@
 //! - [`channel`], [`ids`], [`close`]: the vocabulary: channels, messages, identifiers,
 //!   close codes.
 //! - [`store`]: SQLite/PostgreSQL access and migrations.
+//! - [`tasks`]: LLM generation tasks: registry, in-process queue, the worker that
+//!   streams an answer to the user's frame stream.
 
 pub mod app;
 pub mod auth;
@@ -33,6 +35,7 @@ pub mod limits;
 pub mod membership;
 pub mod metrics;
 pub mod store;
+pub mod tasks;
 pub mod telemetry;
 pub mod ws;
 
@@ -50,6 +53,9 @@ use crate::config::Config;
 use crate::hub::Hub;
 use crate::membership::Membership;
 use crate::store::Store;
+
+/// LLM tasks run at once by `herald serve` when `HERALD_WORKERS` is not set.
+pub const DEFAULT_SERVE_WORKERS: usize = 64;
 
 /// How often idle channels are swept from the memory broker.
 const EVICT_INTERVAL: Duration = Duration::from_secs(60);
@@ -75,21 +81,37 @@ pub async fn build_state(
         config.history_ttl,
         config.history_max_bytes,
     ));
+    let metrics = metrics::Metrics::new();
+    let broker: Arc<dyn broker::Broker> = memory.clone();
+    let publisher = app::Publisher::new(broker.clone(), metrics.clone());
+    let tracker = TaskTracker::new();
+    let provider = llm::from_config(&config)?;
+    let tasks = tasks::Tasks::new(
+        &config,
+        config.workers.unwrap_or(DEFAULT_SERVE_WORKERS),
+        provider,
+        publisher.clone(),
+        store.clone(),
+        tracker.clone(),
+        shutdown.clone(),
+    );
     let state = AppState {
         auth,
         api_keys: ApiKeys::new(&secrets.api_keys),
         hub,
-        broker: memory.clone(),
+        broker,
         store,
         membership: Arc::new(membership),
-        metrics: metrics::Metrics::new(),
+        publisher,
+        tasks,
+        metrics,
         connection_limits: limits::ConnectionLimits::new(config.max_connections_per_user),
         handshake_limiter: Arc::new(limits::HandshakeLimiter::new(
             config.handshakes_per_ip_per_second,
             config.handshakes_per_ip_per_second.saturating_mul(4),
         )),
         shutdown,
-        tracker: TaskTracker::new(),
+        tracker,
         node_id: Arc::from(channel::new_id()),
         config: Arc::new(config),
     };

@@ -1,4 +1,4 @@
-//! The relational store: org memberships now, chats and tasks later. One code path for
+//! The relational store: org memberships and chat history. One code path for
 //! SQLite and PostgreSQL through sqlx's `Any` driver; migrations are embedded per
 //! backend and run at start.
 
@@ -30,6 +30,16 @@ pub enum StoreError {
 pub struct Member {
     pub user_id: String,
     pub role: String,
+}
+
+/// One turn of a chat, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatTurn {
+    /// `user` or `assistant`.
+    pub role: String,
+    pub content: String,
+    /// Unix milliseconds.
+    pub created_at: i64,
 }
 
 /// Backend kind, picked from the URL scheme.
@@ -136,6 +146,55 @@ impl Store {
             })
             .collect()
     }
+}
+
+impl Store {
+    /// Appends a turn to a user's chat.
+    pub async fn add_chat_turn(&self, user_id: &str, chat_id: &str, role: &str, content: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO chat_messages (user_id, chat_id, role, content, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(user_id)
+        .bind(chat_id)
+        .bind(role)
+        .bind(content)
+        .bind(unix_now_millis())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The last `limit` turns of a user's chat, oldest first. Another user's chat with
+    /// the same id is a different chat.
+    pub async fn chat_turns(&self, user_id: &str, chat_id: &str, limit: usize) -> Result<Vec<ChatTurn>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT role, content, created_at FROM chat_messages WHERE user_id = $1 AND chat_id = $2 \
+             ORDER BY id DESC LIMIT $3",
+        )
+        .bind(user_id)
+        .bind(chat_id)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut turns = rows
+            .iter()
+            .map(|row| {
+                Ok(ChatTurn {
+                    role: row.try_get("role")?,
+                    content: row.try_get("content")?,
+                    created_at: row.try_get("created_at")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        turns.reverse();
+        Ok(turns)
+    }
+}
+
+fn unix_now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn unix_now() -> i64 {

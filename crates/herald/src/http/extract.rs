@@ -62,3 +62,27 @@ impl FromRequestParts<AppState> for ServiceKey {
         Ok(ServiceKey)
     }
 }
+
+/// The caller of the user API, from `Authorization: Bearer <user JWT>`.
+pub struct User(pub crate::auth::Identity);
+
+impl FromRequestParts<AppState> for User {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let Some(token) = bearer(&parts.headers) else {
+            state.metrics.auth_failed("missing");
+            return Err(ApiError::Unauthorized(
+                "send the user token as Authorization: Bearer <jwt>".to_owned(),
+            ));
+        };
+        match state.auth.authenticate(token).await {
+            Ok(identity) => Ok(User(identity)),
+            Err(failure) => {
+                state.metrics.auth_failed(failure.reason());
+                tracing::warn!(path = parts.uri.path(), reason = failure.reason(), "user token refused");
+                Err(ApiError::Unauthorized(failure.to_string()))
+            }
+        }
+    }
+}

@@ -13,6 +13,7 @@
 mod support;
 
 mod api;
+mod chat;
 mod delivery;
 mod handshake;
 mod jwks;

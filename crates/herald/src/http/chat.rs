@@ -1,0 +1,106 @@
+//! The user API (user JWT): start an LLM generation, follow or cancel it, and read a
+//! chat's history. The answer itself streams to `/ws/frame-stream/{user_id}/`.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use crate::app::AppState;
+use crate::http::error::ApiError;
+use crate::http::extract::{ApiJson, User};
+use crate::ids::{ChatId, UserId};
+use crate::tasks::{SubmitError, TaskRequest, TaskView, MAX_PROMPT_CHARS};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/chat/generate-response", post(generate))
+        .route("/api/chat/generate-response/", post(generate))
+        .route("/api/chat/tasks/{task_id}", get(task))
+        .route("/api/chat/tasks/{task_id}/cancel", post(cancel))
+        .route("/api/chat/{chat_id}/messages", get(messages))
+}
+
+fn string_field<'a>(body: &'a Value, name: &str) -> Result<&'a str, ApiError> {
+    body.get(name)
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::BadRequest(format!("{name} is required and must be a string")))
+}
+
+/// `{"user_id","chat_id","prompt","model"?}` → `202 {"task_id","chat_id","status":"queued"}`.
+async fn generate(State(state): State<AppState>, User(identity): User, ApiJson(body): ApiJson) -> Result<Response, ApiError> {
+    let user_id = UserId::parse(string_field(&body, "user_id")?)?;
+    if user_id != identity.user_id {
+        return Err(ApiError::Forbidden("user_id is not the token's user".to_owned()));
+    }
+    let chat_id = ChatId::parse(string_field(&body, "chat_id")?)?;
+    let prompt = string_field(&body, "prompt")?;
+    if prompt.trim().is_empty() {
+        return Err(ApiError::BadRequest("prompt is empty".to_owned()));
+    }
+    if prompt.chars().count() > MAX_PROMPT_CHARS {
+        return Err(ApiError::BadRequest(format!("prompt is longer than {MAX_PROMPT_CHARS} characters")));
+    }
+    let model = match body.get("model") {
+        None | Some(Value::Null) => state.config.llm_model.clone(),
+        Some(Value::String(model)) if !model.is_empty() && model.len() <= 200 => model.clone(),
+        Some(_) => return Err(ApiError::BadRequest("model must be a non-empty string".to_owned())),
+    };
+    let request = TaskRequest {
+        user_id,
+        chat_id: chat_id.clone(),
+        prompt: prompt.to_owned(),
+        model,
+    };
+    let task_id = state.tasks.submit(request).map_err(|err| match err {
+        SubmitError::TooManyInFlight => ApiError::TooManyRequests(err.to_string()),
+        SubmitError::NoWorkers | SubmitError::ShuttingDown => ApiError::Unavailable(err.to_string()),
+    })?;
+    let body = json!({"task_id": task_id, "chat_id": chat_id.as_str(), "status": "queued"});
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+fn view_json(view: &TaskView) -> Value {
+    let mut body = json!({"task_id": view.task_id, "chat_id": view.chat_id, "status": view.status.as_str()});
+    if let Some(response) = &view.response {
+        body["response"] = json!(response);
+    }
+    if let Some(error) = &view.error {
+        body["error"] = json!(error);
+    }
+    body
+}
+
+fn not_found() -> ApiError {
+    ApiError::NotFound("no such task for this user".to_owned())
+}
+
+async fn task(State(state): State<AppState>, User(identity): User, Path(task_id): Path<String>) -> Result<Response, ApiError> {
+    let view = state.tasks.get(&task_id, &identity.user_id).ok_or_else(not_found)?;
+    Ok(Json(view_json(&view)).into_response())
+}
+
+async fn cancel(State(state): State<AppState>, User(identity): User, Path(task_id): Path<String>) -> Result<Response, ApiError> {
+    let view = state.tasks.cancel(&task_id, &identity.user_id).ok_or_else(not_found)?;
+    Ok((StatusCode::ACCEPTED, Json(view_json(&view))).into_response())
+}
+
+/// The caller's turns in this chat, oldest first.
+async fn messages(State(state): State<AppState>, User(identity): User, Path(chat_id): Path<String>) -> Result<Response, ApiError> {
+    let chat_id = ChatId::parse(&chat_id)?;
+    let turns = state
+        .store
+        .chat_turns(identity.user_id.as_str(), chat_id.as_str(), usize::MAX >> 1)
+        .await?;
+    let messages: Vec<Value> = turns
+        .into_iter()
+        .map(|turn| {
+            let millis = u64::try_from(turn.created_at).unwrap_or(0);
+            let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(millis);
+            json!({"role": turn.role, "content": turn.content, "timestamp": humantime::format_rfc3339_millis(time).to_string()})
+        })
+        .collect();
+    Ok(Json(json!({"messages": messages})).into_response())
+}
