@@ -12,6 +12,8 @@
 //! - [`membership`]: who may join an org channel (database, claims or webhook).
 //! - [`broker`]: sequencing (offsets, epochs), history, and distribution to nodes.
 //! - [`hub`]: this node's fan-out from a channel to its sockets' outboxes.
+//! - [`llm`]: LLM providers (OpenAI-compatible, `echo`) streaming a reply as deltas, and
+//!   the user-safe [`llm::LlmError`].
 //! - [`channel`], [`ids`], [`close`]: the vocabulary: channels, messages, identifiers,
 //!   close codes.
 //! - [`store`]: SQLite/PostgreSQL access and migrations.
@@ -27,6 +29,7 @@ pub mod dev;
 pub mod http;
 pub mod hub;
 pub mod ids;
+pub mod llm;
 pub mod membership;
 pub mod store;
 pub mod telemetry;

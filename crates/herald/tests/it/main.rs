@@ -16,6 +16,7 @@ mod api;
 mod delivery;
 mod handshake;
 mod jwks;
+mod llm;
 mod members;
 mod readme;
 mod recovery;
