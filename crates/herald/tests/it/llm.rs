@@ -282,8 +282,8 @@ async fn respond(mut reply: Reply) -> Response {
             });
             // An error from the body stream makes the server drop the connection
             // without ending the chunked body: a cut, as the client sees it.
-            // The pause lets the client read what was sent first: a reset can discard
-            // data still unread in the client's socket buffer.
+            // The pause makes the server flush the pieces before the error: hyper drops
+            // the connection at the error without writing what it still buffers.
             let end = futures_util::stream::iter(abort.then_some(())).then(|()| async {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 Err(std::io::Error::other("cut"))
