@@ -14,6 +14,8 @@
 //! - [`hub`]: this node's fan-out from a channel to its sockets' outboxes.
 //! - [`limits`]: connections per user, handshakes per IP, client messages per socket.
 //! - [`metrics`]: every Prometheus metric, with typed record functions.
+//! - [`llm`]: LLM providers (OpenAI-compatible, `echo`) streaming a reply as deltas, and
+//!   the user-safe [`llm::LlmError`].
 //! - [`channel`], [`ids`], [`close`]: the vocabulary: channels, messages, identifiers,
 //!   close codes.
 //! - [`store`]: SQLite/PostgreSQL access and migrations.
@@ -32,6 +34,7 @@ pub mod http;
 pub mod hub;
 pub mod ids;
 pub mod limits;
+pub mod llm;
 pub mod membership;
 pub mod metrics;
 pub mod store;

@@ -150,7 +150,13 @@ impl Store {
 
 impl Store {
     /// Appends a turn to a user's chat.
-    pub async fn add_chat_turn(&self, user_id: &str, chat_id: &str, role: &str, content: &str) -> Result<(), StoreError> {
+    pub async fn add_chat_turn(
+        &self,
+        user_id: &str,
+        chat_id: &str,
+        role: &str,
+        content: &str,
+    ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO chat_messages (user_id, chat_id, role, content, created_at) VALUES ($1, $2, $3, $4, $5)",
         )
@@ -166,7 +172,12 @@ impl Store {
 
     /// The last `limit` turns of a user's chat, oldest first. Another user's chat with
     /// the same id is a different chat.
-    pub async fn chat_turns(&self, user_id: &str, chat_id: &str, limit: usize) -> Result<Vec<ChatTurn>, StoreError> {
+    pub async fn chat_turns(
+        &self,
+        user_id: &str,
+        chat_id: &str,
+        limit: usize,
+    ) -> Result<Vec<ChatTurn>, StoreError> {
         let rows = sqlx::query(
             "SELECT role, content, created_at FROM chat_messages WHERE user_id = $1 AND chat_id = $2 \
              ORDER BY id DESC LIMIT $3",

@@ -145,7 +145,10 @@ impl Tasks {
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Record>> {
         // Critical sections are single map updates; a poisoned lock is still consistent.
-        self.inner.records.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .records
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The live provider's name (`echo` or `openai-compatible`).
@@ -166,7 +169,10 @@ impl Tasks {
         {
             let mut records = self.lock();
             let now = Instant::now();
-            records.retain(|_, r| r.ended_at.is_none_or(|at| now.duration_since(at) < TASK_RETENTION));
+            records.retain(|_, r| {
+                r.ended_at
+                    .is_none_or(|at| now.duration_since(at) < TASK_RETENTION)
+            });
             let in_flight = records
                 .values()
                 .filter(|r| r.user_id == request.user_id && !r.status.is_done())
@@ -212,7 +218,13 @@ impl Tasks {
         Ok(task_id)
     }
 
-    async fn finish_unstarted(&self, task_id: &str, request: &TaskRequest, status: TaskStatus, error: Option<&str>) {
+    async fn finish_unstarted(
+        &self,
+        task_id: &str,
+        request: &TaskRequest,
+        status: TaskStatus,
+        error: Option<&str>,
+    ) {
         worker::publish_unstarted_end(&self.inner.ctx, task_id, request, status, error).await;
         self.set_status(task_id, status, None, error.map(str::to_owned));
     }
@@ -240,7 +252,11 @@ impl Tasks {
     }
 
     fn update_queue_depth(&self) {
-        let queued = self.lock().values().filter(|r| r.status == TaskStatus::Queued).count();
+        let queued = self
+            .lock()
+            .values()
+            .filter(|r| r.status == TaskStatus::Queued)
+            .count();
         self.inner
             .ctx
             .publisher

@@ -30,7 +30,11 @@ fn string_field<'a>(body: &'a Value, name: &str) -> Result<&'a str, ApiError> {
 }
 
 /// `{"user_id","chat_id","prompt","model"?}` → `202 {"task_id","chat_id","status":"queued"}`.
-async fn generate(State(state): State<AppState>, User(identity): User, ApiJson(body): ApiJson) -> Result<Response, ApiError> {
+async fn generate(
+    State(state): State<AppState>,
+    User(identity): User,
+    ApiJson(body): ApiJson,
+) -> Result<Response, ApiError> {
     let user_id = UserId::parse(string_field(&body, "user_id")?)?;
     if user_id != identity.user_id {
         return Err(ApiError::Forbidden("user_id is not the token's user".to_owned()));
@@ -41,12 +45,18 @@ async fn generate(State(state): State<AppState>, User(identity): User, ApiJson(b
         return Err(ApiError::BadRequest("prompt is empty".to_owned()));
     }
     if prompt.chars().count() > MAX_PROMPT_CHARS {
-        return Err(ApiError::BadRequest(format!("prompt is longer than {MAX_PROMPT_CHARS} characters")));
+        return Err(ApiError::BadRequest(format!(
+            "prompt is longer than {MAX_PROMPT_CHARS} characters"
+        )));
     }
     let model = match body.get("model") {
         None | Some(Value::Null) => state.config.llm_model.clone(),
         Some(Value::String(model)) if !model.is_empty() && model.len() <= 200 => model.clone(),
-        Some(_) => return Err(ApiError::BadRequest("model must be a non-empty string".to_owned())),
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "model must be a non-empty string".to_owned(),
+            ))
+        }
     };
     let request = TaskRequest {
         user_id,
@@ -77,18 +87,36 @@ fn not_found() -> ApiError {
     ApiError::NotFound("no such task for this user".to_owned())
 }
 
-async fn task(State(state): State<AppState>, User(identity): User, Path(task_id): Path<String>) -> Result<Response, ApiError> {
-    let view = state.tasks.get(&task_id, &identity.user_id).ok_or_else(not_found)?;
+async fn task(
+    State(state): State<AppState>,
+    User(identity): User,
+    Path(task_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let view = state
+        .tasks
+        .get(&task_id, &identity.user_id)
+        .ok_or_else(not_found)?;
     Ok(Json(view_json(&view)).into_response())
 }
 
-async fn cancel(State(state): State<AppState>, User(identity): User, Path(task_id): Path<String>) -> Result<Response, ApiError> {
-    let view = state.tasks.cancel(&task_id, &identity.user_id).ok_or_else(not_found)?;
+async fn cancel(
+    State(state): State<AppState>,
+    User(identity): User,
+    Path(task_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let view = state
+        .tasks
+        .cancel(&task_id, &identity.user_id)
+        .ok_or_else(not_found)?;
     Ok((StatusCode::ACCEPTED, Json(view_json(&view))).into_response())
 }
 
 /// The caller's turns in this chat, oldest first.
-async fn messages(State(state): State<AppState>, User(identity): User, Path(chat_id): Path<String>) -> Result<Response, ApiError> {
+async fn messages(
+    State(state): State<AppState>,
+    User(identity): User,
+    Path(chat_id): Path<String>,
+) -> Result<Response, ApiError> {
     let chat_id = ChatId::parse(&chat_id)?;
     let turns = state
         .store

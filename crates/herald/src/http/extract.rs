@@ -80,7 +80,11 @@ impl FromRequestParts<AppState> for User {
             Ok(identity) => Ok(User(identity)),
             Err(failure) => {
                 state.metrics.auth_failed(failure.reason());
-                tracing::warn!(path = parts.uri.path(), reason = failure.reason(), "user token refused");
+                tracing::warn!(
+                    path = parts.uri.path(),
+                    reason = failure.reason(),
+                    "user token refused"
+                );
                 Err(ApiError::Unauthorized(failure.to_string()))
             }
         }

@@ -62,14 +62,20 @@ impl Stream<'_> {
         message.insert("user_id".to_owned(), json!(self.request.user_id.as_str()));
         message.insert("chat_id".to_owned(), json!(self.request.chat_id.as_str()));
         message.insert("task_id".to_owned(), json!(self.task_id));
-        if let Err(err) = self.ctx.publisher.publish(&self.channel, &Draft::from_object(message)).await {
+        if let Err(err) = self
+            .ctx
+            .publisher
+            .publish(&self.channel, &Draft::from_object(message))
+            .await
+        {
             // The stream goes on: the client learns of the gap on resume.
             tracing::warn!(task_id = self.task_id, error = %err, "publishing a task message failed");
         }
     }
 
     async fn status(&self, status: &str, message: &str) {
-        self.send("llm_status", json!({"status": status, "message": message})).await;
+        self.send("llm_status", json!({"status": status, "message": message}))
+            .await;
     }
 
     async fn frame(&self, delta: &str, index: u64) {
@@ -129,7 +135,10 @@ pub async fn publish_unstarted_end(
             stream.cancelled().await;
         }
         _ => {
-            let text = format!("LLM processing failed: {}", error.unwrap_or("the task did not run"));
+            let text = format!(
+                "LLM processing failed: {}",
+                error.unwrap_or("the task did not run")
+            );
             stream.send("llm_error", json!({"error": text})).await;
             stream.status("failed", "Task failed").await;
         }
@@ -163,7 +172,11 @@ pub async fn run(ctx: &Context, task_id: &str, request: &TaskRequest, cancel: &C
 
     let mut messages: Vec<ChatMessage> = match ctx
         .store
-        .chat_turns(request.user_id.as_str(), request.chat_id.as_str(), ctx.context_messages)
+        .chat_turns(
+            request.user_id.as_str(),
+            request.chat_id.as_str(),
+            ctx.context_messages,
+        )
         .await
     {
         Ok(turns) => turns
@@ -246,14 +259,22 @@ pub async fn run(ctx: &Context, task_id: &str, request: &TaskRequest, cancel: &C
                 return complete(&stream, ctx, request, response, &model, usage).await;
             }
             Some(Some(Err(err))) => {
-                tracing::warn!(task_id, kind = err.kind().label(), detail = err.detail(), "llm stream failed");
+                tracing::warn!(
+                    task_id,
+                    kind = err.kind().label(),
+                    detail = err.detail(),
+                    "llm stream failed"
+                );
                 if !pending.is_empty() {
                     stream.frame(&pending, index).await;
                 }
                 return stream.failed(&err).await;
             }
             Some(None) => {
-                let err = LlmError::new(crate::llm::LlmErrorKind::Interrupted, "the stream ended without Done");
+                let err = LlmError::new(
+                    crate::llm::LlmErrorKind::Interrupted,
+                    "the stream ended without Done",
+                );
                 return stream.failed(&err).await;
             }
         }
@@ -283,7 +304,10 @@ async fn complete(
     let chat_id = request.chat_id.as_str();
     // The exchange joins the chat's history only once it is complete, so a failed or
     // cancelled attempt never becomes context for the next prompt.
-    for (role, content) in [("user", request.prompt.as_str()), ("assistant", response.as_str())] {
+    for (role, content) in [
+        ("user", request.prompt.as_str()),
+        ("assistant", response.as_str()),
+    ] {
         if let Err(err) = ctx.store.add_chat_turn(user_id, chat_id, role, content).await {
             tracing::warn!(task_id = stream.task_id, error = %err, "saving the chat turn failed");
         }

@@ -9,11 +9,28 @@ use crate::support::*;
 
 /// POSTs with a user token.
 pub async fn user_post(srv: &TestServer, path: &str, token: &str, body: Value) -> (u16, Value) {
-    read(srv.http.post(srv.url(path)).bearer_auth(token).json(&body).send().await.unwrap()).await
+    read(
+        srv.http
+            .post(srv.url(path))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
 }
 
 pub async fn user_get(srv: &TestServer, path: &str, token: &str) -> (u16, Value) {
-    read(srv.http.get(srv.url(path)).bearer_auth(token).send().await.unwrap()).await
+    read(
+        srv.http
+            .get(srv.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
 }
 
 /// Starts a generation for `user` and returns the task id.
@@ -45,7 +62,10 @@ impl TaskStream {
                 continue;
             }
             let last = message["type"] == "llm_status"
-                && matches!(message["status"].as_str(), Some("completed" | "failed" | "cancelled"));
+                && matches!(
+                    message["status"].as_str(),
+                    Some("completed" | "failed" | "cancelled")
+                );
             messages.push(message);
             if last {
                 return TaskStream { messages };
@@ -70,15 +90,21 @@ impl TaskStream {
     }
 
     pub fn indices(&self) -> Vec<u64> {
-        self.streaming().map(|m| m["frame"]["index"].as_u64().unwrap()).collect()
+        self.streaming()
+            .map(|m| m["frame"]["index"].as_u64().unwrap())
+            .collect()
     }
 
     pub fn text(&self) -> String {
-        self.streaming().map(|m| m["frame"]["delta"].as_str().unwrap()).collect()
+        self.streaming()
+            .map(|m| m["frame"]["delta"].as_str().unwrap())
+            .collect()
     }
 
     fn streaming(&self) -> impl Iterator<Item = &Value> {
-        self.messages.iter().filter(|m| m["type"] == "llm_frame" && m["frame"]["status"] == "streaming")
+        self.messages
+            .iter()
+            .filter(|m| m["type"] == "llm_frame" && m["frame"]["status"] == "streaming")
     }
 
     pub fn find(&self, kind: &str) -> Option<&Value> {
@@ -100,7 +126,16 @@ async fn echo_answer_streams_in_order() {
             || shape[..3] == ["status:started", "frame:thinking", "status:thinking"],
         "{shape:?}"
     );
-    assert_eq!(shape[3..], ["status:streaming", "frame:streaming", "llm_response", "status:completed"], "{shape:?}");
+    assert_eq!(
+        shape[3..],
+        [
+            "status:streaming",
+            "frame:streaming",
+            "llm_response",
+            "status:completed"
+        ],
+        "{shape:?}"
+    );
     let thinking = stream.messages.iter().find(|m| m["type"] == "llm_frame").unwrap();
     assert_eq!(
         thinking["frame"],
@@ -108,19 +143,30 @@ async fn echo_answer_streams_in_order() {
     );
     let n = stream.indices().len() as u64;
     assert!(n >= 3);
-    assert_eq!(stream.indices(), (0..n).collect::<Vec<_>>(), "index counts frames without gaps");
+    assert_eq!(
+        stream.indices(),
+        (0..n).collect::<Vec<_>>(),
+        "index counts frames without gaps"
+    );
     let response = stream.find("llm_response").unwrap();
     assert_eq!(response["data"]["event"], "response_generated");
     assert_eq!(response["data"]["response"].as_str().unwrap(), stream.text());
     assert_eq!(stream.text(), "Echo: hello streaming world");
-    assert_eq!(response["data"]["model"], "gpt-4o-mini", "the configured model is reported");
+    assert_eq!(
+        response["data"]["model"], "gpt-4o-mini",
+        "the configured model is reported"
+    );
     assert_eq!(response["data"]["user_id"], "u1");
     assert_eq!(response["data"]["chat_id"], "chat-1");
     assert!(response["data"]["usage"]["completion_tokens"].as_u64().is_some());
     // Every message carries the task's ids and the channel's sequence.
     let mut offset = welcome["offset"].as_u64().unwrap();
     for m in &stream.messages {
-        assert_eq!((m["user_id"].as_str(), m["chat_id"].as_str()), (Some("u1"), Some("chat-1")), "{m}");
+        assert_eq!(
+            (m["user_id"].as_str(), m["chat_id"].as_str()),
+            (Some("u1"), Some("chat-1")),
+            "{m}"
+        );
         assert_eq!(m["task_id"], task_id.as_str());
         offset += 1;
         assert_eq!(m["offset"], offset);
@@ -162,21 +208,87 @@ async fn user_api_errors() {
     assert_eq!(status, 401);
     assert_eq!(user_post(&srv, path, "garbage", ok.clone()).await.0, 401);
     // 403: user_id is not the token's user.
-    let (status, body) = user_post(&srv, path, &token, json!({"user_id": "u2", "chat_id": "c", "prompt": "hi"})).await;
+    let (status, body) = user_post(
+        &srv,
+        path,
+        &token,
+        json!({"user_id": "u2", "chat_id": "c", "prompt": "hi"}),
+    )
+    .await;
     assert_eq!((status, body["error"].as_str()), (403, Some("forbidden")));
     // 400: empty prompt, prompt over 32,000 characters, bad chat id.
-    assert_eq!(user_post(&srv, path, &token, json!({"user_id": "u1", "chat_id": "c", "prompt": "  "})).await.0, 400);
+    assert_eq!(
+        user_post(
+            &srv,
+            path,
+            &token,
+            json!({"user_id": "u1", "chat_id": "c", "prompt": "  "})
+        )
+        .await
+        .0,
+        400
+    );
     let long = "é".repeat(32_001);
-    assert_eq!(user_post(&srv, path, &token, json!({"user_id": "u1", "chat_id": "c", "prompt": long})).await.0, 400);
+    assert_eq!(
+        user_post(
+            &srv,
+            path,
+            &token,
+            json!({"user_id": "u1", "chat_id": "c", "prompt": long})
+        )
+        .await
+        .0,
+        400
+    );
     let at_limit = "é".repeat(32_000);
-    assert_eq!(user_post(&srv, path, &token, json!({"user_id": "u1", "chat_id": "c", "prompt": at_limit})).await.0, 202);
-    assert_eq!(user_post(&srv, path, &token, json!({"user_id": "u1", "chat_id": "bad id", "prompt": "x"})).await.0, 400);
-    assert_eq!(user_post(&srv, path, &token, json!({"user_id": "u1", "chat_id": "c"})).await.0, 400);
+    assert_eq!(
+        user_post(
+            &srv,
+            path,
+            &token,
+            json!({"user_id": "u1", "chat_id": "c", "prompt": at_limit})
+        )
+        .await
+        .0,
+        202
+    );
+    assert_eq!(
+        user_post(
+            &srv,
+            path,
+            &token,
+            json!({"user_id": "u1", "chat_id": "bad id", "prompt": "x"})
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        user_post(&srv, path, &token, json!({"user_id": "u1", "chat_id": "c"}))
+            .await
+            .0,
+        400
+    );
     // Tasks and chats are visible to their user only.
     let task_id = generate(&srv, "u1", "c", "hi").await;
-    assert_eq!(user_get(&srv, &format!("/api/chat/tasks/{task_id}"), &srv.token("u2")).await.0, 404);
+    assert_eq!(
+        user_get(&srv, &format!("/api/chat/tasks/{task_id}"), &srv.token("u2"))
+            .await
+            .0,
+        404
+    );
     assert_eq!(user_get(&srv, "/api/chat/tasks/nope", &token).await.0, 404);
-    assert_eq!(user_post(&srv, &format!("/api/chat/tasks/{task_id}/cancel"), &srv.token("u2"), json!({})).await.0, 404);
+    assert_eq!(
+        user_post(
+            &srv,
+            &format!("/api/chat/tasks/{task_id}/cancel"),
+            &srv.token("u2"),
+            json!({})
+        )
+        .await
+        .0,
+        404
+    );
 }
 
 #[tokio::test]
@@ -194,7 +306,11 @@ async fn more_than_3_tasks_in_flight_is_429() {
         json!({"user_id": "u1", "chat_id": "c", "prompt": "one more"}),
     )
     .await;
-    assert_eq!((status, body["error"].as_str()), (429, Some("too_many_requests")), "{body}");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("too_many_requests")),
+        "{body}"
+    );
     // Another user is not limited by u1's tasks.
     generate(&srv, "u2", "c", "hi").await;
 }
@@ -212,11 +328,20 @@ async fn cancel_ends_the_stream_with_cancelled() {
             frames += 1;
         }
     }
-    let (status, body) = user_post(&srv, &format!("/api/chat/tasks/{task_id}/cancel"), &srv.token("u1"), json!({})).await;
+    let (status, body) = user_post(
+        &srv,
+        &format!("/api/chat/tasks/{task_id}/cancel"),
+        &srv.token("u1"),
+        json!({}),
+    )
+    .await;
     assert_eq!(status, 202, "{body}");
     let rest = TaskStream::read(&mut ws, &task_id).await;
     let last = rest.messages.last().unwrap();
-    assert_eq!((last["type"].as_str(), last["status"].as_str()), (Some("llm_status"), Some("cancelled")));
+    assert_eq!(
+        (last["type"].as_str(), last["status"].as_str()),
+        (Some("llm_status"), Some("cancelled"))
+    );
     assert!(rest.find("llm_response").is_none());
     let (_, task) = user_get(&srv, &format!("/api/chat/tasks/{task_id}"), &srv.token("u1")).await;
     assert_eq!(task["status"], "cancelled");
@@ -224,7 +349,17 @@ async fn cancel_ends_the_stream_with_cancelled() {
     let (_, history) = user_get(&srv, "/api/chat/c/messages", &srv.token("u1")).await;
     assert_eq!(history["messages"], json!([]));
     // Cancelling again is harmless.
-    assert_eq!(user_post(&srv, &format!("/api/chat/tasks/{task_id}/cancel"), &srv.token("u1"), json!({})).await.0, 202);
+    assert_eq!(
+        user_post(
+            &srv,
+            &format!("/api/chat/tasks/{task_id}/cancel"),
+            &srv.token("u1"),
+            json!({})
+        )
+        .await
+        .0,
+        202
+    );
 }
 
 #[tokio::test]
@@ -241,7 +376,12 @@ async fn chat_history_is_kept_per_user() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| (m["role"].as_str().unwrap().to_owned(), m["content"].as_str().unwrap().to_owned()))
+        .map(|m| {
+            (
+                m["role"].as_str().unwrap().to_owned(),
+                m["content"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect();
     assert_eq!(
         turns,

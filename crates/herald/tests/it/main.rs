@@ -19,6 +19,7 @@ mod handshake;
 mod jwks;
 mod lifecycle;
 mod limits;
+mod llm;
 mod members;
 mod metrics;
 mod process;
