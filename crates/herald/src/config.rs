@@ -170,6 +170,13 @@ pub struct Config {
     /// A socket that has sent nothing, not even a pong, for this long is dropped. TOML
     /// key `pong_timeout_ms`.
     pub pong_timeout: Duration,
+    /// LLM connect timeout. TOML key `llm_connect_timeout_ms`.
+    pub llm_connect_timeout: Duration,
+    /// Longest wait for an LLM's first token. TOML key `llm_first_token_timeout_ms`.
+    pub llm_first_token_timeout: Duration,
+    /// Longest silence between two LLM stream events. TOML key
+    /// `llm_between_tokens_timeout_ms`.
+    pub llm_between_tokens_timeout: Duration,
 }
 
 /// Default for [`Config::ping_interval`] (the documented 25 s).
@@ -214,6 +221,7 @@ pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
     let mut handshakes_per_ip = None;
     let mut ping_interval_ms = None;
     let mut pong_timeout_ms = None;
+    let mut llm_timeouts_ms: [Option<String>; 3] = [None, None, None];
     if let Some(path) = file {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
             path: path.to_owned(),
@@ -244,6 +252,10 @@ pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
             }
             if key == "pong_timeout_ms" {
                 pong_timeout_ms = Some(toml_to_text(&value));
+                continue;
+            }
+            if let Some(idx) = LLM_TIMEOUT_KEYS.iter().position(|k| *k == key) {
+                llm_timeouts_ms[idx] = Some(toml_to_text(&value));
                 continue;
             }
             let Some(setting) = SETTINGS.iter().find(|s| s.toml_key() == key) else {
@@ -323,6 +335,21 @@ pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
         .unwrap_or(u32::MAX),
         ping_interval: toml_millis("ping_interval_ms", ping_interval_ms, DEFAULT_PING_INTERVAL)?,
         pong_timeout: toml_millis("pong_timeout_ms", pong_timeout_ms, DEFAULT_PONG_TIMEOUT)?,
+        llm_connect_timeout: toml_millis(
+            LLM_TIMEOUT_KEYS[0],
+            llm_timeouts_ms[0].take(),
+            Duration::from_secs(10),
+        )?,
+        llm_first_token_timeout: toml_millis(
+            LLM_TIMEOUT_KEYS[1],
+            llm_timeouts_ms[1].take(),
+            Duration::from_secs(60),
+        )?,
+        llm_between_tokens_timeout: toml_millis(
+            LLM_TIMEOUT_KEYS[2],
+            llm_timeouts_ms[2].take(),
+            Duration::from_secs(30),
+        )?,
     };
     Ok(config)
 }
@@ -411,6 +438,13 @@ impl Values {
         self.parse(name, parse).map(Some)
     }
 }
+
+/// TOML keys of the LLM timeouts: connect, first token, between tokens.
+const LLM_TIMEOUT_KEYS: [&str; 3] = [
+    "llm_connect_timeout_ms",
+    "llm_first_token_timeout_ms",
+    "llm_between_tokens_timeout_ms",
+];
 
 /// A byte-count setting that only the TOML file can set.
 fn toml_only(name: &'static str, value: Option<String>, default: usize) -> Result<usize, ConfigError> {

@@ -49,12 +49,17 @@ pub trait LlmProvider: Send + Sync {
 }
 
 /// Builds the provider `config` asks for: OpenAI-compatible when `HERALD_LLM_BASE_URL`
-/// is set (with `HERALD_LLM_API_KEY` and the default timeouts and retries), the `echo`
+/// is set (with `HERALD_LLM_API_KEY`, the configured timeouts and the default retries), the `echo`
 /// provider at its default rate otherwise (SPEC §1).
 pub fn from_config(config: &Config) -> anyhow::Result<Arc<dyn LlmProvider>> {
     Ok(match &config.llm_base_url {
         Some(base_url) => Arc::new(openai::OpenAiProvider::new(openai::OpenAiConfig {
             api_key: config.llm_api_key.clone(),
+            timeouts: openai::LlmTimeouts {
+                connect: config.llm_connect_timeout,
+                first_token: config.llm_first_token_timeout,
+                between_tokens: config.llm_between_tokens_timeout,
+            },
             ..openai::OpenAiConfig::new(base_url.clone())
         })?),
         None => Arc::new(echo::EchoProvider::default()),

@@ -26,13 +26,13 @@ const MODEL: &str = "gpt-4o-mini";
 /// What the fake server calls the model in its chunks: more specific than what was
 /// asked, as OpenAI does. `Done` must report [`MODEL`] (SPEC §7).
 const SERVED_MODEL: &str = "gpt-4o-mini-2024-07-18";
-const KEY: &str = "sk-test-0123456789";
+pub(crate) const KEY: &str = "sk-test-0123456789";
 
 // ---------------------------------------------------------------------------------
 // The wire format.
 
 /// One `chat.completion.chunk` event with the given `delta` and `finish_reason`.
-fn chunk(delta: Value, finish_reason: Option<&str>) -> String {
+pub(crate) fn chunk(delta: Value, finish_reason: Option<&str>) -> String {
     let chunk = json!({
         "id": "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG",
         "object": "chat.completion.chunk",
@@ -46,20 +46,20 @@ fn chunk(delta: Value, finish_reason: Option<&str>) -> String {
     format!("data: {chunk}\n\n")
 }
 
-fn role_chunk() -> String {
+pub(crate) fn role_chunk() -> String {
     chunk(json!({"role": "assistant", "content": "", "refusal": null}), None)
 }
 
-fn text_chunk(text: &str) -> String {
+pub(crate) fn text_chunk(text: &str) -> String {
     chunk(json!({"content": text}), None)
 }
 
-fn finish_chunk() -> String {
+pub(crate) fn finish_chunk() -> String {
     chunk(json!({}), Some("stop"))
 }
 
 /// The `stream_options.include_usage` chunk: no choices, the whole request's usage.
-fn usage_chunk(prompt_tokens: u64, completion_tokens: u64) -> String {
+pub(crate) fn usage_chunk(prompt_tokens: u64, completion_tokens: u64) -> String {
     let chunk = json!({
         "id": "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG",
         "object": "chat.completion.chunk",
@@ -77,13 +77,13 @@ fn usage_chunk(prompt_tokens: u64, completion_tokens: u64) -> String {
     format!("data: {chunk}\n\n")
 }
 
-const DONE: &str = "data: [DONE]\n\n";
+pub(crate) const DONE: &str = "data: [DONE]\n\n";
 
 /// The deltas of the standard reply, with a multi-byte character in one of them.
-const DELTAS: [&str; 5] = ["Hello", "!", " How", " can I help", " you today? 👋"];
+pub(crate) const DELTAS: [&str; 5] = ["Hello", "!", " How", " can I help", " you today? 👋"];
 
 /// The standard reply's events: role chunk, deltas, finish, usage, `[DONE]`.
-fn reply_events() -> Vec<String> {
+pub(crate) fn reply_events() -> Vec<String> {
     let mut events = vec![role_chunk()];
     events.extend(DELTAS.iter().map(|delta| text_chunk(delta)));
     events.extend([finish_chunk(), usage_chunk(9, 12), DONE.to_owned()]);
@@ -110,7 +110,7 @@ fn reply_expected() -> Vec<Result<LlmEvent, String>> {
 // The fake server.
 
 #[derive(Clone)]
-enum Reply {
+pub(crate) enum Reply {
     /// `200 text/event-stream`, written as these pieces, each after its pause. Then
     /// the body ends cleanly, or the connection is aborted when `abort` is set.
     Stream {
@@ -131,7 +131,7 @@ enum Reply {
 
 impl Reply {
     /// A stream with each event in its own write.
-    fn events(events: &[String]) -> Reply {
+    pub(crate) fn events(events: &[String]) -> Reply {
         Reply::Stream {
             pieces: events
                 .iter()
@@ -143,7 +143,7 @@ impl Reply {
 
     /// A stream whose body is written in pieces of `size` bytes, `pause` apart, cutting
     /// lines, JSON and multi-byte characters anywhere.
-    fn split(body: &str, size: usize, pause: Duration) -> Reply {
+    pub(crate) fn split(body: &str, size: usize, pause: Duration) -> Reply {
         let pieces = body
             .as_bytes()
             .chunks(size)
@@ -152,7 +152,7 @@ impl Reply {
         Reply::Stream { pieces, abort: false }
     }
 
-    fn status(status: u16, body: &str) -> Reply {
+    pub(crate) fn status(status: u16, body: &str) -> Reply {
         Reply::Status {
             status,
             headers: Vec::new(),
@@ -160,14 +160,14 @@ impl Reply {
         }
     }
 
-    fn with_header(mut self, name: &'static str, value: &str) -> Reply {
+    pub(crate) fn with_header(mut self, name: &'static str, value: &str) -> Reply {
         if let Reply::Status { headers, .. } = &mut self {
             headers.push((name, value.to_owned()));
         }
         self
     }
 
-    fn aborted(mut self) -> Reply {
+    pub(crate) fn aborted(mut self) -> Reply {
         if let Reply::Stream { abort, .. } = &mut self {
             *abort = true;
         }
@@ -177,12 +177,12 @@ impl Reply {
 
 /// A request as the fake server saw it.
 #[derive(Clone, Debug)]
-struct Recorded {
-    at: Instant,
+pub(crate) struct Recorded {
+    pub(crate) at: Instant,
     authorization: Option<String>,
     accept: Option<String>,
     content_type: Option<String>,
-    body: Value,
+    pub(crate) body: Value,
 }
 
 struct Script {
@@ -190,8 +190,8 @@ struct Script {
     requests: Mutex<Vec<Recorded>>,
 }
 
-struct FakeLlm {
-    base_url: String,
+pub(crate) struct FakeLlm {
+    pub(crate) base_url: String,
     script: Arc<Script>,
     server: tokio::task::JoinHandle<()>,
 }
@@ -203,7 +203,7 @@ impl Drop for FakeLlm {
 }
 
 impl FakeLlm {
-    async fn start(replies: Vec<Reply>) -> FakeLlm {
+    pub(crate) async fn start(replies: Vec<Reply>) -> FakeLlm {
         assert!(!replies.is_empty());
         let script = Arc::new(Script {
             replies,
@@ -224,7 +224,7 @@ impl FakeLlm {
         }
     }
 
-    fn requests(&self) -> Vec<Recorded> {
+    pub(crate) fn requests(&self) -> Vec<Recorded> {
         self.script.requests.lock().unwrap().clone()
     }
 

@@ -20,6 +20,7 @@ mod jwks;
 mod lifecycle;
 mod limits;
 mod llm;
+mod llm_upstream;
 mod members;
 mod metrics;
 mod process;
