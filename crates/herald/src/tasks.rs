@@ -136,6 +136,8 @@ impl Tasks {
                     store,
                     context_messages: config.chat_context_messages,
                     coalesce: config.frame_coalesce,
+                    shutdown: shutdown.clone(),
+                    drain: config.shutdown_drain,
                 },
                 tracker,
                 shutdown,

@@ -35,7 +35,14 @@ pub struct Context {
     pub context_messages: usize,
     /// `HERALD_FRAME_COALESCE_MS`.
     pub coalesce: Duration,
+    /// Cancelled when the node shuts down; a running task then has `drain` to finish.
+    pub shutdown: CancellationToken,
+    /// `HERALD_SHUTDOWN_DRAIN`.
+    pub drain: Duration,
 }
+
+/// The error text of a task ended by shutdown.
+pub const SHUT_DOWN: &str = "LLM processing failed: the server shut down before the answer was complete";
 
 /// How a task ended.
 pub struct Outcome {
@@ -208,6 +215,13 @@ pub async fn run(ctx: &Context, task_id: &str, request: &TaskRequest, cancel: &C
         () = cancel.cancelled() => return stream.cancelled().await,
     };
 
+    // At shutdown a running task gets the drain window to finish, then it is ended: in
+    // memory mode there is no other worker to hand it to.
+    let shutdown_deadline = async {
+        ctx.shutdown.cancelled().await;
+        tokio::time::sleep(ctx.drain).await;
+    };
+    tokio::pin!(shutdown_deadline);
     let mut response = String::new();
     let mut index = 0u64;
     let mut pending = String::new();
@@ -219,6 +233,17 @@ pub async fn run(ctx: &Context, task_id: &str, request: &TaskRequest, cancel: &C
             () = cancel.cancelled() => {
                 drop(events);
                 return stream.cancelled().await;
+            }
+            () = &mut shutdown_deadline => {
+                drop(events);
+                tracing::warn!(task_id, "task ended by shutdown");
+                stream.send("llm_error", json!({"error": SHUT_DOWN})).await;
+                stream.status("failed", "Task failed").await;
+                return Outcome {
+                    status: TaskStatus::Failed,
+                    response: None,
+                    error: Some(SHUT_DOWN.to_owned()),
+                };
             }
         };
         match next {

@@ -128,3 +128,35 @@ fn documented_ping_defaults() {
     assert_eq!(config.ping_interval, Duration::from_secs(25));
     assert_eq!(config.pong_timeout, Duration::from_secs(60));
 }
+
+#[tokio::test]
+async fn shutdown_does_not_wait_for_a_long_task_past_the_drain() {
+    let srv = TestServer::builder()
+        .env("HERALD_SHUTDOWN_DRAIN", "1")
+        .spawn()
+        .await;
+    let (mut ws, _) = srv.connect("/ws/frame-stream/u1/", "u1").await;
+    // About 10 s of echo at 20 ms per word.
+    let task_id = crate::chat::generate(&srv, "u1", "c", &"word ".repeat(500)).await;
+    loop {
+        let m = ws.next_json().await;
+        if m["task_id"] == task_id.as_str() && m["type"] == "llm_frame" && m["frame"]["status"] == "streaming"
+        {
+            break;
+        }
+    }
+    let started = Instant::now();
+    let stopping = tokio::spawn(srv.stop());
+    assert_eq!(ws.expect_close().await.0, 1001);
+    drop(ws);
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+}

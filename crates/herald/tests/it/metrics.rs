@@ -117,7 +117,48 @@ async fn scripted_session_moves_every_metric() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 
+    // A task with the echo provider.
+    let (mut frames, _) = srv.connect("/ws/frame-stream/u9/", "u9").await;
+    let task_id = crate::chat::generate(&srv, "u9", "c", "count my tokens").await;
+    crate::chat::TaskStream::read(&mut frames, &task_id).await;
+    drop(frames);
+    for _ in 0..300 {
+        let now = scrape(&srv).await;
+        if now["herald_task_outcomes_total{outcome=\"completed\"}"] == 1.0
+            && now["herald_connections_open{endpoint=\"frame_stream\"}"] == 0.0
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+
     let after = scrape(&srv).await;
+    moved(
+        &before,
+        &after,
+        "herald_task_outcomes_total{outcome=\"completed\"}",
+        1.0,
+    );
+    moved(
+        &before,
+        &after,
+        "herald_task_outcomes_total{outcome=\"failed\"}",
+        0.0,
+    );
+    moved(
+        &before,
+        &after,
+        "herald_llm_time_to_first_token_seconds_count",
+        1.0,
+    );
+    moved(&before, &after, "herald_llm_tokens_per_second_count", 1.0);
+    moved(&before, &after, "herald_task_queue_depth", 0.0);
+    moved(
+        &before,
+        &after,
+        "herald_messages_published_total{kind=\"frames\"}",
+        10.0,
+    );
     moved(
         &before,
         &after,
@@ -175,8 +216,8 @@ async fn scripted_session_moves_every_metric() {
         "herald_client_messages_total{type=\"heartbeat\"}",
         1.0,
     );
-    moved(&before, &after, "herald_connections_per_user_count", 1.0);
-    moved(&before, &after, "herald_connection_duration_seconds_count", 1.0);
+    moved(&before, &after, "herald_connections_per_user_count", 2.0);
+    moved(&before, &after, "herald_connection_duration_seconds_count", 2.0);
     moved(
         &before,
         &after,
