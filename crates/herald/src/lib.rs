@@ -132,6 +132,7 @@ pub async fn serve(
     let (state, memory) = build_state(config, secrets, shutdown.clone()).await?;
     let tracker = state.tracker.clone();
     let handshake_limiter = state.handshake_limiter.clone();
+    let drain = state.config.shutdown_drain;
     tracker.spawn({
         let shutdown = shutdown.clone();
         async move {
@@ -155,7 +156,16 @@ pub async fn serve(
         listener,
         app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
-    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+    // During the drain window HTTP keeps serving: /readyz answers 503 so load balancers
+    // stop sending traffic, publishes still reach the sockets not closed yet, and new
+    // socket handshakes are refused with 503. The listener closes when the window ends.
+    .with_graceful_shutdown({
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(drain).await;
+        }
+    })
     .await
     .map_err(|err| anyhow::anyhow!("the HTTP server failed: {err}"))?;
     tracker.close();

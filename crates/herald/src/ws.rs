@@ -100,6 +100,10 @@ async fn handshake(
         .extensions()
         .get::<axum::extract::ConnectInfo<SocketAddr>>()
         .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |info| info.0.ip());
+    if state.shutdown.is_cancelled() {
+        return ApiError::Unavailable("the server is shutting down; reconnect shortly".to_owned())
+            .into_response();
+    }
     if !state.handshake_limiter.allow(ip) {
         tracing::warn!(%ip, endpoint = endpoint.label(), "handshake rate limited");
         state.metrics.rate_limited("handshakes_per_ip");

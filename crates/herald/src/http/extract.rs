@@ -56,7 +56,7 @@ impl FromRequestParts<AppState> for ServiceKey {
         };
         if !state.api_keys.verify(key) {
             state.metrics.auth_failed("bad_api_key");
-            tracing::warn!(path = parts.uri.path(), "service API key refused");
+            tracing::warn!(ip = %client_ip(parts), path = parts.uri.path(), "service API key refused");
             return Err(ApiError::Unauthorized("the API key is not valid".to_owned()));
         }
         Ok(ServiceKey)
@@ -89,4 +89,14 @@ impl FromRequestParts<AppState> for User {
             }
         }
     }
+}
+
+/// The client's address, for security logs (unspecified when unknown).
+pub fn client_ip(parts: &Parts) -> std::net::IpAddr {
+    parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |info| {
+            info.0.ip()
+        })
 }

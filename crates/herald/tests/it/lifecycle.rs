@@ -27,6 +27,42 @@ async fn max_connection_age_closes_1000() {
 }
 
 #[tokio::test]
+async fn during_the_drain_readyz_is_503_and_new_sockets_are_refused() {
+    let srv = TestServer::builder()
+        .env("HERALD_SHUTDOWN_DRAIN", "2")
+        .spawn()
+        .await;
+    let (mut ws, _) = srv.connect("/ws/notifications/", "u1").await;
+    let http = srv.http.clone();
+    let readyz = srv.url("/readyz");
+    let addr = srv.addr;
+    let token = srv.token("u2");
+    let stopping = tokio::spawn(srv.stop());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, body) = read(http.get(&readyz).send().await.unwrap()).await;
+    assert_eq!(
+        (status, body["shutting_down"].as_bool()),
+        (503, Some(true)),
+        "{body}"
+    );
+    let refused =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/ws/notifications/?token={token}")).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 503)
+        }
+        other => panic!("a new socket during the drain must get HTTP 503, got {other:?}"),
+    }
+    assert_eq!(ws.expect_close().await.0, 1001);
+    drop(ws);
+    tokio::time::timeout(Duration::from_secs(6), stopping)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
 async fn shutdown_closes_every_socket_1001_within_the_drain_window() {
     let srv = TestServer::builder()
         .env("HERALD_SHUTDOWN_DRAIN", "1")
