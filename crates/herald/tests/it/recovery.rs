@@ -216,7 +216,7 @@ impl Answer {
     fn take(&mut self, message: &Value) {
         self.last_offset = message["offset"].as_u64().unwrap();
         match message["type"].as_str() {
-            Some("llm_frame") => {
+            Some("llm_frame") if message["frame"]["status"] == "streaming" => {
                 self.indices.push(message["frame"]["index"].as_u64().unwrap());
                 self.text.push_str(message["frame"]["delta"].as_str().unwrap());
             }
@@ -338,4 +338,44 @@ async fn randomized_reconnects_never_lose_duplicate_or_reorder() {
         );
         assert!(reconnects > 3, "client {c} should have reconnected several times");
     }
+}
+
+/// Issue 3 with herald's own LLM worker: cut the frame-stream socket in the middle of
+/// an answer and resume; the deltas rebuild the final response exactly.
+#[tokio::test]
+async fn resume_in_the_middle_of_a_herald_llm_task() {
+    let srv = TestServer::spawn().await;
+    let (mut ws, welcome) = srv.connect("/ws/frame-stream/u1/", "u1").await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    let prompt = (0..60).map(|i| format!("w{i}")).collect::<Vec<_>>().join(" ");
+    let task_id = crate::chat::generate(&srv, "u1", "c1", &prompt).await;
+    let mut seen = Answer::default();
+    while seen.indices.len() < 10 {
+        let message = ws.next_json().await;
+        seen.take(&message);
+    }
+    drop(ws);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (mut ws, _) = resume(&srv, "/ws/frame-stream/u1/", "u1", seen.last_offset, &epoch).await;
+    loop {
+        let message = ws.next_json().await;
+        if message["type"] == "system" {
+            assert_eq!(message["recovered"], true, "{message}");
+            continue;
+        }
+        assert_eq!(
+            message["offset"].as_u64().unwrap(),
+            seen.last_offset + 1,
+            "no gap, no repeat"
+        );
+        assert_eq!(message["task_id"], task_id.as_str());
+        seen.take(&message);
+        if message["type"] == "llm_status" && message["status"] == "completed" {
+            break;
+        }
+    }
+    let n = seen.indices.len() as u64;
+    assert_eq!(seen.indices, (0..n).collect::<Vec<_>>());
+    assert_eq!(seen.text, format!("Echo: {prompt}"));
+    assert_eq!(seen.response.as_deref(), Some(seen.text.as_str()));
 }
