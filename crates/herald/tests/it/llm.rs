@@ -188,6 +188,20 @@ pub(crate) struct Recorded {
 struct Script {
     replies: Vec<Reply>,
     requests: Mutex<Vec<Recorded>>,
+    /// Streamed bodies still being written (a body is dropped when it ends or when the
+    /// client goes away).
+    open_streams: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a streamed body as open until it is dropped.
+struct OpenStream(Arc<Script>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0
+            .open_streams
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 pub(crate) struct FakeLlm {
@@ -208,6 +222,7 @@ impl FakeLlm {
         let script = Arc::new(Script {
             replies,
             requests: Mutex::new(Vec::new()),
+            open_streams: std::sync::atomic::AtomicUsize::new(0),
         });
         let app = axum::Router::new()
             .route("/v1/chat/completions", post(answer))
@@ -222,6 +237,11 @@ impl FakeLlm {
             script,
             server,
         }
+    }
+
+    /// Streamed bodies the server is still writing.
+    pub(crate) fn open_streams(&self) -> usize {
+        self.script.open_streams.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub(crate) fn requests(&self) -> Vec<Recorded> {
@@ -266,10 +286,10 @@ async fn answer(State(script): State<Arc<Script>>, headers: HeaderMap, body: Byt
         requests.len() - 1
     };
     let reply = script.replies[idx.min(script.replies.len() - 1)].clone();
-    respond(reply).await
+    respond(script, reply).await
 }
 
-async fn respond(mut reply: Reply) -> Response {
+async fn respond(script: Arc<Script>, mut reply: Reply) -> Response {
     while let Reply::Slow(pause, inner) = reply {
         tokio::time::sleep(pause).await;
         reply = *inner;
@@ -288,10 +308,18 @@ async fn respond(mut reply: Reply) -> Response {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 Err(std::io::Error::other("cut"))
             });
+            script
+                .open_streams
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let guard = OpenStream(script);
+            let body = pieces.chain(end).map(move |item| {
+                let _open = &guard;
+                item
+            });
             Response::builder()
                 .header("content-type", "text/event-stream; charset=utf-8")
                 .header("cache-control", "no-cache")
-                .body(Body::from_stream(pieces.chain(end)))
+                .body(Body::from_stream(body))
                 .unwrap()
         }
         Reply::Status {

@@ -247,3 +247,45 @@ async fn frames_are_coalesced_within_the_window() {
         "deltas arriving together are joined"
     );
 }
+
+#[tokio::test]
+async fn cancel_drops_the_upstream_request() {
+    // About 10 s of deltas, 100 ms apart.
+    let mut events = vec![role_chunk()];
+    events.extend((0..100).map(|i| text_chunk(&format!(" w{i}"))));
+    let pieces = events
+        .iter()
+        .map(|e| (Duration::from_millis(100), e.clone().into_bytes()))
+        .collect();
+    let fake = FakeLlm::start(vec![Reply::Stream { pieces, abort: false }]).await;
+    let srv = herald_with(&fake).await;
+    let (mut ws, _) = srv.connect("/ws/frame-stream/u1/", "u1").await;
+    let task_id = generate(&srv, "u1", "c1", "Count slowly").await;
+    let mut frames = 0;
+    while frames < 2 {
+        let m = ws.next_json().await;
+        if m["type"] == "llm_frame" && m["frame"]["status"] == "streaming" {
+            frames += 1;
+        }
+    }
+    assert_eq!(fake.open_streams(), 1, "the upstream stream is being read");
+    let (status, _) = crate::chat::user_post(
+        &srv,
+        &format!("/api/chat/tasks/{task_id}/cancel"),
+        &srv.token("u1"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let rest = TaskStream::read(&mut ws, &task_id).await;
+    assert_eq!(rest.messages.last().unwrap()["status"], "cancelled");
+    // The upstream body is dropped within a piece or two, not after the whole answer.
+    let started = tokio::time::Instant::now();
+    while fake.open_streams() > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the upstream request was not dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
