@@ -181,9 +181,13 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
-/// Formats a Unix timestamp (seconds) as RFC 3339 UTC.
+/// The last second RFC 3339 can write (9999-12-31T23:59:59Z).
+const MAX_RFC3339_SECS: u64 = 253_402_300_799;
+
+/// Formats a Unix timestamp (seconds) as RFC 3339 UTC; times past the year 9999 (a
+/// token's `exp` can say anything) are written as the last second of 9999.
 pub fn unix_to_rfc3339(secs: u64) -> String {
-    let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.min(MAX_RFC3339_SECS));
     humantime::format_rfc3339_seconds(time).to_string()
 }
 

@@ -375,11 +375,6 @@ impl Config {
                 "{ENV_DJANGO_BRIDGE} is set, but the Django bridge is not built yet: it is ignored"
             ));
         }
-        if self.llm_base_url.is_some() {
-            notes.push(format!(
-                "{ENV_LLM_BASE_URL} is set, but LLM tasks are not built yet: it is ignored"
-            ));
-        }
         notes
     }
 
@@ -500,10 +495,16 @@ fn parse_positive(value: &str) -> Result<u32, String> {
     }
 }
 
+/// The longest duration setting accepted (a year): anything longer is a typo, and
+/// deadlines computed from it must not overflow.
+const MAX_SECONDS: u64 = 365 * 24 * 3600;
+
 fn parse_seconds(value: &str) -> Result<Duration, String> {
     match value.parse::<u64>() {
-        Ok(n) if n > 0 => Ok(Duration::from_secs(n)),
-        _ => Err("expected a whole number of seconds, 1 or more".to_owned()),
+        Ok(n) if n > 0 && n <= MAX_SECONDS => Ok(Duration::from_secs(n)),
+        _ => Err(format!(
+            "expected a whole number of seconds, from 1 to {MAX_SECONDS}"
+        )),
     }
 }
 

@@ -1,4 +1,4 @@
-//! Dev mode: with no JWT key source or no API keys configured, herald generates them,
+//! Dev mode: with no JWT key source and no API keys configured, herald generates both,
 //! saves them (file mode 0600) next to the SQLite file, and reuses them on later starts
 //! and in `herald token`, so a dev token keeps working across restarts.
 
@@ -39,6 +39,20 @@ pub fn secrets_path(config: &Config) -> PathBuf {
 pub fn resolve(config: &Config) -> anyhow::Result<(Secrets, Option<PathBuf>)> {
     let need_jwt = config.jwt_dev_mode();
     let need_api_key = config.api_keys.is_empty();
+    // Dev mode is all or nothing: a node with some auth configured is meant for real
+    // use, and must not print a generated service key to its logs.
+    if need_api_key && !need_jwt {
+        anyhow::bail!(
+            "HERALD_API_KEYS is not set: a JWT key source is configured, so this is not dev mode; \
+             set HERALD_API_KEYS to the service keys backends will publish with"
+        );
+    }
+    if need_jwt && !need_api_key {
+        anyhow::bail!(
+            "no JWT key source is set: HERALD_API_KEYS is configured, so this is not dev mode; \
+             set HERALD_JWT_SECRET, HERALD_JWT_JWKS_URL or HERALD_JWT_ISSUER"
+        );
+    }
     if !need_jwt && !need_api_key {
         return Ok((
             Secrets {
@@ -52,12 +66,8 @@ pub fn resolve(config: &Config) -> anyhow::Result<(Secrets, Option<PathBuf>)> {
     let saved = load_or_create(&path)?;
     Ok((
         Secrets {
-            dev_jwt_secret: need_jwt.then(|| Secret::new(saved.jwt_secret)),
-            api_keys: if need_api_key {
-                vec![Secret::new(saved.api_key)]
-            } else {
-                config.api_keys.clone()
-            },
+            dev_jwt_secret: Some(Secret::new(saved.jwt_secret)),
+            api_keys: vec![Secret::new(saved.api_key)],
         },
         Some(path),
     ))

@@ -119,6 +119,14 @@ pub fn client_message_limiter(per_minute: u32) -> governor::DefaultDirectRateLim
     RateLimiter::direct(Quota::per_minute(per_minute))
 }
 
+/// Protocol pings a socket may send: 10 per second on average, in bursts of 100. They
+/// do not count as client messages, but each one queues a pong.
+pub fn protocol_ping_limiter() -> governor::DefaultDirectRateLimiter {
+    let rate = NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(100).unwrap_or(NonZeroU32::MIN);
+    RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -149,24 +149,31 @@ impl Store {
 }
 
 impl Store {
-    /// Appends a turn to a user's chat.
-    pub async fn add_chat_turn(
+    /// Appends a prompt and its answer to a user's chat, together: in one transaction,
+    /// so concurrent exchanges on one chat do not interleave their turns and a failure
+    /// leaves no half exchange.
+    pub async fn add_chat_exchange(
         &self,
         user_id: &str,
         chat_id: &str,
-        role: &str,
-        content: &str,
+        prompt: &str,
+        answer: &str,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO chat_messages (user_id, chat_id, role, content, created_at) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(user_id)
-        .bind(chat_id)
-        .bind(role)
-        .bind(content)
-        .bind(unix_now_millis())
-        .execute(&self.pool)
-        .await?;
+        let mut tx = self.pool.begin().await?;
+        let now = unix_now_millis();
+        for (role, content) in [("user", prompt), ("assistant", answer)] {
+            sqlx::query(
+                "INSERT INTO chat_messages (user_id, chat_id, role, content, created_at) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(user_id)
+            .bind(chat_id)
+            .bind(role)
+            .bind(content)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 

@@ -82,11 +82,14 @@ struct ChannelState {
     history: VecDeque<Stored>,
     /// Last publish or position query; idle channels are evicted after the TTL.
     touched: Instant,
+    /// Set, under this lock, when the channel is evicted: a caller that looked the
+    /// channel up just before must look again instead of writing to a lost state.
+    evicted: bool,
 }
 
+/// A history entry; its age is the message's `published_at`.
 struct Stored {
     message: Message,
-    at: Instant,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -125,9 +128,21 @@ impl MemoryBroker {
             offset: 0,
             history: VecDeque::new(),
             touched: Instant::now(),
+            evicted: false,
         }));
         shard.insert(Arc::from(channel.name()), state.clone());
         state
+    }
+
+    /// Runs `f` on the channel's state under its lock, creating the channel if needed.
+    fn with_channel<R>(&self, channel: &Channel, f: impl FnOnce(&mut ChannelState) -> R) -> R {
+        loop {
+            let state = self.channel_state(channel);
+            let mut guard = lock(&state);
+            if !guard.evicted {
+                return f(&mut guard);
+            }
+        }
     }
 
     /// Drops messages over the size limit or older than the TTL.
@@ -137,7 +152,7 @@ impl MemoryBroker {
             || state
                 .history
                 .front()
-                .is_some_and(|stored| now.duration_since(stored.at) >= self.history_ttl)
+                .is_some_and(|stored| now.duration_since(stored.message.published_at) >= self.history_ttl)
         {
             if let Some(stored) = state.history.pop_front() {
                 freed += cost(&stored.message);
@@ -208,6 +223,7 @@ impl MemoryBroker {
                     && now.duration_since(state.touched) >= self.history_ttl
                     && !self.hub.has_subscribers(name);
                 evicted += usize::from(idle);
+                state.evicted = idle;
                 !idle
             });
         }
@@ -226,33 +242,31 @@ impl MemoryBroker {
 #[async_trait]
 impl Broker for MemoryBroker {
     async fn publish(&self, channel: &Channel, draft: &Draft) -> Result<Published, BrokerError> {
-        let state = self.channel_state(channel);
-        let mut state = lock(&state);
-        let now = Instant::now();
-        state.offset += 1;
-        state.touched = now;
-        let id = new_id();
-        let bytes = draft.seal(&id, state.offset, &state.epoch, &now_rfc3339());
-        let message = Message {
-            offset: state.offset,
-            bytes,
-            published_at: now,
-        };
-        if self.history_size > 0 {
-            self.history_bytes.fetch_add(cost(&message), Ordering::Relaxed);
-            state.history.push_back(Stored {
-                message: message.clone(),
-                at: now,
-            });
-            self.prune(&mut state, now);
-        }
-        self.hub.deliver(channel.name(), &message);
-        let published = Published {
-            id,
-            offset: state.offset,
-            epoch: state.epoch.clone(),
-        };
-        drop(state);
+        let published = self.with_channel(channel, |state| {
+            let now = Instant::now();
+            state.offset += 1;
+            state.touched = now;
+            let id = new_id();
+            let bytes = draft.seal(&id, state.offset, &state.epoch, &now_rfc3339());
+            let message = Message {
+                offset: state.offset,
+                bytes,
+                published_at: now,
+            };
+            if self.history_size > 0 {
+                self.history_bytes.fetch_add(cost(&message), Ordering::Relaxed);
+                state.history.push_back(Stored {
+                    message: message.clone(),
+                });
+                self.prune(state, now);
+            }
+            self.hub.deliver(channel.name(), &message);
+            Published {
+                id,
+                offset: state.offset,
+                epoch: state.epoch.clone(),
+            }
+        });
         if self.history_bytes.load(Ordering::Relaxed) > self.history_max_bytes {
             self.shrink_to_budget();
         }
@@ -260,39 +274,39 @@ impl Broker for MemoryBroker {
     }
 
     async fn history(&self, channel: &Channel, since: u64, limit: usize) -> Result<History, BrokerError> {
-        let state = self.channel_state(channel);
-        let mut state = lock(&state);
-        self.prune(&mut state, Instant::now());
-        let oldest_kept = state
-            .history
-            .front()
-            .map_or(state.offset + 1, |stored| stored.message.offset);
-        let complete = since <= state.offset && since + 1 >= oldest_kept;
-        let messages = state
-            .history
-            .iter()
-            .filter(|stored| stored.message.offset > since)
-            .take(limit)
-            .map(|stored| stored.message.clone())
-            .collect();
-        Ok(History {
-            position: Position {
-                epoch: state.epoch.clone(),
-                offset: state.offset,
-            },
-            messages,
-            complete,
-        })
+        Ok(self.with_channel(channel, |state| {
+            self.prune(state, Instant::now());
+            let oldest_kept = state
+                .history
+                .front()
+                .map_or(state.offset + 1, |stored| stored.message.offset);
+            let complete = since <= state.offset && since + 1 >= oldest_kept;
+            let messages = state
+                .history
+                .iter()
+                .filter(|stored| stored.message.offset > since)
+                .take(limit)
+                .map(|stored| stored.message.clone())
+                .collect();
+            History {
+                position: Position {
+                    epoch: state.epoch.clone(),
+                    offset: state.offset,
+                },
+                messages,
+                complete,
+            }
+        }))
     }
 
     async fn position(&self, channel: &Channel) -> Result<Position, BrokerError> {
-        let state = self.channel_state(channel);
-        let mut state = lock(&state);
-        state.touched = Instant::now();
-        Ok(Position {
-            epoch: state.epoch.clone(),
-            offset: state.offset,
-        })
+        Ok(self.with_channel(channel, |state| {
+            state.touched = Instant::now();
+            Position {
+                epoch: state.epoch.clone(),
+                offset: state.offset,
+            }
+        }))
     }
 
     async fn subscribe(&self, _channel: &Channel) -> Result<(), BrokerError> {

@@ -53,4 +53,5 @@ fn timestamps_are_rfc3339_utc_millis() {
     assert_eq!(ts.len(), "2025-11-04T10:30:00.123Z".len(), "{ts}");
     assert!(ts.ends_with('Z'));
     assert_eq!(unix_to_rfc3339(0), "1970-01-01T00:00:00Z");
+    assert_eq!(unix_to_rfc3339(u64::MAX), "9999-12-31T23:59:59Z");
 }

@@ -104,6 +104,17 @@ impl Stream<'_> {
         }
     }
 
+    async fn shut_down(&self) -> Outcome {
+        tracing::warn!(task_id = self.task_id, "task ended by shutdown");
+        self.send("llm_error", json!({"error": SHUT_DOWN})).await;
+        self.status("failed", "Task failed").await;
+        Outcome {
+            status: TaskStatus::Failed,
+            response: None,
+            error: Some(SHUT_DOWN.to_owned()),
+        }
+    }
+
     async fn cancelled(&self) -> Outcome {
         self.status("cancelled", "Task cancelled").await;
         Outcome {
@@ -204,6 +215,14 @@ pub async fn run(ctx: &Context, task_id: &str, request: &TaskRequest, cancel: &C
         messages,
     };
 
+    // At shutdown a running task gets the drain window to finish, then it is ended: in
+    // memory mode there is no other worker to hand it to.
+    let shutdown_deadline = async {
+        ctx.shutdown.cancelled().await;
+        tokio::time::sleep(ctx.drain).await;
+    };
+    tokio::pin!(shutdown_deadline);
+
     let mut events = tokio::select! {
         result = ctx.provider.stream(llm_request) => match result {
             Ok(events) => events,
@@ -213,17 +232,12 @@ pub async fn run(ctx: &Context, task_id: &str, request: &TaskRequest, cancel: &C
             }
         },
         () = cancel.cancelled() => return stream.cancelled().await,
+        () = &mut shutdown_deadline => return stream.shut_down().await,
     };
 
-    // At shutdown a running task gets the drain window to finish, then it is ended: in
-    // memory mode there is no other worker to hand it to.
-    let shutdown_deadline = async {
-        ctx.shutdown.cancelled().await;
-        tokio::time::sleep(ctx.drain).await;
-    };
-    tokio::pin!(shutdown_deadline);
     let mut response = String::new();
     let mut index = 0u64;
+    let mut n_deltas = 0u64;
     let mut pending = String::new();
     let mut first_token_at: Option<Instant> = None;
     let mut flush_at: Option<Instant> = None;
@@ -236,14 +250,7 @@ pub async fn run(ctx: &Context, task_id: &str, request: &TaskRequest, cancel: &C
             }
             () = &mut shutdown_deadline => {
                 drop(events);
-                tracing::warn!(task_id, "task ended by shutdown");
-                stream.send("llm_error", json!({"error": SHUT_DOWN})).await;
-                stream.status("failed", "Task failed").await;
-                return Outcome {
-                    status: TaskStatus::Failed,
-                    response: None,
-                    error: Some(SHUT_DOWN.to_owned()),
-                };
+                return stream.shut_down().await;
             }
         };
         match next {
@@ -262,6 +269,7 @@ pub async fn run(ctx: &Context, task_id: &str, request: &TaskRequest, cancel: &C
                     stream.status("streaming", "Streaming response").await;
                 }
                 response.push_str(&delta);
+                n_deltas += 1;
                 if ctx.coalesce.is_zero() {
                     stream.frame(&delta, index).await;
                     index += 1;
@@ -273,13 +281,20 @@ pub async fn run(ctx: &Context, task_id: &str, request: &TaskRequest, cancel: &C
             Some(Some(Ok(LlmEvent::Done { usage, model }))) => {
                 if !pending.is_empty() {
                     stream.frame(&pending, index).await;
-                    index += 1;
                 }
                 if let Some(first) = first_token_at {
                     let secs = first.elapsed().as_secs_f64();
+                    let tokens = usage.map_or(n_deltas, |u| u.completion_tokens);
                     if secs > 0.0 {
-                        ctx.publisher.metrics().llm_tokens_per_second(index as f64 / secs);
+                        ctx.publisher
+                            .metrics()
+                            .llm_tokens_per_second(tokens as f64 / secs);
                     }
+                }
+                // A cancel that arrived as the answer finished still wins: the caller
+                // was told the stream ends with `cancelled`.
+                if cancel.is_cancelled() {
+                    return stream.cancelled().await;
                 }
                 return complete(&stream, ctx, request, response, &model, usage).await;
             }
@@ -329,13 +344,12 @@ async fn complete(
     let chat_id = request.chat_id.as_str();
     // The exchange joins the chat's history only once it is complete, so a failed or
     // cancelled attempt never becomes context for the next prompt.
-    for (role, content) in [
-        ("user", request.prompt.as_str()),
-        ("assistant", response.as_str()),
-    ] {
-        if let Err(err) = ctx.store.add_chat_turn(user_id, chat_id, role, content).await {
-            tracing::warn!(task_id = stream.task_id, error = %err, "saving the chat turn failed");
-        }
+    if let Err(err) = ctx
+        .store
+        .add_chat_exchange(user_id, chat_id, &request.prompt, &response)
+        .await
+    {
+        tracing::warn!(task_id = stream.task_id, error = %err, "saving the chat exchange failed");
     }
     stream
         .send(

@@ -23,7 +23,7 @@ use crate::auth::{Identity, LEEWAY};
 use crate::channel::{new_id, unix_to_rfc3339, Channel, Message as ChannelMessage};
 use crate::close::{Close, CloseCode};
 use crate::hub::{Drained, Outbox};
-use crate::limits::{client_message_limiter, ConnectionSlot};
+use crate::limits::{client_message_limiter, protocol_ping_limiter, ConnectionSlot};
 use crate::ws::protocol::{self, ClientMessage, Welcome};
 use crate::ws::Endpoint;
 
@@ -79,6 +79,8 @@ struct Session<'a, S> {
     batch: Vec<ChannelMessage>,
     /// `HERALD_CLIENT_MESSAGES_PER_MINUTE` for this socket.
     limiter: governor::DefaultDirectRateLimiter,
+    /// Protocol pings, which do not count as client messages but each queue a pong.
+    ping_limiter: governor::DefaultDirectRateLimiter,
 }
 
 /// Runs an accepted socket until it closes.
@@ -117,15 +119,17 @@ where
         writing: false,
         batch: Vec::new(),
         limiter: client_message_limiter(state.config.client_messages_per_minute),
+        ping_limiter: protocol_ping_limiter(),
     };
     let exit = match session.start().await {
         Ok(()) => session.run().await,
         Err(exit) => exit,
     };
-    let code = session.finish(exit).await;
+    // Leave the channel before the close handshake: nothing more will be written.
     if state.hub.unsubscribe(&channel, &outbox) {
         state.broker.unsubscribe(&channel).await;
     }
+    let code = session.finish(exit).await;
     drop(session);
     state.metrics.connection_closed(endpoint, opened_at.elapsed());
     tracing::debug!(endpoint = endpoint.label(), code, "session closed");
@@ -146,6 +150,11 @@ where
     /// Sends the welcome, then (on resume) the missed messages and the `recovered`
     /// message.
     async fn start(&mut self) -> Result<(), Exit> {
+        // A membership revoked while this socket was being admitted: nothing of the
+        // channel may be sent.
+        if let Some(close) = self.outbox.close_requested() {
+            return Err(Exit::Close(close));
+        }
         let position = self
             .state
             .broker
@@ -178,6 +187,9 @@ where
                 .history(&self.plan.channel, resume.since, usize::MAX)
                 .await
                 .map_err(|_| Exit::Close(Close::new(CloseCode::GoingAway, "broker unavailable")))?;
+            if let Some(close) = self.outbox.close_requested() {
+                return Err(Exit::Close(close));
+            }
             if history.complete && history.position.epoch == position.epoch {
                 recovered = true;
                 for message in history.messages {
@@ -187,6 +199,9 @@ where
                 }
             }
         }
+        self.state
+            .metrics
+            .delivered(self.plan.channel.kind(), missed as u64, None);
         let text = protocol::recovered(recovered, missed, &position.epoch, self.last_offset);
         self.queue_text(text)
     }
@@ -233,6 +248,11 @@ where
                     Io::Read(Some(Err(tokio_websockets::Error::Io(_)))) => return Exit::Gone,
                     // The layer queued its own close (1009 for a message over 4 KiB,
                     // 1002/1007 for protocol errors); it only needs flushing.
+                    // A message over 4 KiB, also when it arrives in fragments (for
+                    // which the layer queues no close frame of its own).
+                    Io::Read(Some(Err(tokio_websockets::Error::PayloadTooLong { .. }))) => {
+                        return Exit::Close(CloseCode::MessageTooBig.into());
+                    }
                     Io::Read(Some(Err(_))) => return Exit::Flush,
                     Io::Read(Some(Ok(frame))) => {
                         last_heard = Instant::now();
@@ -340,12 +360,17 @@ where
         if !history.complete {
             return Err(lost());
         }
+        let mut n_sent = 0;
         for message in history.messages {
             if message.offset < next && message.offset == self.last_offset + 1 {
                 self.last_offset = message.offset;
+                n_sent += 1;
                 self.queue_text(message.bytes)?;
             }
         }
+        self.state
+            .metrics
+            .delivered(self.plan.channel.kind(), n_sent, None);
         if self.last_offset + 1 == next {
             Ok(())
         } else {
@@ -358,6 +383,16 @@ where
         let mut new_expiry = None;
         if frame.is_binary() {
             return Err(Exit::Close(CloseCode::UnsupportedData.into()));
+        }
+        if frame.is_ping() && self.ping_limiter.check().is_err() {
+            // Each ping queues a pong; a client that floods pings and never reads would
+            // otherwise grow that queue without bound.
+            tracing::warn!(ip = %self.plan.ip, user_id = %self.plan.identity.user_id, "protocol ping flood");
+            self.state.metrics.rate_limited("client_messages");
+            return Err(Exit::Close(Close::new(
+                CloseCode::TooManyRequests,
+                "too many pings",
+            )));
         }
         let Some(text) = frame.as_text() else {
             // Ping (answered by the layer), pong and close frames.
@@ -390,6 +425,22 @@ where
                         "refresh token is for another user",
                     )));
                 }
+                // In claims mode the token is the membership: a refreshed token must
+                // still name the org.
+                if self.plan.endpoint == Endpoint::Events
+                    && !self
+                        .state
+                        .membership
+                        .is_member(self.plan.channel.id(), &identity)
+                        .await
+                {
+                    tracing::warn!(user_id = %identity.user_id, org_id = self.plan.channel.id(),
+                        "refreshed token is no longer a member");
+                    return Err(Exit::Close(Close::new(
+                        CloseCode::Forbidden,
+                        "not a member of this organization",
+                    )));
+                }
                 new_expiry = Some(expiry_instant(identity.expires_at));
                 let expires_at = unix_to_rfc3339(identity.expires_at);
                 self.plan.identity = identity;
@@ -415,10 +466,10 @@ where
                 let code = close.code.code();
                 let frame =
                     WsCloseCode::try_from(code).map(|ws_code| Message::close(Some(ws_code), &close.reason));
+                // If the layer already queued a close of its own (the client's close
+                // crossed ours, or a protocol error), ours is refused; flush anyway.
                 if let Ok(frame) = frame {
-                    if self.ws.start_send_unpin(frame).is_err() {
-                        return 0;
-                    }
+                    let _ = self.ws.start_send_unpin(frame);
                 }
                 code
             }

@@ -224,3 +224,28 @@ impl WsClientQuery {
         WsClient { ws, protocol: None }
     }
 }
+
+#[tokio::test]
+async fn half_configured_auth_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    for (env, expected) in [
+        (("HERALD_JWT_SECRET", "s3cret-xyz"), "HERALD_API_KEYS is not set"),
+        (("HERALD_API_KEYS", "key-xyz"), "no JWT key source is set"),
+    ] {
+        let output = herald(dir.path())
+            .arg("serve")
+            .env("HERALD_LISTEN", "127.0.0.1:0")
+            .env(env.0, env.1)
+            .output()
+            .await
+            .unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{stderr}");
+        assert!(
+            !dir.path().join("herald-dev-secrets.json").exists(),
+            "no dev secret may be generated"
+        );
+        assert!(!String::from_utf8_lossy(&output.stdout).contains("API key"));
+    }
+}
