@@ -7,6 +7,7 @@
 //! provider.
 
 use std::str::FromStr;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm};
@@ -36,18 +37,20 @@ pub(crate) enum Location {
 pub(crate) struct JwksKeys {
     location: Location,
     client: reqwest::Client,
-    /// A tokio mutex: a fetch is awaited while it is held, so concurrent requests that
-    /// need fresh keys wait for one fetch instead of starting their own.
-    state: Mutex<State>,
+    /// The keys now in use. Readers take a snapshot and never wait on a fetch, so a slow
+    /// identity provider cannot stall tokens whose key is already known.
+    keys: RwLock<Arc<KeySet>>,
+    /// When a fetch was last tried, successful or not (throttles refetches). A tokio
+    /// mutex held across the fetch: requests that need new keys wait for one fetch
+    /// instead of starting their own.
+    fetching: Mutex<Option<Instant>>,
 }
 
 #[derive(Default)]
-struct State {
+struct KeySet {
     keys: Vec<CachedKey>,
-    /// When the current keys were fetched.
+    /// When these keys were fetched.
     fetched_at: Option<Instant>,
-    /// When a fetch was last tried, successful or not (throttles refetches).
-    attempted_at: Option<Instant>,
 }
 
 struct CachedKey {
@@ -65,8 +68,17 @@ impl JwksKeys {
         Ok(Self {
             location,
             client,
-            state: Mutex::new(State::default()),
+            keys: RwLock::new(Arc::new(KeySet::default())),
+            fetching: Mutex::new(None),
         })
+    }
+
+    fn snapshot(&self) -> Arc<KeySet> {
+        // Writers only swap the Arc, so a poisoned lock still holds a whole key set.
+        self.keys
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     /// The key and algorithm that must verify a token with this header.
@@ -75,34 +87,51 @@ impl JwksKeys {
         kid: Option<&str>,
         alg: Algorithm,
     ) -> Result<(DecodingKey, Algorithm), AuthFailure> {
-        let mut state = self.state.lock().await;
-        let stale = state.fetched_at.is_none_or(|at| at.elapsed() >= JWKS_MAX_AGE);
-        if stale && state.may_refetch() {
-            self.refresh(&mut state).await;
-        }
-        if let Some(found) = state.find(kid, alg) {
+        let current = self.snapshot();
+        let stale = current.fetched_at.is_none_or(|at| at.elapsed() >= JWKS_MAX_AGE);
+        if let Some(found) = current.find(kid, alg) {
+            if stale {
+                // Refresh old keys on this request if nobody else is fetching; every
+                // other request goes on with the keys it has.
+                if let Ok(mut attempted) = self.fetching.try_lock() {
+                    if may_refetch(*attempted) {
+                        self.refresh(&mut attempted).await;
+                        if let Some(fresh) = self.snapshot().find(kid, alg) {
+                            return Ok(fresh);
+                        }
+                    }
+                }
+            }
             return Ok(found);
         }
-        if state.may_refetch() {
-            self.refresh(&mut state).await;
-            if let Some(found) = state.find(kid, alg) {
+        // Unknown key: one fetch at a time, at most once per interval.
+        let mut attempted = self.fetching.lock().await;
+        if let Some(found) = self.snapshot().find(kid, alg) {
+            return Ok(found);
+        }
+        if may_refetch(*attempted) {
+            self.refresh(&mut attempted).await;
+            if let Some(found) = self.snapshot().find(kid, alg) {
                 return Ok(found);
             }
         }
-        if state.fetched_at.is_none() {
+        if self.snapshot().fetched_at.is_none() {
             Err(AuthFailure::KeysUnavailable)
         } else {
             Err(AuthFailure::UnknownKey)
         }
     }
 
-    async fn refresh(&self, state: &mut State) {
-        state.attempted_at = Some(Instant::now());
+    async fn refresh(&self, attempted: &mut Option<Instant>) {
+        *attempted = Some(Instant::now());
         match self.fetch().await {
             Ok(keys) => {
                 tracing::debug!(n_keys = keys.len(), "jwks fetched");
-                state.keys = keys;
-                state.fetched_at = Some(Instant::now());
+                let set = Arc::new(KeySet {
+                    keys,
+                    fetched_at: Some(Instant::now()),
+                });
+                *self.keys.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = set;
             }
             Err(reason) => {
                 tracing::warn!(%reason, "jwks fetch failed; keeping the keys already known");
@@ -146,12 +175,11 @@ impl JwksKeys {
     }
 }
 
-impl State {
-    fn may_refetch(&self) -> bool {
-        self.attempted_at
-            .is_none_or(|at| at.elapsed() >= JWKS_REFETCH_MIN_INTERVAL)
-    }
+fn may_refetch(attempted: Option<Instant>) -> bool {
+    attempted.is_none_or(|at| at.elapsed() >= JWKS_REFETCH_MIN_INTERVAL)
+}
 
+impl KeySet {
     fn find(&self, kid: Option<&str>, alg: Algorithm) -> Option<(DecodingKey, Algorithm)> {
         let found = match kid {
             Some(kid) => self.keys.iter().find(|k| k.kid.as_deref() == Some(kid)),
