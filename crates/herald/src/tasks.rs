@@ -8,7 +8,7 @@
 
 pub mod worker;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -96,7 +96,6 @@ struct Record {
     response: Option<String>,
     error: Option<String>,
     cancel: CancellationToken,
-    ended_at: Option<Instant>,
 }
 
 /// The in-process task queue and registry. Cheap to clone.
@@ -105,8 +104,34 @@ pub struct Tasks {
     inner: Arc<Inner>,
 }
 
+/// Every count the registry needs, kept up to date as tasks change state, so no
+/// operation scans all tasks.
+#[derive(Default)]
+struct Registry {
+    records: HashMap<String, Record>,
+    /// Queued or running tasks per user (the 3-in-flight limit).
+    in_flight: HashMap<UserId, usize>,
+    /// Tasks waiting for a worker (the queue-depth gauge).
+    queued: usize,
+    /// Ended tasks, oldest first, forgotten after [`TASK_RETENTION`].
+    ended: VecDeque<(Instant, String)>,
+}
+
+impl Registry {
+    fn forget_expired(&mut self, now: Instant) {
+        while let Some((at, _)) = self.ended.front() {
+            if now.duration_since(*at) < TASK_RETENTION {
+                break;
+            }
+            if let Some((_, task_id)) = self.ended.pop_front() {
+                self.records.remove(&task_id);
+            }
+        }
+    }
+}
+
 struct Inner {
-    records: Mutex<HashMap<String, Record>>,
+    registry: Mutex<Registry>,
     /// One permit per task allowed to run at once (`HERALD_WORKERS`).
     workers: Arc<Semaphore>,
     n_workers: usize,
@@ -127,7 +152,7 @@ impl Tasks {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                records: Mutex::new(HashMap::new()),
+                registry: Mutex::new(Registry::default()),
                 workers: Arc::new(Semaphore::new(workers)),
                 n_workers: workers,
                 ctx: worker::Context {
@@ -145,10 +170,11 @@ impl Tasks {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Record>> {
-        // Critical sections are single map updates; a poisoned lock is still consistent.
+    fn lock(&self) -> MutexGuard<'_, Registry> {
+        // Critical sections are short map and counter updates; a poisoned lock is still
+        // consistent.
         self.inner
-            .records
+            .registry
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -169,20 +195,17 @@ impl Tasks {
         let task_id = crate::channel::new_id();
         let cancel = CancellationToken::new();
         {
-            let mut records = self.lock();
-            let now = Instant::now();
-            records.retain(|_, r| {
-                r.ended_at
-                    .is_none_or(|at| now.duration_since(at) < TASK_RETENTION)
-            });
-            let in_flight = records
-                .values()
-                .filter(|r| r.user_id == request.user_id && !r.status.is_done())
-                .count();
-            if in_flight >= MAX_TASKS_IN_FLIGHT_PER_USER {
+            let mut registry = self.lock();
+            registry.forget_expired(Instant::now());
+            let in_flight = registry.in_flight.entry(request.user_id.clone()).or_insert(0);
+            if *in_flight >= MAX_TASKS_IN_FLIGHT_PER_USER {
                 return Err(SubmitError::TooManyInFlight);
             }
-            records.insert(
+            *in_flight += 1;
+            registry.queued += 1;
+            let queued = registry.queued;
+            self.set_queue_depth(queued);
+            registry.records.insert(
                 task_id.clone(),
                 Record {
                     user_id: request.user_id.clone(),
@@ -191,11 +214,9 @@ impl Tasks {
                     response: None,
                     error: None,
                     cancel: cancel.clone(),
-                    ended_at: None,
                 },
             );
         }
-        self.update_queue_depth();
         let tasks = self.clone();
         let id = task_id.clone();
         self.inner.tracker.spawn(async move {
@@ -232,33 +253,41 @@ impl Tasks {
     }
 
     fn set_status(&self, task_id: &str, status: TaskStatus, response: Option<String>, error: Option<String>) {
-        {
-            let mut records = self.lock();
-            if let Some(record) = records.get_mut(task_id) {
-                record.status = status;
-                if response.is_some() {
-                    record.response = response;
-                }
-                if error.is_some() {
-                    record.error = error;
-                }
-                if status.is_done() {
-                    record.ended_at = Some(Instant::now());
-                }
-            }
+        let mut registry = self.lock();
+        let registry = &mut *registry;
+        let Some(record) = registry.records.get_mut(task_id) else {
+            return;
+        };
+        let was = record.status;
+        if was.is_done() {
+            return;
+        }
+        record.status = status;
+        if response.is_some() {
+            record.response = response;
+        }
+        if error.is_some() {
+            record.error = error;
+        }
+        if was == TaskStatus::Queued && status != TaskStatus::Queued {
+            registry.queued = registry.queued.saturating_sub(1);
+            self.set_queue_depth(registry.queued);
         }
         if status.is_done() {
+            if let Some(n) = registry.in_flight.get_mut(&record.user_id) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    registry.in_flight.remove(&record.user_id);
+                }
+            }
+            let now = Instant::now();
+            registry.ended.push_back((now, task_id.to_owned()));
+            registry.forget_expired(now);
             self.inner.ctx.publisher.metrics().task_ended(status.as_str());
         }
-        self.update_queue_depth();
     }
 
-    fn update_queue_depth(&self) {
-        let queued = self
-            .lock()
-            .values()
-            .filter(|r| r.status == TaskStatus::Queued)
-            .count();
+    fn set_queue_depth(&self, queued: usize) {
         self.inner
             .ctx
             .publisher
@@ -268,8 +297,8 @@ impl Tasks {
 
     /// The task, if it exists and belongs to `user_id`.
     pub fn get(&self, task_id: &str, user_id: &UserId) -> Option<TaskView> {
-        let records = self.lock();
-        let record = records.get(task_id).filter(|r| &r.user_id == user_id)?;
+        let registry = self.lock();
+        let record = registry.records.get(task_id).filter(|r| &r.user_id == user_id)?;
         Some(TaskView {
             task_id: task_id.to_owned(),
             chat_id: record.chat_id.clone(),
@@ -284,7 +313,7 @@ impl Tasks {
     pub fn cancel(&self, task_id: &str, user_id: &UserId) -> Option<TaskView> {
         let view = self.get(task_id, user_id)?;
         if !view.status.is_done() {
-            if let Some(record) = self.lock().get(task_id) {
+            if let Some(record) = self.lock().records.get(task_id) {
                 record.cancel.cancel();
             }
         }
