@@ -15,6 +15,7 @@ pub mod session;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -72,16 +73,26 @@ async fn notifications(State(state): State<AppState>, request: Request) -> Respo
     handshake(state, Endpoint::Notifications, None, request).await
 }
 
-async fn events(State(state): State<AppState>, Path(org_id): Path<String>, request: Request) -> Response {
-    handshake(state, Endpoint::Events, Some(org_id), request).await
+/// The path id, or one that fails the identifier rule when the path segment is not
+/// valid percent-encoded UTF-8, so the socket is closed with 4000 like any malformed id.
+fn path_id(path: Result<Path<String>, PathRejection>) -> String {
+    path.map_or_else(|_| "\u{fffd}".to_owned(), |Path(id)| id)
+}
+
+async fn events(
+    State(state): State<AppState>,
+    org_id: Result<Path<String>, PathRejection>,
+    request: Request,
+) -> Response {
+    handshake(state, Endpoint::Events, Some(path_id(org_id)), request).await
 }
 
 async fn frame_stream(
     State(state): State<AppState>,
-    Path(user_id): Path<String>,
+    user_id: Result<Path<String>, PathRejection>,
     request: Request,
 ) -> Response {
-    handshake(state, Endpoint::FrameStream, Some(user_id), request).await
+    handshake(state, Endpoint::FrameStream, Some(path_id(user_id)), request).await
 }
 
 /// What the checks decided: run a session, or close at once with a code.

@@ -260,6 +260,8 @@ async fn bad_requests_close_4000() {
     for path in [
         "/ws/events/bad%20org/",
         "/ws/events/org%2Fslash/",
+        // Not valid UTF-8 once decoded.
+        "/ws/events/%FF/",
         // A malformed frame-stream user id is 4000, not 4003.
         "/ws/frame-stream/not%20valid/",
         "/ws/notifications/?since=-1",
