@@ -23,7 +23,7 @@ use axum::routing::get;
 use axum::Router;
 use base64::Engine;
 use hyper_util::rt::TokioIo;
-use tokio_websockets::{CloseCode as WsCloseCode, Limits, Message, ServerBuilder};
+use tokio_websockets::{Limits, ServerBuilder};
 
 use crate::app::AppState;
 use crate::auth::{find_token, offers_bearer_subprotocol, BEARER_SUBPROTOCOL};
@@ -167,18 +167,7 @@ async fn handshake(
         let mut ws = ServerBuilder::new().limits(limits).serve(TokioIo::new(upgraded));
         match outcome {
             Outcome::Accept(plan) => session::run(state, ws, *plan).await,
-            Outcome::Reject(close) => {
-                use futures_util::SinkExt;
-                if let Ok(code) = WsCloseCode::try_from(close.code.code()) {
-                    let _ = tokio::time::timeout(session::CLOSE_TIMEOUT, async {
-                        if ws.send(Message::close(Some(code), &close.reason)).await.is_ok() {
-                            use futures_util::StreamExt;
-                            while let Some(Ok(_)) = ws.next().await {}
-                        }
-                    })
-                    .await;
-                }
-            }
+            Outcome::Reject(close) => session::close_socket(&mut ws, Some(&close)).await,
         }
     });
 

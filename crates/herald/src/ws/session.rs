@@ -453,9 +453,13 @@ where
 
     /// The one place a socket is closed. Returns the close code sent (0 if none).
     async fn finish(&mut self, exit: Exit) -> u16 {
-        let code = match exit {
-            Exit::Gone => return 0,
-            Exit::Flush => 0,
+        match exit {
+            Exit::Gone => 0,
+            // The layer queued its own close frame: flush it and wait for the client.
+            Exit::Flush => {
+                close_socket(&mut self.ws, None).await;
+                0
+            }
             Exit::Close(close) => {
                 self.state.metrics.close_sent(close.code);
                 if close.code == CloseCode::SlowConsumer {
@@ -463,27 +467,33 @@ where
                     tracing::warn!(ip = %self.plan.ip, user_id = %self.plan.identity.user_id,
                         channel = %self.plan.channel, "slow consumer closed (1008)");
                 }
-                let code = close.code.code();
-                let frame =
-                    WsCloseCode::try_from(code).map(|ws_code| Message::close(Some(ws_code), &close.reason));
-                // If the layer already queued a close of its own (the client's close
-                // crossed ours, or a protocol error), ours is refused; flush anyway.
-                if let Ok(frame) = frame {
-                    let _ = self.ws.start_send_unpin(frame);
-                }
-                code
+                close_socket(&mut self.ws, Some(&close)).await;
+                close.code.code()
             }
-        };
-        // Flush what is queued and the close frame, then wait for the client's close.
-        let ws = &mut self.ws;
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-            if ws.flush().await.is_ok() {
-                while let Some(Ok(_)) = ws.next().await {}
-            }
-        })
-        .await;
-        code
+        }
     }
+}
+
+/// Sends `close` (if any) after whatever is queued, flushes, and waits for the
+/// client's answering close frame, all within [`CLOSE_TIMEOUT`]. Used by the session and
+/// by the handshake's immediate rejections, so every socket closes the same way.
+pub async fn close_socket<S>(ws: &mut WebSocketStream<S>, close: Option<&Close>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if let Some(close) = close {
+        if let Ok(code) = WsCloseCode::try_from(close.code.code()) {
+            // If the layer already queued a close of its own (the client's close crossed
+            // ours, or a protocol error), ours is refused; flush anyway.
+            let _ = ws.start_send_unpin(Message::close(Some(code), &close.reason));
+        }
+    }
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        if ws.flush().await.is_ok() {
+            while let Some(Ok(_)) = ws.next().await {}
+        }
+    })
+    .await;
 }
 
 enum Io {
