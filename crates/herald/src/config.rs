@@ -216,12 +216,7 @@ pub enum ConfigError {
 /// Loads configuration: defaults, then the TOML file (if any), then the environment.
 pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
     let mut raw: BTreeMap<&'static str, String> = BTreeMap::new();
-    let mut outbox_max_bytes = None;
-    let mut history_max_bytes = None;
-    let mut handshakes_per_ip = None;
-    let mut ping_interval_ms = None;
-    let mut pong_timeout_ms = None;
-    let mut llm_timeouts_ms: [Option<String>; 3] = [None, None, None];
+    let mut tuning = Tuning::default();
     if let Some(path) = file {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
             path: path.to_owned(),
@@ -234,28 +229,8 @@ pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
                 reason: err.message().to_owned(),
             })?;
         for (key, value) in table {
-            if key == "outbox_max_bytes" {
-                outbox_max_bytes = Some(toml_to_text(&value));
-                continue;
-            }
-            if key == "history_max_bytes" {
-                history_max_bytes = Some(toml_to_text(&value));
-                continue;
-            }
-            if key == "handshakes_per_ip_per_second" {
-                handshakes_per_ip = Some(toml_to_text(&value));
-                continue;
-            }
-            if key == "ping_interval_ms" {
-                ping_interval_ms = Some(toml_to_text(&value));
-                continue;
-            }
-            if key == "pong_timeout_ms" {
-                pong_timeout_ms = Some(toml_to_text(&value));
-                continue;
-            }
-            if let Some(idx) = LLM_TIMEOUT_KEYS.iter().position(|k| *k == key) {
-                llm_timeouts_ms[idx] = Some(toml_to_text(&value));
+            if let Some(name) = TOML_ONLY_KEYS.iter().find(|name| **name == key) {
+                tuning.raw.insert(name, toml_to_text(&value));
                 continue;
             }
             let Some(setting) = SETTINGS.iter().find(|s| s.toml_key() == key) else {
@@ -325,31 +300,19 @@ pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
         })?,
         shutdown_drain: values.parse(ENV_SHUTDOWN_DRAIN, parse_seconds)?,
         django_bridge: values.parse_optional(ENV_DJANGO_BRIDGE, |v| parse_scheme(v, &["redis", "rediss"]))?,
-        outbox_max_bytes: toml_only("outbox_max_bytes", outbox_max_bytes, DEFAULT_OUTBOX_MAX_BYTES)?,
-        history_max_bytes: toml_only("history_max_bytes", history_max_bytes, DEFAULT_HISTORY_MAX_BYTES)?,
-        handshakes_per_ip_per_second: u32::try_from(toml_only(
+        outbox_max_bytes: tuning.count("outbox_max_bytes", DEFAULT_OUTBOX_MAX_BYTES)?,
+        history_max_bytes: tuning.count("history_max_bytes", DEFAULT_HISTORY_MAX_BYTES)?,
+        handshakes_per_ip_per_second: u32::try_from(tuning.count(
             "handshakes_per_ip_per_second",
-            handshakes_per_ip,
             DEFAULT_HANDSHAKES_PER_IP_PER_SECOND as usize,
         )?)
         .unwrap_or(u32::MAX),
-        ping_interval: toml_millis("ping_interval_ms", ping_interval_ms, DEFAULT_PING_INTERVAL)?,
-        pong_timeout: toml_millis("pong_timeout_ms", pong_timeout_ms, DEFAULT_PONG_TIMEOUT)?,
-        llm_connect_timeout: toml_millis(
-            LLM_TIMEOUT_KEYS[0],
-            llm_timeouts_ms[0].take(),
-            Duration::from_secs(10),
-        )?,
-        llm_first_token_timeout: toml_millis(
-            LLM_TIMEOUT_KEYS[1],
-            llm_timeouts_ms[1].take(),
-            Duration::from_secs(60),
-        )?,
-        llm_between_tokens_timeout: toml_millis(
-            LLM_TIMEOUT_KEYS[2],
-            llm_timeouts_ms[2].take(),
-            Duration::from_secs(30),
-        )?,
+        ping_interval: tuning.millis("ping_interval_ms", DEFAULT_PING_INTERVAL)?,
+        pong_timeout: tuning.millis("pong_timeout_ms", DEFAULT_PONG_TIMEOUT)?,
+        llm_connect_timeout: tuning.millis("llm_connect_timeout_ms", Duration::from_secs(10))?,
+        llm_first_token_timeout: tuning.millis("llm_first_token_timeout_ms", Duration::from_secs(60))?,
+        llm_between_tokens_timeout: tuning
+            .millis("llm_between_tokens_timeout_ms", Duration::from_secs(30))?,
     };
     Ok(config)
 }
@@ -434,34 +397,44 @@ impl Values {
     }
 }
 
-/// TOML keys of the LLM timeouts: connect, first token, between tokens.
-const LLM_TIMEOUT_KEYS: [&str; 3] = [
+/// Tuning settings only the TOML file can set: operational knobs outside the
+/// documented `HERALD_*` environment contract.
+pub const TOML_ONLY_KEYS: [&str; 8] = [
+    "outbox_max_bytes",
+    "history_max_bytes",
+    "handshakes_per_ip_per_second",
+    "ping_interval_ms",
+    "pong_timeout_ms",
     "llm_connect_timeout_ms",
     "llm_first_token_timeout_ms",
     "llm_between_tokens_timeout_ms",
 ];
 
-/// A byte-count setting that only the TOML file can set.
-fn toml_only(name: &'static str, value: Option<String>, default: usize) -> Result<usize, ConfigError> {
-    match value {
-        None => Ok(default),
-        Some(v) => parse_count(&v).map_err(|reason| ConfigError::Invalid {
-            name,
-            value: v.clone(),
-            reason,
-        }),
-    }
+/// Raw values of [`TOML_ONLY_KEYS`] from the file, parsed on demand.
+#[derive(Default)]
+struct Tuning {
+    raw: BTreeMap<&'static str, String>,
 }
 
-/// A positive duration in milliseconds that only the TOML file can set.
-fn toml_millis(
-    name: &'static str,
-    value: Option<String>,
-    default: Duration,
-) -> Result<Duration, ConfigError> {
-    match toml_only(name, value, 0)? {
-        0 => Ok(default),
-        ms => Ok(Duration::from_millis(ms as u64)),
+impl Tuning {
+    /// A whole number, or `default` when the file does not set it.
+    fn count(&self, name: &'static str, default: usize) -> Result<usize, ConfigError> {
+        match self.raw.get(name) {
+            None => Ok(default),
+            Some(v) => parse_count(v).map_err(|reason| ConfigError::Invalid {
+                name,
+                value: v.clone(),
+                reason,
+            }),
+        }
+    }
+
+    /// Milliseconds (at most a year), or `default` when unset or 0.
+    fn millis(&self, name: &'static str, default: Duration) -> Result<Duration, ConfigError> {
+        match self.count(name, 0)? {
+            0 => Ok(default),
+            ms => Ok(Duration::from_millis((ms as u64).min(MAX_SECONDS * 1000))),
+        }
     }
 }
 

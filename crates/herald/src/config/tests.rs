@@ -125,3 +125,28 @@ fn every_setting_has_a_toml_key() {
         assert_eq!(setting.toml_key(), setting.env[7..].to_ascii_lowercase());
     }
 }
+
+#[test]
+fn every_toml_only_key_loads_from_the_file() {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    for key in TOML_ONLY_KEYS {
+        writeln!(file, "{key} = 1234").unwrap();
+    }
+    let config = load(Some(file.path()), &env(&[])).unwrap();
+    assert_eq!(config.outbox_max_bytes, 1234);
+    assert_eq!(config.history_max_bytes, 1234);
+    assert_eq!(config.handshakes_per_ip_per_second, 1234);
+    for duration in [
+        config.ping_interval,
+        config.pong_timeout,
+        config.llm_connect_timeout,
+        config.llm_first_token_timeout,
+        config.llm_between_tokens_timeout,
+    ] {
+        assert_eq!(duration, Duration::from_millis(1234));
+    }
+    let mut bad = tempfile::NamedTempFile::new().unwrap();
+    writeln!(bad, "ping_interval_ms = \"soon\"").unwrap();
+    let err = load(Some(bad.path()), &env(&[])).unwrap_err();
+    assert!(err.to_string().starts_with("ping_interval_ms="), "{err}");
+}

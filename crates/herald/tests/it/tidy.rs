@@ -192,6 +192,17 @@ fn configuration_table_matches_settings() {
 }
 
 #[test]
+fn every_toml_only_setting_is_documented() {
+    let doc = read("docs/protocol.md");
+    for key in herald::config::TOML_ONLY_KEYS {
+        assert!(
+            doc.contains(&format!("`{key}`")),
+            "docs/protocol.md does not document the TOML setting `{key}`; add it to the Configuration section"
+        );
+    }
+}
+
+#[test]
 fn client_message_table_matches_protocol() {
     let doc = read("docs/protocol.md");
     let documented: Vec<String> = table(&doc, "docs/protocol.md", &["client sends", "server answers"])
