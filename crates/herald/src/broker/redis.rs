@@ -24,7 +24,7 @@
 //! not replayed by the node: its clients fill the gap from history (on the next live
 //! message, or when they reconnect with `since`).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -37,6 +37,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::broker::{Broker, BrokerError, History, Position, Published};
 use crate::channel::{new_id, now_rfc3339, Channel, Draft, Message};
+use crate::close::{Close, CloseCode};
 use crate::hub::Hub;
 
 /// How long after its history the epoch and offset of an idle channel are kept.
@@ -153,6 +154,32 @@ fn value_string(value: &Value) -> Option<String> {
     std::str::from_utf8(value.as_bytes()?).ok().map(str::to_owned)
 }
 
+fn history_ttl_ms(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+fn meta_ttl_ms(history_ttl: Duration) -> u64 {
+    history_ttl_ms(history_ttl).saturating_add(u64::try_from(META_GRACE.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// `{epoch, offset, entries}` from a [`READ_SCRIPT`] reply.
+fn parse_read(reply: Value) -> Result<(Position, Vec<Value>), BrokerError> {
+    let malformed = || BrokerError::Unavailable("unexpected reply from Redis".into());
+    let Value::Array(mut parts) = reply else {
+        return Err(malformed());
+    };
+    if parts.len() != 3 {
+        return Err(malformed());
+    }
+    let entries = match parts.pop() {
+        Some(Value::Array(entries)) => entries,
+        _ => Vec::new(),
+    };
+    let offset = parts.get(1).and_then(value_u64).ok_or_else(malformed)?;
+    let epoch = parts.first().and_then(value_string).ok_or_else(malformed)?;
+    Ok((Position { epoch, offset }, entries))
+}
+
 /// The node's half of a Redis-backed broker: the command connection and the handle of
 /// the subscriber task, which stops when this is dropped.
 pub struct RedisBroker {
@@ -170,9 +197,14 @@ pub struct RedisBroker {
 pub struct Subscriber {
     client: fred::prelude::Client,
     hub: Arc<Hub>,
-    /// Channels with a socket on this node. Changes are made under `changing`, so a
-    /// SUBSCRIBE and an UNSUBSCRIBE of one channel reach Redis in the order decided.
-    channels: Mutex<HashSet<String>>,
+    /// Channels with a socket on this node, with the last epoch this node read or
+    /// published in each. Changes to the set are made under `changing`, so a SUBSCRIBE
+    /// and an UNSUBSCRIBE of one channel reach Redis in the order decided.
+    channels: Mutex<HashMap<String, Option<String>>>,
+    /// The command connection, to check epochs after a reconnect.
+    commands: fred::prelude::Client,
+    read_script: Script,
+    meta_ttl_ms: u64,
     changing: tokio::sync::Mutex<()>,
 }
 
@@ -213,8 +245,11 @@ impl RedisBroker {
         let subscriber = Arc::new(Subscriber {
             client: subscriber_client,
             hub,
-            channels: Mutex::new(HashSet::new()),
+            channels: Mutex::new(HashMap::new()),
             changing: tokio::sync::Mutex::new(()),
+            commands: client.clone(),
+            read_script: Script::from_lua(READ_SCRIPT),
+            meta_ttl_ms: meta_ttl_ms(history_ttl),
         });
         let stop = shutdown.child_token();
         tokio::spawn(subscriber.clone().run(stop.clone()));
@@ -247,14 +282,11 @@ impl RedisBroker {
     }
 
     fn history_ttl_ms(&self) -> u64 {
-        u64::try_from(self.history_ttl.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1)
+        history_ttl_ms(self.history_ttl)
     }
 
     fn meta_ttl_ms(&self) -> u64 {
-        self.history_ttl_ms()
-            .saturating_add(u64::try_from(META_GRACE.as_millis()).unwrap_or(u64::MAX))
+        meta_ttl_ms(self.history_ttl)
     }
 
     /// Runs `script`, failing at once while disconnected and after [`COMMAND_TIMEOUT`].
@@ -289,20 +321,9 @@ impl RedisBroker {
                 ],
             )
             .await?;
-        let malformed = || BrokerError::Unavailable("unexpected reply from Redis".into());
-        let Value::Array(mut parts) = reply else {
-            return Err(malformed());
-        };
-        if parts.len() != 3 {
-            return Err(malformed());
-        }
-        let entries = match parts.pop() {
-            Some(Value::Array(entries)) => entries,
-            _ => Vec::new(),
-        };
-        let offset = parts.get(1).and_then(value_u64).ok_or_else(malformed)?;
-        let epoch = parts.first().and_then(value_string).ok_or_else(malformed)?;
-        Ok((Position { epoch, offset }, entries))
+        let (position, entries) = parse_read(reply)?;
+        self.subscriber.note_epoch(name, &position.epoch);
+        Ok((position, entries))
     }
 }
 
@@ -334,6 +355,7 @@ impl Broker for RedisBroker {
         };
         let offset = parts.first().and_then(value_u64).ok_or_else(malformed)?;
         let epoch = parts.get(1).and_then(value_string).ok_or_else(malformed)?;
+        self.subscriber.note_epoch(name, &epoch);
         Ok(Published { id, offset, epoch })
     }
 
@@ -392,7 +414,7 @@ impl Broker for RedisBroker {
 impl Subscriber {
     async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
         let _changing = self.changing.lock().await;
-        lock(&self.channels).insert(channel.to_owned());
+        lock(&self.channels).entry(channel.to_owned()).or_insert(None);
         if !self.client.is_connected() {
             // Subscribed again by the task when the connection comes back.
             return Err(BrokerError::Unavailable("not connected to Redis".into()));
@@ -419,17 +441,65 @@ impl Subscriber {
         }
     }
 
-    /// Subscribes again to every channel this node has, after a reconnect.
+    /// Records the epoch this node last saw in `channel`, if it listens to it.
+    fn note_epoch(&self, channel: &str, epoch: &str) {
+        if let Some(known) = lock(&self.channels).get_mut(channel) {
+            if known.as_deref() != Some(epoch) {
+                *known = Some(epoch.to_owned());
+            }
+        }
+    }
+
+    /// Subscribes again to every channel this node has, after a reconnect. A channel
+    /// whose epoch changed meanwhile (Redis lost its data) has its sockets closed: their
+    /// offsets mean nothing in the new epoch, and on resuming they learn it.
     async fn resubscribe(&self) {
         let _changing = self.changing.lock().await;
-        let channels: Vec<String> = lock(&self.channels).iter().map(|c| pubsub_channel(c)).collect();
+        let channels: Vec<(String, Option<String>)> = lock(&self.channels)
+            .iter()
+            .map(|(c, e)| (c.clone(), e.clone()))
+            .collect();
         if channels.is_empty() {
             return;
         }
-        let count = channels.len();
-        match self.client.subscribe(channels).await {
-            Ok(()) => tracing::info!(channels = count, "resubscribed to Redis"),
+        let names: Vec<String> = channels.iter().map(|(c, _)| pubsub_channel(c)).collect();
+        match self.client.subscribe(names).await {
+            Ok(()) => tracing::info!(channels = channels.len(), "resubscribed to Redis"),
             Err(err) => tracing::warn!(error = %err, "Redis resubscribe failed"),
+        }
+        if tokio::time::timeout(FIRST_CONNECT_WAIT, self.commands.wait_for_connect())
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let lost = Close::new(CloseCode::GoingAway, "lost position; resume with since");
+        for (channel, known) in channels {
+            let Some(known) = known else { continue };
+            let read = self.read_script.evalsha_with_reload::<Value, _, _>(
+                &self.commands,
+                vec![meta_key(&channel), history_key(&channel)],
+                vec![
+                    Value::from(new_id()),
+                    Value::from(self.meta_ttl_ms.to_string()),
+                    Value::from("0"),
+                ],
+            );
+            let Ok(Ok(reply)) = tokio::time::timeout(COMMAND_TIMEOUT, read).await else {
+                continue;
+            };
+            let Ok((position, _)) = parse_read(reply) else {
+                continue;
+            };
+            if position.epoch != known {
+                let closed = self.hub.disconnect_channel(&channel, &lost);
+                tracing::info!(
+                    channel,
+                    closed,
+                    "channel epoch changed while disconnected from Redis"
+                );
+                self.note_epoch(&channel, &position.epoch);
+            }
         }
     }
 
