@@ -49,6 +49,9 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long `connect` waits for the first connection before starting not-ready.
 const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(5);
 
+/// Pub/sub messages buffered between the connection and the subscriber task.
+const MESSAGE_BUFFER: usize = 16_384;
+
 /// Reconnect backoff: from 100 ms, doubling, up to 2 s, forever.
 const RECONNECT_MIN_MS: u32 = 100;
 const RECONNECT_MAX_MS: u32 = 2_000;
@@ -222,6 +225,11 @@ fn build_client(url: &str) -> Result<fred::prelude::Client, BrokerError> {
         .with_connection_config(|connection| {
             connection.connection_timeout = COMMAND_TIMEOUT;
             connection.internal_command_timeout = COMMAND_TIMEOUT;
+        })
+        .with_performance_config(|performance| {
+            // Pub/sub messages wait here for the subscriber task; fred's default of 32
+            // would drop messages (clients then refill from history) on short bursts.
+            performance.broadcast_channel_capacity = MESSAGE_BUFFER;
         })
         .build()
         .map_err(unavailable)
