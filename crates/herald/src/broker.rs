@@ -2,7 +2,7 @@
 //! offset, keeps the channel's recent history for recovery, and hands the message to
 //! every node's [`Hub`](crate::hub::Hub).
 //!
-//! Guarantees every implementation keeps (memory now, Redis later):
+//! Guarantees every implementation keeps (memory and Redis):
 //! - Offsets in a channel start at 1 and grow by exactly 1 per message, within an epoch.
 //! - Appending to history and handing to subscribers happen as one step per channel:
 //!   subscribers receive a channel's messages in offset order, and a message a
@@ -14,6 +14,7 @@
 //!   handed to delivery: it is not lost if no one is connected.
 
 pub mod memory;
+pub mod redis;
 
 use async_trait::async_trait;
 

@@ -330,9 +330,6 @@ impl Config {
     /// does instead. Logged as warnings at start so nobody relies on them silently.
     pub fn not_yet_supported(&self) -> Vec<String> {
         let mut notes = Vec::new();
-        if self.redis_url.is_some() {
-            notes.push(format!("{ENV_REDIS_URL} is set, but the Redis engine is not built yet: this node runs alone, in memory"));
-        }
         if self.django_bridge.is_some() {
             notes.push(format!(
                 "{ENV_DJANGO_BRIDGE} is set, but the Django bridge is not built yet: it is ignored"

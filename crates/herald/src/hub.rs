@@ -156,6 +156,18 @@ impl Hub {
         n
     }
 
+    /// Asks every socket on the channel named `channel` to close. Returns how many.
+    pub fn disconnect_channel(&self, channel: &str, close: &Close) -> usize {
+        let shard = self.shard(channel);
+        let Some(subscribers) = shard.get(channel) else {
+            return 0;
+        };
+        for outbox in subscribers.iter() {
+            outbox.request_close(close.clone());
+        }
+        subscribers.len()
+    }
+
     /// How many times [`Hub::disconnect_user`] has run.
     pub fn revocations(&self) -> u64 {
         self.revocations.load(Ordering::SeqCst)

@@ -52,6 +52,7 @@ use tokio_util::task::TaskTracker;
 use crate::app::{AppState, Secrets};
 use crate::auth::{ApiKeys, Authenticator};
 use crate::broker::memory::MemoryBroker;
+use crate::broker::redis::RedisBroker;
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::membership::Membership;
@@ -68,7 +69,7 @@ pub async fn build_state(
     config: Config,
     secrets: Secrets,
     shutdown: CancellationToken,
-) -> anyhow::Result<(AppState, Arc<MemoryBroker>)> {
+) -> anyhow::Result<(AppState, Option<Arc<MemoryBroker>>)> {
     let store = Store::connect(&config.database_url).await.map_err(|err| {
         anyhow::anyhow!(
             "cannot open the database {}: {err}",
@@ -78,14 +79,30 @@ pub async fn build_state(
     let auth = Authenticator::new(&config, secrets.dev_jwt_secret.as_ref())?;
     let membership = Membership::new(&config.membership, store.clone())?;
     let hub = Arc::new(Hub::default());
-    let memory = Arc::new(MemoryBroker::new(
-        hub.clone(),
-        config.history_size,
-        config.history_ttl,
-        config.history_max_bytes,
-    ));
+    let (broker, memory): (Arc<dyn broker::Broker>, _) = match &config.redis_url {
+        Some(url) => {
+            let redis = RedisBroker::connect(
+                url,
+                hub.clone(),
+                config.history_size,
+                config.history_ttl,
+                &shutdown,
+            )
+            .await
+            .map_err(|err| anyhow::anyhow!("cannot use Redis at {}: {err}", redact_url(url)))?;
+            (Arc::new(redis), None)
+        }
+        None => {
+            let memory = Arc::new(MemoryBroker::new(
+                hub.clone(),
+                config.history_size,
+                config.history_ttl,
+                config.history_max_bytes,
+            ));
+            (memory.clone(), Some(memory))
+        }
+    };
     let metrics = metrics::Metrics::new();
-    let broker: Arc<dyn broker::Broker> = memory.clone();
     let publisher = app::Publisher::new(broker.clone(), metrics.clone());
     let tracker = TaskTracker::new();
     let provider = llm::from_config(&config)?;
@@ -142,7 +159,8 @@ pub async fn serve(
                     () = shutdown.cancelled() => break,
                     _ = tick.tick() => {
                         handshake_limiter.forget_idle();
-                        let evicted = memory.evict_idle();
+                        // Redis expires idle channels itself.
+                        let evicted = memory.as_ref().map_or(0, |memory| memory.evict_idle());
                         if evicted > 0 {
                             tracing::debug!(evicted, "idle channels evicted");
                         }

@@ -26,4 +26,5 @@ mod metrics;
 mod process;
 mod readme;
 mod recovery;
+mod redis;
 mod tidy;

@@ -1,0 +1,559 @@
+//! The multi-node broker: offsets, epochs and history live in Redis, and every publish
+//! reaches every node through Redis pub/sub.
+//!
+//! Keys, for a channel `c` (the braces keep a channel's keys in one Cluster slot):
+//! - `herald:{c}:meta`: a hash with the channel's `epoch` and last `offset`. It expires
+//!   [`META_GRACE`] after the history TTL, counted from the last publish or position
+//!   query, so a channel that is still in use keeps its epoch after its history aged out.
+//! - `herald:{c}:history`: a list of `"{offset} {unix_ms} {sealed JSON}"`, oldest
+//!   first, trimmed to `HERALD_HISTORY_SIZE` and expiring `HERALD_HISTORY_TTL` after the
+//!   last publish. Entries older than the TTL are skipped when read, as the memory broker
+//!   prunes them.
+//! - `herald:{c}:messages`: the pub/sub channel; each payload is `"{offset} {sealed JSON}"`.
+//!
+//! A publish is one Lua script ([`PUBLISH_SCRIPT`]): it creates the epoch if the channel
+//! has none, increments the offset, seals the message with the same bytes as
+//! [`Draft::seal`], appends it to history and PUBLISHes it. Redis runs a script as one
+//! step, so offsets grow by exactly 1, a message is in history before any node receives
+//! it, and every node receives a channel's messages in offset order.
+//!
+//! Each node holds two connections: one for commands and one, owned by the subscriber
+//! task ([`Subscriber`]), that SUBSCRIBEs once per channel with a socket on this node.
+//! Both reconnect with backoff; after the subscriber reconnects it subscribes again to
+//! every channel the node still has. Messages published while a node was cut off are
+//! not replayed by the node: its clients fill the gap from history (on the next live
+//! message, or when they reconnect with `since`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use fred::prelude::{Builder, ClientLike, Config, EventInterface, PubsubInterface, ReconnectPolicy, Value};
+use fred::types::scripts::Script;
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::broker::{Broker, BrokerError, History, Position, Published};
+use crate::channel::{new_id, now_rfc3339, Channel, Draft, Message};
+use crate::close::{Close, CloseCode};
+use crate::hub::Hub;
+
+/// How long after its history the epoch and offset of an idle channel are kept.
+pub const META_GRACE: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The longest a command may take before the broker reports Redis unavailable.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long `connect` waits for the first connection before starting not-ready.
+const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(5);
+
+/// Pub/sub messages buffered between the connection and the subscriber task.
+const MESSAGE_BUFFER: usize = 16_384;
+
+/// Reconnect backoff: from 100 ms, doubling, up to 2 s, forever.
+const RECONNECT_MIN_MS: u32 = 100;
+const RECONNECT_MAX_MS: u32 = 2_000;
+
+/// Creates the channel's epoch from ARGV[1] if it has none (dropping any history left
+/// from an older epoch), refreshes the meta key's TTL (ARGV[2], ms) and returns
+/// `{epoch, offset, history entries}`; the entries only when ARGV[3] is `1`.
+pub const READ_SCRIPT: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+  redis.call('DEL', KEYS[2])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local offset = redis.call('HGET', KEYS[1], 'offset')
+local entries = {}
+if ARGV[3] == '1' then
+  entries = redis.call('LRANGE', KEYS[2], 0, -1)
+end
+return {epoch, offset, entries}
+"#;
+
+/// The publish: KEYS = meta, history; ARGV = draft body, id, timestamp, new epoch,
+/// history size, history TTL (ms), meta TTL (ms), now (unix ms), pub/sub channel.
+/// Returns `{offset, epoch}`. The sealed bytes are built exactly as [`Draft::seal`].
+pub const PUBLISH_SCRIPT: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[4]
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+  redis.call('DEL', KEYS[2])
+end
+local offset = string.format('%d', redis.call('HINCRBY', KEYS[1], 'offset', 1))
+local body = ARGV[1]
+local sealed = string.sub(body, 1, -2)
+if #body > 2 then
+  sealed = sealed .. ','
+end
+sealed = sealed .. '"id":"' .. ARGV[2] .. '","offset":' .. offset .. ',"epoch":"' .. epoch
+  .. '","timestamp":"' .. ARGV[3] .. '"}'
+local size = tonumber(ARGV[5])
+if size > 0 then
+  redis.call('RPUSH', KEYS[2], offset .. ' ' .. ARGV[8] .. ' ' .. sealed)
+  redis.call('LTRIM', KEYS[2], -size, -1)
+  redis.call('PEXPIRE', KEYS[2], ARGV[6])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+redis.call('PUBLISH', ARGV[9], offset .. ' ' .. sealed)
+return {offset, epoch}
+"#;
+
+fn meta_key(channel: &str) -> String {
+    format!("herald:{{{channel}}}:meta")
+}
+
+fn history_key(channel: &str) -> String {
+    format!("herald:{{{channel}}}:history")
+}
+
+fn pubsub_channel(channel: &str) -> String {
+    format!("herald:{{{channel}}}:messages")
+}
+
+/// The herald channel name inside a pub/sub channel name.
+fn channel_of_pubsub(name: &str) -> Option<&str> {
+    name.strip_prefix("herald:{")?.strip_suffix("}:messages")
+}
+
+fn unavailable(err: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(err.to_string())
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Splits `"{number} {rest}"`.
+fn split_number(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let space = bytes.iter().position(|&b| b == b' ')?;
+    let number = std::str::from_utf8(&bytes[..space]).ok()?.parse().ok()?;
+    Some((number, &bytes[space + 1..]))
+}
+
+fn value_bytes(value: &Value) -> Option<&[u8]> {
+    value.as_bytes()
+}
+
+fn value_u64(value: &Value) -> Option<u64> {
+    match value {
+        Value::Integer(n) => u64::try_from(*n).ok(),
+        other => std::str::from_utf8(other.as_bytes()?).ok()?.parse().ok(),
+    }
+}
+
+fn value_string(value: &Value) -> Option<String> {
+    std::str::from_utf8(value.as_bytes()?).ok().map(str::to_owned)
+}
+
+fn history_ttl_ms(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+fn meta_ttl_ms(history_ttl: Duration) -> u64 {
+    history_ttl_ms(history_ttl).saturating_add(u64::try_from(META_GRACE.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// `{epoch, offset, entries}` from a [`READ_SCRIPT`] reply.
+fn parse_read(reply: Value) -> Result<(Position, Vec<Value>), BrokerError> {
+    let malformed = || BrokerError::Unavailable("unexpected reply from Redis".into());
+    let Value::Array(mut parts) = reply else {
+        return Err(malformed());
+    };
+    if parts.len() != 3 {
+        return Err(malformed());
+    }
+    let entries = match parts.pop() {
+        Some(Value::Array(entries)) => entries,
+        _ => Vec::new(),
+    };
+    let offset = parts.get(1).and_then(value_u64).ok_or_else(malformed)?;
+    let epoch = parts.first().and_then(value_string).ok_or_else(malformed)?;
+    Ok((Position { epoch, offset }, entries))
+}
+
+/// The node's half of a Redis-backed broker: the command connection and the handle of
+/// the subscriber task, which stops when this is dropped.
+pub struct RedisBroker {
+    client: fred::prelude::Client,
+    subscriber: Arc<Subscriber>,
+    publish_script: Script,
+    read_script: Script,
+    history_size: usize,
+    history_ttl: Duration,
+    _stop: DropGuard,
+}
+
+/// The subscriber connection, the channels this node listens to, and the hub it
+/// delivers to. Run by one task ([`Subscriber::run`]).
+pub struct Subscriber {
+    client: fred::prelude::Client,
+    hub: Arc<Hub>,
+    /// Channels with a socket on this node, with the last epoch this node read or
+    /// published in each. Changes to the set are made under `changing`, so a SUBSCRIBE
+    /// and an UNSUBSCRIBE of one channel reach Redis in the order decided.
+    channels: Mutex<HashMap<String, Option<String>>>,
+    /// The command connection, to check epochs after a reconnect.
+    commands: fred::prelude::Client,
+    read_script: Script,
+    meta_ttl_ms: u64,
+    changing: tokio::sync::Mutex<()>,
+}
+
+fn build_client(url: &str) -> Result<fred::prelude::Client, BrokerError> {
+    let mut config = Config::from_url(url).map_err(unavailable)?;
+    // Retry the first connection too: a node started before Redis waits, not-ready.
+    config.fail_fast = false;
+    Builder::from_config(config)
+        .set_policy(ReconnectPolicy::new_exponential(
+            0,
+            RECONNECT_MIN_MS,
+            RECONNECT_MAX_MS,
+            2,
+        ))
+        .with_connection_config(|connection| {
+            connection.connection_timeout = COMMAND_TIMEOUT;
+            connection.internal_command_timeout = COMMAND_TIMEOUT;
+        })
+        .with_performance_config(|performance| {
+            // Pub/sub messages wait here for the subscriber task; fred's default of 32
+            // would drop messages (clients then refill from history) on short bursts.
+            performance.broadcast_channel_capacity = MESSAGE_BUFFER;
+        })
+        .build()
+        .map_err(unavailable)
+}
+
+impl RedisBroker {
+    /// Connects to `url` and starts the subscriber task, which stops on `shutdown` or
+    /// when the broker is dropped. Waits a few seconds for Redis; if it is not there
+    /// yet, the broker starts not-ready and keeps trying.
+    pub async fn connect(
+        url: &str,
+        hub: Arc<Hub>,
+        history_size: usize,
+        history_ttl: Duration,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, BrokerError> {
+        let client = build_client(url)?;
+        let subscriber_client = build_client(url)?;
+        client.connect();
+        subscriber_client.connect();
+        let subscriber = Arc::new(Subscriber {
+            client: subscriber_client,
+            hub,
+            channels: Mutex::new(HashMap::new()),
+            changing: tokio::sync::Mutex::new(()),
+            commands: client.clone(),
+            read_script: Script::from_lua(READ_SCRIPT),
+            meta_ttl_ms: meta_ttl_ms(history_ttl),
+        });
+        let stop = shutdown.child_token();
+        tokio::spawn(subscriber.clone().run(stop.clone()));
+        tokio::spawn({
+            let client = client.clone();
+            let stop = stop.clone();
+            async move {
+                stop.cancelled().await;
+                let _ = client.quit().await;
+            }
+        });
+        for connection in [&client, &subscriber.client] {
+            if tokio::time::timeout(FIRST_CONNECT_WAIT, connection.wait_for_connect())
+                .await
+                .is_err()
+            {
+                tracing::warn!("Redis is not reachable yet: starting not-ready, retrying");
+                break;
+            }
+        }
+        Ok(Self {
+            client,
+            subscriber,
+            publish_script: Script::from_lua(PUBLISH_SCRIPT),
+            read_script: Script::from_lua(READ_SCRIPT),
+            history_size,
+            history_ttl,
+            _stop: stop.drop_guard(),
+        })
+    }
+
+    fn history_ttl_ms(&self) -> u64 {
+        history_ttl_ms(self.history_ttl)
+    }
+
+    fn meta_ttl_ms(&self) -> u64 {
+        meta_ttl_ms(self.history_ttl)
+    }
+
+    /// Runs `script`, failing at once while disconnected and after [`COMMAND_TIMEOUT`].
+    async fn eval(&self, script: &Script, keys: Vec<String>, args: Vec<Value>) -> Result<Value, BrokerError> {
+        if !self.client.is_connected() {
+            return Err(BrokerError::Unavailable("not connected to Redis".into()));
+        }
+        tokio::time::timeout(
+            COMMAND_TIMEOUT,
+            script.evalsha_with_reload::<Value, _, _>(&self.client, keys, args),
+        )
+        .await
+        .map_err(|_| BrokerError::Unavailable("Redis did not answer in time".into()))?
+        .map_err(unavailable)
+    }
+
+    /// `{epoch, offset, entries}` from [`READ_SCRIPT`].
+    async fn read(
+        &self,
+        channel: &Channel,
+        with_history: bool,
+    ) -> Result<(Position, Vec<Value>), BrokerError> {
+        let name = channel.name();
+        let reply = self
+            .eval(
+                &self.read_script,
+                vec![meta_key(name), history_key(name)],
+                vec![
+                    Value::from(new_id()),
+                    Value::from(self.meta_ttl_ms().to_string()),
+                    Value::from(if with_history { "1" } else { "0" }),
+                ],
+            )
+            .await?;
+        let (position, entries) = parse_read(reply)?;
+        self.subscriber.note_epoch(name, &position.epoch);
+        Ok((position, entries))
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn publish(&self, channel: &Channel, draft: &Draft) -> Result<Published, BrokerError> {
+        let name = channel.name();
+        let id = new_id();
+        let reply = self
+            .eval(
+                &self.publish_script,
+                vec![meta_key(name), history_key(name)],
+                vec![
+                    Value::from(Bytes::copy_from_slice(draft.as_bytes())),
+                    Value::from(id.clone()),
+                    Value::from(now_rfc3339()),
+                    Value::from(new_id()),
+                    Value::from(self.history_size.to_string()),
+                    Value::from(self.history_ttl_ms().to_string()),
+                    Value::from(self.meta_ttl_ms().to_string()),
+                    Value::from(unix_ms().to_string()),
+                    Value::from(pubsub_channel(name)),
+                ],
+            )
+            .await?;
+        let malformed = || BrokerError::Unavailable("unexpected reply from Redis".into());
+        let Value::Array(parts) = reply else {
+            return Err(malformed());
+        };
+        let offset = parts.first().and_then(value_u64).ok_or_else(malformed)?;
+        let epoch = parts.get(1).and_then(value_string).ok_or_else(malformed)?;
+        self.subscriber.note_epoch(name, &epoch);
+        Ok(Published { id, offset, epoch })
+    }
+
+    async fn history(&self, channel: &Channel, since: u64, limit: usize) -> Result<History, BrokerError> {
+        let (position, entries) = self.read(channel, self.history_size > 0).await?;
+        let now_ms = unix_ms();
+        let ttl_ms = self.history_ttl_ms();
+        let now = Instant::now();
+        let kept: Vec<(u64, u64, &[u8])> = entries
+            .iter()
+            .filter_map(|entry| {
+                let (offset, rest) = split_number(value_bytes(entry)?)?;
+                let (at_ms, bytes) = split_number(rest)?;
+                Some((offset, at_ms, bytes))
+            })
+            .filter(|(_, at_ms, _)| now_ms.saturating_sub(*at_ms) < ttl_ms)
+            .collect();
+        let oldest_kept = kept.first().map_or(position.offset + 1, |(offset, _, _)| *offset);
+        let complete = since <= position.offset && since + 1 >= oldest_kept;
+        let messages = kept
+            .iter()
+            .filter(|(offset, _, _)| *offset > since)
+            .take(limit)
+            .map(|(offset, at_ms, bytes)| Message {
+                offset: *offset,
+                bytes: Bytes::copy_from_slice(bytes),
+                published_at: now
+                    .checked_sub(Duration::from_millis(now_ms.saturating_sub(*at_ms)))
+                    .unwrap_or(now),
+            })
+            .collect();
+        Ok(History {
+            position,
+            messages,
+            complete,
+        })
+    }
+
+    async fn position(&self, channel: &Channel) -> Result<Position, BrokerError> {
+        Ok(self.read(channel, false).await?.0)
+    }
+
+    async fn subscribe(&self, channel: &Channel) -> Result<(), BrokerError> {
+        self.subscriber.subscribe(channel.name()).await
+    }
+
+    async fn unsubscribe(&self, channel: &Channel) {
+        self.subscriber.unsubscribe(channel.name()).await;
+    }
+
+    async fn ready(&self) -> bool {
+        self.client.is_connected() && self.subscriber.client.is_connected()
+    }
+}
+
+impl Subscriber {
+    async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
+        let _changing = self.changing.lock().await;
+        lock(&self.channels).entry(channel.to_owned()).or_insert(None);
+        if !self.client.is_connected() {
+            // Subscribed again by the task when the connection comes back.
+            return Err(BrokerError::Unavailable("not connected to Redis".into()));
+        }
+        tokio::time::timeout(COMMAND_TIMEOUT, self.client.subscribe(pubsub_channel(channel)))
+            .await
+            .map_err(|_| BrokerError::Unavailable("Redis did not answer in time".into()))?
+            .map_err(unavailable)
+    }
+
+    async fn unsubscribe(&self, channel: &str) {
+        let _changing = self.changing.lock().await;
+        // A socket may have joined since the hub reported this channel empty.
+        if self.hub.has_subscribers(channel) {
+            return;
+        }
+        lock(&self.channels).remove(channel);
+        if self.client.is_connected() {
+            let unsubscribed =
+                tokio::time::timeout(COMMAND_TIMEOUT, self.client.unsubscribe(pubsub_channel(channel))).await;
+            if !matches!(unsubscribed, Ok(Ok(()))) {
+                tracing::debug!(channel, "Redis unsubscribe failed");
+            }
+        }
+    }
+
+    /// Records the epoch this node last saw in `channel`, if it listens to it.
+    fn note_epoch(&self, channel: &str, epoch: &str) {
+        if let Some(known) = lock(&self.channels).get_mut(channel) {
+            if known.as_deref() != Some(epoch) {
+                *known = Some(epoch.to_owned());
+            }
+        }
+    }
+
+    /// Subscribes again to every channel this node has, after a reconnect. A channel
+    /// whose epoch changed meanwhile (Redis lost its data) has its sockets closed: their
+    /// offsets mean nothing in the new epoch, and on resuming they learn it.
+    async fn resubscribe(&self) {
+        let _changing = self.changing.lock().await;
+        let channels: Vec<(String, Option<String>)> = lock(&self.channels)
+            .iter()
+            .map(|(c, e)| (c.clone(), e.clone()))
+            .collect();
+        if channels.is_empty() {
+            return;
+        }
+        let names: Vec<String> = channels.iter().map(|(c, _)| pubsub_channel(c)).collect();
+        match self.client.subscribe(names).await {
+            Ok(()) => tracing::info!(channels = channels.len(), "resubscribed to Redis"),
+            Err(err) => tracing::warn!(error = %err, "Redis resubscribe failed"),
+        }
+        if tokio::time::timeout(FIRST_CONNECT_WAIT, self.commands.wait_for_connect())
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let lost = Close::new(CloseCode::GoingAway, "lost position; resume with since");
+        for (channel, known) in channels {
+            let Some(known) = known else { continue };
+            let read = self.read_script.evalsha_with_reload::<Value, _, _>(
+                &self.commands,
+                vec![meta_key(&channel), history_key(&channel)],
+                vec![
+                    Value::from(new_id()),
+                    Value::from(self.meta_ttl_ms.to_string()),
+                    Value::from("0"),
+                ],
+            );
+            let Ok(Ok(reply)) = tokio::time::timeout(COMMAND_TIMEOUT, read).await else {
+                continue;
+            };
+            let Ok((position, _)) = parse_read(reply) else {
+                continue;
+            };
+            if position.epoch != known {
+                let closed = self.hub.disconnect_channel(&channel, &lost);
+                tracing::info!(
+                    channel,
+                    closed,
+                    "channel epoch changed while disconnected from Redis"
+                );
+                self.note_epoch(&channel, &position.epoch);
+            }
+        }
+    }
+
+    fn deliver(&self, message: &fred::types::Message) {
+        let Some(channel) = channel_of_pubsub(&message.channel) else {
+            return;
+        };
+        let Some((offset, bytes)) = message.value.as_bytes().and_then(split_number) else {
+            tracing::warn!(channel, "malformed message from Redis");
+            return;
+        };
+        self.hub.deliver(
+            channel,
+            &Message {
+                offset,
+                bytes: Bytes::copy_from_slice(bytes),
+                published_at: Instant::now(),
+            },
+        );
+    }
+
+    /// Delivers messages to the hub and resubscribes after each reconnect, until
+    /// `stop` is cancelled.
+    async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut messages = self.client.message_rx();
+        let mut reconnects = self.client.reconnect_rx();
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                message = messages.recv() => match message {
+                    Ok(message) => self.deliver(&message),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::warn!(missed, "Redis messages dropped: clients fill the gap from history");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                },
+                reconnect = reconnects.recv() => match reconnect {
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        let this = self.clone();
+                        // Off the receive loop: SUBSCRIBE replies come back through it.
+                        tokio::spawn(async move { this.resubscribe().await });
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                },
+            }
+        }
+        let _ = self.client.quit().await;
+    }
+}

@@ -1,0 +1,307 @@
+//! SPEC §5 "Many nodes": several herald nodes on one Redis share offsets, epochs and
+//! history, and a publish on any node reaches sockets on every node.
+//!
+//! Each test starts its own `redis-server` on a free port (killed on drop). Without
+//! `redis-server` on PATH and without `HERALD_TEST_REDIS_URL` the tests print
+//! `skipped: no redis-server` and pass, unless `HERALD_REQUIRE_REDIS=1`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald::broker::redis::RedisBroker;
+use herald::broker::Broker;
+use herald::channel::{Channel, Draft};
+use herald::hub::Hub;
+use serde_json::{json, Value};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+use crate::support::*;
+
+/// A Redis for one test: its own `redis-server`, or `HERALD_TEST_REDIS_URL`.
+struct Redis {
+    url: String,
+    port: u16,
+    child: Option<Child>,
+}
+
+#[allow(clippy::disallowed_methods)]
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn start_server(port: u16) -> Child {
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start redis-server");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "redis-server did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child
+}
+
+impl Redis {
+    /// A fresh Redis, or `None` (after printing why) when none can be had.
+    async fn start() -> Option<Redis> {
+        if let Some(url) = env("HERALD_TEST_REDIS_URL") {
+            return Some(Redis {
+                url,
+                port: 0,
+                child: None,
+            });
+        }
+        let on_path = std::process::Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_ok_and(|out| out.status.success());
+        if !on_path {
+            assert!(
+                env("HERALD_REQUIRE_REDIS").as_deref() != Some("1"),
+                "HERALD_REQUIRE_REDIS=1 but no redis-server on PATH"
+            );
+            println!("skipped: no redis-server");
+            return None;
+        }
+        let port = free_port();
+        let child = start_server(port).await;
+        Some(Redis {
+            url: format!("redis://127.0.0.1:{port}"),
+            port,
+            child: Some(child),
+        })
+    }
+
+    /// Whether this test owns the server (and so can stop and restart it).
+    fn owned(&self) -> bool {
+        self.child.is_some()
+    }
+
+    async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.unwrap();
+        }
+    }
+
+    async fn restart(&mut self) {
+        self.child = Some(start_server(self.port).await);
+    }
+
+    async fn node(&self) -> TestServer {
+        TestServer::builder()
+            .env("HERALD_REDIS_URL", self.url.clone())
+            .spawn()
+            .await
+    }
+}
+
+/// A user name no other test (or earlier run on a shared Redis) uses.
+fn user(prefix: &str) -> String {
+    format!("{prefix}-{}", herald::channel::new_id())
+}
+
+async fn wait_ready(srv: &TestServer, ready: bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let status = srv
+            .http
+            .get(srv.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if (status == 200) == ready {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "/readyz stayed {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn lua_sealed_bytes_equal_draft_seal() {
+    let Some(redis) = Redis::start().await else { return };
+    let shutdown = CancellationToken::new();
+    let broker = RedisBroker::connect(
+        &redis.url,
+        Arc::new(Hub::default()),
+        100,
+        Duration::from_secs(60),
+        &shutdown,
+    )
+    .await
+    .unwrap();
+    let channel = Channel::parse(&format!("notifications:{}", user("seal"))).unwrap();
+    let bodies = [
+        json!({}),
+        json!({"a": 1}),
+        json!({"text": "é \"quoted\" \\ ✓ \u{0001}", "nested": {"x": [1, 2, {}]}}),
+    ];
+    for (n, body) in bodies.into_iter().enumerate() {
+        let Value::Object(map) = body else { unreachable!() };
+        let draft = Draft::from_object(map);
+        let published = broker.publish(&channel, &draft).await.unwrap();
+        assert_eq!(published.offset, n as u64 + 1);
+        let history = broker.history(&channel, n as u64, 10).await.unwrap();
+        let stored = &history.messages[0].bytes;
+        let parsed: Value = serde_json::from_slice(stored).unwrap();
+        let timestamp = parsed["timestamp"].as_str().unwrap();
+        let expected = draft.seal(&published.id, published.offset, &published.epoch, timestamp);
+        assert_eq!(stored, &expected, "Lua and Rust seal the same bytes");
+    }
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn three_nodes_share_delivery_offsets_epochs_and_history() {
+    let Some(redis) = Redis::start().await else { return };
+    let (a, b, c) = (redis.node().await, redis.node().await, redis.node().await);
+    let u = user("fan");
+    let path = "/ws/notifications/";
+    let (mut on_b, welcome_b) = b.connect(path, &u).await;
+    let (mut on_c, welcome_c) = c.connect(path, &u).await;
+    assert_eq!(welcome_b["epoch"], welcome_c["epoch"], "one epoch across nodes");
+
+    // Publishes alternating between the nodes get one sequence of offsets.
+    let nodes = [&a, &b, &c, &a, &b, &c];
+    for (n, node) in nodes.iter().enumerate() {
+        let published = node.notify(&u, json!({"n": n + 1})).await;
+        assert_eq!(published["offset"], n + 1, "{published}");
+    }
+    for ws in [&mut on_b, &mut on_c] {
+        for n in 1..=6 {
+            let message = ws.next_json().await;
+            assert_eq!(message["offset"], n, "{message}");
+            assert_eq!(message["epoch"], welcome_b["epoch"]);
+            assert_eq!(message["notification"]["n"], n);
+        }
+    }
+
+    // History reads the same from every node.
+    for node in [&a, &b, &c] {
+        let (status, history) = node
+            .get(&format!("/api/v1/channels/notifications:{u}/history?since=4"))
+            .await;
+        assert_eq!(status, 200, "{history}");
+        assert_eq!(history["offset"], 6);
+        let offsets: Vec<&Value> = history["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| &m["offset"])
+            .collect();
+        assert_eq!(offsets, [5, 6]);
+    }
+
+    // A client resumes through another node than the one it used.
+    on_b.close().await;
+    for n in 7..=9 {
+        a.notify(&u, json!({"n": n})).await;
+    }
+    let epoch = welcome_b["epoch"].as_str().unwrap();
+    let (mut resumed, welcome) = c.connect(&format!("{path}?since=6&epoch={epoch}"), &u).await;
+    assert_eq!(welcome["offset"], 9);
+    for n in 7..=9 {
+        assert_eq!(resumed.next_json().await["offset"], n);
+    }
+    let recovered = resumed.next_json().await;
+    assert_eq!(recovered["status"], "recovered", "{recovered}");
+    assert_eq!(recovered["recovered"], true);
+    assert_eq!(recovered["missed"], 3);
+    b.notify(&u, json!({"n": 10})).await;
+    assert_eq!(resumed.next_json().await["offset"], 10);
+}
+
+#[tokio::test]
+async fn losing_redis_makes_nodes_not_ready_and_they_recover() {
+    let Some(mut redis) = Redis::start().await else {
+        return;
+    };
+    if !redis.owned() {
+        println!("skipped: HERALD_TEST_REDIS_URL is not ours to stop");
+        return;
+    }
+    let (a, b) = (redis.node().await, redis.node().await);
+    let u = user("outage");
+    let path = "/ws/notifications/";
+    let (mut on_b, welcome) = b.connect(path, &u).await;
+    a.notify(&u, json!({"n": 1})).await;
+    assert_eq!(on_b.next_json().await["offset"], 1);
+
+    redis.kill().await;
+    wait_ready(&a, false).await;
+    wait_ready(&b, false).await;
+    let (status, body) = a
+        .post(&format!("/api/v1/notifications/{u}"), json!({"n": 2}))
+        .await;
+    assert_eq!(status, 503, "{body}");
+
+    // Back on the same port, empty: the old epoch is gone. The socket that stayed open
+    // through the outage is told to resume, and learns it cannot recover.
+    redis.restart().await;
+    wait_ready(&a, true).await;
+    wait_ready(&b, true).await;
+    let (code, reason) = on_b.expect_close().await;
+    assert_eq!(code, 1001, "{reason}");
+    let old_epoch = welcome["epoch"].as_str().unwrap();
+    let (mut resumed, new_welcome) = b.connect(&format!("{path}?since=1&epoch={old_epoch}"), &u).await;
+    assert_ne!(
+        new_welcome["epoch"], welcome["epoch"],
+        "Redis lost its data: new epoch"
+    );
+    let recovered = resumed.next_json().await;
+    assert_eq!(recovered["recovered"], false, "{recovered}");
+    // Delivery across nodes resumes.
+    a.notify(&u, json!({"after": true})).await;
+    let received = resumed.next_json().await;
+    assert_eq!(received["notification"]["after"], true, "{received}");
+    assert_eq!(received["epoch"], new_welcome["epoch"]);
+}
+
+#[tokio::test]
+async fn missed_messages_during_a_node_outage_come_back_through_history() {
+    let Some(redis) = Redis::start().await else { return };
+    let (a, b) = (redis.node().await, redis.node().await);
+    let u = user("since");
+    let path = "/ws/notifications/";
+    let (ws, welcome) = b.connect(path, &u).await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    ws.close().await;
+    // Node B goes away entirely; messages keep coming through A.
+    b.stop().await.unwrap();
+    for n in 1..=3 {
+        a.notify(&u, json!({"n": n})).await;
+    }
+    let b = redis.node().await;
+    let (mut ws, _) = b.connect(&format!("{path}?since=0&epoch={epoch}"), &u).await;
+    for n in 1..=3 {
+        assert_eq!(ws.next_json().await["notification"]["n"], n);
+    }
+    assert_eq!(ws.next_json().await["recovered"], true);
+}
