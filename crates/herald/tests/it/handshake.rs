@@ -113,12 +113,10 @@ async fn unauthorized_closes_4001() {
         claims
     };
     let ok = sign(claims(json!({})));
-    let mut ws = WsClient::connect(&srv, "/ws/notifications/")
+    let (_ws, _) = WsClient::connect(&srv, "/ws/notifications/")
         .token(&ok)
-        .open()
-        .await
-        .unwrap();
-    assert_eq!(ws.next_json().await["status"], "connected");
+        .connected()
+        .await;
 
     // No token at all.
     expect_refused_with(WsClient::connect(&srv, "/ws/notifications/"), 4001).await;
@@ -148,12 +146,10 @@ async fn unauthorized_closes_4001() {
         );
     }
     // The second configured audience is accepted too.
-    let mut ws = WsClient::connect(&srv, "/ws/notifications/")
+    let (_ws, _) = WsClient::connect(&srv, "/ws/notifications/")
         .token(&sign(claims(json!({"aud": ["other"]}))))
-        .open()
-        .await
-        .unwrap();
-    assert_eq!(ws.next_json().await["status"], "connected");
+        .connected()
+        .await;
 }
 
 #[tokio::test]
@@ -180,21 +176,17 @@ async fn origin_checked_before_upgrade() {
         .await;
     let token = srv.token("u1");
     for allowed in ["https://app.example.com", "http://localhost:3000"] {
-        let mut ws = WsClient::connect(&srv, "/ws/notifications/")
+        let (_ws, _) = WsClient::connect(&srv, "/ws/notifications/")
             .token(&token)
             .origin(allowed)
-            .open()
-            .await
-            .unwrap();
-        assert_eq!(ws.next_json().await["status"], "connected", "{allowed}");
+            .connected()
+            .await;
     }
     // No Origin: a non-browser client, allowed on purpose.
-    let mut ws = WsClient::connect(&srv, "/ws/notifications/")
+    let (_ws, _) = WsClient::connect(&srv, "/ws/notifications/")
         .token(&token)
-        .open()
-        .await
-        .unwrap();
-    assert_eq!(ws.next_json().await["status"], "connected");
+        .connected()
+        .await;
 
     for refused in [
         "null",
@@ -223,13 +215,11 @@ async fn origin_checked_before_upgrade() {
 async fn default_origins_and_wildcard() {
     let srv = TestServer::spawn().await;
     let token = srv.token("u1");
-    let mut ws = WsClient::connect(&srv, "/ws/notifications/")
+    let (_ws, _) = WsClient::connect(&srv, "/ws/notifications/")
         .token(&token)
         .origin("http://localhost:8000")
-        .open()
-        .await
-        .unwrap();
-    assert_eq!(ws.next_json().await["status"], "connected");
+        .connected()
+        .await;
     let result = WsClient::connect(&srv, "/ws/notifications/")
         .token(&token)
         .origin("http://localhost:9999")
@@ -241,13 +231,11 @@ async fn default_origins_and_wildcard() {
         .env("HERALD_ALLOWED_ORIGINS", "*")
         .spawn()
         .await;
-    let mut ws = WsClient::connect(&srv, "/ws/notifications/")
+    let (_ws, _) = WsClient::connect(&srv, "/ws/notifications/")
         .token(&token)
         .origin("https://anything.example")
-        .open()
-        .await
-        .unwrap();
-    assert_eq!(ws.next_json().await["status"], "connected");
+        .connected()
+        .await;
 }
 
 #[tokio::test]
@@ -392,12 +380,10 @@ async fn token_expiry_while_connected_closes_4001() {
     // Expired 29 s ago: still inside the 30 s leeway, so accepted, then closed about a
     // second later when the leeway runs out.
     let token = sign(json!({"sub": "u1", "exp": now() - 29}));
-    let mut ws = WsClient::connect(&srv, "/ws/notifications/")
+    let (mut ws, _) = WsClient::connect(&srv, "/ws/notifications/")
         .token(&token)
-        .open()
-        .await
-        .unwrap();
-    assert_eq!(ws.next_json().await["status"], "connected");
+        .connected()
+        .await;
     let (code, reason) = ws.expect_close().await;
     assert_eq!(code, 4001);
     assert!(reason.contains("expired"), "{reason}");

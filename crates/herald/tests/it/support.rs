@@ -311,6 +311,14 @@ impl Connect {
         self
     }
 
+    /// Opens the socket and reads the welcome, which must say `connected`.
+    pub async fn connected(self) -> (WsClient, Value) {
+        let mut ws = self.open().await.expect("the upgrade must succeed");
+        let welcome = ws.next_json().await;
+        assert_eq!(welcome["status"], "connected", "{welcome}");
+        (ws, welcome)
+    }
+
     pub async fn open(self) -> Result<WsClient, Refused> {
         let mut request = self.url.as_str().into_client_request().expect("request");
         let headers = request.headers_mut();
