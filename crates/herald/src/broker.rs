@@ -80,4 +80,9 @@ pub trait Broker: Send + Sync + 'static {
     fn memory_stats(&self) -> Option<memory::MemoryStats> {
         None
     }
+
+    /// Reconnections to the backing service since start (0 for the memory broker).
+    fn reconnects(&self) -> u64 {
+        0
+    }
 }

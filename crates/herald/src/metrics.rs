@@ -424,8 +424,12 @@ impl Metrics {
         self.slow_consumer_disconnects.get()
     }
 
-    pub fn broker_reconnected(&self) {
-        self.broker_reconnects.inc();
+    /// Sets the broker-reconnect counter to the broker's running total.
+    pub fn sync_broker_reconnects(&self, total: u64) {
+        let seen = self.broker_reconnects.get();
+        if total > seen {
+            self.broker_reconnects.inc_by(total - seen);
+        }
     }
 
     /// Sets the history-eviction counter to the broker's running total.

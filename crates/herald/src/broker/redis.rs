@@ -209,6 +209,8 @@ pub struct Subscriber {
     read_script: Script,
     meta_ttl_ms: u64,
     changing: tokio::sync::Mutex<()>,
+    /// Reconnections of the subscriber connection, for `herald_broker_reconnects_total`.
+    reconnects: std::sync::atomic::AtomicU64,
 }
 
 fn build_client(url: &str) -> Result<fred::prelude::Client, BrokerError> {
@@ -258,6 +260,7 @@ impl RedisBroker {
             commands: client.clone(),
             read_script: Script::from_lua(READ_SCRIPT),
             meta_ttl_ms: meta_ttl_ms(history_ttl),
+            reconnects: std::sync::atomic::AtomicU64::new(0),
         });
         let stop = shutdown.child_token();
         tokio::spawn(subscriber.clone().run(stop.clone()));
@@ -417,6 +420,12 @@ impl Broker for RedisBroker {
     async fn ready(&self) -> bool {
         self.client.is_connected() && self.subscriber.client.is_connected()
     }
+
+    fn reconnects(&self) -> u64 {
+        self.subscriber
+            .reconnects
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl Subscriber {
@@ -546,6 +555,7 @@ impl Subscriber {
                 },
                 reconnect = reconnects.recv() => match reconnect {
                     Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        self.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let this = self.clone();
                         // Off the receive loop: SUBSCRIBE replies come back through it.
                         tokio::spawn(async move { this.resubscribe().await });

@@ -25,6 +25,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     if let Some(memory) = state.broker.memory_stats() {
         state.metrics.sync_history_evictions(memory.history_evictions);
     }
+    state.metrics.sync_broker_reconnects(state.broker.reconnects());
     (
         [(
             axum::http::header::CONTENT_TYPE,

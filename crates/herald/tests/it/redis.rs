@@ -269,6 +269,25 @@ async fn losing_redis_makes_nodes_not_ready_and_they_recover() {
     wait_ready(&b, true).await;
     let (code, reason) = on_b.expect_close().await;
     assert_eq!(code, 1001, "{reason}");
+    // The reconnect is counted.
+    let metrics = b
+        .http
+        .get(b.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let reconnects: f64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("herald_broker_reconnects_total "))
+        .and_then(|value| value.parse().ok())
+        .unwrap();
+    assert!(
+        reconnects >= 1.0,
+        "herald_broker_reconnects_total is {reconnects}"
+    );
     let old_epoch = welcome["epoch"].as_str().unwrap();
     let (mut resumed, new_welcome) = b.connect(&format!("{path}?since=1&epoch={old_epoch}"), &u).await;
     assert_ne!(
