@@ -115,6 +115,16 @@ pub async fn build_state(
         tracker.clone(),
         shutdown.clone(),
     );
+    let node_id = channel::new_id();
+    let connection_limits = match &config.redis_url {
+        Some(url) => {
+            let shared = limits::shared::SharedCounts::start(url, &node_id, &shutdown)
+                .await
+                .map_err(|err| anyhow::anyhow!("cannot use Redis at {}: {err}", redact_url(url)))?;
+            limits::ConnectionLimits::shared(config.max_connections_per_user, shared)
+        }
+        None => limits::ConnectionLimits::new(config.max_connections_per_user),
+    };
     let state = AppState {
         auth,
         api_keys: ApiKeys::new(&secrets.api_keys),
@@ -125,14 +135,14 @@ pub async fn build_state(
         publisher,
         tasks,
         metrics,
-        connection_limits: limits::ConnectionLimits::new(config.max_connections_per_user),
+        connection_limits,
         handshake_limiter: Arc::new(limits::HandshakeLimiter::new(
             config.handshakes_per_ip_per_second,
             config.handshakes_per_ip_per_second.saturating_mul(4),
         )),
         shutdown,
         tracker,
-        node_id: Arc::from(channel::new_id()),
+        node_id: Arc::from(node_id),
         config: Arc::new(config),
     };
     Ok((state, memory))

@@ -1,7 +1,10 @@
 //! Limits that protect a node: concurrent sockets per user, handshakes per client IP,
 //! and client messages per socket (the per-socket limiter lives in the session).
 //!
-//! The per-user count is per node for now; with Redis it will hold across nodes.
+//! The per-user count is kept in this process, or with Redis across all nodes
+//! ([`shared`]).
+
+pub mod shared;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -15,7 +18,19 @@ use governor::{Quota, RateLimiter};
 /// Concurrent sockets per user (`HERALD_MAX_CONNECTIONS_PER_USER`), all endpoints.
 pub struct ConnectionLimits {
     max_per_user: u32,
+    /// This node's counts (memory mode).
     counts: Mutex<HashMap<String, u32>>,
+    /// Counts across nodes (Redis mode); when set, `counts` is unused.
+    shared: Option<shared::SharedCounts>,
+}
+
+/// Why a slot was not given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitRefusal {
+    /// The user already has the maximum number of sockets open (4429).
+    TooMany,
+    /// The shared count could not be reached (the client should retry).
+    Unavailable(String),
 }
 
 /// A held connection slot; dropping it frees the slot.
@@ -35,6 +50,16 @@ impl ConnectionLimits {
         Arc::new(Self {
             max_per_user,
             counts: Mutex::new(HashMap::new()),
+            shared: None,
+        })
+    }
+
+    /// Limits counted across every node sharing `shared`'s Redis.
+    pub fn shared(max_per_user: u32, shared: shared::SharedCounts) -> Arc<Self> {
+        Arc::new(Self {
+            max_per_user,
+            counts: Mutex::new(HashMap::new()),
+            shared: Some(shared),
         })
     }
 
@@ -46,7 +71,23 @@ impl ConnectionLimits {
     }
 
     /// Takes a slot for `user_id`, or refuses if the user is at the limit.
-    pub fn acquire(self: &Arc<Self>, user_id: &str) -> Result<ConnectionSlot, TooManyConnections> {
+    pub async fn acquire(self: &Arc<Self>, user_id: &str) -> Result<ConnectionSlot, LimitRefusal> {
+        if let Some(shared) = &self.shared {
+            return match shared.acquire(user_id, self.max_per_user).await {
+                Ok(Some(count)) => Ok(ConnectionSlot {
+                    limits: self.clone(),
+                    user_id: user_id.to_owned(),
+                    count,
+                }),
+                Ok(None) => Err(LimitRefusal::TooMany),
+                Err(err) => Err(LimitRefusal::Unavailable(err.to_string())),
+            };
+        }
+        self.acquire_local(user_id)
+            .map_err(|TooManyConnections| LimitRefusal::TooMany)
+    }
+
+    fn acquire_local(self: &Arc<Self>, user_id: &str) -> Result<ConnectionSlot, TooManyConnections> {
         let mut counts = self.lock();
         let count = counts.entry(user_id.to_owned()).or_insert(0);
         if *count >= self.max_per_user {
@@ -68,6 +109,10 @@ impl ConnectionLimits {
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
+        if let Some(shared) = &self.limits.shared {
+            shared.release(&self.user_id);
+            return;
+        }
         let mut counts = self.limits.lock();
         if let Some(count) = counts.get_mut(&self.user_id) {
             *count = count.saturating_sub(1);
@@ -134,14 +179,14 @@ mod tests {
     #[test]
     fn slots_are_counted_and_freed() {
         let limits = ConnectionLimits::new(2);
-        let a = limits.acquire("u").unwrap();
-        let b = limits.acquire("u").unwrap();
+        let a = limits.acquire_local("u").unwrap();
+        let b = limits.acquire_local("u").unwrap();
         assert_eq!((a.count, b.count), (1, 2));
-        assert_eq!(limits.acquire("u").err(), Some(TooManyConnections));
-        assert!(limits.acquire("other").is_ok());
+        assert_eq!(limits.acquire_local("u").err(), Some(TooManyConnections));
+        assert!(limits.acquire_local("other").is_ok());
         drop(a);
         assert_eq!(limits.count("u"), 1);
-        assert!(limits.acquire("u").is_ok());
+        assert!(limits.acquire_local("u").is_ok());
     }
 
     #[test]

@@ -31,6 +31,7 @@ use crate::channel::{Channel, ChannelKind};
 use crate::close::{Close, CloseCode};
 use crate::http::error::ApiError;
 use crate::ids::UserId;
+use crate::limits::LimitRefusal;
 use session::{Plan, Resume};
 
 /// Client messages larger than this close the socket with 1009 (docs/protocol.md).
@@ -304,16 +305,23 @@ async fn decide(
     };
 
     // 4429: the user's connection limit, counted over every endpoint.
-    let Ok(slot) = state.connection_limits.acquire(identity.user_id.as_str()) else {
-        tracing::warn!(%ip, user_id = %identity.user_id, "too many connections for this user");
-        state.metrics.rate_limited("connections_per_user");
-        return reject(
-            CloseCode::TooManyRequests,
-            format!(
-                "too many connections for this user (at most {})",
-                state.config.max_connections_per_user
-            ),
-        );
+    let slot = match state.connection_limits.acquire(identity.user_id.as_str()).await {
+        Ok(slot) => slot,
+        Err(LimitRefusal::TooMany) => {
+            tracing::warn!(%ip, user_id = %identity.user_id, "too many connections for this user");
+            state.metrics.rate_limited("connections_per_user");
+            return reject(
+                CloseCode::TooManyRequests,
+                format!(
+                    "too many connections for this user (at most {})",
+                    state.config.max_connections_per_user
+                ),
+            );
+        }
+        Err(LimitRefusal::Unavailable(reason)) => {
+            tracing::warn!(%ip, %reason, "connection count unavailable");
+            return reject(CloseCode::GoingAway, "server busy; reconnect shortly".to_owned());
+        }
     };
 
     Outcome::Accept(Box::new(Plan {

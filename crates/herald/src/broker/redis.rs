@@ -213,7 +213,7 @@ pub struct Subscriber {
     reconnects: std::sync::atomic::AtomicU64,
 }
 
-fn build_client(url: &str) -> Result<fred::prelude::Client, BrokerError> {
+pub(crate) fn build_client(url: &str) -> Result<fred::prelude::Client, BrokerError> {
     let mut config = Config::from_url(url).map_err(unavailable)?;
     // Retry the first connection too: a node started before Redis waits, not-ready.
     config.fail_fast = false;

@@ -324,3 +324,115 @@ async fn missed_messages_during_a_node_outage_come_back_through_history() {
     }
     assert_eq!(ws.next_json().await["recovered"], true);
 }
+
+#[tokio::test]
+async fn connection_limit_holds_across_nodes() {
+    let Some(redis) = Redis::start().await else { return };
+    let node = |redis: &Redis| {
+        TestServer::builder()
+            .env("HERALD_REDIS_URL", redis.url.clone())
+            .env("HERALD_MAX_CONNECTIONS_PER_USER", "2")
+            .spawn()
+    };
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let u = user("limit");
+    let (on_a, _) = a.connect("/ws/notifications/", &u).await;
+    let (on_b, _) = b.connect(&format!("/ws/frame-stream/{u}/"), &u).await;
+    for srv in [&a, &b] {
+        expect_refused_with(
+            WsClient::connect(srv, "/ws/notifications/").token(&srv.token(&u)),
+            4429,
+        )
+        .await;
+    }
+    // Another user is not affected.
+    let _other = a.connect("/ws/notifications/", &user("other")).await;
+    // Closing the socket on B frees a slot for A.
+    on_b.close().await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let mut ws = WsClient::connect(&a, "/ws/notifications/")
+            .token(&a.token(&u))
+            .open()
+            .await
+            .unwrap();
+        if let Event::Text(welcome) = ws.next_event().await {
+            if welcome["status"] == "connected" {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot freed on B never reached A"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drop(on_a);
+}
+
+#[tokio::test]
+async fn a_dead_node_frees_its_slots_within_the_node_ttl() {
+    let Some(redis) = Redis::start().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+    let mut cmd = herald(dir.path());
+    cmd.arg("serve").stderr(log);
+    for (k, v) in [
+        ("HERALD_LISTEN", "127.0.0.1:0"),
+        ("HERALD_REDIS_URL", redis.url.as_str()),
+        ("HERALD_JWT_SECRET", SECRET),
+        ("HERALD_API_KEYS", API_KEY),
+        ("HERALD_DATABASE_URL", "sqlite::memory:"),
+        ("HERALD_MAX_CONNECTIONS_PER_USER", "2"),
+    ] {
+        cmd.env(k, v);
+    }
+    let mut doomed = Proc::spawn("herald serve", cmd);
+    let addr = loop {
+        let line = doomed.next_line("starting").await;
+        if let Some(rest) = line.strip_prefix("herald listening on http://") {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    let u = user("dead");
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let url = format!("ws://{addr}/ws/notifications/?token={}", token_for(&u));
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        use futures_util::StreamExt;
+        let welcome = ws.next().await.unwrap().unwrap();
+        assert!(welcome.to_text().unwrap().contains("connected"));
+        held.push(ws);
+    }
+    let a = TestServer::builder()
+        .env("HERALD_REDIS_URL", redis.url.clone())
+        .env("HERALD_MAX_CONNECTIONS_PER_USER", "2")
+        .spawn()
+        .await;
+    expect_refused_with(
+        WsClient::connect(&a, "/ws/notifications/").token(&a.token(&u)),
+        4429,
+    )
+    .await;
+    // The node dies without releasing anything.
+    doomed.child.start_kill().unwrap();
+    let killed = tokio::time::Instant::now();
+    loop {
+        let mut ws = WsClient::connect(&a, "/ws/notifications/")
+            .token(&a.token(&u))
+            .open()
+            .await
+            .unwrap();
+        if let Event::Text(welcome) = ws.next_event().await {
+            if welcome["status"] == "connected" {
+                break;
+            }
+        }
+        assert!(
+            killed.elapsed() < herald::limits::shared::NODE_TTL + std::time::Duration::from_secs(6),
+            "the dead node's slots were not freed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    drop(held);
+}

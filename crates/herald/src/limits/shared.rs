@@ -1,0 +1,163 @@
+//! The per-user connection count across nodes, in Redis.
+//!
+//! Each user has a hash `herald:conns:{user}` of node id → open sockets on that node.
+//! Each node keeps a heartbeat key `herald:node:{id}` alive ([`NODE_TTL`], refreshed
+//! every [`HEARTBEAT_INTERVAL`]). Counting skips (and deletes) the entries of nodes
+//! whose heartbeat has expired, so a node that dies without releasing its slots frees
+//! them within [`NODE_TTL`].
+
+use std::time::Duration;
+
+use fred::prelude::{Client, ClientLike, KeysInterface, Value};
+use fred::types::scripts::Script;
+use fred::types::Expiration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::redis::build_client;
+use crate::broker::BrokerError;
+
+/// A node whose heartbeat is older than this no longer counts.
+pub const NODE_TTL: Duration = Duration::from_secs(15);
+
+/// How often a node refreshes its heartbeat.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How long a count change may take before the handshake gives up.
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How often a failed release is retried (while Redis is down), at most.
+const RELEASE_RETRIES: u32 = 120;
+
+/// KEYS = the user's hash; ARGV = node id, max, node key prefix. Returns the user's
+/// count including the new socket, or -1 when the user is at the limit.
+const ACQUIRE: &str = r#"
+local fields = redis.call('HGETALL', KEYS[1])
+local total = 0
+for i = 1, #fields, 2 do
+  local node = fields[i]
+  if node == ARGV[1] or redis.call('EXISTS', ARGV[3] .. node) == 1 then
+    total = total + tonumber(fields[i + 1])
+  else
+    redis.call('HDEL', KEYS[1], node)
+  end
+end
+if total >= tonumber(ARGV[2]) then
+  return -1
+end
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+return total + 1
+"#;
+
+/// KEYS = the user's hash; ARGV = node id.
+const RELEASE: &str = r#"
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
+if n <= 0 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return n
+"#;
+
+fn user_key(user_id: &str) -> String {
+    format!("herald:conns:{user_id}")
+}
+
+const NODE_PREFIX: &str = "herald:node:";
+
+/// This node's handle on the shared counts.
+pub struct SharedCounts {
+    client: Client,
+    node_id: String,
+    acquire: Script,
+    /// Releases are queued to a task, because a slot is released from `Drop`.
+    releases: mpsc::UnboundedSender<String>,
+}
+
+impl SharedCounts {
+    /// Connects to `url` and starts the heartbeat and release tasks, which stop on
+    /// `shutdown` (the heartbeat) and when this is dropped (releases).
+    pub async fn start(url: &str, node_id: &str, shutdown: &CancellationToken) -> Result<Self, BrokerError> {
+        let client = build_client(url)?;
+        client.connect();
+        let _ = tokio::time::timeout(TIMEOUT, client.wait_for_connect()).await;
+        let node_key = format!("{NODE_PREFIX}{node_id}");
+        tokio::spawn({
+            let client = client.clone();
+            let stop = shutdown.clone();
+            async move {
+                let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        _ = tick.tick() => {
+                            let ttl = Expiration::PX(NODE_TTL.as_millis() as i64);
+                            let set: Result<Value, _> = client.set(&node_key, 1, Some(ttl), None, false).await;
+                            if let Err(err) = set {
+                                tracing::warn!(error = %err, "node heartbeat failed");
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        let (releases, mut queue) = mpsc::unbounded_channel::<String>();
+        tokio::spawn({
+            let client = client.clone();
+            let node_id = node_id.to_owned();
+            let script = Script::from_lua(RELEASE);
+            async move {
+                while let Some(user_id) = queue.recv().await {
+                    for attempt in 0..RELEASE_RETRIES {
+                        let done = tokio::time::timeout(
+                            TIMEOUT,
+                            script.evalsha_with_reload::<Value, _, _>(
+                                &client,
+                                vec![user_key(&user_id)],
+                                vec![node_id.clone()],
+                            ),
+                        )
+                        .await;
+                        if matches!(done, Ok(Ok(_))) {
+                            break;
+                        }
+                        if attempt == 0 {
+                            tracing::warn!(user_id, "releasing a connection slot failed; retrying");
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            client,
+            node_id: node_id.to_owned(),
+            acquire: Script::from_lua(ACQUIRE),
+            releases,
+        })
+    }
+
+    /// Takes a slot: `Ok(Some(count))` with the user's count including it, `Ok(None)`
+    /// when the user is at `max` across all nodes.
+    pub async fn acquire(&self, user_id: &str, max: u32) -> Result<Option<u32>, BrokerError> {
+        if !self.client.is_connected() {
+            return Err(BrokerError::Unavailable("not connected to Redis".into()));
+        }
+        let reply = tokio::time::timeout(
+            TIMEOUT,
+            self.acquire.evalsha_with_reload::<i64, _, _>(
+                &self.client,
+                vec![user_key(user_id)],
+                vec![self.node_id.clone(), max.to_string(), NODE_PREFIX.to_owned()],
+            ),
+        )
+        .await
+        .map_err(|_| BrokerError::Unavailable("Redis did not answer in time".into()))?
+        .map_err(|err| BrokerError::Unavailable(err.to_string()))?;
+        Ok(u32::try_from(reply).ok())
+    }
+
+    /// Gives a slot back (asynchronously).
+    pub fn release(&self, user_id: &str) {
+        let _ = self.releases.send(user_id.to_owned());
+    }
+}
