@@ -89,6 +89,28 @@ impl TaskStream {
         shape
     }
 
+    /// The documented order of a completed task: started, thinking status and frame
+    /// (either order), streaming, frames, response, completed.
+    #[track_caller]
+    pub fn assert_completed_order(&self) {
+        let shape = self.shape();
+        assert!(
+            shape[..3] == ["status:started", "status:thinking", "frame:thinking"]
+                || shape[..3] == ["status:started", "frame:thinking", "status:thinking"],
+            "{shape:?}"
+        );
+        assert_eq!(
+            shape[3..],
+            [
+                "status:streaming",
+                "frame:streaming",
+                "llm_response",
+                "status:completed"
+            ],
+            "{shape:?}"
+        );
+    }
+
     pub fn indices(&self) -> Vec<u64> {
         self.streaming()
             .map(|m| m["frame"]["index"].as_u64().unwrap())
@@ -119,23 +141,7 @@ async fn echo_answer_streams_in_order() {
     let task_id = generate(&srv, "u1", "chat-1", "hello streaming world").await;
     let stream = TaskStream::read(&mut ws, &task_id).await;
 
-    let shape = stream.shape();
-    // The thinking status and the thinking frame may come in either order.
-    assert!(
-        shape[..3] == ["status:started", "status:thinking", "frame:thinking"]
-            || shape[..3] == ["status:started", "frame:thinking", "status:thinking"],
-        "{shape:?}"
-    );
-    assert_eq!(
-        shape[3..],
-        [
-            "status:streaming",
-            "frame:streaming",
-            "llm_response",
-            "status:completed"
-        ],
-        "{shape:?}"
-    );
+    stream.assert_completed_order();
     let thinking = stream.messages.iter().find(|m| m["type"] == "llm_frame").unwrap();
     assert_eq!(
         thinking["frame"],

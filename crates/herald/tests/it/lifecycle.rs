@@ -55,11 +55,7 @@ async fn during_the_drain_readyz_is_503_and_new_sockets_are_refused() {
     }
     assert_eq!(ws.expect_close().await.0, 1001);
     drop(ws);
-    tokio::time::timeout(Duration::from_secs(6), stopping)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    stopped_within(stopping, Duration::from_secs(6)).await;
 }
 
 #[tokio::test]
@@ -77,11 +73,7 @@ async fn shutdown_closes_every_socket_1001_within_the_drain_window() {
     for mut ws in sockets {
         assert_eq!(ws.expect_close().await.0, 1001);
     }
-    tokio::time::timeout(Duration::from_secs(5), stopping)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    stopped_within(stopping, Duration::from_secs(5)).await;
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "{:?}",
@@ -185,11 +177,7 @@ async fn shutdown_does_not_wait_for_a_long_task_past_the_drain() {
     let stopping = tokio::spawn(srv.stop());
     assert_eq!(ws.expect_close().await.0, 1001);
     drop(ws);
-    tokio::time::timeout(Duration::from_secs(5), stopping)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    stopped_within(stopping, Duration::from_secs(5)).await;
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "shutdown took {:?}",

@@ -50,22 +50,13 @@ async fn connections_per_user_across_endpoints() {
 
     // Closing one frees its slot.
     notifications.close().await;
-    let mut again = None;
-    for _ in 0..50 {
-        let mut ws = WsClient::connect(&srv, "/ws/notifications/")
-            .token(&token)
-            .open()
-            .await
-            .unwrap();
-        match ws.next_event().await {
-            Event::Text(welcome) if welcome["status"] == "connected" => {
-                again = Some(ws);
-                break;
-            }
-            _ => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
-        }
-    }
-    assert!(again.is_some(), "the freed slot was never given back");
+    connect_when_accepted(
+        &srv,
+        "/ws/notifications/",
+        "u1",
+        std::time::Duration::from_secs(1),
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -33,22 +33,7 @@ async fn run(replies: Vec<Reply>) -> (TaskStream, FakeLlm) {
 
 #[track_caller]
 fn assert_completed(stream: &TaskStream) {
-    let shape = stream.shape();
-    assert_eq!(
-        shape.first().map(String::as_str),
-        Some("status:started"),
-        "{shape:?}"
-    );
-    assert_eq!(
-        shape[3..],
-        [
-            "status:streaming",
-            "frame:streaming",
-            "llm_response",
-            "status:completed"
-        ],
-        "{shape:?}"
-    );
+    stream.assert_completed_order();
     let n = stream.indices().len() as u64;
     assert_eq!(stream.indices(), (0..n).collect::<Vec<_>>());
     assert_eq!(stream.text(), ANSWER);

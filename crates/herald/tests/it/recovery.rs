@@ -185,17 +185,7 @@ async fn resume_in_the_middle_of_an_llm_answer() {
     )
     .await;
     while answer_seen.response.is_none() {
-        let message = ws.next_json().await;
-        if message["type"] == "system" {
-            assert_eq!(message["recovered"], true, "{message}");
-            continue;
-        }
-        assert_eq!(
-            message["offset"].as_u64().unwrap(),
-            answer_seen.last_offset + 1,
-            "no gap, no repeat"
-        );
-        answer_seen.take(&message);
+        answer_seen.take_resumed(&ws.next_json().await);
     }
     publisher.await.unwrap();
     assert_eq!(answer_seen.indices, (0..deltas.len() as u64).collect::<Vec<_>>());
@@ -213,6 +203,22 @@ struct Answer {
 }
 
 impl Answer {
+    /// Takes a message read after a resume: the `recovered` message must say true, and
+    /// every other message must be the next offset (no gap, no repeat).
+    #[track_caller]
+    fn take_resumed(&mut self, message: &Value) {
+        if message["type"] == "system" {
+            assert_eq!(message["recovered"], true, "{message}");
+            return;
+        }
+        assert_eq!(
+            message["offset"].as_u64().unwrap(),
+            self.last_offset + 1,
+            "no gap, no repeat"
+        );
+        self.take(message);
+    }
+
     fn take(&mut self, message: &Value) {
         self.last_offset = message["offset"].as_u64().unwrap();
         match message["type"].as_str() {
@@ -359,17 +365,10 @@ async fn resume_in_the_middle_of_a_herald_llm_task() {
     let (mut ws, _) = resume(&srv, "/ws/frame-stream/u1/", "u1", seen.last_offset, &epoch).await;
     loop {
         let message = ws.next_json().await;
-        if message["type"] == "system" {
-            assert_eq!(message["recovered"], true, "{message}");
-            continue;
+        if message["type"] != "system" {
+            assert_eq!(message["task_id"], task_id.as_str());
         }
-        assert_eq!(
-            message["offset"].as_u64().unwrap(),
-            seen.last_offset + 1,
-            "no gap, no repeat"
-        );
-        assert_eq!(message["task_id"], task_id.as_str());
-        seen.take(&message);
+        seen.take_resumed(&message);
         if message["type"] == "llm_status" && message["status"] == "completed" {
             break;
         }

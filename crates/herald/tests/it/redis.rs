@@ -349,24 +349,7 @@ async fn connection_limit_holds_across_nodes() {
     let _other = a.connect("/ws/notifications/", &user("other")).await;
     // Closing the socket on B frees a slot for A.
     on_b.close().await;
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        let mut ws = WsClient::connect(&a, "/ws/notifications/")
-            .token(&a.token(&u))
-            .open()
-            .await
-            .unwrap();
-        if let Event::Text(welcome) = ws.next_event().await {
-            if welcome["status"] == "connected" {
-                break;
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the slot freed on B never reached A"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    connect_when_accepted(&a, "/ws/notifications/", &u, std::time::Duration::from_secs(5)).await;
     drop(on_a);
 }
 
@@ -416,23 +399,13 @@ async fn a_dead_node_frees_its_slots_within_the_node_ttl() {
     .await;
     // The node dies without releasing anything.
     doomed.child.start_kill().unwrap();
-    let killed = tokio::time::Instant::now();
-    loop {
-        let mut ws = WsClient::connect(&a, "/ws/notifications/")
-            .token(&a.token(&u))
-            .open()
-            .await
-            .unwrap();
-        if let Event::Text(welcome) = ws.next_event().await {
-            if welcome["status"] == "connected" {
-                break;
-            }
-        }
-        assert!(
-            killed.elapsed() < herald::limits::shared::NODE_TTL + std::time::Duration::from_secs(6),
-            "the dead node's slots were not freed"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
+    // Slots come back once the dead node's heartbeat expires.
+    connect_when_accepted(
+        &a,
+        "/ws/notifications/",
+        &u,
+        herald::limits::shared::NODE_TTL + std::time::Duration::from_secs(6),
+    )
+    .await;
     drop(held);
 }

@@ -223,6 +223,38 @@ impl TestServer {
     }
 }
 
+/// Connects to `path` as `user` until the server accepts (a freed connection slot can
+/// take a moment to be seen), failing after `within`.
+pub async fn connect_when_accepted(srv: &TestServer, path: &str, user: &str, within: Duration) -> WsClient {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let mut ws = WsClient::connect(srv, path)
+            .token(&srv.token(user))
+            .open()
+            .await
+            .expect("upgrade");
+        if let Event::Text(welcome) = ws.next_event().await {
+            if welcome["status"] == "connected" {
+                return ws;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{path} never accepted {user} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits for a spawned `TestServer::stop` to return successfully within `within`.
+pub async fn stopped_within(stopping: JoinHandle<anyhow::Result<()>>, within: Duration) {
+    tokio::time::timeout(within, stopping)
+        .await
+        .expect("the server did not stop in time")
+        .expect("the stop task panicked")
+        .expect("serve returned an error");
+}
+
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.shutdown.cancel();
