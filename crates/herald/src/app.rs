@@ -37,6 +37,9 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Every spawned session and background task, so shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// Cancelled once the drain is over and every session and task has ended: closes
+    /// the Redis connections, which publishes during the drain still need.
+    pub stopped: CancellationToken,
     /// Identifies this process in stats and (later) in Redis.
     pub node_id: Arc<str>,
 }

@@ -1,4 +1,4 @@
-//! The command line: `herald serve`, `herald token`, `herald listen`. Thin: parses
+//! The command line: `herald serve`, `herald worker`, `herald token`, `herald listen`. Thin: parses
 //! arguments, loads configuration, and calls the library.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)] // A CLI prints.
@@ -31,8 +31,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the gateway: HTTP API and WebSockets.
+    /// Run the gateway: HTTP API and WebSockets, and LLM workers unless
+    /// HERALD_WORKERS=0.
     Serve,
+    /// Run LLM workers only, taking tasks from the shared queue in Redis
+    /// (HERALD_REDIS_URL; HERALD_WORKERS at once, default 256).
+    Worker,
     /// Print a dev HS256 user token signed with the configured (or dev) secret.
     Token {
         /// The user id (the token's `sub`).
@@ -64,6 +68,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = config::load(cli.config.as_deref(), &ProcessEnv).map_err(|err| anyhow::anyhow!("{err}"))?;
     match cli.command {
         Command::Serve => serve(config).await,
+        Command::Worker => worker(config).await,
         Command::Token { sub, orgs, ttl } => token(&config, &sub, &orgs, ttl),
         Command::Listen { url, token, count } => listen(&url, &token, count).await,
     }
@@ -84,6 +89,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tokio::spawn(signal_shutdown(shutdown.clone()));
     crate::serve(config, secrets, listener, shutdown).await?;
     tracing::info!("herald stopped");
+    Ok(())
+}
+
+async fn worker(config: Config) -> anyhow::Result<()> {
+    crate::telemetry::init(&config)?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal_shutdown(shutdown.clone()));
+    crate::work(config, shutdown).await?;
+    tracing::info!("herald worker stopped");
     Ok(())
 }
 

@@ -177,6 +177,9 @@ pub struct Config {
     /// Longest silence between two LLM stream events. TOML key
     /// `llm_between_tokens_timeout_ms`.
     pub llm_between_tokens_timeout: Duration,
+    /// `task_claim_idle_ms`: with Redis, how long a running task's worker may go
+    /// unheard before another worker takes the task over.
+    pub task_claim_idle: Duration,
 }
 
 /// Default for [`Config::ping_interval`] (the documented 25 s).
@@ -313,6 +316,7 @@ pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
         llm_first_token_timeout: tuning.millis("llm_first_token_timeout_ms", Duration::from_secs(60))?,
         llm_between_tokens_timeout: tuning
             .millis("llm_between_tokens_timeout_ms", Duration::from_secs(30))?,
+        task_claim_idle: tuning.millis("task_claim_idle_ms", DEFAULT_TASK_CLAIM_IDLE)?,
     };
     Ok(config)
 }
@@ -396,7 +400,7 @@ impl Values {
 
 /// Tuning settings only the TOML file can set: operational knobs outside the
 /// documented `HERALD_*` environment contract.
-pub const TOML_ONLY_KEYS: [&str; 8] = [
+pub const TOML_ONLY_KEYS: [&str; 9] = [
     "outbox_max_bytes",
     "history_max_bytes",
     "handshakes_per_ip_per_second",
@@ -405,7 +409,11 @@ pub const TOML_ONLY_KEYS: [&str; 8] = [
     "llm_connect_timeout_ms",
     "llm_first_token_timeout_ms",
     "llm_between_tokens_timeout_ms",
+    "task_claim_idle_ms",
 ];
+
+/// Default of `task_claim_idle_ms`.
+pub const DEFAULT_TASK_CLAIM_IDLE: Duration = Duration::from_secs(15);
 
 /// Raw values of [`TOML_ONLY_KEYS`] from the file, parsed on demand.
 #[derive(Default)]

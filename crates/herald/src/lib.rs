@@ -4,7 +4,7 @@
 //! # Layout
 //!
 //! - [`config`]: the typed configuration, loaded from defaults < TOML < environment.
-//! - [`cli`]: `herald serve | token | listen`; thin, calls [`serve`].
+//! - [`cli`]: `herald serve | worker | token | listen`; thin, calls [`serve`] or [`work`].
 //! - [`app`]: `AppState` and the router listing every route.
 //! - [`ws`]: the three WebSocket endpoints; [`ws::session`] runs one socket.
 //! - [`http`]: the service API (publish, members, stats) and operations endpoints.
@@ -19,8 +19,8 @@
 //! - [`channel`], [`ids`], [`close`]: the vocabulary: channels, messages, identifiers,
 //!   close codes.
 //! - [`store`]: SQLite/PostgreSQL access and migrations.
-//! - [`tasks`]: LLM generation tasks: registry, in-process queue, the worker that
-//!   streams an answer to the user's frame stream.
+//! - [`tasks`]: LLM generation tasks: the in-process queue or the shared one on Redis
+//!   Streams, and the worker that streams an answer to the user's frame stream.
 
 pub mod app;
 pub mod auth;
@@ -61,6 +61,9 @@ use crate::store::Store;
 /// LLM tasks run at once by `herald serve` when `HERALD_WORKERS` is not set.
 pub const DEFAULT_SERVE_WORKERS: usize = 64;
 
+/// LLM tasks run at once by `herald worker` when `HERALD_WORKERS` is not set.
+pub const DEFAULT_WORKER_WORKERS: usize = 256;
+
 /// How often idle channels are swept from the memory broker.
 const EVICT_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -79,46 +82,32 @@ pub async fn build_state(
     let auth = Authenticator::new(&config, secrets.dev_jwt_secret.as_ref())?;
     let membership = Membership::new(&config.membership, store.clone())?;
     let hub = Arc::new(Hub::default());
-    let (broker, memory): (Arc<dyn broker::Broker>, _) = match &config.redis_url {
-        Some(url) => {
-            let redis = RedisBroker::connect(
-                url,
-                hub.clone(),
-                config.history_size,
-                config.history_ttl,
-                &shutdown,
-            )
-            .await
-            .map_err(|err| anyhow::anyhow!("cannot use Redis at {}: {err}", redact_url(url)))?;
-            (Arc::new(redis), None)
-        }
-        None => {
-            let memory = Arc::new(MemoryBroker::new(
-                hub.clone(),
-                config.history_size,
-                config.history_ttl,
-                config.history_max_bytes,
-            ));
-            (memory.clone(), Some(memory))
-        }
-    };
+    // Redis connections outlive the drain: publishes and task ends still need them.
+    let stopped = CancellationToken::new();
+    let (broker, memory) = connect_broker(&config, hub.clone(), &stopped).await?;
     let metrics = metrics::Metrics::new();
     let publisher = app::Publisher::new(broker.clone(), metrics.clone());
     let tracker = TaskTracker::new();
     let provider = llm::from_config(&config)?;
-    let tasks = tasks::Tasks::new(
-        &config,
-        config.workers.unwrap_or(DEFAULT_SERVE_WORKERS),
-        provider,
-        publisher.clone(),
-        store.clone(),
-        tracker.clone(),
-        shutdown.clone(),
-    );
     let node_id = channel::new_id();
+    let parts = tasks::Parts {
+        provider,
+        publisher: publisher.clone(),
+        broker: broker.clone(),
+        store: store.clone(),
+        tracker: tracker.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let workers = config.workers.unwrap_or(DEFAULT_SERVE_WORKERS);
+    let tasks = match &config.redis_url {
+        Some(url) => tasks::Tasks::redis(url, &config, workers, &parts, &node_id, &stopped)
+            .await
+            .map_err(|err| anyhow::anyhow!("cannot use Redis at {}: {err}", redact_url(url)))?,
+        None => tasks::Tasks::local(&config, workers, &parts),
+    };
     let connection_limits = match &config.redis_url {
         Some(url) => {
-            let shared = limits::shared::SharedCounts::start(url, &node_id, &shutdown)
+            let shared = limits::shared::SharedCounts::start(url, &node_id, &stopped)
                 .await
                 .map_err(|err| anyhow::anyhow!("cannot use Redis at {}: {err}", redact_url(url)))?;
             limits::ConnectionLimits::shared(config.max_connections_per_user, shared)
@@ -142,10 +131,84 @@ pub async fn build_state(
         )),
         shutdown,
         tracker,
+        stopped,
         node_id: Arc::from(node_id),
         config: Arc::new(config),
     };
     Ok((state, memory))
+}
+
+/// The broker `config` asks for: Redis when `HERALD_REDIS_URL` is set (its connections
+/// close on `stopped`), else memory (returned twice: as the broker and for its sweeps).
+async fn connect_broker(
+    config: &Config,
+    hub: Arc<Hub>,
+    stopped: &CancellationToken,
+) -> anyhow::Result<(Arc<dyn broker::Broker>, Option<Arc<MemoryBroker>>)> {
+    Ok(match &config.redis_url {
+        Some(url) => {
+            let redis = RedisBroker::connect(url, hub, config.history_size, config.history_ttl, stopped)
+                .await
+                .map_err(|err| anyhow::anyhow!("cannot use Redis at {}: {err}", redact_url(url)))?;
+            (Arc::new(redis), None)
+        }
+        None => {
+            let memory = Arc::new(MemoryBroker::new(
+                hub,
+                config.history_size,
+                config.history_ttl,
+                config.history_max_bytes,
+            ));
+            (memory.clone(), Some(memory))
+        }
+    })
+}
+
+/// `herald worker`: runs LLM tasks from the shared queue in Redis until `shutdown`,
+/// then gives running tasks the drain window and hands back the rest.
+pub async fn work(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let Some(url) = config.redis_url.clone() else {
+        anyhow::bail!(
+            "herald worker takes tasks from the shared queue in Redis: set HERALD_REDIS_URL to the Redis your herald serve nodes use"
+        );
+    };
+    let workers = config.workers.unwrap_or(DEFAULT_WORKER_WORKERS);
+    if workers == 0 {
+        anyhow::bail!("HERALD_WORKERS=0 leaves herald worker nothing to do; set it to 1 or more");
+    }
+    let store = Store::connect(&config.database_url).await.map_err(|err| {
+        anyhow::anyhow!(
+            "cannot open the database {}: {err}",
+            redact_url(&config.database_url)
+        )
+    })?;
+    let stopped = CancellationToken::new();
+    // A worker holds no sockets: its hub stays empty and it subscribes to nothing.
+    let (broker, _) = connect_broker(&config, Arc::new(Hub::default()), &stopped).await?;
+    let metrics = metrics::Metrics::new();
+    let tracker = TaskTracker::new();
+    let parts = tasks::Parts {
+        provider: llm::from_config(&config)?,
+        publisher: app::Publisher::new(broker.clone(), metrics),
+        broker,
+        store,
+        tracker: tracker.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let tasks = tasks::Tasks::redis(&url, &config, workers, &parts, &channel::new_id(), &stopped)
+        .await
+        .map_err(|err| anyhow::anyhow!("cannot use Redis at {}: {err}", redact_url(&url)))?;
+    tracing::info!(
+        redis = redact_url(&url),
+        workers,
+        provider = tasks.provider_name(),
+        "herald worker taking LLM tasks"
+    );
+    shutdown.cancelled().await;
+    tracker.close();
+    tracker.wait().await;
+    stopped.cancel();
+    Ok(())
 }
 
 /// Runs the gateway on `listener` until `shutdown` is cancelled, then closes every
@@ -158,6 +221,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let (state, memory) = build_state(config, secrets, shutdown.clone()).await?;
     let tracker = state.tracker.clone();
+    let stopped = state.stopped.clone();
     let handshake_limiter = state.handshake_limiter.clone();
     let drain = state.config.shutdown_drain;
     tracker.spawn({
@@ -198,6 +262,7 @@ pub async fn serve(
     .map_err(|err| anyhow::anyhow!("the HTTP server failed: {err}"))?;
     tracker.close();
     tracker.wait().await;
+    stopped.cancel();
     Ok(())
 }
 

@@ -1,23 +1,28 @@
-//! LLM generation tasks: the registry (status while queued, running and for
-//! [`TASK_RETENTION`] after), the in-process queue with bounded concurrency
-//! (`HERALD_WORKERS`), per-user limits and cancellation.
+//! LLM generation tasks: submit, status, cancel, and the workers that run them.
+//!
+//! Two queues behind one [`Tasks`] handle, with the same behaviour:
+//! - [`local`]: memory mode; the queue and the task registry live in this process.
+//! - [`redis`]: with `HERALD_REDIS_URL`; the queue is a Redis stream read by a consumer
+//!   group, so any node's workers (and `herald worker` processes) take tasks queued on
+//!   any node, a dead worker's task is taken over, and status and cancel work from
+//!   every node.
 //!
 //! A task runs in [`worker`], which publishes the stream's messages to the user's
 //! `frames:{user_id}` channel through the broker like any other publisher: tasks know
 //! nothing of sockets.
 
+pub mod local;
+pub mod redis;
 pub mod worker;
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::app::Publisher;
+use crate::broker::Broker;
 use crate::config::Config;
 use crate::ids::{ChatId, UserId};
 use crate::llm::LlmProvider;
@@ -79,7 +84,7 @@ pub struct TaskView {
 }
 
 /// Why a task was not accepted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
     #[error("more than 3 tasks in flight for this user; wait for one to finish")]
     TooManyInFlight,
@@ -87,236 +92,121 @@ pub enum SubmitError {
     NoWorkers,
     #[error("the server is shutting down; retry on another node")]
     ShuttingDown,
+    #[error("the task queue is unavailable ({0}); retry shortly")]
+    Unavailable(String),
 }
 
-struct Record {
-    user_id: UserId,
-    chat_id: String,
-    status: TaskStatus,
-    response: Option<String>,
-    error: Option<String>,
-    cancel: CancellationToken,
+/// The shared task queue could not be reached.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the task queue is unavailable ({0}); retry shortly")]
+pub struct Unavailable(pub String);
+
+/// What every task of a node needs, whichever queue runs it.
+pub struct Parts {
+    pub provider: Arc<dyn LlmProvider>,
+    pub publisher: Publisher,
+    pub broker: Arc<dyn Broker>,
+    pub store: Store,
+    pub tracker: TaskTracker,
+    pub shutdown: CancellationToken,
 }
 
-/// The in-process task queue and registry. Cheap to clone.
-#[derive(Clone)]
-pub struct Tasks {
-    inner: Arc<Inner>,
-}
-
-/// Every count the registry needs, kept up to date as tasks change state, so no
-/// operation scans all tasks.
-#[derive(Default)]
-struct Registry {
-    records: HashMap<String, Record>,
-    /// Queued or running tasks per user (the 3-in-flight limit).
-    in_flight: HashMap<UserId, usize>,
-    /// Tasks waiting for a worker (the queue-depth gauge).
-    queued: usize,
-    /// Ended tasks, oldest first, forgotten after [`TASK_RETENTION`].
-    ended: VecDeque<(Instant, String)>,
-}
-
-impl Registry {
-    fn forget_expired(&mut self, now: Instant) {
-        while let Some((at, _)) = self.ended.front() {
-            if now.duration_since(*at) < TASK_RETENTION {
-                break;
-            }
-            if let Some((_, task_id)) = self.ended.pop_front() {
-                self.records.remove(&task_id);
-            }
-        }
+impl Parts {
+    fn context(&self, config: &Config, hand_back_on_shutdown: bool) -> Arc<worker::Context> {
+        Arc::new(worker::Context {
+            provider: self.provider.clone(),
+            publisher: self.publisher.clone(),
+            store: self.store.clone(),
+            context_messages: config.chat_context_messages,
+            coalesce: config.frame_coalesce,
+            shutdown: self.shutdown.clone(),
+            drain: config.shutdown_drain,
+            hand_back_on_shutdown,
+        })
     }
 }
 
-struct Inner {
-    registry: Mutex<Registry>,
-    /// One permit per task allowed to run at once (`HERALD_WORKERS`).
-    workers: Arc<Semaphore>,
-    n_workers: usize,
-    ctx: worker::Context,
-    tracker: TaskTracker,
-    shutdown: CancellationToken,
+#[derive(Clone)]
+enum Queue {
+    Local(local::LocalQueue),
+    Redis(Arc<redis::RedisQueue>),
+}
+
+/// The node's handle on the task queue. Cheap to clone.
+#[derive(Clone)]
+pub struct Tasks {
+    queue: Queue,
+    provider_name: &'static str,
 }
 
 impl Tasks {
-    pub fn new(
-        config: &Config,
-        workers: usize,
-        provider: Arc<dyn LlmProvider>,
-        publisher: Publisher,
-        store: Store,
-        tracker: TaskTracker,
-        shutdown: CancellationToken,
-    ) -> Self {
+    /// The in-process queue, running up to `workers` tasks at once.
+    pub fn local(config: &Config, workers: usize, parts: &Parts) -> Self {
+        let ctx = parts.context(config, false);
         Self {
-            inner: Arc::new(Inner {
-                registry: Mutex::new(Registry::default()),
-                workers: Arc::new(Semaphore::new(workers)),
-                n_workers: workers,
-                ctx: worker::Context {
-                    provider,
-                    publisher,
-                    store,
-                    context_messages: config.chat_context_messages,
-                    coalesce: config.frame_coalesce,
-                    shutdown: shutdown.clone(),
-                    drain: config.shutdown_drain,
-                },
-                tracker,
-                shutdown,
-            }),
+            queue: Queue::Local(local::LocalQueue::new(
+                workers,
+                ctx,
+                parts.tracker.clone(),
+                parts.shutdown.clone(),
+            )),
+            provider_name: parts.provider.name(),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Registry> {
-        // Critical sections are short map and counter updates; a poisoned lock is still
-        // consistent.
-        self.inner
-            .registry
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// The shared queue on Redis at `url`; this process runs up to `workers` tasks at
+    /// once (0: it only submits). `stop` closes its connections (after the drain).
+    pub async fn redis(
+        url: &str,
+        config: &Config,
+        workers: usize,
+        parts: &Parts,
+        node_id: &str,
+        stop: &CancellationToken,
+    ) -> Result<Self, Unavailable> {
+        let ctx = parts.context(config, true);
+        let queue = redis::RedisQueue::start(url, config, workers, ctx, parts, node_id, stop).await?;
+        Ok(Self {
+            queue: Queue::Redis(queue),
+            provider_name: parts.provider.name(),
+        })
     }
 
     /// The live provider's name (`echo` or `openai-compatible`).
     pub fn provider_name(&self) -> &'static str {
-        self.inner.ctx.provider.name()
+        self.provider_name
     }
 
     /// Queues a task and returns its id.
-    pub fn submit(&self, request: TaskRequest) -> Result<String, SubmitError> {
-        if self.inner.n_workers == 0 {
-            return Err(SubmitError::NoWorkers);
+    pub async fn submit(&self, request: TaskRequest) -> Result<String, SubmitError> {
+        match &self.queue {
+            Queue::Local(queue) => queue.submit(request),
+            Queue::Redis(queue) => queue.submit(request).await,
         }
-        if self.inner.shutdown.is_cancelled() {
-            return Err(SubmitError::ShuttingDown);
-        }
-        let task_id = crate::channel::new_id();
-        let cancel = CancellationToken::new();
-        {
-            let mut registry = self.lock();
-            registry.forget_expired(Instant::now());
-            let in_flight = registry.in_flight.entry(request.user_id.clone()).or_insert(0);
-            if *in_flight >= MAX_TASKS_IN_FLIGHT_PER_USER {
-                return Err(SubmitError::TooManyInFlight);
-            }
-            *in_flight += 1;
-            registry.queued += 1;
-            let queued = registry.queued;
-            self.set_queue_depth(queued);
-            registry.records.insert(
-                task_id.clone(),
-                Record {
-                    user_id: request.user_id.clone(),
-                    chat_id: request.chat_id.as_str().to_owned(),
-                    status: TaskStatus::Queued,
-                    response: None,
-                    error: None,
-                    cancel: cancel.clone(),
-                },
-            );
-        }
-        let tasks = self.clone();
-        let id = task_id.clone();
-        self.inner.tracker.spawn(async move {
-            let permit = tokio::select! {
-                permit = tasks.inner.workers.clone().acquire_owned() => permit,
-                () = cancel.cancelled() => {
-                    tasks.finish_unstarted(&id, &request, TaskStatus::Cancelled, None).await;
-                    return;
-                }
-                () = tasks.inner.shutdown.cancelled() => {
-                    tasks.finish_unstarted(&id, &request, TaskStatus::Failed, Some("the server shut down before the task started")).await;
-                    return;
-                }
-            };
-            let Ok(_permit) = permit else {
-                return;
-            };
-            tasks.set_status(&id, TaskStatus::Running, None, None);
-            let outcome = worker::run(&tasks.inner.ctx, &id, &request, &cancel).await;
-            tasks.set_status(&id, outcome.status, outcome.response, outcome.error);
-        });
-        Ok(task_id)
-    }
-
-    async fn finish_unstarted(
-        &self,
-        task_id: &str,
-        request: &TaskRequest,
-        status: TaskStatus,
-        error: Option<&str>,
-    ) {
-        worker::publish_unstarted_end(&self.inner.ctx, task_id, request, status, error).await;
-        self.set_status(task_id, status, None, error.map(str::to_owned));
-    }
-
-    fn set_status(&self, task_id: &str, status: TaskStatus, response: Option<String>, error: Option<String>) {
-        let mut registry = self.lock();
-        let registry = &mut *registry;
-        let Some(record) = registry.records.get_mut(task_id) else {
-            return;
-        };
-        let was = record.status;
-        if was.is_done() {
-            return;
-        }
-        record.status = status;
-        if response.is_some() {
-            record.response = response;
-        }
-        if error.is_some() {
-            record.error = error;
-        }
-        if was == TaskStatus::Queued && status != TaskStatus::Queued {
-            registry.queued = registry.queued.saturating_sub(1);
-            self.set_queue_depth(registry.queued);
-        }
-        if status.is_done() {
-            if let Some(n) = registry.in_flight.get_mut(&record.user_id) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    registry.in_flight.remove(&record.user_id);
-                }
-            }
-            let now = Instant::now();
-            registry.ended.push_back((now, task_id.to_owned()));
-            registry.forget_expired(now);
-            self.inner.ctx.publisher.metrics().task_ended(status.as_str());
-        }
-    }
-
-    fn set_queue_depth(&self, queued: usize) {
-        self.inner
-            .ctx
-            .publisher
-            .metrics()
-            .set_task_queue_depth(i64::try_from(queued).unwrap_or(i64::MAX));
     }
 
     /// The task, if it exists and belongs to `user_id`.
-    pub fn get(&self, task_id: &str, user_id: &UserId) -> Option<TaskView> {
-        let registry = self.lock();
-        let record = registry.records.get(task_id).filter(|r| &r.user_id == user_id)?;
-        Some(TaskView {
-            task_id: task_id.to_owned(),
-            chat_id: record.chat_id.clone(),
-            status: record.status,
-            response: record.response.clone(),
-            error: record.error.clone(),
-        })
+    pub async fn get(&self, task_id: &str, user_id: &UserId) -> Result<Option<TaskView>, Unavailable> {
+        match &self.queue {
+            Queue::Local(queue) => Ok(queue.get(task_id, user_id)),
+            Queue::Redis(queue) => queue.get(task_id, user_id).await,
+        }
     }
 
-    /// Asks a task of `user_id` to stop. Returns its view, or `None` if there is no such
-    /// task of this user. Cancelling an ended task changes nothing.
-    pub fn cancel(&self, task_id: &str, user_id: &UserId) -> Option<TaskView> {
-        let view = self.get(task_id, user_id)?;
-        if !view.status.is_done() {
-            if let Some(record) = self.lock().records.get(task_id) {
-                record.cancel.cancel();
-            }
+    /// Asks a task of `user_id` to stop. Returns its view as it was, or `None` if there
+    /// is no such task of this user. Cancelling an ended task changes nothing.
+    pub async fn cancel(&self, task_id: &str, user_id: &UserId) -> Result<Option<TaskView>, Unavailable> {
+        match &self.queue {
+            Queue::Local(queue) => Ok(queue.cancel(task_id, user_id)),
+            Queue::Redis(queue) => queue.cancel(task_id, user_id).await,
         }
-        Some(view)
+    }
+
+    /// Whether the queue can take tasks (memory mode: always).
+    pub fn ready(&self) -> bool {
+        match &self.queue {
+            Queue::Local(_) => true,
+            Queue::Redis(queue) => queue.ready(),
+        }
     }
 }

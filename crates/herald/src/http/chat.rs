@@ -64,9 +64,11 @@ async fn generate(
         prompt: prompt.to_owned(),
         model,
     };
-    let task_id = state.tasks.submit(request).map_err(|err| match err {
+    let task_id = state.tasks.submit(request).await.map_err(|err| match err {
         SubmitError::TooManyInFlight => ApiError::TooManyRequests(err.to_string()),
-        SubmitError::NoWorkers | SubmitError::ShuttingDown => ApiError::Unavailable(err.to_string()),
+        SubmitError::NoWorkers | SubmitError::ShuttingDown | SubmitError::Unavailable(_) => {
+            ApiError::Unavailable(err.to_string())
+        }
     })?;
     let body = json!({"task_id": task_id, "chat_id": chat_id.as_str(), "status": "queued"});
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
@@ -95,6 +97,8 @@ async fn task(
     let view = state
         .tasks
         .get(&task_id, &identity.user_id)
+        .await
+        .map_err(|err| ApiError::Unavailable(err.to_string()))?
         .ok_or_else(not_found)?;
     Ok(Json(view_json(&view)).into_response())
 }
@@ -107,6 +111,8 @@ async fn cancel(
     let view = state
         .tasks
         .cancel(&task_id, &identity.user_id)
+        .await
+        .map_err(|err| ApiError::Unavailable(err.to_string()))?
         .ok_or_else(not_found)?;
     Ok((StatusCode::ACCEPTED, Json(view_json(&view))).into_response())
 }

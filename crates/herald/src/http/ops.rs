@@ -41,12 +41,13 @@ async fn healthz() -> Response {
     Json(json!({"status": "ok"})).into_response()
 }
 
-/// The broker and database answer and the node is not shutting down.
+/// The broker, database and task queue answer and the node is not shutting down.
 async fn readyz(State(state): State<AppState>) -> Response {
     let broker = state.broker.ready().await;
     let database = state.store.ping().await;
     let shutting_down = state.shutdown.is_cancelled();
-    let ready = broker && database && !shutting_down;
+    let queue = state.tasks.ready();
+    let ready = broker && database && queue && !shutting_down;
     let status = if ready {
         StatusCode::OK
     } else {
@@ -56,6 +57,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
         "status": if ready { "ready" } else { "not_ready" },
         "broker": broker,
         "database": database,
+        "queue": queue,
         "shutting_down": shutting_down,
     });
     (status, Json(body)).into_response()

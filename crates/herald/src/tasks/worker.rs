@@ -8,10 +8,19 @@
 //!
 //! Every message carries `user_id`, `chat_id` and `task_id`; the broker adds `offset`,
 //! `epoch`, `id` and `timestamp`.
+//!
+//! With the shared queue a task may be taken over by another worker when its worker
+//! dies. The new worker gets a [`Resume`]: how far the stream got. It skips the
+//! messages already sent, calls the LLM again, and drops the part of the new answer
+//! the user already has, so the stream goes on where it stopped: frame indexes stay
+//! without gaps and no text is sent twice. If the new answer does not begin with the
+//! text already sent (a model that does not answer the same way twice), the task
+//! fails with [`RETRY_DIVERGED`] rather than send a different answer's tail.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use futures_util::StreamExt;
 use serde_json::{json, Map, Value};
 use tokio::time::{timeout_at, Instant};
@@ -39,6 +48,118 @@ pub struct Context {
     pub shutdown: CancellationToken,
     /// `HERALD_SHUTDOWN_DRAIN`.
     pub drain: Duration,
+    /// What happens to a task still running when the drain window ends: `false` ends
+    /// it as failed ([`SHUT_DOWN`]; memory mode has nobody to hand it to), `true`
+    /// stops it without a word so another worker of the shared queue resumes it.
+    pub hand_back_on_shutdown: bool,
+}
+
+/// The error text of a retried task whose new answer differs from what was sent.
+pub const RETRY_DIVERGED: &str =
+    "LLM processing failed: the worker running this task stopped, and the retried answer did not match what was already sent";
+
+/// How far a task's stream got, as the messages sent so far show it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    /// Nothing sent yet.
+    #[default]
+    New,
+    /// `llm_status started`, `thinking` and the thinking frame were sent.
+    Started,
+    /// `llm_status streaming` was sent; frames may follow.
+    Streaming,
+    /// The exchange was saved to the chat history.
+    Saved,
+    /// `llm_response` was sent.
+    Responded,
+    /// `llm_status completed` was sent.
+    Completed,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 6] = [
+        Phase::New,
+        Phase::Started,
+        Phase::Streaming,
+        Phase::Saved,
+        Phase::Responded,
+        Phase::Completed,
+    ];
+
+    pub fn as_u8(self) -> u8 {
+        self as u8
+    }
+
+    pub fn from_u8(n: u8) -> Phase {
+        Phase::ALL.get(usize::from(n)).copied().unwrap_or(Phase::New)
+    }
+}
+
+/// Where a resumed task's stream stands.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resume {
+    pub phase: Phase,
+    /// Every streamed delta sent so far, joined.
+    pub text: String,
+    /// The `index` of the next streaming frame.
+    pub next_index: u64,
+}
+
+impl Resume {
+    /// Folds in one message of this task read back from the frame stream's history.
+    pub fn observe(&mut self, message: &Value) {
+        let kind = message.get("type").and_then(Value::as_str).unwrap_or_default();
+        let status = message.get("status").and_then(Value::as_str).unwrap_or_default();
+        let phase = match (kind, status) {
+            ("llm_status", "started" | "thinking") => Phase::Started,
+            ("llm_status", "streaming") => Phase::Streaming,
+            ("llm_response", _) => Phase::Responded,
+            ("llm_status", "completed") => Phase::Completed,
+            ("llm_frame", _) => {
+                let frame = message.get("frame");
+                let index = frame.and_then(|f| f.get("index")).and_then(Value::as_u64);
+                let delta = frame.and_then(|f| f.get("delta")).and_then(Value::as_str);
+                if let (Some(index), Some(delta)) = (index, delta) {
+                    if index == self.next_index {
+                        self.text.push_str(delta);
+                        self.next_index = index + 1;
+                    }
+                    Phase::Streaming
+                } else {
+                    Phase::Started
+                }
+            }
+            _ => Phase::New,
+        };
+        self.phase = self.phase.max(phase);
+    }
+}
+
+/// Where a task's progress is recorded as its messages go out, so another worker can
+/// resume it ([`Resume`]), and where its end is recorded. The shared queue records both
+/// in Redis; memory mode only the end.
+#[async_trait]
+pub trait Checkpoint: Send + Sync {
+    /// The stream reached `phase`; `delta` was appended to the text and `next_index` is
+    /// the next frame's index; `offset` is the offset of the message just sent.
+    async fn save(&self, phase: Phase, delta: &str, next_index: u64, offset: u64);
+
+    /// The task ended so. Called before the final `llm_status` goes out, so a client
+    /// that asks for the task's status when it sees that message reads the end.
+    async fn finish(&self, outcome: &Outcome);
+}
+
+/// One run of a task.
+pub struct Job<'a> {
+    pub task_id: &'a str,
+    pub request: &'a TaskRequest,
+    /// The user asked to stop: the stream ends with `llm_status cancelled`.
+    pub cancel: &'a CancellationToken,
+    /// This worker must stop at once without sending anything more (it lost the task
+    /// to another worker, or hands it back at shutdown).
+    pub abandon: &'a CancellationToken,
+    pub resume: Resume,
+    pub checkpoint: &'a dyn Checkpoint,
 }
 
 /// The error text of a task ended by shutdown.
@@ -57,10 +178,17 @@ struct Stream<'a> {
     channel: Channel,
     task_id: &'a str,
     request: &'a TaskRequest,
+    abandon: &'a CancellationToken,
+    checkpoint: &'a dyn Checkpoint,
 }
 
 impl Stream<'_> {
-    async fn send(&self, kind: &str, fields: Value) {
+    /// Sends one message; returns its offset. Sends nothing once the task is abandoned:
+    /// another worker owns the stream from then on.
+    async fn send(&self, kind: &str, fields: Value) -> Option<u64> {
+        if self.abandon.is_cancelled() {
+            return None;
+        }
         let mut message = Map::new();
         message.insert("type".to_owned(), json!(kind));
         if let Value::Object(fields) = fields {
@@ -69,124 +197,225 @@ impl Stream<'_> {
         message.insert("user_id".to_owned(), json!(self.request.user_id.as_str()));
         message.insert("chat_id".to_owned(), json!(self.request.chat_id.as_str()));
         message.insert("task_id".to_owned(), json!(self.task_id));
-        if let Err(err) = self
+        match self
             .ctx
             .publisher
             .publish(&self.channel, &Draft::from_object(message))
             .await
         {
-            // The stream goes on: the client learns of the gap on resume.
-            tracing::warn!(task_id = self.task_id, error = %err, "publishing a task message failed");
+            Ok(published) => Some(published.offset),
+            Err(err) => {
+                // The stream goes on: the client learns of the gap on resume.
+                tracing::warn!(task_id = self.task_id, error = %err, "publishing a task message failed");
+                None
+            }
         }
     }
 
-    async fn status(&self, status: &str, message: &str) {
+    /// Records progress after a message went out (or a step finished).
+    async fn reached(&self, phase: Phase, delta: &str, next_index: u64, offset: Option<u64>) {
+        if !self.abandon.is_cancelled() {
+            self.checkpoint
+                .save(phase, delta, next_index, offset.unwrap_or(0))
+                .await;
+        }
+    }
+
+    /// Records the end, then sends the final `llm_status`.
+    async fn end(&self, outcome: Outcome, status: &str, message: &str) -> Outcome {
+        if !self.abandon.is_cancelled() {
+            self.checkpoint.finish(&outcome).await;
+        }
+        self.status(status, message).await;
+        outcome
+    }
+
+    async fn status(&self, status: &str, message: &str) -> Option<u64> {
         self.send("llm_status", json!({"status": status, "message": message}))
-            .await;
+            .await
     }
 
     async fn frame(&self, delta: &str, index: u64) {
-        self.send(
-            "llm_frame",
-            json!({"frame": {"status": "streaming", "delta": delta, "index": index}}),
-        )
-        .await;
+        let offset = self
+            .send(
+                "llm_frame",
+                json!({"frame": {"status": "streaming", "delta": delta, "index": index}}),
+            )
+            .await;
+        self.reached(Phase::Streaming, delta, index + 1, offset).await;
     }
 
-    async fn failed(&self, error: &LlmError) -> Outcome {
-        let text = format!("LLM processing failed: {error}");
+    async fn fail_with(&self, text: String) -> Outcome {
         self.send("llm_error", json!({"error": text})).await;
-        self.status("failed", "Task failed").await;
-        Outcome {
+        let outcome = Outcome {
             status: TaskStatus::Failed,
             response: None,
             error: Some(text),
-        }
+        };
+        self.end(outcome, "failed", "Task failed").await
     }
 
-    async fn shut_down(&self) -> Outcome {
-        tracing::warn!(task_id = self.task_id, "task ended by shutdown");
-        self.send("llm_error", json!({"error": SHUT_DOWN})).await;
-        self.status("failed", "Task failed").await;
-        Outcome {
-            status: TaskStatus::Failed,
-            response: None,
-            error: Some(SHUT_DOWN.to_owned()),
+    async fn failed(&self, error: &LlmError) -> Outcome {
+        self.fail_with(format!("LLM processing failed: {error}")).await
+    }
+
+    /// The drain window ended with the task still running.
+    async fn shut_down(&self) -> Option<Outcome> {
+        if self.ctx.hand_back_on_shutdown {
+            tracing::info!(
+                task_id = self.task_id,
+                "task handed back to the shared queue at shutdown"
+            );
+            return None;
         }
+        tracing::warn!(task_id = self.task_id, "task ended by shutdown");
+        Some(self.fail_with(SHUT_DOWN.to_owned()).await)
     }
 
     async fn cancelled(&self) -> Outcome {
-        self.status("cancelled", "Task cancelled").await;
-        Outcome {
+        let outcome = Outcome {
             status: TaskStatus::Cancelled,
             response: None,
             error: None,
-        }
+        };
+        self.end(outcome, "cancelled", "Task cancelled").await
     }
 }
 
 /// The user's frame stream (user ids are validated on submit, so this only fails if
 /// that ever changed).
-fn frames_channel(request: &TaskRequest) -> Option<Channel> {
+pub fn frames_channel(request: &TaskRequest) -> Option<Channel> {
     Channel::new(ChannelKind::Frames, request.user_id.as_str()).ok()
 }
 
-/// Ends a task that never started (cancelled or shut down while queued).
+/// Ends a task that never ran to its end here: cancelled or shut down while queued, or
+/// out of attempts. `error` is the whole user-facing text. The end is recorded in
+/// `checkpoint` before the final message goes out.
 pub async fn publish_unstarted_end(
     ctx: &Context,
     task_id: &str,
     request: &TaskRequest,
     status: TaskStatus,
     error: Option<&str>,
+    checkpoint: &dyn Checkpoint,
 ) {
     let Some(channel) = frames_channel(request) else {
+        checkpoint
+            .finish(&Outcome {
+                status,
+                response: None,
+                error: error.map(str::to_owned),
+            })
+            .await;
         return;
     };
+    let never = CancellationToken::new();
     let stream = Stream {
         ctx,
         channel,
         task_id,
         request,
+        abandon: &never,
+        checkpoint,
     };
     match status {
         TaskStatus::Cancelled => {
             stream.cancelled().await;
         }
         _ => {
-            let text = format!(
-                "LLM processing failed: {}",
-                error.unwrap_or("the task did not run")
-            );
-            stream.send("llm_error", json!({"error": text})).await;
-            stream.status("failed", "Task failed").await;
+            let text = error.unwrap_or("LLM processing failed: the task did not run");
+            stream.fail_with(text.to_owned()).await;
         }
     }
 }
 
-/// Runs a task to its end.
-pub async fn run(ctx: &Context, task_id: &str, request: &TaskRequest, cancel: &CancellationToken) -> Outcome {
+/// The deltas of a retried answer that the user already has are dropped; what is left
+/// goes out. Fails when the retried answer differs from the text already sent.
+struct Replay {
+    sent: String,
+    matched: usize,
+}
+
+impl Replay {
+    /// The part of `delta` the user does not have yet, or `Err` if it contradicts what
+    /// was sent.
+    fn fresh<'d>(&mut self, delta: &'d str) -> Result<&'d str, ()> {
+        let pending = &self.sent.as_bytes()[self.matched..];
+        if pending.is_empty() {
+            return Ok(delta);
+        }
+        let overlap = pending.len().min(delta.len());
+        if pending[..overlap] != delta.as_bytes()[..overlap] {
+            return Err(());
+        }
+        self.matched += overlap;
+        delta.get(overlap..).ok_or(())
+    }
+
+    fn complete(&self) -> bool {
+        self.matched == self.sent.len()
+    }
+}
+
+/// Runs a task to its end. `None`: the task was abandoned (lost to another worker or
+/// handed back at shutdown) and did not end here.
+pub async fn run(ctx: &Context, job: Job<'_>) -> Option<Outcome> {
+    let Job {
+        task_id,
+        request,
+        cancel,
+        abandon,
+        resume,
+        checkpoint,
+    } = job;
     let Some(channel) = frames_channel(request) else {
-        return Outcome {
+        let outcome = Outcome {
             status: TaskStatus::Failed,
             response: None,
             error: Some("invalid user id".to_owned()),
         };
+        checkpoint.finish(&outcome).await;
+        return Some(outcome);
     };
     let stream = Stream {
         ctx,
         channel,
         task_id,
         request,
+        abandon,
+        checkpoint,
     };
+    // A resumed task that had already finished its answer only sends what is missing.
+    if resume.phase >= Phase::Saved {
+        if resume.phase < Phase::Responded {
+            let offset = send_response(&stream, request, &resume.text, &request.model, None).await;
+            stream
+                .reached(Phase::Responded, "", resume.next_index, offset)
+                .await;
+        }
+        let outcome = completed(resume.text);
+        if resume.phase < Phase::Completed {
+            return finished(
+                abandon,
+                stream.end(outcome, "completed", "Response completed").await,
+            );
+        }
+        stream.checkpoint.finish(&outcome).await;
+        return finished(abandon, outcome);
+    }
+
     let started = Instant::now();
-    stream.status("started", "Task started").await;
-    stream.status("thinking", THINKING_MESSAGE).await;
-    stream
-        .send(
-            "llm_frame",
-            json!({"frame": {"status": "thinking", "message": THINKING_MESSAGE, "progress": "indeterminate"}}),
-        )
-        .await;
+    if resume.phase < Phase::Started {
+        stream.status("started", "Task started").await;
+        stream.status("thinking", THINKING_MESSAGE).await;
+        let offset = stream
+            .send(
+                "llm_frame",
+                json!({"frame": {"status": "thinking", "message": THINKING_MESSAGE, "progress": "indeterminate"}}),
+            )
+            .await;
+        stream.reached(Phase::Started, "", 0, offset).await;
+    }
 
     let mut messages: Vec<ChatMessage> = match ctx
         .store
@@ -215,8 +444,8 @@ pub async fn run(ctx: &Context, task_id: &str, request: &TaskRequest, cancel: &C
         messages,
     };
 
-    // At shutdown a running task gets the drain window to finish, then it is ended: in
-    // memory mode there is no other worker to hand it to.
+    // At shutdown a running task gets the drain window to finish; then it is ended, or
+    // handed back to the shared queue.
     let shutdown_deadline = async {
         ctx.shutdown.cancelled().await;
         tokio::time::sleep(ctx.drain).await;
@@ -228,15 +457,21 @@ pub async fn run(ctx: &Context, task_id: &str, request: &TaskRequest, cancel: &C
             Ok(events) => events,
             Err(err) => {
                 tracing::warn!(task_id, kind = err.kind().label(), detail = err.detail(), "llm request failed");
-                return stream.failed(&err).await;
+                return finished(abandon, stream.failed(&err).await);
             }
         },
-        () = cancel.cancelled() => return stream.cancelled().await,
+        () = cancel.cancelled() => return finished(abandon, stream.cancelled().await),
+        () = abandon.cancelled() => return None,
         () = &mut shutdown_deadline => return stream.shut_down().await,
     };
 
-    let mut response = String::new();
-    let mut index = 0u64;
+    let mut streaming = resume.phase >= Phase::Streaming;
+    let mut replay = Replay {
+        sent: resume.text.clone(),
+        matched: 0,
+    };
+    let mut response = resume.text;
+    let mut index = resume.next_index;
     let mut n_deltas = 0u64;
     let mut pending = String::new();
     let mut first_token_at: Option<Instant> = None;
@@ -246,8 +481,9 @@ pub async fn run(ctx: &Context, task_id: &str, request: &TaskRequest, cancel: &C
             next = next_event(&mut events, flush_at) => next,
             () = cancel.cancelled() => {
                 drop(events);
-                return stream.cancelled().await;
+                return finished(abandon, stream.cancelled().await);
             }
+            () = abandon.cancelled() => return None,
             () = &mut shutdown_deadline => {
                 drop(events);
                 return stream.shut_down().await;
@@ -266,21 +502,39 @@ pub async fn run(ctx: &Context, task_id: &str, request: &TaskRequest, cancel: &C
                     let now = Instant::now();
                     first_token_at = Some(now);
                     ctx.publisher.metrics().llm_first_token(now - started);
-                    stream.status("streaming", "Streaming response").await;
                 }
-                response.push_str(&delta);
                 n_deltas += 1;
+                let Ok(fresh) = replay.fresh(&delta) else {
+                    tracing::warn!(task_id, "the retried answer differs from the text already sent");
+                    return finished(abandon, stream.fail_with(RETRY_DIVERGED.to_owned()).await);
+                };
+                if fresh.is_empty() {
+                    continue;
+                }
+                if !streaming {
+                    streaming = true;
+                    let offset = stream.status("streaming", "Streaming response").await;
+                    stream.reached(Phase::Streaming, "", index, offset).await;
+                }
+                response.push_str(fresh);
                 if ctx.coalesce.is_zero() {
-                    stream.frame(&delta, index).await;
+                    stream.frame(fresh, index).await;
                     index += 1;
                 } else {
-                    pending.push_str(&delta);
+                    pending.push_str(fresh);
                     flush_at.get_or_insert_with(|| Instant::now() + ctx.coalesce);
                 }
             }
             Some(Some(Ok(LlmEvent::Done { usage, model }))) => {
                 if !pending.is_empty() {
                     stream.frame(&pending, index).await;
+                }
+                if !replay.complete() {
+                    tracing::warn!(
+                        task_id,
+                        "the retried answer is shorter than the text already sent"
+                    );
+                    return finished(abandon, stream.fail_with(RETRY_DIVERGED.to_owned()).await);
                 }
                 if let Some(first) = first_token_at {
                     let secs = first.elapsed().as_secs_f64();
@@ -294,9 +548,10 @@ pub async fn run(ctx: &Context, task_id: &str, request: &TaskRequest, cancel: &C
                 // A cancel that arrived as the answer finished still wins: the caller
                 // was told the stream ends with `cancelled`.
                 if cancel.is_cancelled() {
-                    return stream.cancelled().await;
+                    return finished(abandon, stream.cancelled().await);
                 }
-                return complete(&stream, ctx, request, response, &model, usage).await;
+                let outcome = complete(&stream, ctx, request, response, &model, usage).await;
+                return finished(abandon, outcome);
             }
             Some(Some(Err(err))) => {
                 tracing::warn!(
@@ -308,16 +563,30 @@ pub async fn run(ctx: &Context, task_id: &str, request: &TaskRequest, cancel: &C
                 if !pending.is_empty() {
                     stream.frame(&pending, index).await;
                 }
-                return stream.failed(&err).await;
+                return finished(abandon, stream.failed(&err).await);
             }
             Some(None) => {
                 let err = LlmError::new(
                     crate::llm::LlmErrorKind::Interrupted,
                     "the stream ended without Done",
                 );
-                return stream.failed(&err).await;
+                return finished(abandon, stream.failed(&err).await);
             }
         }
+    }
+}
+
+/// The outcome, unless the task was abandoned on the way (then what was sent is the
+/// new owner's to finish).
+fn finished(abandon: &CancellationToken, outcome: Outcome) -> Option<Outcome> {
+    (!abandon.is_cancelled()).then_some(outcome)
+}
+
+fn completed(response: String) -> Outcome {
+    Outcome {
+        status: TaskStatus::Completed,
+        response: Some(response),
+        error: None,
     }
 }
 
@@ -332,25 +601,15 @@ async fn next_event(
     }
 }
 
-async fn complete(
+async fn send_response(
     stream: &Stream<'_>,
-    ctx: &Context,
     request: &TaskRequest,
-    response: String,
+    response: &str,
     model: &str,
     usage: Option<Usage>,
-) -> Outcome {
+) -> Option<u64> {
     let user_id = request.user_id.as_str();
     let chat_id = request.chat_id.as_str();
-    // The exchange joins the chat's history only once it is complete, so a failed or
-    // cancelled attempt never becomes context for the next prompt.
-    if let Err(err) = ctx
-        .store
-        .add_chat_exchange(user_id, chat_id, &request.prompt, &response)
-        .await
-    {
-        tracing::warn!(task_id = stream.task_id, error = %err, "saving the chat exchange failed");
-    }
     stream
         .send(
             "llm_response",
@@ -364,11 +623,38 @@ async fn complete(
                 "timestamp": now_rfc3339(),
             }}),
         )
-        .await;
-    stream.status("completed", "Response completed").await;
-    Outcome {
-        status: TaskStatus::Completed,
-        response: Some(response),
-        error: None,
+        .await
+}
+
+async fn complete(
+    stream: &Stream<'_>,
+    ctx: &Context,
+    request: &TaskRequest,
+    response: String,
+    model: &str,
+    usage: Option<Usage>,
+) -> Outcome {
+    // The exchange joins the chat's history only once it is complete, so a failed or
+    // cancelled attempt never becomes context for the next prompt.
+    if stream.abandon.is_cancelled() {
+        return completed(response);
     }
+    if let Err(err) = ctx
+        .store
+        .add_chat_exchange(
+            request.user_id.as_str(),
+            request.chat_id.as_str(),
+            &request.prompt,
+            &response,
+        )
+        .await
+    {
+        tracing::warn!(task_id = stream.task_id, error = %err, "saving the chat exchange failed");
+    }
+    stream.reached(Phase::Saved, "", 0, None).await;
+    let offset = send_response(stream, request, &response, model, usage).await;
+    stream.reached(Phase::Responded, "", 0, offset).await;
+    stream
+        .end(completed(response), "completed", "Response completed")
+        .await
 }

@@ -2,10 +2,23 @@
 //! `/ws/frame-stream/{user_id}/` in the documented order; task status, cancel, limits,
 //! chat history. These use the `echo` provider; `llm_upstream.rs` covers an
 //! OpenAI-compatible upstream.
+//!
+//! The task-queue contract tests run on both queues ([`engines`]): in memory, and the
+//! shared queue on Redis Streams (with a `redis-server` of their own).
 
 use serde_json::{json, Value};
 
 use crate::support::*;
+
+/// A server on each task queue: memory, then Redis when a `redis-server` can be had
+/// (the Redis lives as long as the returned value).
+pub async fn engines() -> Vec<(&'static str, TestServer, Option<crate::redis::Redis>)> {
+    let mut servers = vec![("memory", TestServer::spawn().await, None)];
+    if let Some(redis) = crate::redis::Redis::start().await {
+        servers.push(("redis", redis.node().await, Some(redis)));
+    }
+    servers
+}
 
 /// POSTs with a user token.
 pub async fn user_post(srv: &TestServer, path: &str, token: &str, body: Value) -> (u16, Value) {
@@ -136,9 +149,15 @@ impl TaskStream {
 
 #[tokio::test]
 async fn echo_answer_streams_in_order() {
-    let srv = TestServer::spawn().await;
+    for (engine, srv, _redis) in engines().await {
+        eprintln!("engine: {engine}");
+        echo_answer_streams_in_order_on(&srv).await;
+    }
+}
+
+async fn echo_answer_streams_in_order_on(srv: &TestServer) {
     let (mut ws, welcome) = srv.connect("/ws/frame-stream/u1/", "u1").await;
-    let task_id = generate(&srv, "u1", "chat-1", "hello streaming world").await;
+    let task_id = generate(srv, "u1", "chat-1", "hello streaming world").await;
     let stream = TaskStream::read(&mut ws, &task_id).await;
 
     stream.assert_completed_order();
@@ -180,7 +199,7 @@ async fn echo_answer_streams_in_order() {
         assert!(m["timestamp"].is_string());
     }
 
-    let (status, task) = user_get(&srv, &format!("/api/chat/tasks/{task_id}"), &srv.token("u1")).await;
+    let (status, task) = user_get(srv, &format!("/api/chat/tasks/{task_id}"), &srv.token("u1")).await;
     assert_eq!(status, 200);
     assert_eq!(task["status"], "completed");
     assert_eq!(task["response"], "Echo: hello streaming world");
@@ -205,17 +224,23 @@ async fn request_model_is_used_and_reported() {
 
 #[tokio::test]
 async fn user_api_errors() {
-    let srv = TestServer::spawn().await;
+    for (engine, srv, _redis) in engines().await {
+        eprintln!("engine: {engine}");
+        user_api_errors_on(&srv).await;
+    }
+}
+
+async fn user_api_errors_on(srv: &TestServer) {
     let token = srv.token("u1");
     let path = "/api/chat/generate-response/";
     let ok = json!({"user_id": "u1", "chat_id": "c", "prompt": "hi"});
     // 401: no token, bad token.
     let (status, _) = read(srv.http.post(srv.url(path)).json(&ok).send().await.unwrap()).await;
     assert_eq!(status, 401);
-    assert_eq!(user_post(&srv, path, "garbage", ok.clone()).await.0, 401);
+    assert_eq!(user_post(srv, path, "garbage", ok.clone()).await.0, 401);
     // 403: user_id is not the token's user.
     let (status, body) = user_post(
-        &srv,
+        srv,
         path,
         &token,
         json!({"user_id": "u2", "chat_id": "c", "prompt": "hi"}),
@@ -225,7 +250,7 @@ async fn user_api_errors() {
     // 400: empty prompt, prompt over 32,000 characters, bad chat id.
     assert_eq!(
         user_post(
-            &srv,
+            srv,
             path,
             &token,
             json!({"user_id": "u1", "chat_id": "c", "prompt": "  "})
@@ -237,7 +262,7 @@ async fn user_api_errors() {
     let long = "é".repeat(32_001);
     assert_eq!(
         user_post(
-            &srv,
+            srv,
             path,
             &token,
             json!({"user_id": "u1", "chat_id": "c", "prompt": long})
@@ -249,7 +274,7 @@ async fn user_api_errors() {
     let at_limit = "é".repeat(32_000);
     assert_eq!(
         user_post(
-            &srv,
+            srv,
             path,
             &token,
             json!({"user_id": "u1", "chat_id": "c", "prompt": at_limit})
@@ -260,7 +285,7 @@ async fn user_api_errors() {
     );
     assert_eq!(
         user_post(
-            &srv,
+            srv,
             path,
             &token,
             json!({"user_id": "u1", "chat_id": "bad id", "prompt": "x"})
@@ -270,23 +295,23 @@ async fn user_api_errors() {
         400
     );
     assert_eq!(
-        user_post(&srv, path, &token, json!({"user_id": "u1", "chat_id": "c"}))
+        user_post(srv, path, &token, json!({"user_id": "u1", "chat_id": "c"}))
             .await
             .0,
         400
     );
     // Tasks and chats are visible to their user only.
-    let task_id = generate(&srv, "u1", "c", "hi").await;
+    let task_id = generate(srv, "u1", "c", "hi").await;
     assert_eq!(
-        user_get(&srv, &format!("/api/chat/tasks/{task_id}"), &srv.token("u2"))
+        user_get(srv, &format!("/api/chat/tasks/{task_id}"), &srv.token("u2"))
             .await
             .0,
         404
     );
-    assert_eq!(user_get(&srv, "/api/chat/tasks/nope", &token).await.0, 404);
+    assert_eq!(user_get(srv, "/api/chat/tasks/nope", &token).await.0, 404);
     assert_eq!(
         user_post(
-            &srv,
+            srv,
             &format!("/api/chat/tasks/{task_id}/cancel"),
             &srv.token("u2"),
             json!({})
@@ -299,14 +324,20 @@ async fn user_api_errors() {
 
 #[tokio::test]
 async fn more_than_3_tasks_in_flight_is_429() {
-    let srv = TestServer::spawn().await;
+    for (engine, srv, _redis) in engines().await {
+        eprintln!("engine: {engine}");
+        more_than_3_tasks_in_flight_is_429_on(&srv).await;
+    }
+}
+
+async fn more_than_3_tasks_in_flight_is_429_on(srv: &TestServer) {
     let token = srv.token("u1");
     let prompt = "word ".repeat(200);
     for _ in 0..3 {
-        generate(&srv, "u1", "c", &prompt).await;
+        generate(srv, "u1", "c", &prompt).await;
     }
     let (status, body) = user_post(
-        &srv,
+        srv,
         "/api/chat/generate-response/",
         &token,
         json!({"user_id": "u1", "chat_id": "c", "prompt": "one more"}),
@@ -318,14 +349,20 @@ async fn more_than_3_tasks_in_flight_is_429() {
         "{body}"
     );
     // Another user is not limited by u1's tasks.
-    generate(&srv, "u2", "c", "hi").await;
+    generate(srv, "u2", "c", "hi").await;
 }
 
 #[tokio::test]
 async fn cancel_ends_the_stream_with_cancelled() {
-    let srv = TestServer::spawn().await;
+    for (engine, srv, _redis) in engines().await {
+        eprintln!("engine: {engine}");
+        cancel_ends_the_stream_with_cancelled_on(&srv).await;
+    }
+}
+
+async fn cancel_ends_the_stream_with_cancelled_on(srv: &TestServer) {
     let (mut ws, _) = srv.connect("/ws/frame-stream/u1/", "u1").await;
-    let task_id = generate(&srv, "u1", "c", &"word ".repeat(500)).await;
+    let task_id = generate(srv, "u1", "c", &"word ".repeat(500)).await;
     // Wait for a few streaming frames, then cancel.
     let mut frames = 0;
     while frames < 3 {
@@ -335,7 +372,7 @@ async fn cancel_ends_the_stream_with_cancelled() {
         }
     }
     let (status, body) = user_post(
-        &srv,
+        srv,
         &format!("/api/chat/tasks/{task_id}/cancel"),
         &srv.token("u1"),
         json!({}),
@@ -349,15 +386,15 @@ async fn cancel_ends_the_stream_with_cancelled() {
         (Some("llm_status"), Some("cancelled"))
     );
     assert!(rest.find("llm_response").is_none());
-    let (_, task) = user_get(&srv, &format!("/api/chat/tasks/{task_id}"), &srv.token("u1")).await;
+    let (_, task) = user_get(srv, &format!("/api/chat/tasks/{task_id}"), &srv.token("u1")).await;
     assert_eq!(task["status"], "cancelled");
     // A cancelled exchange does not join the chat's history.
-    let (_, history) = user_get(&srv, "/api/chat/c/messages", &srv.token("u1")).await;
+    let (_, history) = user_get(srv, "/api/chat/c/messages", &srv.token("u1")).await;
     assert_eq!(history["messages"], json!([]));
     // Cancelling again is harmless.
     assert_eq!(
         user_post(
-            &srv,
+            srv,
             &format!("/api/chat/tasks/{task_id}/cancel"),
             &srv.token("u1"),
             json!({})
@@ -370,13 +407,19 @@ async fn cancel_ends_the_stream_with_cancelled() {
 
 #[tokio::test]
 async fn chat_history_is_kept_per_user() {
-    let srv = TestServer::spawn().await;
+    for (engine, srv, _redis) in engines().await {
+        eprintln!("engine: {engine}");
+        chat_history_is_kept_per_user_on(&srv).await;
+    }
+}
+
+async fn chat_history_is_kept_per_user_on(srv: &TestServer) {
     let (mut ws, _) = srv.connect("/ws/frame-stream/u1/", "u1").await;
     for prompt in ["first question", "second question"] {
-        let task_id = generate(&srv, "u1", "c1", prompt).await;
+        let task_id = generate(srv, "u1", "c1", prompt).await;
         TaskStream::read(&mut ws, &task_id).await;
     }
-    let (status, body) = user_get(&srv, "/api/chat/c1/messages", &srv.token("u1")).await;
+    let (status, body) = user_get(srv, "/api/chat/c1/messages", &srv.token("u1")).await;
     assert_eq!(status, 200);
     let turns: Vec<(String, String)> = body["messages"]
         .as_array()
@@ -401,6 +444,6 @@ async fn chat_history_is_kept_per_user() {
     );
     assert!(body["messages"][0]["timestamp"].as_str().unwrap().ends_with('Z'));
     // The same chat id for another user is another chat.
-    let (_, other) = user_get(&srv, "/api/chat/c1/messages", &srv.token("u2")).await;
+    let (_, other) = user_get(srv, "/api/chat/c1/messages", &srv.token("u2")).await;
     assert_eq!(other["messages"], json!([]));
 }

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::support::*;
 
 /// A Redis for one test: its own `redis-server`, or `HERALD_TEST_REDIS_URL`.
-struct Redis {
+pub struct Redis {
     url: String,
     port: u16,
     child: Option<Child>,
@@ -68,7 +68,7 @@ async fn start_server(port: u16) -> Child {
 
 impl Redis {
     /// A fresh Redis, or `None` (after printing why) when none can be had.
-    async fn start() -> Option<Redis> {
+    pub async fn start() -> Option<Redis> {
         if let Some(url) = env("HERALD_TEST_REDIS_URL") {
             return Some(Redis {
                 url,
@@ -97,6 +97,10 @@ impl Redis {
         })
     }
 
+    pub fn url(&self) -> String {
+        self.url.clone()
+    }
+
     /// Whether this test owns the server (and so can stop and restart it).
     fn owned(&self) -> bool {
         self.child.is_some()
@@ -112,7 +116,7 @@ impl Redis {
         self.child = Some(start_server(self.port).await);
     }
 
-    async fn node(&self) -> TestServer {
+    pub async fn node(&self) -> TestServer {
         TestServer::builder()
             .env("HERALD_REDIS_URL", self.url.clone())
             .spawn()

@@ -1,0 +1,269 @@
+//! The in-process task queue of one node (memory mode): the registry of tasks (status
+//! while queued, running and for [`TASK_RETENTION`] after), a semaphore of
+//! `HERALD_WORKERS` permits, the per-user in-flight limit and cancellation.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::ids::UserId;
+use crate::tasks::worker::{self, Checkpoint, Context, Job, Outcome, Phase};
+use crate::tasks::{
+    SubmitError, TaskRequest, TaskStatus, TaskView, MAX_TASKS_IN_FLIGHT_PER_USER, TASK_RETENTION,
+};
+
+/// The error of a task still queued when the node shut down.
+const NOT_STARTED: &str = "LLM processing failed: the server shut down before the task started";
+
+struct Record {
+    user_id: UserId,
+    chat_id: String,
+    status: TaskStatus,
+    response: Option<String>,
+    error: Option<String>,
+    cancel: CancellationToken,
+}
+
+/// The in-process task queue and registry. Cheap to clone.
+#[derive(Clone)]
+pub struct LocalQueue {
+    inner: Arc<Inner>,
+}
+
+/// Every count the registry needs, kept up to date as tasks change state, so no
+/// operation scans all tasks.
+#[derive(Default)]
+struct Registry {
+    records: HashMap<String, Record>,
+    /// Queued or running tasks per user (the 3-in-flight limit).
+    in_flight: HashMap<UserId, usize>,
+    /// Tasks waiting for a worker (the queue-depth gauge).
+    queued: usize,
+    /// Ended tasks, oldest first, forgotten after [`TASK_RETENTION`].
+    ended: VecDeque<(Instant, String)>,
+}
+
+impl Registry {
+    fn forget_expired(&mut self, now: Instant) {
+        while let Some((at, _)) = self.ended.front() {
+            if now.duration_since(*at) < TASK_RETENTION {
+                break;
+            }
+            if let Some((_, task_id)) = self.ended.pop_front() {
+                self.records.remove(&task_id);
+            }
+        }
+    }
+}
+
+struct Inner {
+    registry: Mutex<Registry>,
+    /// One permit per task allowed to run at once (`HERALD_WORKERS`).
+    workers: Arc<Semaphore>,
+    n_workers: usize,
+    ctx: Arc<Context>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl LocalQueue {
+    pub fn new(workers: usize, ctx: Arc<Context>, tracker: TaskTracker, shutdown: CancellationToken) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                registry: Mutex::new(Registry::default()),
+                workers: Arc::new(Semaphore::new(workers)),
+                n_workers: workers,
+                ctx,
+                tracker,
+                shutdown,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Registry> {
+        // Critical sections are short map and counter updates; a poisoned lock is still
+        // consistent.
+        self.inner
+            .registry
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Queues a task and returns its id.
+    pub fn submit(&self, request: TaskRequest) -> Result<String, SubmitError> {
+        if self.inner.n_workers == 0 {
+            return Err(SubmitError::NoWorkers);
+        }
+        if self.inner.shutdown.is_cancelled() {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let task_id = crate::channel::new_id();
+        let cancel = CancellationToken::new();
+        {
+            let mut registry = self.lock();
+            registry.forget_expired(Instant::now());
+            let in_flight = registry.in_flight.entry(request.user_id.clone()).or_insert(0);
+            if *in_flight >= MAX_TASKS_IN_FLIGHT_PER_USER {
+                return Err(SubmitError::TooManyInFlight);
+            }
+            *in_flight += 1;
+            registry.queued += 1;
+            let queued = registry.queued;
+            self.set_queue_depth(queued);
+            registry.records.insert(
+                task_id.clone(),
+                Record {
+                    user_id: request.user_id.clone(),
+                    chat_id: request.chat_id.as_str().to_owned(),
+                    status: TaskStatus::Queued,
+                    response: None,
+                    error: None,
+                    cancel: cancel.clone(),
+                },
+            );
+        }
+        let tasks = self.clone();
+        let id = task_id.clone();
+        self.inner.tracker.spawn(async move {
+            let permit = tokio::select! {
+                permit = tasks.inner.workers.clone().acquire_owned() => permit,
+                () = cancel.cancelled() => {
+                    tasks.finish_unstarted(&id, &request, TaskStatus::Cancelled, None).await;
+                    return;
+                }
+                () = tasks.inner.shutdown.cancelled() => {
+                    tasks.finish_unstarted(&id, &request, TaskStatus::Failed, Some(NOT_STARTED)).await;
+                    return;
+                }
+            };
+            let Ok(_permit) = permit else {
+                return;
+            };
+            tasks.set_status(&id, TaskStatus::Running, None, None);
+            let never = CancellationToken::new();
+            let registry = Registered {
+                tasks: &tasks,
+                task_id: &id,
+            };
+            let job = Job {
+                task_id: &id,
+                request: &request,
+                cancel: &cancel,
+                abandon: &never,
+                resume: worker::Resume::default(),
+                checkpoint: &registry,
+            };
+            if worker::run(&tasks.inner.ctx, job).await.is_none() {
+                // Memory mode never hands a task back; should it ever, the task must not
+                // look alive forever.
+                tasks.set_status(&id, TaskStatus::Failed, None, Some(worker::SHUT_DOWN.to_owned()));
+            }
+        });
+        Ok(task_id)
+    }
+
+    async fn finish_unstarted(
+        &self,
+        task_id: &str,
+        request: &TaskRequest,
+        status: TaskStatus,
+        error: Option<&str>,
+    ) {
+        let registry = Registered { tasks: self, task_id };
+        worker::publish_unstarted_end(&self.inner.ctx, task_id, request, status, error, &registry).await;
+    }
+
+    fn set_status(&self, task_id: &str, status: TaskStatus, response: Option<String>, error: Option<String>) {
+        let mut registry = self.lock();
+        let registry = &mut *registry;
+        let Some(record) = registry.records.get_mut(task_id) else {
+            return;
+        };
+        let was = record.status;
+        if was.is_done() {
+            return;
+        }
+        record.status = status;
+        if response.is_some() {
+            record.response = response;
+        }
+        if error.is_some() {
+            record.error = error;
+        }
+        if was == TaskStatus::Queued && status != TaskStatus::Queued {
+            registry.queued = registry.queued.saturating_sub(1);
+            self.set_queue_depth(registry.queued);
+        }
+        if status.is_done() {
+            if let Some(n) = registry.in_flight.get_mut(&record.user_id) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    registry.in_flight.remove(&record.user_id);
+                }
+            }
+            let now = Instant::now();
+            registry.ended.push_back((now, task_id.to_owned()));
+            registry.forget_expired(now);
+            self.inner.ctx.publisher.metrics().task_ended(status.as_str());
+        }
+    }
+
+    fn set_queue_depth(&self, queued: usize) {
+        self.inner
+            .ctx
+            .publisher
+            .metrics()
+            .set_task_queue_depth(i64::try_from(queued).unwrap_or(i64::MAX));
+    }
+
+    /// The task, if it exists and belongs to `user_id`.
+    pub fn get(&self, task_id: &str, user_id: &UserId) -> Option<TaskView> {
+        let registry = self.lock();
+        let record = registry.records.get(task_id).filter(|r| &r.user_id == user_id)?;
+        Some(TaskView {
+            task_id: task_id.to_owned(),
+            chat_id: record.chat_id.clone(),
+            status: record.status,
+            response: record.response.clone(),
+            error: record.error.clone(),
+        })
+    }
+
+    /// Asks a task of `user_id` to stop. Returns its view, or `None` if there is no such
+    /// task of this user. Cancelling an ended task changes nothing.
+    pub fn cancel(&self, task_id: &str, user_id: &UserId) -> Option<TaskView> {
+        let view = self.get(task_id, user_id)?;
+        if !view.status.is_done() {
+            if let Some(record) = self.lock().records.get(task_id) {
+                record.cancel.cancel();
+            }
+        }
+        Some(view)
+    }
+}
+
+/// Records a task's end in the registry (memory mode keeps no progress: nobody else
+/// could resume the task).
+struct Registered<'a> {
+    tasks: &'a LocalQueue,
+    task_id: &'a str,
+}
+
+#[async_trait]
+impl Checkpoint for Registered<'_> {
+    async fn save(&self, _phase: Phase, _delta: &str, _next_index: u64, _offset: u64) {}
+
+    async fn finish(&self, outcome: &Outcome) {
+        self.tasks.set_status(
+            self.task_id,
+            outcome.status,
+            outcome.response.clone(),
+            outcome.error.clone(),
+        );
+    }
+}

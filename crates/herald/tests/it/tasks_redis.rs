@@ -1,0 +1,281 @@
+//! Issue 6, the shared task queue: tasks submitted on one node run on another node's
+//! workers or on `herald worker` processes, status and cancel work from any node, a
+//! worker killed with SIGKILL mid-task has its task finished by another worker with a
+//! continuous stream, a task whose workers keep dying fails cleanly, and a worker that
+//! is stopped hands its task back.
+//!
+//! Each test starts its own `redis-server` (see `redis.rs`). Workers that must die are
+//! real `herald worker` processes, started with `task_claim_idle_ms = 1500` so a dead
+//! worker's task is taken over quickly.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::chat::{generate, user_get, user_post, TaskStream};
+use crate::redis::Redis;
+use crate::support::*;
+
+/// How long a dead worker's task waits before another worker takes it (the TOML key).
+const CLAIM_IDLE_MS: u64 = 1500;
+
+fn user(prefix: &str) -> String {
+    format!("{prefix}-{}", herald::channel::new_id())
+}
+
+/// A node that submits tasks but runs none.
+async fn submitting_node(redis: &Redis) -> TestServer {
+    TestServer::builder()
+        .env("HERALD_REDIS_URL", redis.url())
+        .env("HERALD_WORKERS", "0")
+        .spawn()
+        .await
+}
+
+/// A `herald worker` process on `redis`, with its config file in `dir`.
+fn worker(dir: &Path, redis: &Redis, drain_seconds: u64) -> Proc {
+    worker_with_claim_idle(dir, redis, drain_seconds, CLAIM_IDLE_MS)
+}
+
+fn worker_with_claim_idle(dir: &Path, redis: &Redis, drain_seconds: u64, claim_idle_ms: u64) -> Proc {
+    let config = dir.join(format!("herald-{claim_idle_ms}.toml"));
+    std::fs::write(&config, format!("task_claim_idle_ms = {claim_idle_ms}\n")).unwrap();
+    let mut cmd = herald(dir);
+    cmd.args(["--config", config.to_str().unwrap(), "worker"])
+        .env("HERALD_REDIS_URL", redis.url())
+        .env("HERALD_SHUTDOWN_DRAIN", drain_seconds.to_string())
+        .env("HERALD_LOG", "warn");
+    Proc::spawn("herald worker", cmd)
+}
+
+/// Reads `ws` until `n` more streaming frames of `task_id` arrived; returns every
+/// message of that task read on the way.
+async fn read_frames(ws: &mut WsClient, task_id: &str, n: usize) -> Vec<Value> {
+    let mut messages = Vec::new();
+    let mut frames = 0;
+    while frames < n {
+        let message = ws.next_json().await;
+        if message["task_id"] != task_id {
+            continue;
+        }
+        assert_ne!(message["type"], "llm_error", "{message}");
+        if message["type"] == "llm_frame" && message["frame"]["status"] == "streaming" {
+            frames += 1;
+        }
+        messages.push(message);
+    }
+    messages
+}
+
+fn words(n: usize) -> String {
+    (0..n).map(|i| format!("w{i}")).collect::<Vec<_>>().join(" ")
+}
+
+#[track_caller]
+fn assert_continuous(stream: &TaskStream) {
+    let indices = stream.indices();
+    assert_eq!(
+        indices,
+        (0..indices.len() as u64).collect::<Vec<_>>(),
+        "frame indexes go on without a gap or a repeat"
+    );
+}
+
+async fn task_status(srv: &TestServer, user: &str, task_id: &str) -> Value {
+    let (status, task) = user_get(srv, &format!("/api/chat/tasks/{task_id}"), &srv.token(user)).await;
+    assert_eq!(status, 200, "{task}");
+    task
+}
+
+#[tokio::test]
+async fn a_task_submitted_on_one_node_runs_on_another_and_any_node_reports_and_cancels_it() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let a = submitting_node(&redis).await;
+    let b = redis.node().await;
+    let user = user("cross");
+    let (mut ws, _) = a.connect(&format!("/ws/frame-stream/{user}/"), &user).await;
+
+    let task_id = generate(&a, &user, "c", "hello from node a").await;
+    let stream = TaskStream::read(&mut ws, &task_id).await;
+    stream.assert_completed_order();
+    assert_continuous(&stream);
+    assert_eq!(stream.text(), "Echo: hello from node a");
+    for srv in [&a, &b] {
+        let task = task_status(srv, &user, &task_id).await;
+        assert_eq!(
+            (task["status"].as_str(), task["response"].as_str()),
+            (Some("completed"), Some("Echo: hello from node a"))
+        );
+    }
+    // Only the task's user sees it, on every node.
+    let (status, _) = user_get(
+        &b,
+        &format!("/api/chat/tasks/{task_id}"),
+        &b.token("someone-else"),
+    )
+    .await;
+    assert_eq!(status, 404);
+
+    // Cancelled on node a while node b's worker runs it.
+    let long = generate(&a, &user, "c", &words(400)).await;
+    read_frames(&mut ws, &long, 3).await;
+    let (status, body) = user_post(
+        &a,
+        &format!("/api/chat/tasks/{long}/cancel"),
+        &a.token(&user),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let rest = TaskStream::read(&mut ws, &long).await;
+    assert_eq!(rest.messages.last().unwrap()["status"], "cancelled");
+    assert!(rest.find("llm_response").is_none());
+    assert_eq!(task_status(&b, &user, &long).await["status"], "cancelled");
+
+    // With no worker anywhere a task waits, queued; a cancel ends it at once.
+    b.stop().await.unwrap();
+    let queued = generate(&a, &user, "c", "nobody runs this").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(task_status(&a, &user, &queued).await["status"], "queued");
+    let (status, _) = user_post(
+        &a,
+        &format!("/api/chat/tasks/{queued}/cancel"),
+        &a.token(&user),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let ended = TaskStream::read(&mut ws, &queued).await;
+    assert_eq!(ended.messages.len(), 1, "{:?}", ended.messages);
+    assert_eq!(ended.messages[0]["status"], "cancelled");
+    assert_eq!(task_status(&a, &user, &queued).await["status"], "cancelled");
+
+    // The 3-in-flight limit counts queued tasks across nodes.
+    let c = submitting_node(&redis).await;
+    for _ in 0..3 {
+        generate(&a, &user, "c", "waits").await;
+    }
+    let (status, body) = user_post(
+        &c,
+        "/api/chat/generate-response/",
+        &c.token(&user),
+        json!({"user_id": user, "chat_id": "c", "prompt": "a fourth"}),
+    )
+    .await;
+    assert_eq!(status, 429, "{body}");
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_task_has_its_task_finished_by_another_without_a_gap_or_a_repeat() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let a = submitting_node(&redis).await;
+    let user = user("kill");
+    let (mut ws, _) = a.connect(&format!("/ws/frame-stream/{user}/"), &user).await;
+    let first = worker(dir.path(), &redis, 1);
+
+    let prompt = words(150);
+    let task_id = generate(&a, &user, "c", &prompt).await;
+    let mut messages = read_frames(&mut ws, &task_id, 20).await;
+    first.stop().await; // SIGKILL: no drain, no hand-back
+    let _second = worker(dir.path(), &redis, 1);
+    messages.extend(TaskStream::read(&mut ws, &task_id).await.messages);
+    let stream = TaskStream { messages };
+
+    stream.assert_completed_order();
+    assert_continuous(&stream);
+    let expected = format!("Echo: {prompt}");
+    assert_eq!(stream.text(), expected, "no text lost or sent twice");
+    assert_eq!(
+        stream.find("llm_response").unwrap()["data"]["response"],
+        expected.as_str()
+    );
+    let task = task_status(&a, &user, &task_id).await;
+    assert_eq!(task["status"], "completed");
+    assert_eq!(task["response"], expected.as_str());
+}
+
+#[tokio::test]
+async fn a_task_whose_workers_keep_dying_fails_cleanly_after_three_attempts() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let a = submitting_node(&redis).await;
+    let user = user("dying");
+    let (mut ws, _) = a.connect(&format!("/ws/frame-stream/{user}/"), &user).await;
+
+    let task_id = generate(&a, &user, "c", &words(400)).await;
+    let mut messages = Vec::new();
+    for attempt in 1..=3 {
+        let doomed = worker(dir.path(), &redis, 1);
+        // Each attempt gets further before it dies.
+        messages.extend(read_frames(&mut ws, &task_id, 5).await);
+        doomed.stop().await;
+        eprintln!("attempt {attempt} killed");
+    }
+    let _last = worker(dir.path(), &redis, 1);
+    messages.extend(TaskStream::read(&mut ws, &task_id).await.messages);
+    let stream = TaskStream { messages };
+    assert_continuous(&stream);
+    let error = stream.find("llm_error").expect("the stream ends with llm_error");
+    assert_eq!(
+        error["error"],
+        "LLM processing failed: the task was interrupted 3 times and was given up"
+    );
+    assert_eq!(stream.messages.last().unwrap()["status"], "failed");
+    assert_eq!(task_status(&a, &user, &task_id).await["status"], "failed");
+}
+
+#[tokio::test]
+async fn a_stopped_worker_hands_its_task_back_at_the_end_of_the_drain() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let a = submitting_node(&redis).await;
+    let user = user("handback");
+    let (mut ws, _) = a.connect(&format!("/ws/frame-stream/{user}/"), &user).await;
+    // A claim timeout longer than the test: only a hand-back lets the second worker in.
+    let mut first = worker_with_claim_idle(dir.path(), &redis, 1, 120_000);
+
+    let prompt = words(300);
+    let task_id = generate(&a, &user, "c", &prompt).await;
+    let mut messages = read_frames(&mut ws, &task_id, 10).await;
+    let _second = worker_with_claim_idle(dir.path(), &redis, 1, 120_000);
+    let pid = first.child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // The drain (1 s) ends before the answer (6 s): the task goes back to the queue, and
+    // the second worker takes it at once (a handed-back task needs no claim timeout).
+    let exited = tokio::time::timeout(WAIT, first.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exited.success(), "herald worker exits 0 after SIGTERM: {exited}");
+    messages.extend(TaskStream::read(&mut ws, &task_id).await.messages);
+    let stream = TaskStream { messages };
+    stream.assert_completed_order();
+    assert_continuous(&stream);
+    assert_eq!(stream.text(), format!("Echo: {prompt}"));
+}
+
+#[tokio::test]
+async fn herald_worker_without_redis_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::time::timeout(WAIT, herald(dir.path()).arg("worker").output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("HERALD_REDIS_URL"), "{stderr}");
+}
