@@ -102,6 +102,12 @@ impl ConnectionLimits {
     }
 
     /// The user's open sockets on this node.
+    /// Whether sockets can be counted: always for local counts; with Redis, while its
+    /// connection is up (a node that cannot count refuses sockets, so it is not ready).
+    pub fn ready(&self) -> bool {
+        self.shared.as_ref().is_none_or(shared::SharedCounts::ready)
+    }
+
     pub fn count(&self, user_id: &str) -> u32 {
         self.lock().get(user_id).copied().unwrap_or(0)
     }

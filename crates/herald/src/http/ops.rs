@@ -46,6 +46,9 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let broker = state.broker.ready().await;
     let database = state.store.ping().await;
     let shutting_down = state.shutdown.is_cancelled();
+    // The connection counts share the broker's Redis; a node that cannot count refuses
+    // sockets, so it is reported as the broker being down.
+    let broker = broker && state.connection_limits.ready();
     let queue = state.tasks.ready();
     let ready = broker && database && queue && !shutting_down;
     let status = if ready {

@@ -138,6 +138,11 @@ impl SharedCounts {
 
     /// Takes a slot: `Ok(Some(count))` with the user's count including it, `Ok(None)`
     /// when the user is at `max` across all nodes.
+    /// Whether the counts can be read (the connection to Redis is up).
+    pub fn ready(&self) -> bool {
+        self.client.is_connected()
+    }
+
     pub async fn acquire(&self, user_id: &str, max: u32) -> Result<Option<u32>, BrokerError> {
         if !self.client.is_connected() {
             return Err(BrokerError::Unavailable("not connected to Redis".into()));

@@ -102,17 +102,17 @@ impl Redis {
     }
 
     /// Whether this test owns the server (and so can stop and restart it).
-    fn owned(&self) -> bool {
+    pub fn owned(&self) -> bool {
         self.child.is_some()
     }
 
-    async fn kill(&mut self) {
+    pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill().await.unwrap();
         }
     }
 
-    async fn restart(&mut self) {
+    pub async fn restart(&mut self) {
         self.child = Some(start_server(self.port).await);
     }
 
@@ -129,7 +129,7 @@ fn user(prefix: &str) -> String {
     format!("{prefix}-{}", herald::channel::new_id())
 }
 
-async fn wait_ready(srv: &TestServer, ready: bool) {
+pub async fn wait_ready(srv: &TestServer, ready: bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let status = srv

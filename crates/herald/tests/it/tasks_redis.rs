@@ -279,3 +279,43 @@ async fn herald_worker_without_redis_refuses_to_start() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("HERALD_REDIS_URL"), "{stderr}");
 }
+
+#[tokio::test]
+async fn the_queue_works_again_after_redis_restarts_empty() {
+    let Some(mut redis) = Redis::start().await else {
+        return;
+    };
+    if !redis.owned() {
+        println!("skipped: HERALD_TEST_REDIS_URL is not ours to stop");
+        return;
+    }
+    let node = redis.node().await;
+    let user = user("restart");
+    let path = format!("/ws/frame-stream/{user}/");
+    let (mut ws, _) = node.connect(&path, &user).await;
+    let before = generate(&node, &user, "c", "before").await;
+    assert_eq!(TaskStream::read(&mut ws, &before).await.text(), "Echo: before");
+
+    redis.kill().await;
+    crate::redis::wait_ready(&node, false).await;
+    let (status, body) = user_post(
+        &node,
+        "/api/chat/generate-response/",
+        &node.token(&user),
+        json!({"user_id": user, "chat_id": "c", "prompt": "while down"}),
+    )
+    .await;
+    assert_eq!(status, 503, "never a false 202: {body}");
+    let (status, _) = user_get(&node, &format!("/api/chat/tasks/{before}"), &node.token(&user)).await;
+    assert_eq!(status, 503);
+
+    // Redis comes back with nothing: no stream, no consumer group. The queue makes
+    // them again and tasks run.
+    redis.restart().await;
+    crate::redis::wait_ready(&node, true).await;
+    let (mut ws, _) = node.connect(&path, &user).await;
+    let after = generate(&node, &user, "c", "after").await;
+    let stream = TaskStream::read(&mut ws, &after).await;
+    stream.assert_completed_order();
+    assert_eq!(stream.text(), "Echo: after");
+}
