@@ -255,22 +255,45 @@ impl SplitMix {
 /// `since` at random moments; every client ends with exactly the published sequence.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn randomized_reconnects_never_lose_duplicate_or_reorder() {
+    let srv = TestServer::builder()
+        .env("HERALD_MEMBERSHIP", "claims")
+        .spawn()
+        .await;
+    randomized_reconnects(vec![srv]).await;
+}
+
+/// The same with three nodes on one Redis: every reconnect and every publish goes to a
+/// node picked at random, so clients resume through nodes they never used before.
+#[tokio::test]
+async fn randomized_reconnects_across_three_redis_nodes_never_lose_duplicate_or_reorder() {
+    let Some(redis) = crate::redis::Redis::start().await else {
+        return;
+    };
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(
+            TestServer::builder()
+                .env("HERALD_REDIS_URL", redis.url())
+                .env("HERALD_MEMBERSHIP", "claims")
+                .spawn()
+                .await,
+        );
+    }
+    randomized_reconnects(nodes).await;
+}
+
+async fn randomized_reconnects(nodes: Vec<TestServer>) {
     const SEED: u64 = 0x4845_5241_4c44; // "HERALD"
     const PUBLISHERS: u64 = 3;
     const PER_PUBLISHER: u64 = 150;
     const CLIENTS: u64 = 6;
     const TOTAL: u64 = PUBLISHERS * PER_PUBLISHER;
-    let srv = Arc::new(
-        TestServer::builder()
-            .env("HERALD_MEMBERSHIP", "claims")
-            .spawn()
-            .await,
-    );
+    let nodes = Arc::new(nodes);
     let token = |user: &str| sign(json!({"sub": user, "exp": now() + 600, "orgs": ["race"]}));
 
     let mut clients = Vec::new();
     for c in 0..CLIENTS {
-        let srv = srv.clone();
+        let nodes = nodes.clone();
         let token = token(&format!("client{c}"));
         clients.push(tokio::spawn(async move {
             let mut rng = SplitMix(SEED ^ (c + 1));
@@ -282,7 +305,8 @@ async fn randomized_reconnects_never_lose_duplicate_or_reorder() {
                     None => "/ws/events/race/".to_owned(),
                     Some((since, epoch)) => format!("/ws/events/race/?since={since}&epoch={epoch}"),
                 };
-                let mut ws = WsClient::connect(&srv, &path).token(&token).open().await.unwrap();
+                let srv = &nodes[rng.below(nodes.len() as u64) as usize];
+                let mut ws = WsClient::connect(srv, &path).token(&token).open().await.unwrap();
                 let welcome = ws.next_json().await;
                 let epoch = welcome["epoch"].as_str().unwrap().to_owned();
                 if position.is_none() {
@@ -315,10 +339,11 @@ async fn randomized_reconnects_never_lose_duplicate_or_reorder() {
 
     let mut publishers = Vec::new();
     for p in 0..PUBLISHERS {
-        let srv = srv.clone();
+        let nodes = nodes.clone();
         publishers.push(tokio::spawn(async move {
             let mut rng = SplitMix(SEED ^ (100 + p));
             for n in 0..PER_PUBLISHER {
+                let srv = &nodes[rng.below(nodes.len() as u64) as usize];
                 let (status, _) = srv
                     .post(
                         "/api/v1/orgs/race/events",
