@@ -14,7 +14,7 @@ const BANNER: &str = "herald listening on http://";
 
 /// Starts `herald serve` in `dir` with `env`, stderr to `dir/stderr.log`; returns the
 /// process and its address.
-async fn start(dir: &Path, env: &[(&str, &str)]) -> (Proc, SocketAddr) {
+pub async fn start(dir: &Path, env: &[(&str, &str)]) -> (Proc, SocketAddr) {
     let log = std::fs::File::create(dir.join("stderr.log")).unwrap();
     let mut cmd = herald(dir);
     cmd.arg("serve").env("HERALD_LISTEN", "127.0.0.1:0").stderr(log);
@@ -40,7 +40,7 @@ fn sigterm(proc: &Proc) {
     assert!(status.success());
 }
 
-async fn connect(addr: SocketAddr, path: &str, token: &str) -> WsClient {
+pub async fn connect(addr: SocketAddr, path: &str, token: &str) -> WsClient {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut request = format!("ws://{addr}{path}").into_client_request().unwrap();
     request.headers_mut().insert(

@@ -413,3 +413,187 @@ async fn a_dead_node_frees_its_slots_within_the_node_ttl() {
     .await;
     drop(held);
 }
+
+/// Makes a CA and a server certificate for `localhost`/127.0.0.1 in `dir` with the
+/// `openssl` command; `None` when there is no `openssl`.
+fn tls_files(dir: &std::path::Path) -> Option<()> {
+    let run = |args: &[&str]| {
+        std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+    };
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
+    let made = run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=herald test CA",
+    ]) && run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "other-ca.key",
+        "-out",
+        "other-ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=another CA",
+    ]) && run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]) && run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    made.then_some(())
+}
+
+/// `rediss://` is TLS with the server's certificate verified against the system's roots
+/// (`SSL_CERT_FILE`/`SSL_CERT_DIR` name others): a node reaches a TLS-only Redis whose
+/// CA it trusts, and stays not-ready against one whose CA it does not.
+#[tokio::test]
+async fn rediss_uses_tls_and_verifies_the_server_certificate() {
+    let on_path = std::process::Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if !on_path {
+        assert!(
+            env("HERALD_REQUIRE_REDIS").as_deref() != Some("1"),
+            "HERALD_REQUIRE_REDIS=1 but no redis-server on PATH"
+        );
+        println!("skipped: no redis-server");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    if tls_files(dir.path()).is_none() {
+        assert!(
+            env("HERALD_REQUIRE_REDIS").as_deref() != Some("1"),
+            "HERALD_REQUIRE_REDIS=1 but the openssl command failed or is missing"
+        );
+        println!("skipped: no openssl to make test certificates");
+        return;
+    }
+    let port = free_port();
+    let _redis = Command::new("redis-server")
+        .current_dir(dir.path())
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            "server.pem",
+            "--tls-key-file",
+            "server.key",
+            "--tls-ca-cert-file",
+            "ca.pem",
+            "--tls-auth-clients",
+            "no",
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let url = format!("rediss://localhost:{port}");
+    let node = |ca: &str| {
+        let ca = dir.path().join(ca).to_str().unwrap().to_owned();
+        let url = url.clone();
+        let dir = dir.path().to_owned();
+        async move {
+            crate::process::start(
+                &dir,
+                &[
+                    ("HERALD_JWT_SECRET", SECRET),
+                    ("HERALD_API_KEYS", API_KEY),
+                    ("HERALD_DATABASE_URL", "sqlite::memory:"),
+                    ("HERALD_REDIS_URL", &url),
+                    ("SSL_CERT_FILE", &ca),
+                ],
+            )
+            .await
+        }
+    };
+    let http = reqwest::Client::new();
+    let ready = |addr: std::net::SocketAddr| {
+        let http = http.clone();
+        async move {
+            let response = http.get(format!("http://{addr}/readyz")).send().await.unwrap();
+            response.status().as_u16()
+        }
+    };
+
+    let (_trusting, addr) = node("ca.pem").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while ready(addr).await != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a node trusting the CA never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut ws = crate::process::connect(addr, "/ws/notifications/", &token_for("tls-user")).await;
+    assert_eq!(ws.next_json().await["status"], "connected");
+    let published = http
+        .post(format!("http://{addr}/api/v1/notifications/tls-user"))
+        .bearer_auth(API_KEY)
+        .json(&json!({"over": "tls"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(published.status().as_u16(), 202);
+    assert_eq!(ws.next_json().await["notification"]["over"], "tls");
+
+    // A certificate from a CA the node does not trust is refused: never ready.
+    let (_doubting, addr) = node("other-ca.pem").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(ready(addr).await, 503);
+}
