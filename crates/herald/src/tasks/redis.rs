@@ -112,7 +112,7 @@ return {1, redis.call('INCR', KEYS[4])}
 
 /// KEYS = task, queued, queue, text; ARGV = group, entry, consumer, max attempts.
 /// Returns `{action, user_id, chat_id, prompt, model, phase, next_index, offset, text,
-/// queued}` with action `run`, `cancel` (asked while its last worker ran it),
+/// queued, attempts}` with action `run`, `cancel` (asked while its last worker ran it),
 /// `exhausted`, or `skip` (ended or gone; the entry is acknowledged).
 const START_SCRIPT: &str = r#"
 local f = redis.call('HMGET', KEYS[1], 'status', 'cancel', 'user_id', 'chat_id', 'prompt',
@@ -129,13 +129,17 @@ end
 local queued = redis.call('GET', KEYS[2]) or '0'
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[3])
 local action = 'run'
+local attempts = 0
 if f[2] == '1' then
   action = 'cancel'
-elseif redis.call('HINCRBY', KEYS[1], 'attempts', 1) > tonumber(ARGV[4]) then
-  action = 'exhausted'
+else
+  attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  if attempts > tonumber(ARGV[4]) then
+    action = 'exhausted'
+  end
 end
 local text = redis.call('GET', KEYS[4]) or ''
-return {action, f[3], f[4], f[5], f[6], f[7], f[8], f[9], text, queued}
+return {action, f[3], f[4], f[5], f[6], f[7], f[8], f[9], text, queued, attempts}
 "#;
 
 /// Renews this node's claim on its running entries and reads their cancel flags.
@@ -776,18 +780,18 @@ impl RedisQueue {
             worker::publish_unstarted_end(&self.ctx, &task_id, &request, status, error, &checkpoint).await;
             return;
         }
-        let resume = self
-            .resume(
-                &task_id,
-                &request,
-                Resume {
-                    phase: Phase::from_u8(u8::try_from(number(reply.get(5))).unwrap_or(0)),
-                    text: text(reply.get(8)),
-                    next_index: number(reply.get(6)),
-                },
-                number(reply.get(7)),
-            )
-            .await;
+        let mut resume = Resume {
+            phase: Phase::from_u8(u8::try_from(number(reply.get(5))).unwrap_or(0)),
+            text: text(reply.get(8)),
+            next_index: number(reply.get(6)),
+        };
+        // A first start has sent nothing: only a task taken over (or handed back, which
+        // does not count as an attempt) reads its stream back.
+        if number(reply.get(10)) > 1 || resume.phase > Phase::New {
+            resume = self
+                .resume(&task_id, &request, resume, number(reply.get(7)))
+                .await;
+        }
         let cancel = CancellationToken::new();
         let abandon = CancellationToken::new();
         lock(&self.running).insert(
