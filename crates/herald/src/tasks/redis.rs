@@ -648,7 +648,7 @@ impl RedisQueue {
             return Err("not connected to Redis".to_owned());
         }
         let block_ms = u64::try_from(READ_BLOCK.as_millis()).unwrap_or(1000);
-        let reply: Value = tokio::time::timeout(
+        let reply = tokio::time::timeout(
             READ_BLOCK + COMMAND_TIMEOUT,
             reader.xreadgroup(
                 GROUP,
@@ -660,9 +660,8 @@ impl RedisQueue {
                 ">",
             ),
         )
-        .await
-        .map_err(|_| "Redis did not answer in time".to_owned())?
-        .map_err(|err| err.to_string())?;
+        .await;
+        let reply = answered(reply)?;
         // [[queue, [[entry, [field, value, …]]]]]
         let entry = reply
             .into_array()
@@ -676,7 +675,7 @@ impl RedisQueue {
     /// One entry whose worker stopped renewing it, now owned by this node.
     async fn reclaim_one(&self) -> Result<Option<(String, String)>, String> {
         let idle_ms = u64::try_from(self.timing.claim_idle.as_millis()).unwrap_or(u64::MAX);
-        let reply: Value = tokio::time::timeout(
+        let reply = tokio::time::timeout(
             COMMAND_TIMEOUT,
             self.client.xautoclaim(
                 QUEUE_KEY,
@@ -688,9 +687,8 @@ impl RedisQueue {
                 false,
             ),
         )
-        .await
-        .map_err(|_| "Redis did not answer in time".to_owned())?
-        .map_err(|err| err.to_string())?;
+        .await;
+        let reply = answered(reply)?;
         // [cursor, [[entry, [field, value, …]] | nil], deleted ids]
         let entry = reply
             .into_array()
@@ -966,6 +964,17 @@ impl RedisQueue {
                 Err(err) => tracing::debug!(error = %err, "renewing task claims failed; retrying"),
             }
         }
+    }
+}
+
+/// The reply of a command run under a timeout, or why there is none.
+fn answered(
+    reply: Result<Result<Value, fred::error::Error>, tokio::time::error::Elapsed>,
+) -> Result<Value, String> {
+    match reply {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(_) => Err("Redis did not answer in time".to_owned()),
     }
 }
 
