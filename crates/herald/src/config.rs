@@ -395,8 +395,10 @@ impl Values {
             value: if Self::setting(name).secret {
                 "<redacted>".to_owned()
             } else {
-                // A URL's password (e.g. in a Redis URL) is never echoed.
-                format!("{:?}", crate::redact_url(&value))
+                // A URL's password (e.g. in a Redis URL, or in a list of them) is
+                // never echoed.
+                let redacted: Vec<String> = value.split(',').map(crate::redact_url).collect();
+                format!("{:?}", redacted.join(","))
             },
             reason,
         })

@@ -9,6 +9,7 @@ HERALD_TEST_KEYS (comma list: symmetric_encryption_keys). Steps:
   {"call": "group_send", "args": [group, message]}        raw group_send
   {"call": "celery", "task": "export_report" | "generate_response", "args": [...]}
   {"call": "wait_member", "args": [group]}   waits until a herald channel is in the group
+  {"call": "wait_psubscribed"}              waits until some client PSUBSCRIBEs (herald)
 Prints one line per step, then "done".
 """
 
@@ -57,6 +58,21 @@ def wait_member(group):
     raise SystemExit(f"no herald channel joined {group} within 20 s")
 
 
+def wait_psubscribed():
+    import redis
+
+    client = redis.Redis.from_url(os.environ["HERALD_TEST_REDIS_URL"])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if client.pubsub_numpat() > 0:
+                return
+        except redis.ConnectionError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit("nobody PSUBSCRIBEd within 20 s")
+
+
 for step in json.loads(sys.argv[1]):
     call = step["call"]
     args = step.get("args", [])
@@ -70,6 +86,8 @@ for step in json.loads(sys.argv[1]):
         tasks.run_in_worker(getattr(tasks, step["task"]), *args)
     elif call == "wait_member":
         wait_member(*args)
+    elif call == "wait_psubscribed":
+        wait_psubscribed()
     else:
         raise SystemExit(f"unknown step {call!r}")
     print(call, flush=True)
