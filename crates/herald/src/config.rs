@@ -514,8 +514,8 @@ fn parse_scheme(value: &str, schemes: &[&str]) -> Result<String, String> {
     }
 }
 
-/// One `redis://` or `rediss://` URL: the Redis of the channels_redis layer (its
-/// `hosts` entry). Sharded layers (several hosts) are refused.
+/// One `redis://` URL: the Redis of the channels_redis layer (its `hosts` entry).
+/// Sharded layers (several hosts) are refused, and so is TLS for now.
 fn parse_bridge_url(value: &str) -> Result<String, String> {
     if value.contains(',') || value.contains(char::is_whitespace) {
         return Err(
@@ -524,7 +524,13 @@ fn parse_bridge_url(value: &str) -> Result<String, String> {
                 .to_owned(),
         );
     }
-    let url = parse_scheme(value, &["redis", "rediss"])?;
+    if value.starts_with("rediss://") {
+        return Err(
+            "rediss:// (TLS) is not supported yet: use redis://, e.g. over a private network or a TLS tunnel"
+                .to_owned(),
+        );
+    }
+    let url = parse_scheme(value, &["redis"])?;
     reqwest::Url::parse(&url)
         .map(|_| url)
         .map_err(|err| format!("not a valid URL ({err})"))
