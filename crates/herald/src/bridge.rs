@@ -36,6 +36,7 @@ pub mod options;
 pub mod wire;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -263,6 +264,9 @@ pub struct Bridge {
     joined: Mutex<HashMap<Channel, Joined>>,
     warned: Mutex<HashSet<String>>,
     leader: watch::Sender<bool>,
+    /// Set when joining failed (Redis unreachable): `maintain` joins every group again
+    /// at its next tick instead of waiting for the periodic refresh.
+    rejoin: AtomicBool,
     scripts: Scripts,
 }
 
@@ -361,6 +365,7 @@ impl Bridge {
             joined: Mutex::new(HashMap::new()),
             warned: Mutex::new(HashSet::new()),
             leader,
+            rejoin: AtomicBool::new(false),
             scripts: Scripts {
                 join: Script::from_lua(JOIN_SCRIPT),
                 leave: Script::from_lua(LEAVE_SCRIPT),
@@ -440,8 +445,8 @@ impl Bridge {
         };
         self.update_groups_gauge();
         if let Err(err) = self.join(&groups).await {
-            // Joined again by the next refresh or reconnect.
-            tracing::warn!(%channel, error = %err, "django bridge: joining groups failed");
+            self.rejoin.store(true, Ordering::Relaxed);
+            tracing::warn!(%channel, error = %err, "django bridge: joining groups failed; retrying");
         }
     }
 
@@ -607,14 +612,13 @@ impl Bridge {
         let mut last_refresh = Instant::now();
         let mut last_lease = Instant::now();
         let mut last_held = Instant::now();
-        let mut rejoin = false;
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
                 reconnect = reconnects.recv() => match reconnect {
                     Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         tracing::info!("django bridge reconnected to Redis");
-                        rejoin = true;
+                        self.rejoin.store(true, Ordering::Relaxed);
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                 },
@@ -630,13 +634,13 @@ impl Bridge {
                 }
             }
             self.leave_idle().await;
-            if rejoin || last_refresh.elapsed() >= refresh {
+            if self.rejoin.swap(false, Ordering::Relaxed) || last_refresh.elapsed() >= refresh {
                 match self.join(&self.all_groups()).await {
-                    Ok(()) => {
-                        rejoin = false;
-                        last_refresh = Instant::now();
+                    Ok(()) => last_refresh = Instant::now(),
+                    Err(err) => {
+                        self.rejoin.store(true, Ordering::Relaxed);
+                        tracing::debug!(error = %err, "django bridge: refreshing groups failed");
                     }
-                    Err(err) => tracing::debug!(error = %err, "django bridge: refreshing groups failed"),
                 }
             }
         }

@@ -324,7 +324,7 @@ impl Metrics {
         );
         registry.register(
             "herald_django_bridge_reading",
-            "1 while this node reads the bridge's queue and pub/sub groups (one node at a time)",
+            "1 while this node reads the Django bridge's queue and pub/sub groups (with a shared broker, one node at a time)",
             this.bridge_reading.clone(),
         );
         Self {

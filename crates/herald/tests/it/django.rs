@@ -587,6 +587,53 @@ async fn the_bridge_survives_a_redis_restart() {
     assert_sequenced(&got, 3);
 }
 
+/// herald starts while the bridge's Redis is down: sockets work, and once Redis is up
+/// the node joins the groups of the sockets already open and subscribes.
+#[tokio::test]
+async fn the_bridge_starts_without_its_redis_and_catches_up() {
+    let Some((mut redis, python)) = setup().await else {
+        return;
+    };
+    if !redis.owned() {
+        println!("skipped: HERALD_TEST_REDIS_URL is not restartable");
+        return;
+    }
+    redis.kill().await;
+    let srv = bridge_node(&redis, BridgeOptions::default()).await;
+    let (mut ws, _) = srv.connect("/ws/notifications/", "ivy").await;
+    redis.restart().await;
+    let url = redis.url.clone();
+    let django = Django {
+        python: &python,
+        redis_url: &url,
+        keys: None,
+    };
+    django
+        .run(
+            "core",
+            json!([
+                {"call": "wait_member", "args": ["user_ivy"]},
+                {"call": "broadcast_notification", "args": ["ivy", {"n": 1}]},
+            ]),
+        )
+        .await;
+    let got = ws.next_json().await;
+    assert_eq!(got["notification"]["n"], 1, "{got}");
+    assert_sequenced(&got, 1);
+    django
+        .run(
+            "pubsub",
+            json!([
+                {"call": "wait_psubscribed"},
+                {"call": "broadcast_notification", "args": ["ivy", {"n": 2}]},
+            ]),
+        )
+        .await;
+    let got = ws.next_json().await;
+    assert_eq!(got["notification"]["n"], 2, "{got}");
+    assert_sequenced(&got, 2);
+}
+
 #[test]
 fn a_sharded_layer_is_refused_at_start() {
     let env = std::collections::BTreeMap::from([(
