@@ -786,12 +786,13 @@ impl Bridge {
         let Some(popped) = reply.get(1..).map(pairs).and_then(|mut p| p.pop()) else {
             return Ok(Vec::new());
         };
-        // Kept in the backup until published, as channels_redis's receiver does.
+        // Kept in the backup until published, as channels_redis's receiver does; on the
+        // connection that just answered, the likeliest to still be up.
         let (member, score) = &popped;
         let backup = CustomCommand::new_static("ZADD", ClusterHash::FirstKey, false);
         timed(
             "backing up a popped message",
-            self.commands.custom::<Value, Value>(
+            self.reader.custom::<Value, Value>(
                 backup,
                 vec![
                     Value::from(self.names.inflight.clone()),
@@ -848,11 +849,14 @@ impl Bridge {
     // === the pub/sub layer ===
 
     fn patterns(&self) -> Vec<String> {
+        // Group patterns only use [A-Za-z0-9_.-] besides their `*`; the prefix may hold
+        // anything, so its glob characters are escaped.
+        let prefix = wire::escape_glob(&self.names.prefix);
         let mut patterns: Vec<String> = self
             .options
             .rules
             .iter()
-            .map(|rule| wire::group_pubsub_channel(&self.names.prefix, &rule.glob()))
+            .map(|rule| wire::group_pubsub_channel(&prefix, &rule.glob()))
             .collect();
         patterns.sort();
         patterns.dedup();

@@ -484,3 +484,9 @@ fn options_keys_match_the_raw_table() {
     .unwrap();
     BridgeOptions::from_toml(table).unwrap();
 }
+
+#[test]
+fn glob_characters_in_the_prefix_are_escaped() {
+    assert_eq!(wire::escape_glob("asgi"), "asgi");
+    assert_eq!(wire::escape_glob("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+}

@@ -35,6 +35,18 @@ pub fn group_pubsub_channel(prefix: &str, group: &str) -> String {
     format!("{prefix}__group__{group}")
 }
 
+/// `text` with Redis glob characters escaped, to match itself in a PSUBSCRIBE pattern.
+pub fn escape_glob(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Why a body could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Undecodable {
