@@ -465,37 +465,32 @@ impl Bridge {
     }
 
     async fn join(&self, groups: &[String]) -> Result<(), String> {
-        for batch in groups.chunks(JOIN_BATCH) {
-            if batch.is_empty() {
-                continue;
-            }
-            let keys: Vec<String> = batch
-                .iter()
-                .map(|g| wire::group_key(&self.names.prefix, g))
-                .collect();
-            let mut args: Vec<Value> = vec![
-                Value::from(format!("{:.6}", unix_now().as_secs_f64())),
-                Value::from(self.options.group_expiry.as_secs().to_string()),
-            ];
-            args.extend(batch.iter().map(|g| Value::from(self.names.member(g))));
-            self.eval(&self.scripts.join, keys, args, "joining groups")
-                .await?;
-        }
-        Ok(())
+        self.set_membership(groups, true).await
     }
 
     async fn leave(&self, groups: &[String]) -> Result<(), String> {
+        self.set_membership(groups, false).await
+    }
+
+    /// Adds (`join`) or removes this node's member in each of `groups`, in batches.
+    async fn set_membership(&self, groups: &[String], join: bool) -> Result<(), String> {
         for batch in groups.chunks(JOIN_BATCH) {
-            if batch.is_empty() {
-                continue;
-            }
             let keys: Vec<String> = batch
                 .iter()
                 .map(|g| wire::group_key(&self.names.prefix, g))
                 .collect();
-            let args: Vec<Value> = batch.iter().map(|g| Value::from(self.names.member(g))).collect();
-            self.eval(&self.scripts.leave, keys, args, "leaving groups")
-                .await?;
+            let members = batch.iter().map(|g| Value::from(self.names.member(g)));
+            let (script, args, what) = if join {
+                let mut args: Vec<Value> = vec![
+                    Value::from(format!("{:.6}", unix_now().as_secs_f64())),
+                    Value::from(self.options.group_expiry.as_secs().to_string()),
+                ];
+                args.extend(members);
+                (&self.scripts.join, args, "joining groups")
+            } else {
+                (&self.scripts.leave, members.collect(), "leaving groups")
+            };
+            self.eval(script, keys, args, what).await?;
         }
         Ok(())
     }

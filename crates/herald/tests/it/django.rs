@@ -531,6 +531,37 @@ async fn two_nodes_publish_each_group_send_once() {
     assert_eq!(metric(&b, "herald_django_bridge_reading").await, 1.0);
 }
 
+/// Once herald is back in `user`'s group (core) and subscribed (pub/sub), a
+/// `group_send` on each layer reaches `ws` with the offsets from `offset` on.
+async fn both_layers_deliver_once_redis_is_back(
+    django: &Django<'_>,
+    ws: &mut WsClient,
+    user: &str,
+    offset: u64,
+) {
+    for (idx, (layer, wait)) in [
+        (
+            "core",
+            json!({"call": "wait_member", "args": [format!("user_{user}")]}),
+        ),
+        ("pubsub", json!({"call": "wait_psubscribed"})),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let n = offset + idx as u64;
+        django
+            .run(
+                layer,
+                json!([wait, {"call": "broadcast_notification", "args": [user, {"n": n}]}]),
+            )
+            .await;
+        let got = ws.next_json().await;
+        assert_eq!(got["notification"]["n"], n, "{layer}: {got}");
+        assert_sequenced(&got, n);
+    }
+}
+
 /// The bridge's Redis restarts empty: herald reconnects, joins its groups again and
 /// subscribes again, and the next group_send on either layer is delivered.
 #[tokio::test]
@@ -561,30 +592,7 @@ async fn the_bridge_survives_a_redis_restart() {
     redis.kill().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     redis.restart().await;
-    django
-        .run(
-            "core",
-            json!([
-                {"call": "wait_member", "args": ["user_hal"]},
-                {"call": "broadcast_notification", "args": ["hal", {"n": 2}]},
-            ]),
-        )
-        .await;
-    let got = ws.next_json().await;
-    assert_eq!(got["notification"]["n"], 2, "{got}");
-    assert_sequenced(&got, 2);
-    django
-        .run(
-            "pubsub",
-            json!([
-                {"call": "wait_psubscribed"},
-                {"call": "broadcast_notification", "args": ["hal", {"n": 3}]},
-            ]),
-        )
-        .await;
-    let got = ws.next_json().await;
-    assert_eq!(got["notification"]["n"], 3, "{got}");
-    assert_sequenced(&got, 3);
+    both_layers_deliver_once_redis_is_back(&django, &mut ws, "hal", 2).await;
 }
 
 /// herald starts while the bridge's Redis is down: sockets work, and once Redis is up
@@ -608,30 +616,7 @@ async fn the_bridge_starts_without_its_redis_and_catches_up() {
         redis_url: &url,
         keys: None,
     };
-    django
-        .run(
-            "core",
-            json!([
-                {"call": "wait_member", "args": ["user_ivy"]},
-                {"call": "broadcast_notification", "args": ["ivy", {"n": 1}]},
-            ]),
-        )
-        .await;
-    let got = ws.next_json().await;
-    assert_eq!(got["notification"]["n"], 1, "{got}");
-    assert_sequenced(&got, 1);
-    django
-        .run(
-            "pubsub",
-            json!([
-                {"call": "wait_psubscribed"},
-                {"call": "broadcast_notification", "args": ["ivy", {"n": 2}]},
-            ]),
-        )
-        .await;
-    let got = ws.next_json().await;
-    assert_eq!(got["notification"]["n"], 2, "{got}");
-    assert_sequenced(&got, 2);
+    both_layers_deliver_once_redis_is_back(&django, &mut ws, "ivy", 1).await;
 }
 
 #[test]
