@@ -154,6 +154,8 @@ pub struct Config {
     pub frame_coalesce: Duration,
     pub shutdown_drain: Duration,
     pub django_bridge: Option<String>,
+    /// The `[django]` table: channels_redis settings and group mappings for the bridge.
+    pub django: crate::bridge::BridgeOptions,
     /// Bytes a socket's outbox may hold before the client counts as too slow (close
     /// 1008). Not an environment setting; TOML key `outbox_max_bytes`.
     pub outbox_max_bytes: usize,
@@ -214,12 +216,22 @@ pub enum ConfigError {
     ParseFile { path: PathBuf, reason: String },
     #[error("config file {path}: unknown key `{key}` (keys are the HERALD_* names in lowercase without the prefix, e.g. `listen`)")]
     UnknownKey { path: PathBuf, key: String },
+    #[error("config file {path}: [{table}] {reason}")]
+    Table {
+        path: PathBuf,
+        table: &'static str,
+        reason: String,
+    },
 }
+
+/// The TOML table that configures the Django bridge (docs/protocol.md).
+pub const DJANGO_TABLE: &str = "django";
 
 /// Loads configuration: defaults, then the TOML file (if any), then the environment.
 pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
     let mut raw: BTreeMap<&'static str, String> = BTreeMap::new();
     let mut tuning = Tuning::default();
+    let mut django = crate::bridge::BridgeOptions::default();
     if let Some(path) = file {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
             path: path.to_owned(),
@@ -232,6 +244,18 @@ pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
                 reason: err.message().to_owned(),
             })?;
         for (key, value) in table {
+            if key == DJANGO_TABLE {
+                django = match value {
+                    toml::Value::Table(_) => crate::bridge::BridgeOptions::from_toml(value),
+                    _ => Err("must be a table: write `[django]` followed by its keys".to_owned()),
+                }
+                .map_err(|reason| ConfigError::Table {
+                    path: path.to_owned(),
+                    table: DJANGO_TABLE,
+                    reason,
+                })?;
+                continue;
+            }
             if let Some(name) = TOML_ONLY_KEYS.iter().find(|name| **name == key) {
                 tuning.raw.insert(name, toml_to_text(&value));
                 continue;
@@ -302,7 +326,8 @@ pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
             parse_count(v).map(|ms| Duration::from_millis(ms as u64))
         })?,
         shutdown_drain: values.parse(ENV_SHUTDOWN_DRAIN, parse_seconds)?,
-        django_bridge: values.parse_optional(ENV_DJANGO_BRIDGE, |v| parse_scheme(v, &["redis", "rediss"]))?,
+        django_bridge: values.parse_optional(ENV_DJANGO_BRIDGE, parse_bridge_url)?,
+        django,
         outbox_max_bytes: tuning.count("outbox_max_bytes", DEFAULT_OUTBOX_MAX_BYTES)?,
         history_max_bytes: tuning.count("history_max_bytes", DEFAULT_HISTORY_MAX_BYTES)?,
         handshakes_per_ip_per_second: u32::try_from(tuning.count(
@@ -333,13 +358,7 @@ impl Config {
     /// Settings that are accepted but whose feature is not built yet, with what herald
     /// does instead. Logged as warnings at start so nobody relies on them silently.
     pub fn not_yet_supported(&self) -> Vec<String> {
-        let mut notes = Vec::new();
-        if self.django_bridge.is_some() {
-            notes.push(format!(
-                "{ENV_DJANGO_BRIDGE} is set, but the Django bridge is not built yet: it is ignored"
-            ));
-        }
-        notes
+        Vec::new()
     }
 
     /// True when no key source is configured and herald runs with a generated secret.
@@ -380,7 +399,10 @@ impl Values {
             value: if Self::setting(name).secret {
                 "<redacted>".to_owned()
             } else {
-                format!("{value:?}")
+                // A URL's password (e.g. in a Redis URL, or in a list of them) is
+                // never echoed.
+                let redacted: Vec<String> = value.split(',').map(crate::redact_url).collect();
+                format!("{:?}", redacted.join(","))
             },
             reason,
         })
@@ -498,6 +520,22 @@ fn parse_scheme(value: &str, schemes: &[&str]) -> Result<String, String> {
             schemes.join(":// or ")
         ))
     }
+}
+
+/// One `redis://` or `rediss://` URL: the Redis of the channels_redis layer (its
+/// `hosts` entry). Sharded layers (several hosts) are refused.
+fn parse_bridge_url(value: &str) -> Result<String, String> {
+    if value.contains(',') || value.contains(char::is_whitespace) {
+        return Err(
+            "expected one Redis URL; herald bridges a channels_redis layer with one host, not a sharded \
+             (several hosts) one: give the host the layer uses, or use one host"
+                .to_owned(),
+        );
+    }
+    let url = parse_scheme(value, &["redis", "rediss"])?;
+    reqwest::Url::parse(&url)
+        .map(|_| url)
+        .map_err(|err| format!("not a valid URL ({err})"))
 }
 
 fn parse_http_url(value: &str) -> Result<String, String> {

@@ -21,13 +21,19 @@
 //! - [`store`]: SQLite/PostgreSQL access and migrations.
 //! - [`tasks`]: LLM generation tasks: the in-process queue or the shared one on Redis
 //!   Streams, and the worker that streams an answer to the user's frame stream.
+//! - [`compose`]: the message each kind of publish produces, shared by the HTTP API and
+//!   the bridge.
+//! - [`bridge`]: the Django Channels bridge: channels_redis `group_send` calls published
+//!   to herald channels.
 
 pub mod app;
 pub mod auth;
+pub mod bridge;
 pub mod broker;
 pub mod channel;
 pub mod cli;
 pub mod close;
+pub mod compose;
 pub mod config;
 pub mod dev;
 pub mod http;
@@ -88,6 +94,24 @@ pub async fn build_state(
     let metrics = metrics::Metrics::new();
     let publisher = app::Publisher::new(broker.clone(), metrics.clone());
     let tracker = TaskTracker::new();
+    let broker: Arc<dyn broker::Broker> = match &config.django_bridge {
+        Some(url) => {
+            let bridge = bridge::Bridge::start(
+                url,
+                config.django.clone(),
+                config.redis_url.is_some(),
+                hub.clone(),
+                publisher.clone(),
+                metrics.clone(),
+                &tracker,
+                &shutdown,
+            )
+            .await
+            .map_err(|err| anyhow::anyhow!("cannot start the Django bridge ({}): {err}", redact_url(url)))?;
+            Arc::new(bridge::BridgedBroker::new(broker, bridge))
+        }
+        None => broker,
+    };
     let provider = llm::from_config(&config)?;
     let node_id = channel::new_id();
     let parts = tasks::Parts {

@@ -35,6 +35,14 @@ pub const LIMITS: [&str; 3] = ["connections_per_user", "client_messages", "hands
 /// How an LLM task ended.
 pub const TASK_OUTCOMES: [&str; 3] = ["completed", "failed", "cancelled"];
 
+/// The channels_redis layers the Django bridge reads.
+pub const BRIDGE_LAYERS: [&str; 2] = ["core", "pubsub"];
+
+/// What the Django bridge did with a message: published it, or dropped it because it
+/// could not be read (`undecodable`), did not map to a herald message (`unmappable`), or
+/// could not be published (`failed`, pub/sub layer only; the core layer retries).
+pub const BRIDGE_OUTCOMES: [&str; 4] = ["published", "unmappable", "undecodable", "failed"];
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EndpointLabel {
     endpoint: &'static str,
@@ -70,6 +78,12 @@ struct OutcomeLabel {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BridgeLabel {
+    layer: &'static str,
+    outcome: &'static str,
+}
+
 /// The metrics of one herald instance. Cheap to clone (everything is shared).
 #[derive(Clone)]
 pub struct Metrics {
@@ -92,6 +106,9 @@ pub struct Metrics {
     task_outcomes: Family<OutcomeLabel, Counter>,
     llm_time_to_first_token: Histogram,
     llm_tokens_per_second: Histogram,
+    bridge_messages: Family<BridgeLabel, Counter>,
+    bridge_groups: Gauge,
+    bridge_reading: Gauge,
 }
 
 fn code_label(code: CloseCode) -> &'static str {
@@ -154,6 +171,9 @@ impl Metrics {
             task_outcomes: Family::default(),
             llm_time_to_first_token: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
             llm_tokens_per_second: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            bridge_messages: Family::default(),
+            bridge_groups: Gauge::default(),
+            bridge_reading: Gauge::default(),
         };
 
         for endpoint in Endpoint::ALL {
@@ -190,6 +210,13 @@ impl Metrics {
         }
         for outcome in TASK_OUTCOMES {
             let _ = this.task_outcomes.get_or_create(&OutcomeLabel { outcome });
+        }
+        for layer in BRIDGE_LAYERS {
+            for outcome in BRIDGE_OUTCOMES {
+                let _ = this
+                    .bridge_messages
+                    .get_or_create(&BridgeLabel { layer, outcome });
+            }
         }
 
         registry.register(
@@ -284,6 +311,21 @@ impl Metrics {
             "herald_llm_tokens_per_second",
             "Streaming rate of each finished LLM answer",
             this.llm_tokens_per_second.clone(),
+        );
+        registry.register(
+            "herald_django_bridge_messages",
+            "Messages read from Django Channels groups, by layer and outcome",
+            this.bridge_messages.clone(),
+        );
+        registry.register(
+            "herald_django_bridge_groups",
+            "Django groups this node has joined (core layer)",
+            this.bridge_groups.clone(),
+        );
+        registry.register(
+            "herald_django_bridge_reading",
+            "1 while this node reads the Django bridge's queue and pub/sub groups (with a shared broker, one node at a time)",
+            this.bridge_reading.clone(),
         );
         Self {
             registry: Arc::new(registry),
@@ -457,6 +499,29 @@ impl Metrics {
     pub fn llm_tokens_per_second(&self, rate: f64) {
         self.llm_tokens_per_second.observe(rate);
     }
+
+    // === Django bridge ===
+
+    /// `layer` is one of [`BRIDGE_LAYERS`], `outcome` one of [`BRIDGE_OUTCOMES`].
+    pub fn bridge_message(&self, layer: &'static str, outcome: &'static str) {
+        self.bridge_messages
+            .get_or_create(&BridgeLabel { layer, outcome })
+            .inc();
+    }
+
+    pub fn bridge_messages(&self, layer: &'static str, outcome: &'static str) -> u64 {
+        self.bridge_messages
+            .get_or_create(&BridgeLabel { layer, outcome })
+            .get()
+    }
+
+    pub fn set_bridge_groups(&self, groups: i64) {
+        self.bridge_groups.set(groups);
+    }
+
+    pub fn set_bridge_reading(&self, reading: bool) {
+        self.bridge_reading.set(i64::from(reading));
+    }
 }
 
 #[cfg(test)]
@@ -485,6 +550,9 @@ mod tests {
             "herald_task_outcomes_total{outcome=\"cancelled\"} 0",
             "herald_llm_time_to_first_token_seconds_count 0",
             "herald_llm_tokens_per_second_count 0",
+            "herald_django_bridge_messages_total{layer=\"pubsub\",outcome=\"unmappable\"} 0",
+            "herald_django_bridge_groups 0",
+            "herald_django_bridge_reading 0",
         ] {
             assert!(text.contains(name), "missing `{name}` in:\n{text}");
         }

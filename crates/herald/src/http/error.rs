@@ -82,6 +82,12 @@ impl From<crate::broker::BrokerError> for ApiError {
     }
 }
 
+impl From<crate::compose::Invalid> for ApiError {
+    fn from(err: crate::compose::Invalid) -> Self {
+        Self::BadRequest(err.0)
+    }
+}
+
 impl From<crate::ids::InvalidId> for ApiError {
     fn from(err: crate::ids::InvalidId) -> Self {
         Self::BadRequest(err.to_string())

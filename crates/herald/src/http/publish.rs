@@ -12,12 +12,13 @@ use serde_json::{json, Map, Value};
 use crate::app::AppState;
 use crate::broker::Published;
 use crate::channel::{Channel, ChannelKind, Draft};
+use crate::compose;
 use crate::http::error::ApiError;
 use crate::http::extract::{ApiJson, ServiceKey};
-use crate::ids::{ChatId, OrgId};
+use crate::ids::OrgId;
 
 /// `type`s an external worker may publish to a frame stream (docs/protocol.md).
-pub const FRAME_MESSAGE_TYPES: [&str; 4] = ["llm_status", "llm_frame", "llm_response", "llm_error"];
+pub use crate::compose::FRAME_MESSAGE_TYPES;
 
 /// Largest `limit` a history call may ask for.
 pub const MAX_HISTORY_LIMIT: usize = 10_000;
@@ -53,11 +54,8 @@ async fn notification(
     ApiJson(body): ApiJson,
 ) -> Result<Response, ApiError> {
     let channel = Channel::new(ChannelKind::Notifications, &user_id)?;
-    let notification = object(body, "the notification")?;
-    let mut message = Map::new();
-    message.insert("type".to_owned(), json!("notification"));
-    message.insert("notification".to_owned(), Value::Object(notification));
-    let published = state.publish(&channel, &Draft::from_object(message)).await?;
+    let draft = compose::notification(body)?;
+    let published = state.publish(&channel, &draft).await?;
     Ok(accepted(receipt(&channel, &published)))
 }
 
@@ -69,26 +67,8 @@ async fn org_event(
 ) -> Result<Response, ApiError> {
     let org_id = OrgId::parse(&org_id)?;
     let channel = Channel::new(ChannelKind::Org, org_id.as_str())?;
-    let mut body = object(body, "the event")?;
-    let event_type = match body.remove("event_type") {
-        Some(Value::String(t)) if !t.is_empty() && t.len() <= 128 => t,
-        _ => {
-            return Err(ApiError::BadRequest(
-                "event_type must be a non-empty string of at most 128 characters".to_owned(),
-            ))
-        }
-    };
-    let data = match body.remove("data") {
-        None | Some(Value::Null) => Value::Object(Map::new()),
-        Some(data @ Value::Object(_)) => data,
-        Some(_) => return Err(ApiError::BadRequest("data must be a JSON object".to_owned())),
-    };
-    let mut message = Map::new();
-    message.insert("type".to_owned(), json!("org_event"));
-    message.insert("org_id".to_owned(), json!(org_id.as_str()));
-    message.insert("event_type".to_owned(), json!(event_type));
-    message.insert("data".to_owned(), data);
-    let published = state.publish(&channel, &Draft::from_object(message)).await?;
+    let draft = compose::org_event(&org_id, object(body, "the event")?)?;
+    let published = state.publish(&channel, &draft).await?;
     Ok(accepted(receipt(&channel, &published)))
 }
 
@@ -99,22 +79,8 @@ async fn frame(
     ApiJson(body): ApiJson,
 ) -> Result<Response, ApiError> {
     let channel = Channel::new(ChannelKind::Frames, &user_id)?;
-    let mut message = object(body, "the frame-stream message")?;
-    let kind = message.get("type").and_then(Value::as_str).unwrap_or("");
-    if !FRAME_MESSAGE_TYPES.contains(&kind) {
-        return Err(ApiError::BadRequest(format!(
-            "type must be one of {}",
-            FRAME_MESSAGE_TYPES.join(", ")
-        )));
-    }
-    match message.get("chat_id").and_then(Value::as_str) {
-        Some(chat_id) => {
-            ChatId::parse(chat_id)?;
-        }
-        None => return Err(ApiError::BadRequest("chat_id is required".to_owned())),
-    }
-    message.insert("user_id".to_owned(), json!(channel.id()));
-    let published = state.publish(&channel, &Draft::from_object(message)).await?;
+    let draft = compose::frame(&channel, object(body, "the frame-stream message")?)?;
+    let published = state.publish(&channel, &draft).await?;
     Ok(accepted(receipt(&channel, &published)))
 }
 

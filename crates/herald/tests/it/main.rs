@@ -15,6 +15,7 @@ mod support;
 mod api;
 mod chat;
 mod delivery;
+mod django;
 mod handshake;
 mod jwks;
 mod lifecycle;

@@ -19,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 use crate::support::*;
 
 /// A Redis for one test: its own `redis-server`, or `HERALD_TEST_REDIS_URL`.
-pub struct Redis {
-    url: String,
+pub(crate) struct Redis {
+    pub(crate) url: String,
     port: u16,
     child: Option<Child>,
 }
@@ -68,7 +68,7 @@ async fn start_server(port: u16) -> Child {
 
 impl Redis {
     /// A fresh Redis, or `None` (after printing why) when none can be had.
-    pub async fn start() -> Option<Redis> {
+    pub(crate) async fn start() -> Option<Redis> {
         if let Some(url) = env("HERALD_TEST_REDIS_URL") {
             return Some(Redis {
                 url,
@@ -102,17 +102,17 @@ impl Redis {
     }
 
     /// Whether this test owns the server (and so can stop and restart it).
-    pub fn owned(&self) -> bool {
+    pub(crate) fn owned(&self) -> bool {
         self.child.is_some()
     }
 
-    pub async fn kill(&mut self) {
+    pub(crate) async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill().await.unwrap();
         }
     }
 
-    pub async fn restart(&mut self) {
+    pub(crate) async fn restart(&mut self) {
         self.child = Some(start_server(self.port).await);
     }
 

@@ -270,3 +270,16 @@ fn only_the_http_and_websocket_boundary_imports_axum() {
          files do: {offenders:?}. Move the axum-specific part into http/ or ws/"
     );
 }
+
+#[test]
+fn every_django_table_key_is_documented() {
+    let doc = read("docs/protocol.md");
+    let rows = table(&doc, "docs/protocol.md", &["key", "meaning", "default"]);
+    let documented: Vec<&str> = rows.iter().map(|row| unquote(&row[0])).collect();
+    assert_eq!(
+        documented,
+        herald::bridge::options::KEYS,
+        "the `| key | meaning | default |` table of the Django bridge section in docs/protocol.md \
+         must list exactly herald::bridge::options::KEYS (crates/herald/src/bridge/options.rs), in order"
+    );
+}
