@@ -27,4 +27,5 @@ mod process;
 mod readme;
 mod recovery;
 mod redis;
+mod redis_cluster;
 mod tidy;

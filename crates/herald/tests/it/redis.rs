@@ -26,19 +26,49 @@ struct Redis {
 }
 
 #[allow(clippy::disallowed_methods)]
-fn env(name: &str) -> Option<String> {
+pub(crate) fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
+/// `n` distinct ports that were free a moment ago.
+pub(crate) fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|listener| listener.local_addr().unwrap().port())
+        .collect()
+}
+
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_ports(1)[0]
+}
+
+/// Whether `redis-server` can be run; prints the skip line (or fails, when
+/// `HERALD_REQUIRE_REDIS=1`) when it cannot.
+pub(crate) fn redis_server_on_path() -> bool {
+    let on_path = std::process::Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if !on_path {
+        assert!(
+            env("HERALD_REQUIRE_REDIS").as_deref() != Some("1"),
+            "HERALD_REQUIRE_REDIS=1 but no redis-server on PATH"
+        );
+        println!("skipped: no redis-server");
+    }
+    on_path
 }
 
 async fn start_server(port: u16) -> Child {
+    start_server_with(port, &[]).await
+}
+
+/// A private `redis-server` on `port`, with no persistence, plus `extra` arguments;
+/// returns once it accepts connections.
+pub(crate) async fn start_server_with(port: u16, extra: &[&str]) -> Child {
     let child = Command::new("redis-server")
         .args([
             "--port",
@@ -50,6 +80,7 @@ async fn start_server(port: u16) -> Child {
             "--appendonly",
             "no",
         ])
+        .args(extra)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
@@ -76,16 +107,7 @@ impl Redis {
                 child: None,
             });
         }
-        let on_path = std::process::Command::new("redis-server")
-            .arg("--version")
-            .output()
-            .is_ok_and(|out| out.status.success());
-        if !on_path {
-            assert!(
-                env("HERALD_REQUIRE_REDIS").as_deref() != Some("1"),
-                "HERALD_REQUIRE_REDIS=1 but no redis-server on PATH"
-            );
-            println!("skipped: no redis-server");
+        if !redis_server_on_path() {
             return None;
         }
         let port = free_port();
@@ -121,11 +143,11 @@ impl Redis {
 }
 
 /// A user name no other test (or earlier run on a shared Redis) uses.
-fn user(prefix: &str) -> String {
+pub(crate) fn user(prefix: &str) -> String {
     format!("{prefix}-{}", herald::channel::new_id())
 }
 
-async fn wait_ready(srv: &TestServer, ready: bool) {
+pub(crate) async fn wait_ready(srv: &TestServer, ready: bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let status = srv
@@ -328,13 +350,19 @@ async fn missed_messages_during_a_node_outage_come_back_through_history() {
 #[tokio::test]
 async fn connection_limit_holds_across_nodes() {
     let Some(redis) = Redis::start().await else { return };
-    let node = |redis: &Redis| {
+    check_connection_limit_across_nodes(&redis.url).await;
+}
+
+/// Two nodes on the Redis at `url`, a limit of 2 sockets per user: the third socket is
+/// refused on either node, and closing one frees a slot for another node.
+pub(crate) async fn check_connection_limit_across_nodes(url: &str) {
+    let node = || {
         TestServer::builder()
-            .env("HERALD_REDIS_URL", redis.url.clone())
+            .env("HERALD_REDIS_URL", url)
             .env("HERALD_MAX_CONNECTIONS_PER_USER", "2")
             .spawn()
     };
-    let (a, b) = (node(&redis).await, node(&redis).await);
+    let (a, b) = (node().await, node().await);
     let u = user("limit");
     let (on_a, _) = a.connect("/ws/notifications/", &u).await;
     let (on_b, _) = b.connect(&format!("/ws/frame-stream/{u}/"), &u).await;
