@@ -14,6 +14,7 @@ use tokio::process::{Child, Command};
 
 use crate::redis::{
     check_connection_limit_across_nodes, free_ports, redis_server_on_path, start_server_with, user,
+    wait_ready,
 };
 use crate::support::*;
 
@@ -21,7 +22,23 @@ use crate::support::*;
 struct Master {
     port: u16,
     id: String,
-    _child: Child,
+    /// `redis-server` arguments after the port, to start it again.
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Master {
+    async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.unwrap();
+        }
+    }
+
+    /// Starts it again on the same port and cluster config file, with no data.
+    async fn restart(&mut self) {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        self.child = Some(start_server_with(self.port, &args).await);
+    }
 }
 
 /// A three-master Redis Cluster for one test.
@@ -89,28 +106,30 @@ impl Cluster {
             let (port, bus) = (pair[0], pair[1]);
             let node_dir = dir.path().join(port.to_string());
             std::fs::create_dir(&node_dir).unwrap();
-            let child = start_server_with(
+            let args: Vec<String> = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-port",
+                &bus.to_string(),
+                "--cluster-config-file",
+                node_dir.join("nodes.conf").to_str().unwrap(),
+                "--cluster-node-timeout",
+                "2000",
+                "--dir",
+                node_dir.to_str().unwrap(),
+            ]
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+            let mut master = Master {
                 port,
-                &[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-port",
-                    &bus.to_string(),
-                    "--cluster-config-file",
-                    node_dir.join("nodes.conf").to_str().unwrap(),
-                    "--cluster-node-timeout",
-                    "2000",
-                    "--dir",
-                    node_dir.to_str().unwrap(),
-                ],
-            )
-            .await;
-            let id = cli(port, &["cluster", "myid"]).await.trim().to_owned();
-            masters.push(Master {
-                port,
-                id,
-                _child: child,
-            });
+                id: String::new(),
+                args,
+                child: None,
+            };
+            master.restart().await;
+            master.id = cli(port, &["cluster", "myid"]).await.trim().to_owned();
+            masters.push(master);
         }
         let addresses: Vec<String> = masters.iter().map(|m| format!("127.0.0.1:{}", m.port)).collect();
         let created = Command::new("redis-cli")
@@ -419,4 +438,46 @@ async fn a_plain_redis_url_naming_a_cluster_node_is_refused() {
     };
     assert!(err.to_string().contains("redis-cluster://"), "{err}");
     shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_master_restarted_empty_makes_nodes_not_ready_then_they_resubscribe() {
+    let Some(mut cluster) = Cluster::start().await else {
+        return;
+    };
+    let (a, b) = (cluster.node().await, cluster.node().await);
+    let u = user("restart");
+    let path = "/ws/notifications/";
+    let owner = cluster.owner(slot_of(&notifications_pubsub(&u))).await;
+    let (mut on_b, welcome) = b.connect(path, &u).await;
+    a.notify(&u, json!({"n": 1})).await;
+    assert_eq!(on_b.next_json().await["offset"], 1);
+
+    let master = cluster.masters.iter_mut().find(|m| m.port == owner).unwrap();
+    master.kill().await;
+    wait_ready(&a, false).await;
+    wait_ready(&b, false).await;
+    let (status, body) = a
+        .post(&format!("/api/v1/notifications/{u}"), json!({"n": 2}))
+        .await;
+    assert_eq!(status, 503, "{body}");
+
+    // Back on the same port with its cluster config but no data: the channel's epoch
+    // is gone. The socket that stayed open is told to resume, and learns it cannot
+    // recover.
+    let master = cluster.masters.iter_mut().find(|m| m.port == owner).unwrap();
+    master.restart().await;
+    cluster.wait_consistent().await;
+    wait_ready(&a, true).await;
+    wait_ready(&b, true).await;
+    let (code, reason) = on_b.expect_close().await;
+    assert_eq!(code, 1001, "{reason}");
+    let old_epoch = welcome["epoch"].as_str().unwrap();
+    let (mut resumed, new_welcome) = b.connect(&format!("{path}?since=1&epoch={old_epoch}"), &u).await;
+    assert_ne!(new_welcome["epoch"], welcome["epoch"]);
+    assert_eq!(resumed.next_json().await["recovered"], false);
+    // Node B subscribed again on the restarted master: delivery across nodes resumes.
+    a.notify(&u, json!({"after": true})).await;
+    let received = resumed.next_json().await;
+    assert_eq!(received["notification"]["after"], true, "{received}");
 }
