@@ -269,7 +269,8 @@ pub struct Subscriber {
     changing: tokio::sync::Mutex<()>,
     /// Held by the slot check that is running, so checks never pile up.
     checking: tokio::sync::Mutex<()>,
-    /// Reconnections of the subscriber connection, for `herald_broker_reconnects_total`.
+    /// Reconnections of the subscriber connection (to any server, on a Cluster), for
+    /// `herald_broker_reconnects_total`; a server's first connection is not one.
     reconnects: std::sync::atomic::AtomicU64,
 }
 
@@ -781,6 +782,8 @@ impl Subscriber {
         let mut slot_check = tokio::time::interval(SLOT_CHECK_INTERVAL);
         slot_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let sharded = self.fanout == Fanout::Sharded;
+        // Servers connected to at least once: a later connection to one is a reconnect.
+        let mut connected_before = std::collections::HashSet::new();
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
@@ -792,12 +795,18 @@ impl Subscriber {
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                 },
                 reconnect = reconnects.recv() => {
-                    let why = match reconnect {
-                        Ok(server) => Resync::Reconnected(server),
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Resync::Lost,
+                    let (why, again) = match reconnect {
+                        Ok(server) => {
+                            let again = !connected_before.insert(server.clone());
+                            (Resync::Reconnected(server), again)
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => (Resync::Lost, true),
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                     };
-                    self.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if again {
+                        self.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    // Also on a first connection: a socket may have arrived before it.
                     let this = self.clone();
                     // Off the receive loop, which must keep draining messages meanwhile.
                     tokio::spawn(async move { this.resync(why).await });

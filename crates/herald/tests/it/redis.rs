@@ -142,6 +142,24 @@ impl Redis {
     }
 }
 
+/// `herald_broker_reconnects_total` of `srv`.
+pub(crate) async fn broker_reconnects(srv: &TestServer) -> f64 {
+    let metrics = srv
+        .http
+        .get(srv.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("herald_broker_reconnects_total "))
+        .and_then(|value| value.parse().ok())
+        .unwrap()
+}
+
 /// A user name no other test (or earlier run on a shared Redis) uses.
 pub(crate) fn user(prefix: &str) -> String {
     format!("{prefix}-{}", herald::channel::new_id())
@@ -209,6 +227,11 @@ async fn three_nodes_share_delivery_offsets_epochs_and_history() {
     let (mut on_b, welcome_b) = b.connect(path, &u).await;
     let (mut on_c, welcome_c) = c.connect(path, &u).await;
     assert_eq!(welcome_b["epoch"], welcome_c["epoch"], "one epoch across nodes");
+    assert_eq!(
+        broker_reconnects(&b).await,
+        0.0,
+        "a first connection is no reconnect"
+    );
 
     // Publishes alternating between the nodes get one sequence of offsets.
     let nodes = [&a, &b, &c, &a, &b, &c];
@@ -292,20 +315,7 @@ async fn losing_redis_makes_nodes_not_ready_and_they_recover() {
     let (code, reason) = on_b.expect_close().await;
     assert_eq!(code, 1001, "{reason}");
     // The reconnect is counted.
-    let metrics = b
-        .http
-        .get(b.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let reconnects: f64 = metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("herald_broker_reconnects_total "))
-        .and_then(|value| value.parse().ok())
-        .unwrap();
+    let reconnects = broker_reconnects(&b).await;
     assert!(
         reconnects >= 1.0,
         "herald_broker_reconnects_total is {reconnects}"

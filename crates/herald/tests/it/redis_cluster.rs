@@ -13,8 +13,8 @@ use serde_json::json;
 use tokio::process::{Child, Command};
 
 use crate::redis::{
-    check_connection_limit_across_nodes, free_ports, redis_server_on_path, start_server_with, user,
-    wait_ready,
+    broker_reconnects, check_connection_limit_across_nodes, free_ports, redis_server_on_path,
+    start_server_with, user, wait_ready,
 };
 use crate::support::*;
 
@@ -321,6 +321,11 @@ async fn publishes_reach_every_node_for_channels_on_every_master() {
             }
         }
     }
+    assert_eq!(
+        broker_reconnects(&b).await,
+        0.0,
+        "first connections are no reconnects"
+    );
     // Each node holds one shard subscription per channel, on the master of its slot.
     for (port, u) in &users {
         assert_eq!(
@@ -472,6 +477,7 @@ async fn a_master_restarted_empty_makes_nodes_not_ready_then_they_resubscribe() 
     wait_ready(&b, true).await;
     let (code, reason) = on_b.expect_close().await;
     assert_eq!(code, 1001, "{reason}");
+    assert!(broker_reconnects(&b).await >= 1.0);
     let old_epoch = welcome["epoch"].as_str().unwrap();
     let (mut resumed, new_welcome) = b.connect(&format!("{path}?since=1&epoch={old_epoch}"), &u).await;
     assert_ne!(new_welcome["epoch"], welcome["epoch"]);
