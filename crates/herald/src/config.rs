@@ -58,7 +58,7 @@ settings! {
     ENV_JWT_USER_CLAIM = "HERALD_JWT_USER_CLAIM", "sub", false, "Claim holding the user id.";
     ENV_ALLOWED_ORIGINS = "HERALD_ALLOWED_ORIGINS", "http://localhost:8000,http://127.0.0.1:8000", false, "Comma list of allowed `Origin`s; `*` allows all.";
     ENV_API_KEYS = "HERALD_API_KEYS", "", true, "Comma list of service keys for the publish/admin API; generated and saved in dev mode when empty.";
-    ENV_REDIS_URL = "HERALD_REDIS_URL", "", false, "Redis for multi-node fan-out, history, limits and the task queue; in-memory single node when empty.";
+    ENV_REDIS_URL = "HERALD_REDIS_URL", "", false, "Redis (`redis://`) or Redis Cluster (`redis-cluster://host:port?node=host:port`) for multi-node fan-out, history, limits and the task queue; in-memory single node when empty.";
     ENV_DATABASE_URL = "HERALD_DATABASE_URL", "sqlite://herald.db", false, "`sqlite://…` or `postgres://…` for memberships and chats.";
     ENV_MEMBERSHIP = "HERALD_MEMBERSHIP", "database", false, "`database`, `claims` or `webhook:<url>`.";
     ENV_LLM_BASE_URL = "HERALD_LLM_BASE_URL", "", false, "OpenAI-compatible API base (`…/v1`); the `echo` dev provider when empty.";
@@ -297,7 +297,9 @@ pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
             .into_iter()
             .map(Secret::new)
             .collect(),
-        redis_url: values.parse_optional(ENV_REDIS_URL, |v| parse_scheme(v, &["redis", "rediss"]))?,
+        redis_url: values.parse_optional(ENV_REDIS_URL, |v| {
+            parse_scheme(v, &["redis", "rediss", "redis-cluster"])
+        })?,
         database_url: values.parse(ENV_DATABASE_URL, |v| {
             if v.starts_with("sqlite:") {
                 Ok(v.to_owned())

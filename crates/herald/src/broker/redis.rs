@@ -11,18 +11,32 @@
 //!   prunes them.
 //! - `herald:{c}:messages`: the pub/sub channel; each payload is `"{offset} {sealed JSON}"`.
 //!
+//! (The per-user connection counts of `limits::shared` are `herald:{conns}:…`.)
+//!
 //! A publish is one Lua script ([`PUBLISH_SCRIPT`]): it creates the epoch if the channel
 //! has none, increments the offset, seals the message with the same bytes as
-//! [`Draft::seal`], appends it to history and PUBLISHes it. Redis runs a script as one
+//! [`Draft::seal`], appends it to history and publishes it. Redis runs a script as one
 //! step, so offsets grow by exactly 1, a message is in history before any node receives
 //! it, and every node receives a channel's messages in offset order.
 //!
 //! Each node holds two connections: one for commands and one, owned by the subscriber
-//! task ([`Subscriber`]), that SUBSCRIBEs once per channel with a socket on this node.
+//! task ([`Subscriber`]), that subscribes once per channel with a socket on this node.
 //! Both reconnect with backoff; after the subscriber reconnects it subscribes again to
 //! every channel the node still has. Messages published while a node was cut off are
 //! not replayed by the node: its clients fill the gap from history (on the next live
 //! message, or when they reconnect with `since`).
+//!
+//! On one Redis (`redis://`) messages go through plain pub/sub (PUBLISH, SUBSCRIBE),
+//! which any Redis version has. On a Redis Cluster (`redis-cluster://`) they go through
+//! sharded pub/sub (SPUBLISH, SSUBSCRIBE; Redis 7.0 or later): a message is only sent
+//! to the primary that owns its channel's slot, instead of to every node of the
+//! cluster. The pub/sub channel carries the channel's hash tag, so the publish script
+//! and the shard channel are in one slot, and each SSUBSCRIBE goes to the primary
+//! holding that slot. Redis drops shard subscriptions when their slot moves to another
+//! primary (resharding, failover) without a message the client library passes on, so on
+//! a Cluster the subscriber also refreshes the slot map every [`SLOT_CHECK_INTERVAL`]
+//! and subscribes again to every channel whose slot changed owner; clients fill what
+//! was missed meanwhile from history.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -30,8 +44,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use fred::prelude::{Builder, ClientLike, Config, EventInterface, PubsubInterface, ReconnectPolicy, Value};
+use fred::prelude::{
+    Builder, ClientLike, ClusterInterface, Config, EventInterface, PubsubInterface, ReconnectPolicy, Value,
+};
+use fred::types::cluster::ClusterRouting;
+use fred::types::config::Server;
 use fred::types::scripts::Script;
+use fred::types::{ClusterHash, CustomCommand};
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -56,6 +75,38 @@ const MESSAGE_BUFFER: usize = 16_384;
 const RECONNECT_MIN_MS: u32 = 100;
 const RECONNECT_MAX_MS: u32 = 2_000;
 
+/// On a Cluster, how often the subscriber refreshes the slot map to find channels whose
+/// slot moved to another primary (and so lost their shard subscription). This bounds
+/// how long a node misses live messages of such a channel.
+pub const SLOT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How messages travel between nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fanout {
+    /// PUBLISH and SUBSCRIBE: one Redis (any version).
+    Plain,
+    /// SPUBLISH and SSUBSCRIBE: a Redis Cluster (Redis 7.0 or later).
+    Sharded,
+}
+
+impl Fanout {
+    fn of(client: &fred::prelude::Client) -> Self {
+        if client.is_clustered() {
+            Fanout::Sharded
+        } else {
+            Fanout::Plain
+        }
+    }
+
+    /// The command [`PUBLISH_SCRIPT`] publishes with.
+    fn publish_command(self) -> &'static str {
+        match self {
+            Fanout::Plain => "PUBLISH",
+            Fanout::Sharded => "SPUBLISH",
+        }
+    }
+}
+
 /// Creates the channel's epoch from ARGV[1] if it has none (dropping any history left
 /// from an older epoch), refreshes the meta key's TTL (ARGV[2], ms) and returns
 /// `{epoch, offset, history entries}`; the entries only when ARGV[3] is `1`.
@@ -75,9 +126,14 @@ end
 return {epoch, offset, entries}
 "#;
 
-/// The publish: KEYS = meta, history; ARGV = draft body, id, timestamp, new epoch,
-/// history size, history TTL (ms), meta TTL (ms), now (unix ms), pub/sub channel.
-/// Returns `{offset, epoch}`. The sealed bytes are built exactly as [`Draft::seal`].
+/// The publish: KEYS = meta, history, pub/sub channel; ARGV = draft body, id,
+/// timestamp, new epoch, history size, history TTL (ms), meta TTL (ms), now (unix ms),
+/// publish command (`PUBLISH` or `SPUBLISH`). Returns `{offset, epoch}`. The sealed
+/// bytes are built exactly as [`Draft::seal`].
+///
+/// The pub/sub channel is not a key, but it is declared in KEYS so that every name the
+/// script touches is declared, and on a Cluster SPUBLISH needs it in the script's slot
+/// (it shares the channel's hash tag).
 pub const PUBLISH_SCRIPT: &str = r#"
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
@@ -100,7 +156,7 @@ if size > 0 then
   redis.call('PEXPIRE', KEYS[2], ARGV[6])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
-redis.call('PUBLISH', ARGV[9], offset .. ' ' .. sealed)
+redis.call(ARGV[9], KEYS[3], offset .. ' ' .. sealed)
 return {offset, epoch}
 "#;
 
@@ -190,6 +246,7 @@ pub struct RedisBroker {
     subscriber: Arc<Subscriber>,
     publish_script: Script,
     read_script: Script,
+    fanout: Fanout,
     history_size: usize,
     history_ttl: Duration,
     _stop: DropGuard,
@@ -200,17 +257,81 @@ pub struct RedisBroker {
 pub struct Subscriber {
     client: fred::prelude::Client,
     hub: Arc<Hub>,
-    /// Channels with a socket on this node, with the last epoch this node read or
-    /// published in each. Changes to the set are made under `changing`, so a SUBSCRIBE
-    /// and an UNSUBSCRIBE of one channel reach Redis in the order decided.
-    channels: Mutex<HashMap<String, Option<String>>>,
+    fanout: Fanout,
+    /// Channels with a socket on this node. Changes to the set are made under
+    /// `changing`, so a subscribe and an unsubscribe of one channel reach Redis in the
+    /// order decided.
+    channels: Mutex<HashMap<String, Listening>>,
     /// The command connection, to check epochs after a reconnect.
     commands: fred::prelude::Client,
     read_script: Script,
     meta_ttl_ms: u64,
     changing: tokio::sync::Mutex<()>,
-    /// Reconnections of the subscriber connection, for `herald_broker_reconnects_total`.
+    /// Held by the slot check that is running, so checks never pile up.
+    checking: tokio::sync::Mutex<()>,
+    /// Reconnections of the subscriber connection (to any server, on a Cluster), for
+    /// `herald_broker_reconnects_total`; a server's first connection is not one.
     reconnects: std::sync::atomic::AtomicU64,
+}
+
+/// What the subscriber knows of one channel it listens to.
+#[derive(Clone, Debug, Default)]
+struct Listening {
+    /// The last epoch this node read or published in the channel.
+    epoch: Option<String>,
+    /// On a Cluster, the primary that owned the channel's slot when this node last
+    /// subscribed to it; `None` until a subscription succeeded.
+    shard: Option<Server>,
+}
+
+/// Why the subscriber subscribes again.
+#[derive(Debug)]
+enum Resync {
+    /// The connection to this server was made again (or for the first time).
+    Reconnected(Server),
+    /// Reconnect events were missed: which servers came back is not known.
+    Lost,
+    /// The periodic slot check on a Cluster.
+    SlotCheck,
+}
+
+/// Refuses a URL that does not match the Redis it names: `redis://` given a Cluster
+/// node (every other slot would answer MOVED), or `redis-cluster://` given a cluster
+/// older than Redis 7.0 (no sharded pub/sub). Checks nothing while Redis is unreachable.
+async fn check_deployment(client: &fred::prelude::Client, fanout: Fanout) -> Result<(), BrokerError> {
+    if !client.is_connected() {
+        return Ok(());
+    }
+    match fanout {
+        Fanout::Sharded => {
+            if let Some(version) = client.server_version().filter(|version| version.major < 7) {
+                return Err(BrokerError::Unavailable(format!(
+                    "herald needs Redis 7.0 or later on a Redis Cluster (for sharded pub/sub), \
+                     and this cluster runs Redis {version}: upgrade it, or use one Redis with redis://"
+                )));
+            }
+        }
+        Fanout::Plain => {
+            let info = tokio::time::timeout(
+                COMMAND_TIMEOUT,
+                client.custom::<String, _>(
+                    CustomCommand::new_static("INFO", ClusterHash::Random, false),
+                    vec!["cluster"],
+                ),
+            )
+            .await;
+            if let Ok(Ok(info)) = info {
+                if info.lines().any(|line| line.trim() == "cluster_enabled:1") {
+                    return Err(BrokerError::Unavailable(
+                        "this Redis is a Redis Cluster node: name the cluster with \
+                         redis-cluster://host:port (other nodes may follow as ?node=host:port&node=…)"
+                            .into(),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn build_client(url: &str) -> Result<fred::prelude::Client, BrokerError> {
@@ -250,13 +371,16 @@ impl RedisBroker {
     ) -> Result<Self, BrokerError> {
         let client = build_client(url)?;
         let subscriber_client = build_client(url)?;
+        let fanout = Fanout::of(&client);
         client.connect();
         subscriber_client.connect();
         let subscriber = Arc::new(Subscriber {
             client: subscriber_client,
             hub,
+            fanout,
             channels: Mutex::new(HashMap::new()),
             changing: tokio::sync::Mutex::new(()),
+            checking: tokio::sync::Mutex::new(()),
             commands: client.clone(),
             read_script: Script::from_lua(READ_SCRIPT),
             meta_ttl_ms: meta_ttl_ms(history_ttl),
@@ -281,11 +405,13 @@ impl RedisBroker {
                 break;
             }
         }
+        check_deployment(&client, fanout).await?;
         Ok(Self {
             client,
             subscriber,
             publish_script: Script::from_lua(PUBLISH_SCRIPT),
             read_script: Script::from_lua(READ_SCRIPT),
+            fanout,
             history_size,
             history_ttl,
             _stop: stop.drop_guard(),
@@ -346,7 +472,7 @@ impl Broker for RedisBroker {
         let reply = self
             .eval(
                 &self.publish_script,
-                vec![meta_key(name), history_key(name)],
+                vec![meta_key(name), history_key(name), pubsub_channel(name)],
                 vec![
                     Value::from(Bytes::copy_from_slice(draft.as_bytes())),
                     Value::from(id.clone()),
@@ -356,7 +482,7 @@ impl Broker for RedisBroker {
                     Value::from(self.history_ttl_ms().to_string()),
                     Value::from(self.meta_ttl_ms().to_string()),
                     Value::from(unix_ms().to_string()),
-                    Value::from(pubsub_channel(name)),
+                    Value::from(self.fanout.publish_command()),
                 ],
             )
             .await?;
@@ -428,18 +554,49 @@ impl Broker for RedisBroker {
     }
 }
 
+/// The primary that owns `channel`'s slot in `routing`.
+fn shard_in(routing: &ClusterRouting, channel: &str) -> Option<Server> {
+    let slot = fred::util::redis_keyslot(pubsub_channel(channel).as_bytes());
+    routing.get_server(slot).cloned()
+}
+
 impl Subscriber {
     async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
         let _changing = self.changing.lock().await;
-        lock(&self.channels).entry(channel.to_owned()).or_insert(None);
+        lock(&self.channels).entry(channel.to_owned()).or_default();
         if !self.client.is_connected() {
             // Subscribed again by the task when the connection comes back.
             return Err(BrokerError::Unavailable("not connected to Redis".into()));
         }
-        tokio::time::timeout(COMMAND_TIMEOUT, self.client.subscribe(pubsub_channel(channel)))
-            .await
-            .map_err(|_| BrokerError::Unavailable("Redis did not answer in time".into()))?
-            .map_err(unavailable)
+        self.listen(channel).await
+    }
+
+    /// Sends the SUBSCRIBE (SSUBSCRIBE on a Cluster) for `channel`, and on a Cluster
+    /// records which primary took it, or that none did, so the slot check tries again.
+    /// Called under `changing`.
+    async fn listen(&self, channel: &str) -> Result<(), BrokerError> {
+        let name = pubsub_channel(channel);
+        let subscribed = match self.fanout {
+            Fanout::Plain => tokio::time::timeout(COMMAND_TIMEOUT, self.client.subscribe(name)).await,
+            // One channel per SSUBSCRIBE: the client follows a MOVED reply for a single
+            // channel, and channels of different slots may not share one.
+            Fanout::Sharded => tokio::time::timeout(COMMAND_TIMEOUT, self.client.ssubscribe(name)).await,
+        };
+        let subscribed = match subscribed {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(unavailable(err)),
+            Err(_) => Err(BrokerError::Unavailable("Redis did not answer in time".into())),
+        };
+        if self.fanout == Fanout::Sharded {
+            let shard = match (&subscribed, self.client.cached_cluster_state()) {
+                (Ok(()), Some(routing)) => shard_in(&routing, channel),
+                _ => None,
+            };
+            if let Some(listening) = lock(&self.channels).get_mut(channel) {
+                listening.shard = shard;
+            }
+        }
+        subscribed
     }
 
     async fn unsubscribe(&self, channel: &str) {
@@ -450,8 +607,13 @@ impl Subscriber {
         }
         lock(&self.channels).remove(channel);
         if self.client.is_connected() {
-            let unsubscribed =
-                tokio::time::timeout(COMMAND_TIMEOUT, self.client.unsubscribe(pubsub_channel(channel))).await;
+            let name = pubsub_channel(channel);
+            let unsubscribed = match self.fanout {
+                Fanout::Plain => tokio::time::timeout(COMMAND_TIMEOUT, self.client.unsubscribe(name)).await,
+                Fanout::Sharded => {
+                    tokio::time::timeout(COMMAND_TIMEOUT, self.client.sunsubscribe(name)).await
+                }
+            };
             if !matches!(unsubscribed, Ok(Ok(()))) {
                 tracing::debug!(channel, "Redis unsubscribe failed");
             }
@@ -460,29 +622,86 @@ impl Subscriber {
 
     /// Records the epoch this node last saw in `channel`, if it listens to it.
     fn note_epoch(&self, channel: &str, epoch: &str) {
-        if let Some(known) = lock(&self.channels).get_mut(channel) {
-            if known.as_deref() != Some(epoch) {
-                *known = Some(epoch.to_owned());
+        if let Some(listening) = lock(&self.channels).get_mut(channel) {
+            if listening.epoch.as_deref() != Some(epoch) {
+                listening.epoch = Some(epoch.to_owned());
             }
         }
     }
 
-    /// Subscribes again to every channel this node has, after a reconnect. A channel
-    /// whose epoch changed meanwhile (Redis lost its data) has its sockets closed: their
-    /// offsets mean nothing in the new epoch, and on resuming they learn it.
-    async fn resubscribe(&self) {
+    /// Subscribes again to the channels that need it: after a reconnect, every channel
+    /// (on a Cluster, those held by the primary that came back); on a Cluster's slot
+    /// check, those whose slot changed owner or whose subscription failed. Then checks
+    /// their epochs.
+    async fn resync(&self, why: Resync) {
         let _changing = self.changing.lock().await;
-        let channels: Vec<(String, Option<String>)> = lock(&self.channels)
+        let channels: Vec<(String, Listening)> = lock(&self.channels)
             .iter()
-            .map(|(c, e)| (c.clone(), e.clone()))
+            .map(|(channel, listening)| (channel.clone(), listening.clone()))
             .collect();
         if channels.is_empty() {
             return;
         }
-        let names: Vec<String> = channels.iter().map(|(c, _)| pubsub_channel(c)).collect();
-        match self.client.subscribe(names).await {
-            Ok(()) => tracing::info!(channels = channels.len(), "resubscribed to Redis"),
-            Err(err) => tracing::warn!(error = %err, "Redis resubscribe failed"),
+        let again = match self.fanout {
+            Fanout::Plain => {
+                if matches!(why, Resync::SlotCheck) {
+                    return;
+                }
+                let names: Vec<String> = channels
+                    .iter()
+                    .map(|(channel, _)| pubsub_channel(channel))
+                    .collect();
+                match self.client.subscribe(names).await {
+                    Ok(()) => tracing::info!(channels = channels.len(), "resubscribed to Redis"),
+                    Err(err) => tracing::warn!(error = %err, "Redis resubscribe failed"),
+                }
+                channels
+            }
+            Fanout::Sharded => {
+                let Some(routing) = self.client.cached_cluster_state() else {
+                    return;
+                };
+                let mut again = Vec::new();
+                let mut failed = 0_usize;
+                for (channel, listening) in channels {
+                    let owner = shard_in(&routing, &channel);
+                    let needed = listening.shard.is_none()
+                        || listening.shard != owner
+                        || match &why {
+                            Resync::Reconnected(server) => owner.as_ref() == Some(server),
+                            Resync::Lost => true,
+                            Resync::SlotCheck => false,
+                        };
+                    if !needed {
+                        continue;
+                    }
+                    if !self.client.is_connected() {
+                        // The reconnect that follows resyncs again.
+                        break;
+                    }
+                    match self.listen(&channel).await {
+                        Ok(()) => again.push((channel, listening)),
+                        Err(err) => {
+                            failed += 1;
+                            tracing::debug!(channel, error = %err, "Redis Cluster resubscribe failed");
+                        }
+                    }
+                }
+                if !again.is_empty() || failed > 0 {
+                    tracing::info!(channels = again.len(), failed, reason = ?why, "resubscribed to Redis Cluster shards");
+                }
+                again
+            }
+        };
+        self.check_epochs(again).await;
+    }
+
+    /// Closes the sockets of every channel whose epoch changed while this node was not
+    /// subscribed to it (Redis lost its data): their offsets mean nothing in the new
+    /// epoch, and on resuming they learn it.
+    async fn check_epochs(&self, channels: Vec<(String, Listening)>) {
+        if channels.iter().all(|(_, listening)| listening.epoch.is_none()) {
+            return;
         }
         if tokio::time::timeout(FIRST_CONNECT_WAIT, self.commands.wait_for_connect())
             .await
@@ -491,8 +710,8 @@ impl Subscriber {
             return;
         }
         let lost = Close::new(CloseCode::GoingAway, "lost position; resume with since");
-        for (channel, known) in channels {
-            let Some(known) = known else { continue };
+        for (channel, listening) in channels {
+            let Some(known) = listening.epoch else { continue };
             let read = self.read_script.evalsha_with_reload::<Value, _, _>(
                 &self.commands,
                 vec![meta_key(&channel), history_key(&channel)],
@@ -520,6 +739,22 @@ impl Subscriber {
         }
     }
 
+    /// On a Cluster: refreshes the slot map, then subscribes again where it changed.
+    async fn check_slots(&self) {
+        // A check still running (Redis slow, many channels) makes this one redundant.
+        let Ok(_checking) = self.checking.try_lock() else {
+            return;
+        };
+        if !self.client.is_connected() {
+            return;
+        }
+        match tokio::time::timeout(COMMAND_TIMEOUT, self.client.sync_cluster()).await {
+            Ok(Ok(())) => self.resync(Resync::SlotCheck).await,
+            Ok(Err(err)) => tracing::debug!(error = %err, "reading the Redis Cluster slot map failed"),
+            Err(_) => tracing::debug!("reading the Redis Cluster slot map timed out"),
+        }
+    }
+
     fn deliver(&self, message: &fred::types::Message) {
         let Some(channel) = channel_of_pubsub(&message.channel) else {
             return;
@@ -538,11 +773,17 @@ impl Subscriber {
         );
     }
 
-    /// Delivers messages to the hub and resubscribes after each reconnect, until
-    /// `stop` is cancelled.
+    /// Delivers messages to the hub, resubscribes after each reconnect and, on a
+    /// Cluster, checks the slot map every [`SLOT_CHECK_INTERVAL`], until `stop` is
+    /// cancelled.
     async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut messages = self.client.message_rx();
         let mut reconnects = self.client.reconnect_rx();
+        let mut slot_check = tokio::time::interval(SLOT_CHECK_INTERVAL);
+        slot_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let sharded = self.fanout == Fanout::Sharded;
+        // Servers connected to at least once: a later connection to one is a reconnect.
+        let mut connected_before = std::collections::HashSet::new();
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
@@ -553,15 +794,27 @@ impl Subscriber {
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                 },
-                reconnect = reconnects.recv() => match reconnect {
-                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                reconnect = reconnects.recv() => {
+                    let (why, again) = match reconnect {
+                        Ok(server) => {
+                            let again = !connected_before.insert(server.clone());
+                            (Resync::Reconnected(server), again)
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => (Resync::Lost, true),
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    };
+                    if again {
                         self.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let this = self.clone();
-                        // Off the receive loop: SUBSCRIBE replies come back through it.
-                        tokio::spawn(async move { this.resubscribe().await });
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                },
+                    // Also on a first connection: a socket may have arrived before it.
+                    let this = self.clone();
+                    // Off the receive loop, which must keep draining messages meanwhile.
+                    tokio::spawn(async move { this.resync(why).await });
+                }
+                _ = slot_check.tick(), if sharded => {
+                    let this = self.clone();
+                    tokio::spawn(async move { this.check_slots().await });
+                }
             }
         }
         let _ = self.client.quit().await;

@@ -75,6 +75,7 @@ fn bad_values_name_the_variable() {
     check_invalid("HERALD_MEMBERSHIP", "ldap", "database, claims or webhook");
     check_invalid("HERALD_DATABASE_URL", "mysql://x", "sqlite://");
     check_invalid("HERALD_REDIS_URL", "localhost:6379", "redis://");
+    check_invalid("HERALD_REDIS_URL", "valkey://localhost:6379", "redis-cluster://");
     check_invalid("HERALD_ALLOWED_ORIGINS", "example.com", "not an origin");
     check_invalid("HERALD_JWT_JWKS_URL", "ftp://x", "http://");
 }

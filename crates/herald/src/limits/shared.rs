@@ -1,16 +1,23 @@
 //! The per-user connection count across nodes, in Redis.
 //!
-//! Each user has a hash `herald:conns:{user}` of node id → open sockets on that node.
-//! Each node keeps a heartbeat key `herald:node:{id}` alive ([`NODE_TTL`], refreshed
-//! every [`HEARTBEAT_INTERVAL`]). Counting skips (and deletes) the entries of nodes
-//! whose heartbeat has expired, so a node that dies without releasing its slots frees
-//! them within [`NODE_TTL`].
+//! Keys, all with the hash tag `{conns}` so that on a Redis Cluster they share one slot
+//! and one script may read and write several of them:
+//! - `herald:{conns}:user:{user_id}`: a hash of node id → open sockets of the user on
+//!   that node.
+//! - `herald:{conns}:nodes`: a hash of node id → the time (Redis's clock, unix ms) until
+//!   which the node counts as alive. Each node pushes its own entry [`NODE_TTL`] ahead
+//!   every [`HEARTBEAT_INTERVAL`], and on every slot it takes.
+//!
+//! Counting skips (and deletes) the entries of nodes that are not alive, so a node that
+//! dies without releasing its slots frees them within [`NODE_TTL`]. Every key a script
+//! touches is declared in its KEYS. The cost of the one slot: on a Cluster, every
+//! handshake and close of every user goes to the primary holding it (one short script
+//! each).
 
 use std::time::Duration;
 
-use fred::prelude::{Client, ClientLike, KeysInterface, Value};
+use fred::prelude::{Client, ClientLike, Value};
 use fred::types::scripts::Script;
-use fred::types::Expiration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -29,14 +36,19 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 /// How often a failed release is retried (while Redis is down), at most.
 const RELEASE_RETRIES: u32 = 120;
 
-/// KEYS = the user's hash; ARGV = node id, max, node key prefix. Returns the user's
-/// count including the new socket, or -1 when the user is at the limit.
+/// KEYS = the user's hash, the nodes hash; ARGV = node id, max, node TTL (ms). Marks
+/// this node alive, then returns the user's count including the new socket, or -1 when
+/// the user is at the limit.
 const ACQUIRE: &str = r#"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('HSET', KEYS[2], ARGV[1], now + tonumber(ARGV[3]))
 local fields = redis.call('HGETALL', KEYS[1])
 local total = 0
 for i = 1, #fields, 2 do
   local node = fields[i]
-  if node == ARGV[1] or redis.call('EXISTS', ARGV[3] .. node) == 1 then
+  local alive_until = tonumber(redis.call('HGET', KEYS[2], node) or '0')
+  if alive_until > now then
     total = total + tonumber(fields[i + 1])
   else
     redis.call('HDEL', KEYS[1], node)
@@ -49,6 +61,21 @@ redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 return total + 1
 "#;
 
+/// KEYS = the nodes hash; ARGV = node id, node TTL (ms). Marks this node alive and
+/// forgets the nodes that are not.
+const HEARTBEAT: &str = r#"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], now + tonumber(ARGV[2]))
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  if tonumber(fields[i + 1]) <= now then
+    redis.call('HDEL', KEYS[1], fields[i])
+  end
+end
+return 1
+"#;
+
 /// KEYS = the user's hash; ARGV = node id.
 const RELEASE: &str = r#"
 local n = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
@@ -59,10 +86,15 @@ return n
 "#;
 
 fn user_key(user_id: &str) -> String {
-    format!("herald:conns:{user_id}")
+    format!("herald:{{conns}}:user:{user_id}")
 }
 
-const NODE_PREFIX: &str = "herald:node:";
+/// The hash of live nodes.
+const NODES_KEY: &str = "herald:{conns}:nodes";
+
+fn node_ttl_ms() -> String {
+    NODE_TTL.as_millis().to_string()
+}
 
 /// This node's handle on the shared counts.
 pub struct SharedCounts {
@@ -80,20 +112,30 @@ impl SharedCounts {
         let client = build_client(url)?;
         client.connect();
         let _ = tokio::time::timeout(TIMEOUT, client.wait_for_connect()).await;
-        let node_key = format!("{NODE_PREFIX}{node_id}");
         tokio::spawn({
             let client = client.clone();
             let stop = shutdown.clone();
+            let node_id = node_id.to_owned();
+            let script = Script::from_lua(HEARTBEAT);
             async move {
                 let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
                 loop {
                     tokio::select! {
                         () = stop.cancelled() => break,
                         _ = tick.tick() => {
-                            let ttl = Expiration::PX(NODE_TTL.as_millis() as i64);
-                            let set: Result<Value, _> = client.set(&node_key, 1, Some(ttl), None, false).await;
-                            if let Err(err) = set {
-                                tracing::warn!(error = %err, "node heartbeat failed");
+                            let beat = tokio::time::timeout(
+                                TIMEOUT,
+                                script.evalsha_with_reload::<Value, _, _>(
+                                    &client,
+                                    vec![NODES_KEY],
+                                    vec![node_id.clone(), node_ttl_ms()],
+                                ),
+                            )
+                            .await;
+                            match beat {
+                                Ok(Ok(_)) => {}
+                                Ok(Err(err)) => tracing::warn!(error = %err, "node heartbeat failed"),
+                                Err(_) => tracing::warn!("node heartbeat failed: Redis did not answer in time"),
                             }
                         }
                     }
@@ -151,8 +193,8 @@ impl SharedCounts {
             TIMEOUT,
             self.acquire.evalsha_with_reload::<i64, _, _>(
                 &self.client,
-                vec![user_key(user_id)],
-                vec![self.node_id.clone(), max.to_string(), NODE_PREFIX.to_owned()],
+                vec![user_key(user_id), NODES_KEY.to_owned()],
+                vec![self.node_id.clone(), max.to_string(), node_ttl_ms()],
             ),
         )
         .await

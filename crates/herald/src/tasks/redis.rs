@@ -1,17 +1,17 @@
 //! The shared task queue (with `HERALD_REDIS_URL`): a Redis stream read by one consumer
 //! group, so every task is queued once and taken by one worker of any node.
 //!
-//! Keys, all under the `{herald:tasks}` hash tag so each script touches one Cluster slot:
-//! - `{herald:tasks}:queue`: the stream; each entry is `task <task id>`. The consumer
+//! Keys, all under the `{tasks}` hash tag so each script touches one Cluster slot:
+//! - `herald:{tasks}:queue`: the stream; each entry is `task <task id>`. The consumer
 //!   group is [`GROUP`]; each process is one consumer, named by its node id.
-//! - `{herald:tasks}:task:<id>`: a hash with the request (`user_id`, `chat_id`,
+//! - `herald:{tasks}:task:<id>`: a hash with the request (`user_id`, `chat_id`,
 //!   `prompt`, `model`), `status`, `response`, `error`, `attempts`, `worker`,
 //!   `cancel`, the stream `entry`, and the progress of its stream (`phase`,
 //!   `next_index`, `offset`). It lives a day while in flight and [`TASK_RETENTION`]
 //!   after the task ends.
-//! - `{herald:tasks}:text:<id>`: the answer text sent so far (APPENDed per frame).
-//! - `{herald:tasks}:user:<user id>`: the user's tasks in flight (the 3-task limit).
-//! - `{herald:tasks}:queued`: how many tasks wait for a worker (the queue-depth gauge).
+//! - `herald:{tasks}:text:<id>`: the answer text sent so far (APPENDed per frame).
+//! - `herald:{tasks}:user:<user id>`: the user's tasks in flight (the 3-task limit).
+//! - `herald:{tasks}:queued`: how many tasks wait for a worker (the queue-depth gauge).
 //!
 //! Every change of state is one Lua script, so a task is never half-submitted or
 //! half-ended. A worker that takes an entry owns it in the group's pending list; while
@@ -72,20 +72,20 @@ const READ_BLOCK: Duration = Duration::from_secs(1);
 /// Pause after a failed read before the next try.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 
-const QUEUE_KEY: &str = "{herald:tasks}:queue";
-const QUEUED_KEY: &str = "{herald:tasks}:queued";
-const TASK_PREFIX: &str = "{herald:tasks}:task:";
+const QUEUE_KEY: &str = "herald:{tasks}:queue";
+const QUEUED_KEY: &str = "herald:{tasks}:queued";
+const TASK_PREFIX: &str = "herald:{tasks}:task:";
 
 fn task_key(task_id: &str) -> String {
     format!("{TASK_PREFIX}{task_id}")
 }
 
 fn text_key(task_id: &str) -> String {
-    format!("{{herald:tasks}}:text:{task_id}")
+    format!("herald:{{tasks}}:text:{task_id}")
 }
 
 fn user_key(user_id: &str) -> String {
-    format!("{{herald:tasks}}:user:{user_id}")
+    format!("herald:{{tasks}}:user:{user_id}")
 }
 
 /// KEYS = task, user, queue, queued; ARGV = task id, user id, chat id, prompt, model,

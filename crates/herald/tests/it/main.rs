@@ -28,5 +28,6 @@ mod process;
 mod readme;
 mod recovery;
 mod redis;
+mod redis_cluster;
 mod tasks_redis;
 mod tidy;

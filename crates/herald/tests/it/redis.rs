@@ -26,19 +26,49 @@ pub(crate) struct Redis {
 }
 
 #[allow(clippy::disallowed_methods)]
-fn env(name: &str) -> Option<String> {
+pub(crate) fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
+/// `n` distinct ports that were free a moment ago.
+pub(crate) fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|listener| listener.local_addr().unwrap().port())
+        .collect()
+}
+
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_ports(1)[0]
+}
+
+/// Whether `redis-server` can be run; prints the skip line (or fails, when
+/// `HERALD_REQUIRE_REDIS=1`) when it cannot.
+pub(crate) fn redis_server_on_path() -> bool {
+    let on_path = std::process::Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if !on_path {
+        assert!(
+            env("HERALD_REQUIRE_REDIS").as_deref() != Some("1"),
+            "HERALD_REQUIRE_REDIS=1 but no redis-server on PATH"
+        );
+        println!("skipped: no redis-server");
+    }
+    on_path
 }
 
 async fn start_server(port: u16) -> Child {
+    start_server_with(port, &[]).await
+}
+
+/// A private `redis-server` on `port`, with no persistence, plus `extra` arguments;
+/// returns once it accepts connections.
+pub(crate) async fn start_server_with(port: u16, extra: &[&str]) -> Child {
     let child = Command::new("redis-server")
         .args([
             "--port",
@@ -50,6 +80,7 @@ async fn start_server(port: u16) -> Child {
             "--appendonly",
             "no",
         ])
+        .args(extra)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
@@ -76,16 +107,7 @@ impl Redis {
                 child: None,
             });
         }
-        let on_path = std::process::Command::new("redis-server")
-            .arg("--version")
-            .output()
-            .is_ok_and(|out| out.status.success());
-        if !on_path {
-            assert!(
-                env("HERALD_REQUIRE_REDIS").as_deref() != Some("1"),
-                "HERALD_REQUIRE_REDIS=1 but no redis-server on PATH"
-            );
-            println!("skipped: no redis-server");
+        if !redis_server_on_path() {
             return None;
         }
         let port = free_port();
@@ -124,12 +146,30 @@ impl Redis {
     }
 }
 
+/// `herald_broker_reconnects_total` of `srv`.
+pub(crate) async fn broker_reconnects(srv: &TestServer) -> f64 {
+    let metrics = srv
+        .http
+        .get(srv.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("herald_broker_reconnects_total "))
+        .and_then(|value| value.parse().ok())
+        .unwrap()
+}
+
 /// A user name no other test (or earlier run on a shared Redis) uses.
-fn user(prefix: &str) -> String {
+pub(crate) fn user(prefix: &str) -> String {
     format!("{prefix}-{}", herald::channel::new_id())
 }
 
-pub async fn wait_ready(srv: &TestServer, ready: bool) {
+pub(crate) async fn wait_ready(srv: &TestServer, ready: bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let status = srv
@@ -191,6 +231,11 @@ async fn three_nodes_share_delivery_offsets_epochs_and_history() {
     let (mut on_b, welcome_b) = b.connect(path, &u).await;
     let (mut on_c, welcome_c) = c.connect(path, &u).await;
     assert_eq!(welcome_b["epoch"], welcome_c["epoch"], "one epoch across nodes");
+    assert_eq!(
+        broker_reconnects(&b).await,
+        0.0,
+        "a first connection is no reconnect"
+    );
 
     // Publishes alternating between the nodes get one sequence of offsets.
     let nodes = [&a, &b, &c, &a, &b, &c];
@@ -274,20 +319,7 @@ async fn losing_redis_makes_nodes_not_ready_and_they_recover() {
     let (code, reason) = on_b.expect_close().await;
     assert_eq!(code, 1001, "{reason}");
     // The reconnect is counted.
-    let metrics = b
-        .http
-        .get(b.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let reconnects: f64 = metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("herald_broker_reconnects_total "))
-        .and_then(|value| value.parse().ok())
-        .unwrap();
+    let reconnects = broker_reconnects(&b).await;
     assert!(
         reconnects >= 1.0,
         "herald_broker_reconnects_total is {reconnects}"
@@ -332,13 +364,19 @@ async fn missed_messages_during_a_node_outage_come_back_through_history() {
 #[tokio::test]
 async fn connection_limit_holds_across_nodes() {
     let Some(redis) = Redis::start().await else { return };
-    let node = |redis: &Redis| {
+    check_connection_limit_across_nodes(&redis.url).await;
+}
+
+/// Two nodes on the Redis at `url`, a limit of 2 sockets per user: the third socket is
+/// refused on either node, and closing one frees a slot for another node.
+pub(crate) async fn check_connection_limit_across_nodes(url: &str) {
+    let node = || {
         TestServer::builder()
-            .env("HERALD_REDIS_URL", redis.url.clone())
+            .env("HERALD_REDIS_URL", url)
             .env("HERALD_MAX_CONNECTIONS_PER_USER", "2")
             .spawn()
     };
-    let (a, b) = (node(&redis).await, node(&redis).await);
+    let (a, b) = (node().await, node().await);
     let u = user("limit");
     let (on_a, _) = a.connect("/ws/notifications/", &u).await;
     let (on_b, _) = b.connect(&format!("/ws/frame-stream/{u}/"), &u).await;
