@@ -17,7 +17,13 @@ fn assert_sequenced(message: &Value, offset: u64, epoch: &Value) {
 
 #[tokio::test]
 async fn notification_reaches_the_user() {
-    let srv = TestServer::spawn().await;
+    for (engine, srv, _redis) in engines().await {
+        eprintln!("engine: {engine}");
+        notification_reaches_the_user_on(&srv).await;
+    }
+}
+
+async fn notification_reaches_the_user_on(srv: &TestServer) {
     let (mut ws, welcome) = srv.connect("/ws/notifications/", "user_123").await;
     let (mut other, _) = srv.connect("/ws/notifications/", "user_999").await;
     let receipt = srv
@@ -49,7 +55,13 @@ async fn notification_reaches_the_user() {
 
 #[tokio::test]
 async fn welcome_offset_is_the_channel_last_offset() {
-    let srv = TestServer::spawn().await;
+    for (engine, srv, _redis) in engines().await {
+        eprintln!("engine: {engine}");
+        welcome_offset_is_the_channel_last_offset_on(&srv).await;
+    }
+}
+
+async fn welcome_offset_is_the_channel_last_offset_on(srv: &TestServer) {
     for _ in 0..3 {
         srv.notify("u1", json!({"x": 1})).await;
     }
@@ -61,17 +73,20 @@ async fn welcome_offset_is_the_channel_last_offset() {
 
 #[tokio::test]
 async fn org_event_reaches_every_member() {
-    let srv = TestServer::builder()
-        .env("HERALD_MEMBERSHIP", "claims")
-        .spawn()
-        .await;
+    for (engine, srv, _redis) in engines_with(|b| b.env("HERALD_MEMBERSHIP", "claims")).await {
+        eprintln!("engine: {engine}");
+        org_event_reaches_every_member_on(&srv).await;
+    }
+}
+
+async fn org_event_reaches_every_member_on(srv: &TestServer) {
     let token = |user: &str| sign(json!({"sub": user, "exp": now() + 60, "orgs": ["acme"]}));
-    let mut a = WsClient::connect(&srv, "/ws/events/acme/")
+    let mut a = WsClient::connect(srv, "/ws/events/acme/")
         .token(&token("a"))
         .open()
         .await
         .unwrap();
-    let mut b = WsClient::connect(&srv, "/ws/events/acme/")
+    let mut b = WsClient::connect(srv, "/ws/events/acme/")
         .token(&token("b"))
         .open()
         .await
@@ -107,7 +122,13 @@ async fn org_event_reaches_every_member() {
 
 #[tokio::test]
 async fn frame_stream_messages_from_an_external_worker() {
-    let srv = TestServer::spawn().await;
+    for (engine, srv, _redis) in engines().await {
+        eprintln!("engine: {engine}");
+        frame_stream_messages_from_an_external_worker_on(&srv).await;
+    }
+}
+
+async fn frame_stream_messages_from_an_external_worker_on(srv: &TestServer) {
     let (mut ws, welcome) = srv.connect("/ws/frame-stream/u1/", "u1").await;
     let frames = [
         json!({"type": "llm_status", "status": "started", "message": "Task started", "chat_id": "c1", "task_id": "t1"}),
@@ -137,7 +158,13 @@ async fn frame_stream_messages_from_an_external_worker() {
 
 #[tokio::test]
 async fn generic_publish_single_and_batch() {
-    let srv = TestServer::spawn().await;
+    for (engine, srv, _redis) in engines().await {
+        eprintln!("engine: {engine}");
+        generic_publish_single_and_batch_on(&srv).await;
+    }
+}
+
+async fn generic_publish_single_and_batch_on(srv: &TestServer) {
     let (mut ws, welcome) = srv.connect("/ws/notifications/", "u1").await;
     let (status, receipts) = srv
         .post(
@@ -212,7 +239,13 @@ async fn generic_publish_single_and_batch() {
 
 #[tokio::test]
 async fn publish_without_subscribers_is_kept() {
-    let srv = TestServer::spawn().await;
+    for (engine, srv, _redis) in engines().await {
+        eprintln!("engine: {engine}");
+        publish_without_subscribers_is_kept_on(&srv).await;
+    }
+}
+
+async fn publish_without_subscribers_is_kept_on(srv: &TestServer) {
     let receipt = srv.notify("nobody-yet", json!({"kept": true})).await;
     assert_eq!(receipt["offset"], 1);
     let (status, history) = srv
@@ -289,7 +322,13 @@ async fn api_errors_are_json_with_spec_statuses() {
 
 #[tokio::test]
 async fn history_call() {
-    let srv = TestServer::spawn().await;
+    for (engine, srv, _redis) in engines().await {
+        eprintln!("engine: {engine}");
+        history_call_on(&srv).await;
+    }
+}
+
+async fn history_call_on(srv: &TestServer) {
     for n in 1..=5 {
         srv.notify("u1", json!({"n": n})).await;
     }

@@ -10,16 +10,6 @@ use serde_json::{json, Value};
 
 use crate::support::*;
 
-/// A server on each task queue: memory, then Redis when a `redis-server` can be had
-/// (the Redis lives as long as the returned value).
-pub async fn engines() -> Vec<(&'static str, TestServer, Option<crate::redis::Redis>)> {
-    let mut servers = vec![("memory", TestServer::spawn().await, None)];
-    if let Some(redis) = crate::redis::Redis::start().await {
-        servers.push(("redis", redis.node().await, Some(redis)));
-    }
-    servers
-}
-
 /// POSTs with a user token.
 pub async fn user_post(srv: &TestServer, path: &str, token: &str, body: Value) -> (u16, Value) {
     read(

@@ -16,7 +16,13 @@ async fn resume(srv: &TestServer, path: &str, user: &str, since: u64, epoch: &st
 
 #[tokio::test]
 async fn resume_replays_the_gap_in_order_then_recovered() {
-    let srv = TestServer::spawn().await;
+    for (engine, srv, _redis) in engines().await {
+        eprintln!("engine: {engine}");
+        resume_replays_the_gap_in_order_then_recovered_on(&srv).await;
+    }
+}
+
+async fn resume_replays_the_gap_in_order_then_recovered_on(srv: &TestServer) {
     let (mut ws, welcome) = srv.connect("/ws/notifications/", "u1").await;
     let epoch = welcome["epoch"].as_str().unwrap().to_owned();
     for n in 1..=3 {
@@ -29,7 +35,7 @@ async fn resume_replays_the_gap_in_order_then_recovered() {
     for n in 4..=6 {
         srv.notify("u1", json!({"n": n})).await;
     }
-    let (mut ws, welcome) = resume(&srv, "/ws/notifications/", "u1", 3, &epoch).await;
+    let (mut ws, welcome) = resume(srv, "/ws/notifications/", "u1", 3, &epoch).await;
     assert_eq!(
         welcome["offset"], 6,
         "the welcome carries the channel's last offset"
@@ -51,11 +57,17 @@ async fn resume_replays_the_gap_in_order_then_recovered() {
 
 #[tokio::test]
 async fn resume_with_nothing_missed() {
-    let srv = TestServer::spawn().await;
+    for (engine, srv, _redis) in engines().await {
+        eprintln!("engine: {engine}");
+        resume_with_nothing_missed_on(&srv).await;
+    }
+}
+
+async fn resume_with_nothing_missed_on(srv: &TestServer) {
     srv.notify("u1", json!({})).await;
     let (_ws, welcome) = srv.connect("/ws/notifications/", "u1").await;
     let epoch = welcome["epoch"].as_str().unwrap().to_owned();
-    let (mut ws, _) = resume(&srv, "/ws/notifications/", "u1", 1, &epoch).await;
+    let (mut ws, _) = resume(srv, "/ws/notifications/", "u1", 1, &epoch).await;
     let recovered = ws.next_json().await;
     assert_eq!(
         (recovered["recovered"].clone(), recovered["missed"].clone()),
@@ -65,11 +77,17 @@ async fn resume_with_nothing_missed() {
 
 #[tokio::test]
 async fn wrong_epoch_replays_nothing() {
-    let srv = TestServer::spawn().await;
+    for (engine, srv, _redis) in engines().await {
+        eprintln!("engine: {engine}");
+        wrong_epoch_replays_nothing_on(&srv).await;
+    }
+}
+
+async fn wrong_epoch_replays_nothing_on(srv: &TestServer) {
     for _ in 0..3 {
         srv.notify("u1", json!({})).await;
     }
-    let (mut ws, welcome) = resume(&srv, "/ws/notifications/", "u1", 1, "someotherepoch").await;
+    let (mut ws, welcome) = resume(srv, "/ws/notifications/", "u1", 1, "someotherepoch").await;
     assert_eq!(welcome["offset"], 3);
     let recovered = ws.next_json().await;
     assert_eq!(
@@ -82,35 +100,44 @@ async fn wrong_epoch_replays_nothing() {
 
 #[tokio::test]
 async fn gap_that_left_history_is_not_recovered() {
-    let srv = TestServer::builder()
-        .env("HERALD_HISTORY_SIZE", "5")
-        .spawn()
-        .await;
+    for (engine, srv, _redis) in engines_with(|b| b.env("HERALD_HISTORY_SIZE", "5")).await {
+        eprintln!("engine: {engine}");
+        gap_that_left_history_is_not_recovered_on(&srv).await;
+    }
+}
+
+async fn gap_that_left_history_is_not_recovered_on(srv: &TestServer) {
     let (_ws, welcome) = srv.connect("/ws/notifications/", "u1").await;
     let epoch = welcome["epoch"].as_str().unwrap().to_owned();
     for _ in 0..10 {
         srv.notify("u1", json!({})).await;
     }
     // Offsets 6..=10 are kept: since=5 is recoverable, since=4 is not.
-    let (mut ws, _) = resume(&srv, "/ws/notifications/", "u1", 5, &epoch).await;
+    let (mut ws, _) = resume(srv, "/ws/notifications/", "u1", 5, &epoch).await;
     for n in 6..=10 {
         assert_eq!(ws.next_json().await["offset"], n);
     }
     assert_eq!(ws.next_json().await["recovered"], true);
-    let (mut ws, _) = resume(&srv, "/ws/notifications/", "u1", 4, &epoch).await;
+    let (mut ws, _) = resume(srv, "/ws/notifications/", "u1", 4, &epoch).await;
     let recovered = ws.next_json().await;
     assert_eq!(
         (recovered["recovered"].clone(), recovered["missed"].clone()),
         (json!(false), json!(0))
     );
     // A since beyond the channel's last offset is a client out of sync: reload.
-    let (mut ws, _) = resume(&srv, "/ws/notifications/", "u1", 99, &epoch).await;
+    let (mut ws, _) = resume(srv, "/ws/notifications/", "u1", 99, &epoch).await;
     assert_eq!(ws.next_json().await["recovered"], false);
 }
 
 #[tokio::test]
 async fn since_zero_without_epoch_replays_all_history() {
-    let srv = TestServer::spawn().await;
+    for (engine, srv, _redis) in engines().await {
+        eprintln!("engine: {engine}");
+        since_zero_without_epoch_replays_all_history_on(&srv).await;
+    }
+}
+
+async fn since_zero_without_epoch_replays_all_history_on(srv: &TestServer) {
     for n in 1..=4 {
         srv.notify("u1", json!({"n": n})).await;
     }
@@ -126,7 +153,13 @@ async fn since_zero_without_epoch_replays_all_history() {
 /// response, indices 0..n with no gap and no repeat.
 #[tokio::test]
 async fn resume_in_the_middle_of_an_llm_answer() {
-    let srv = TestServer::spawn().await;
+    for (engine, srv, _redis) in engines().await {
+        eprintln!("engine: {engine}");
+        resume_in_the_middle_of_an_llm_answer_on(&srv).await;
+    }
+}
+
+async fn resume_in_the_middle_of_an_llm_answer_on(srv: &TestServer) {
     let answer = "The quick brown fox jumps over the lazy dog, again and again.";
     let deltas: Vec<String> = answer
         .as_bytes()
@@ -176,14 +209,7 @@ async fn resume_in_the_middle_of_an_llm_answer() {
     }
     drop(ws);
     tokio::time::sleep(Duration::from_millis(30)).await;
-    let (mut ws, _) = resume(
-        &srv,
-        "/ws/frame-stream/u1/",
-        "u1",
-        answer_seen.last_offset,
-        &epoch,
-    )
-    .await;
+    let (mut ws, _) = resume(srv, "/ws/frame-stream/u1/", "u1", answer_seen.last_offset, &epoch).await;
     while answer_seen.response.is_none() {
         answer_seen.take_resumed(&ws.next_json().await);
     }
@@ -375,11 +401,17 @@ async fn randomized_reconnects(nodes: Vec<TestServer>) {
 /// an answer and resume; the deltas rebuild the final response exactly.
 #[tokio::test]
 async fn resume_in_the_middle_of_a_herald_llm_task() {
-    let srv = TestServer::spawn().await;
+    for (engine, srv, _redis) in engines().await {
+        eprintln!("engine: {engine}");
+        resume_in_the_middle_of_a_herald_llm_task_on(&srv).await;
+    }
+}
+
+async fn resume_in_the_middle_of_a_herald_llm_task_on(srv: &TestServer) {
     let (mut ws, welcome) = srv.connect("/ws/frame-stream/u1/", "u1").await;
     let epoch = welcome["epoch"].as_str().unwrap().to_owned();
     let prompt = (0..60).map(|i| format!("w{i}")).collect::<Vec<_>>().join(" ");
-    let task_id = crate::chat::generate(&srv, "u1", "c1", &prompt).await;
+    let task_id = crate::chat::generate(srv, "u1", "c1", &prompt).await;
     let mut seen = Answer::default();
     while seen.indices.len() < 10 {
         let message = ws.next_json().await;
@@ -387,7 +419,7 @@ async fn resume_in_the_middle_of_a_herald_llm_task() {
     }
     drop(ws);
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let (mut ws, _) = resume(&srv, "/ws/frame-stream/u1/", "u1", seen.last_offset, &epoch).await;
+    let (mut ws, _) = resume(srv, "/ws/frame-stream/u1/", "u1", seen.last_offset, &epoch).await;
     loop {
         let message = ws.next_json().await;
         if message["type"] != "system" {

@@ -536,3 +536,24 @@ pub fn herald(dir: &Path) -> Command {
     }
     cmd
 }
+
+/// A server on each engine: memory, then Redis when a `redis-server` can be had (the
+/// Redis lives as long as the returned value). Contract tests run on both, so the two
+/// engines keep one behaviour.
+pub async fn engines() -> Vec<(&'static str, TestServer, Option<crate::redis::Redis>)> {
+    engines_with(|builder| builder).await
+}
+
+/// [`engines`], each server built with `configure`.
+pub async fn engines_with(
+    configure: impl Fn(Builder) -> Builder,
+) -> Vec<(&'static str, TestServer, Option<crate::redis::Redis>)> {
+    let mut servers = vec![("memory", configure(TestServer::builder()).spawn().await, None)];
+    if let Some(redis) = crate::redis::Redis::start().await {
+        let node = configure(TestServer::builder().env("HERALD_REDIS_URL", redis.url()))
+            .spawn()
+            .await;
+        servers.push(("redis", node, Some(redis)));
+    }
+    servers
+}
