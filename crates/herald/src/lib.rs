@@ -143,6 +143,7 @@ pub async fn build_state(
         shutdown,
         tracker,
         node_id: Arc::from(node_id),
+        dev_jwt_secret: secrets.dev_jwt_secret,
         config: Arc::new(config),
     };
     Ok((state, memory))
