@@ -12,7 +12,8 @@
 //    node A gets SIGTERM and closes the sockets with 1001; node A is started again on
 //    the same port; the client reconnects, resumes with since/epoch from the shared
 //    history, and completes the answer with every token exactly once;
-// 4. the README's browser snippet runs as written on the page's origin.
+// 4. the README's browser snippet runs as written on the page's origin;
+// 5. with configured secrets, the page takes a pasted token and /dev/… is 404.
 //
 // A screenshot is saved in $ARTIFACT_DIR (printed at the end).
 //
@@ -318,6 +319,44 @@ try {
   await waitFor(() => snippetConsole.some((line) => line.startsWith("notification") && line.includes("from herald")), "the snippet to log the notification", 10000);
   assert.ok(!snippetConsole.some((line) => line.startsWith("pageerror")), snippetConsole.join("\n"));
   step("README browser snippet ran as written");
+
+  // 5. With configured secrets (not dev mode) the page takes a pasted token, and the
+  //    dev endpoints do not exist.
+  const portC = await freePort();
+  const originC = `http://127.0.0.1:${portC}`;
+  const configured = {
+    PATH: process.env.PATH,
+    HOME: process.env.HOME,
+    HERALD_LISTEN: `127.0.0.1:${portC}`,
+    HERALD_DATABASE_URL: "sqlite::memory:",
+    HERALD_JWT_SECRET: "browser-test-secret-0123456789",
+    HERALD_API_KEYS: "browser-test-key",
+    HERALD_ALLOWED_ORIGINS: originC,
+  };
+  const nodeC = start("herald node C (configured secrets)", HERALD_BIN, ["serve"], { cwd: dir, env: configured });
+  await listening(nodeC);
+  const minted = start("herald token", HERALD_BIN, ["token", "--sub", "pasted"], { cwd: dir, env: configured });
+  await waitFor(() => minted.exited, "herald token to print a token");
+  assert.equal(minted.exited.code, 0, minted.stderr);
+  const page3 = await context.newPage();
+  await page3.goto(`${originC}/`);
+  assert.equal(await page3.isVisible("#mint"), false, "no token minting without dev mode");
+  assert.equal(await page3.isVisible("#test-notification"), false);
+  const devStatus = await page3.evaluate(async () => (await fetch("/dev/token", { method: "POST", headers: { "Content-Type": "application/json" }, body: "{\"user_id\":\"x\"}" })).status);
+  assert.equal(devStatus, 404, "the dev endpoints do not exist with configured secrets");
+  await page3.fill("#token", minted.lines[0].trim());
+  await page3.click("#connect");
+  for (const name of ["notifications", "frames"]) {
+    await page3.waitForFunction((id) => document.getElementById(id).textContent === "open", `state-${name}`, { timeout: 15000 });
+  }
+  const response = await fetch(`${originC}/api/v1/notifications/pasted`, {
+    method: "POST",
+    headers: { Authorization: "Bearer browser-test-key", "Content-Type": "application/json" },
+    body: JSON.stringify({ title: "Pasted", body: "token from herald token" }),
+  });
+  assert.equal(response.status, 202);
+  await page3.waitForFunction(() => document.getElementById("notifications").textContent.includes("token from herald token"), null, { timeout: 10000 });
+  step("without dev mode the page connects with a pasted token");
 
   assert.ok(!consoleLines.some((line) => line.startsWith("pageerror")), consoleLines.join("\n"));
   console.log(`screenshot: ${shot}`);
