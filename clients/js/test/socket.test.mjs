@@ -319,3 +319,52 @@ test("SecureLLMWebSocket resumes mid-answer across server closes with no lost or
   assert.equal(tokens.map(([, d]) => d).join(""), final);
   llm.close();
 });
+
+test("the token is refreshed in place before it expires", async () => {
+  const kim = user("refresh");
+  let asked = 0;
+  const spy = spyWebSocket();
+  const socket = new HeraldSocket(wsUrl(HERALD_URL, "/ws/notifications/"), {
+    WebSocket: spy.WebSocket,
+    token: token(kim, 3),
+    // Ask for a new token 2.5 s before the 3 s token expires.
+    refreshBeforeExpiryMs: 2500,
+    getToken: () => {
+      asked += 1;
+      return token(kim, 3600);
+    },
+  });
+  const seen = collect(socket);
+  socket.connect();
+  await waitFor(() => seen.system.some((m) => m.status === "refreshed"), "a refresh before expiry", 5000);
+  assert.equal(asked, 1);
+  assert.equal(spy.opened, 1, "refreshed without reconnecting");
+  const refreshed = seen.system.find((m) => m.status === "refreshed");
+  assert.ok(Date.parse(refreshed.expires_at) > Date.now() + 3000_000, refreshed.expires_at);
+  socket.close();
+});
+
+test("a server that stops answering heartbeats is treated as gone and reconnected", async () => {
+  // Not herald: a WebSocket server that welcomes and then never answers, as a dead
+  // network path looks to a browser (no close frame, no error).
+  const { WebSocketServer } = await import("ws");
+  const server = new WebSocketServer({ host: "127.0.0.1", port: 0, handleProtocols: () => "herald.bearer" });
+  await new Promise((resolve) => server.once("listening", resolve));
+  let connections = 0;
+  server.on("connection", (ws) => {
+    connections += 1;
+    ws.send(JSON.stringify({ type: "system", status: "connected", epoch: "e", offset: 0 }));
+  });
+  const socket = new HeraldSocket(`ws://127.0.0.1:${server.address().port}/ws/notifications/`, {
+    WebSocket,
+    token: token("silent"),
+    heartbeatIntervalMs: 100,
+    heartbeatTimeoutMs: 200,
+  });
+  const seen = collect(socket);
+  socket.connect();
+  await waitFor(() => connections >= 2, "a reconnect after the heartbeat timeout", 5000);
+  assert.deepEqual(seen.closes[0], { code: 1006, reason: "heartbeat timeout", willReconnect: true, delayMs: 0 });
+  socket.close();
+  await new Promise((resolve) => server.close(resolve));
+});
