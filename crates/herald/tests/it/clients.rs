@@ -78,7 +78,7 @@ fn python() -> Option<PathBuf> {
     tool(
         "a Python environment for clients/python",
         candidate.filter(|path| path.is_file()),
-        "python3 -m venv ~/.cache/herald-clients-venv && ~/.cache/herald-clients-venv/bin/pip install './clients/python[test]' openai",
+        "python3 -m venv ~/.cache/herald-clients-venv && ~/.cache/herald-clients-venv/bin/pip install './clients/python[test]'",
     )
 }
 
