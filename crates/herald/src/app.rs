@@ -42,6 +42,9 @@ pub struct AppState {
     pub stopped: CancellationToken,
     /// Identifies this process in stats and (later) in Redis.
     pub node_id: Arc<str>,
+    /// The generated HS256 secret, only in dev mode: it turns on the demo page's
+    /// `/dev/…` endpoints (`http::demo`).
+    pub dev_jwt_secret: Option<Secret>,
 }
 
 /// The secrets a node runs with, after dev-mode generation.
@@ -83,9 +86,15 @@ impl Publisher {
 
 pub fn router(state: AppState) -> Router {
     use tower_http::catch_panic::CatchPanicLayer;
+    let dev = if state.dev_jwt_secret.is_some() {
+        crate::http::demo::dev_router()
+    } else {
+        Router::new()
+    };
     Router::new()
         .merge(crate::ws::router())
         .merge(crate::http::router())
+        .merge(dev)
         .layer(axum::middleware::from_fn(crate::http::limit_request_size))
         .layer(CatchPanicLayer::new())
         .with_state(state)

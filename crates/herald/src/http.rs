@@ -2,6 +2,7 @@
 //! `ws`, the only code that knows axum.
 
 pub mod chat;
+pub mod demo;
 pub mod error;
 pub mod extract;
 pub mod members;
@@ -24,6 +25,7 @@ pub fn router() -> Router<AppState> {
         .merge(chat::router())
         .merge(members::router())
         .merge(ops::router())
+        .merge(demo::router())
         .fallback(|| async { ApiError::NotFound("no such endpoint".to_owned()).into_response() })
 }
 

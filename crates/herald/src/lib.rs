@@ -157,6 +157,7 @@ pub async fn build_state(
         tracker,
         stopped,
         node_id: Arc::from(node_id),
+        dev_jwt_secret: secrets.dev_jwt_secret,
         config: Arc::new(config),
     };
     Ok((state, memory))

@@ -1,8 +1,8 @@
-//! Operations endpoints: `/healthz`, `/readyz`, `/api/v1/stats`, and the page at `/`.
+//! Operations endpoints: `/healthz`, `/readyz`, `/metrics` and `/api/v1/stats`.
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
@@ -13,7 +13,6 @@ use crate::ws::Endpoint;
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/", get(index))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/api/v1/stats", get(stats))
@@ -93,20 +92,4 @@ async fn stats(State(state): State<AppState>, _key: ServiceKey) -> Response {
         })),
     });
     Json(json!({"nodes": [node]})).into_response()
-}
-
-async fn index(State(state): State<AppState>) -> Response {
-    let provider = if state.config.llm_base_url.is_some() {
-        "openai-compatible"
-    } else {
-        "echo"
-    };
-    Html(format!(
-        "<!doctype html><meta charset=utf-8><title>herald</title>\
-         <h1>herald is running</h1>\
-         <p>WebSocket endpoints: <code>/ws/notifications/</code>, <code>/ws/events/{{org_id}}/</code>, \
-         <code>/ws/frame-stream/{{user_id}}/</code>. LLM provider: <b>{provider}</b>.</p>\
-         <p>See the README for a worked example.</p>"
-    ))
-    .into_response()
 }

@@ -14,6 +14,7 @@ mod support;
 
 mod api;
 mod chat;
+mod clients;
 mod delivery;
 mod django;
 mod handshake;

@@ -1,0 +1,62 @@
+// Compiled by `tsc -p clients/js` in the tests: the declarations in herald.d.ts must
+// accept the documented uses and reject wrong ones (the @ts-expect-error lines fail
+// the build if they stop being errors).
+import {
+  HeraldSocket,
+  SecureLLMWebSocket,
+  backoffDelay,
+  BEARER_SUBPROTOCOL,
+  type PublishedMessage,
+  type CloseInfo,
+  type LlmResponseData,
+} from "../herald.js";
+
+const socket = new HeraldSocket("ws://127.0.0.1:8000/ws/notifications/", {
+  token: "t",
+  getToken: async () => "fresh",
+  since: 0,
+  onMessage: (message: PublishedMessage) => {
+    if (message.type === "notification") {
+      const title: unknown = message.notification["title"];
+      void title;
+    }
+    const offset: number = message.offset;
+    void offset;
+  },
+  onClose: (info: CloseInfo) => {
+    const again: boolean = info.willReconnect;
+    void again;
+  },
+  onStateChange: (state) => {
+    if (state === "open" || state === "reconnecting") return;
+  },
+});
+socket.connect().close();
+socket.send({ type: "heartbeat" });
+// @ts-expect-error herald accepts only ping, heartbeat and refresh
+socket.send({ type: "subscribe", channel: "x" });
+const where: number | null = socket.position.offset;
+void where;
+
+const llm = new SecureLLMWebSocket({
+  baseUrl: "http://127.0.0.1:8000",
+  userId: "alice",
+  token: "t",
+  onStatusUpdate: (status) => {
+    // @ts-expect-error not an llm_status status
+    if (status === "done") return;
+  },
+  onToken: (delta: string, index: number) => void [delta, index],
+  onFinalResponse: (response: string, data: LlmResponseData) => void [response, data.model, data.usage?.completion_tokens],
+  onError: (error: string) => void error,
+});
+llm.connect();
+void llm.generate({ chatId: "c1", prompt: "hi" }).then((receipt) => receipt.task_id.toUpperCase());
+// @ts-expect-error chatId is required
+void llm.generate({ prompt: "hi" });
+// @ts-expect-error userId is required
+new SecureLLMWebSocket({ baseUrl: "http://x" });
+
+const delay: number = backoffDelay(3, { initialMs: 100, maxMs: 1000, factor: 2 });
+const protocol: "herald.bearer" = BEARER_SUBPROTOCOL;
+void [delay, protocol];
