@@ -145,15 +145,7 @@ async fn the_page_names_the_configured_llm() {
         .env("HERALD_LLM_MODEL", "llama3.2")
         .spawn()
         .await;
-    let html = srv
-        .http
-        .get(srv.url("/"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let html = srv.get_text("/").await;
     assert!(
         html.contains(r#""provider":{"model":"llama3.2","name":"openai-compatible"}"#),
         "{html}"
@@ -221,15 +213,7 @@ async fn dev_mode_mints_tokens_and_sends_test_messages() {
         dir.path().join("herald-dev-secrets.json").is_file(),
         "the dev server generated its secrets"
     );
-    let html = srv
-        .http
-        .get(srv.url("/"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let html = srv.get_text("/").await;
     assert!(
         html.contains(r#"{"dev":true,"#),
         "the page is told it is in dev mode"

@@ -180,18 +180,7 @@ async fn bridge_node(redis: &Redis, options: BridgeOptions) -> TestServer {
 
 /// The value of one metric line, e.g. `herald_django_bridge_groups`.
 async fn metric(srv: &TestServer, series: &str) -> f64 {
-    let text = srv
-        .http
-        .get(srv.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no `{series}` in /metrics:\n{text}"))
+    srv.metric(series).await
 }
 
 fn bridged(layer: &str, outcome: &str) -> String {

@@ -148,20 +148,7 @@ impl Redis {
 
 /// `herald_broker_reconnects_total` of `srv`.
 pub(crate) async fn broker_reconnects(srv: &TestServer) -> f64 {
-    let metrics = srv
-        .http
-        .get(srv.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("herald_broker_reconnects_total "))
-        .and_then(|value| value.parse().ok())
-        .unwrap()
+    srv.metric("herald_broker_reconnects_total").await
 }
 
 /// A user name no other test (or earlier run on a shared Redis) uses.
@@ -529,16 +516,7 @@ fn tls_files(dir: &std::path::Path) -> Option<()> {
 /// CA it trusts, and stays not-ready against one whose CA it does not.
 #[tokio::test]
 async fn rediss_uses_tls_and_verifies_the_server_certificate() {
-    let on_path = std::process::Command::new("redis-server")
-        .arg("--version")
-        .output()
-        .is_ok_and(|out| out.status.success());
-    if !on_path {
-        assert!(
-            env("HERALD_REQUIRE_REDIS").as_deref() != Some("1"),
-            "HERALD_REQUIRE_REDIS=1 but no redis-server on PATH"
-        );
-        println!("skipped: no redis-server");
+    if !redis_server_on_path() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -551,36 +529,26 @@ async fn rediss_uses_tls_and_verifies_the_server_certificate() {
         return;
     }
     let port = free_port();
-    let _redis = Command::new("redis-server")
-        .current_dir(dir.path())
-        .args([
+    let file = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    // The TLS port only: the plain port of `start_server_with` is turned off.
+    let _redis = start_server_with(
+        port,
+        &[
             "--port",
             "0",
             "--tls-port",
             &port.to_string(),
             "--tls-cert-file",
-            "server.pem",
+            &file("server.pem"),
             "--tls-key-file",
-            "server.key",
+            &file("server.key"),
             "--tls-ca-cert-file",
-            "ca.pem",
+            &file("ca.pem"),
             "--tls-auth-clients",
             "no",
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        ],
+    )
+    .await;
     let url = format!("rediss://localhost:{port}");
     let node = |ca: &str| {
         let ca = dir.path().join(ca).to_str().unwrap().to_owned();

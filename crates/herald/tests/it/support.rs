@@ -168,6 +168,20 @@ impl TestServer {
         read(response).await
     }
 
+    /// The body of `GET path` (no key), as text.
+    pub async fn get_text(&self, path: &str) -> String {
+        let response = self.http.get(self.url(path)).send().await.expect("get");
+        response.text().await.expect("a text body")
+    }
+
+    /// The value of one series of `/metrics`, e.g. `herald_broker_reconnects_total`.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.get_text("/metrics").await;
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no `{series}` in /metrics:\n{text}"))
+    }
+
     pub async fn get(&self, path: &str) -> (u16, Value) {
         let response = self
             .http
