@@ -156,7 +156,7 @@ impl Fleet {
                 first,
                 count: share,
                 per_source_ip: SOCKETS_PER_SOURCE_IP,
-                concurrency: 128,
+                concurrency: 32,
                 secret: crate::servers::JWT_SECRET.to_owned(),
                 timeout_ms: 60_000,
             }));

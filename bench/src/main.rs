@@ -91,6 +91,19 @@ struct AllArgs {
     /// Do not write BENCHMARKS.md (results and plot only).
     #[arg(long)]
     no_markdown: bool,
+    /// Override the plan: sockets of the idle scenario.
+    #[arg(long)]
+    idle_sockets: Option<usize>,
+    /// Override the plan: subscriber counts of the fan-out sweep.
+    #[arg(long, value_delimiter = ',')]
+    fanout_sizes: Vec<usize>,
+    /// Override the plan: deliveries per second offered in the fan-out sweep (herald and
+    /// the bare baseline).
+    #[arg(long)]
+    fanout_rate: Option<f64>,
+    /// Override the plan: concurrent tasks of the stream scenario (every server).
+    #[arg(long)]
+    stream_tasks: Option<usize>,
 }
 
 /// Sizes of one run.
@@ -132,13 +145,13 @@ impl Plan {
                 django_unicast_rate: 100.0,
                 unicast_seconds: 2.0,
                 stream_tasks: 200,
-                django_stream_tasks: 50,
+                django_stream_tasks: 10,
                 stream_words: 19,
                 max_subscribers: 1_000,
                 django_max_subscribers: 500,
                 max_start_deliveries_per_s: 20_000.0,
                 django_max_start_deliveries_per_s: 500.0,
-                max_steps: 6,
+                max_steps: 10,
                 capacity_sockets: 5_000,
                 cluster_nodes: 3,
                 cluster_sockets: 3_000,
@@ -155,13 +168,13 @@ impl Plan {
                 django_unicast_rate: 200.0,
                 unicast_seconds: 5.0,
                 stream_tasks: 1_000,
-                django_stream_tasks: 200,
+                django_stream_tasks: 25,
                 stream_words: 49,
                 max_subscribers: 10_000,
                 django_max_subscribers: 2_000,
                 max_start_deliveries_per_s: 50_000.0,
                 django_max_start_deliveries_per_s: 1_000.0,
-                max_steps: 9,
+                max_steps: 12,
                 capacity_sockets: 19_000,
                 cluster_nodes: 6,
                 cluster_sockets: 100_000,
@@ -263,7 +276,20 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
         programs,
         ticks_per_second: procfs::ticks_per_second(),
     };
-    let plan = Plan::new(args.quick);
+    let mut plan = Plan::new(args.quick);
+    if let Some(sockets) = args.idle_sockets {
+        plan.idle_sockets = sockets;
+    }
+    if !args.fanout_sizes.is_empty() {
+        plan.fanout_sizes = args.fanout_sizes;
+    }
+    if let Some(rate) = args.fanout_rate {
+        plan.fanout_deliveries_per_s = rate;
+    }
+    if let Some(tasks) = args.stream_tasks {
+        plan.stream_tasks = tasks;
+        plan.django_stream_tasks = tasks;
+    }
     let scenarios = if args.scenarios.is_empty() {
         vec![
             Scenario::Idle,

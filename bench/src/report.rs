@@ -434,10 +434,11 @@ fn render(results: &Results, json_name: &str, png: Option<&str>, notes: &str) ->
     for idle in &results.idle {
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} | {:.1} MB | {:.1} MB | {} | {} |",
+            "| {} | {} | {:.0} | {:.0} µs | {:.1} MB | {:.1} MB | {} | {} |",
             idle.server,
             count(idle.connect.sockets),
             idle.connect.handshakes_per_second,
+            idle.cpu_us_per_handshake,
             idle.rss_before as f64 / 1e6,
             idle.rss_after as f64 / 1e6,
             kb(idle.rss_per_socket),

@@ -62,6 +62,8 @@ pub struct IdleResult {
     pub rss_before: u64,
     pub rss_after: u64,
     pub rss_per_socket: f64,
+    /// Server CPU time over the connect phase, per socket opened.
+    pub cpu_us_per_handshake: f64,
     /// The server's Redis (Django's channel layer), after connecting.
     pub redis_rss: u64,
 }
@@ -275,14 +277,18 @@ pub async fn idle(ctx: &Ctx, kind: Kind, sockets: usize) -> anyhow::Result<IdleR
     result
 }
 
-async fn idle_on(_ctx: &Ctx, running: &Running, sockets: usize) -> anyhow::Result<IdleResult> {
+async fn idle_on(ctx: &Ctx, running: &Running, sockets: usize) -> anyhow::Result<IdleResult> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = rss(running);
     let mut fleet = Fleet::start(Fleet::workers_for(sockets))?;
+    let (cpu_before, _) = cpu(ctx, running);
     let connect = fleet
         .connect(&running.addresses, &Endpoint::Notifications, sockets)
         .await?;
+    let (cpu_after, _) = cpu(ctx, running);
     check_connected(&connect, sockets, "idle")?;
+    #[allow(clippy::cast_precision_loss)]
+    let cpu_us_per_handshake = (cpu_after - cpu_before) * 1e6 / connect.sockets.max(1) as f64;
     // Let allocations settle (buffers of the handshake burst, timers).
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_after = rss(running);
@@ -294,7 +300,7 @@ async fn idle_on(_ctx: &Ctx, running: &Running, sockets: usize) -> anyhow::Resul
     #[allow(clippy::cast_precision_loss)]
     let rss_per_socket = rss_after.saturating_sub(rss_before) as f64 / connect.sockets.max(1) as f64;
     eprintln!(
-        "    RSS {:.1} MB → {:.1} MB: {:.2} KB a socket",
+        "    RSS {:.1} MB → {:.1} MB: {:.2} KB a socket; {cpu_us_per_handshake:.0} µs of server CPU a handshake",
         mb(rss_before),
         mb(rss_after),
         rss_per_socket / 1000.0
@@ -305,6 +311,7 @@ async fn idle_on(_ctx: &Ctx, running: &Running, sockets: usize) -> anyhow::Resul
         rss_before,
         rss_after,
         rss_per_socket,
+        cpu_us_per_handshake,
         redis_rss,
     })
 }

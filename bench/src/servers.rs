@@ -96,14 +96,34 @@ impl Running {
         )
     }
 
+    /// Stops the server: herald gets SIGTERM first (so a profiler it runs under writes
+    /// its output), then everything is killed.
     pub async fn stop(mut self) {
+        if self.kind == Kind::Herald {
+            for pid in self.pids() {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status()
+                    .await;
+            }
+            for child in &mut self.processes {
+                let _ = tokio::time::timeout(Duration::from_secs(60), child.wait()).await;
+            }
+        }
         for child in &mut self.processes {
             let _ = child.kill().await;
         }
         if let Some(redis) = &mut self.redis {
             let _ = redis.kill().await;
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // The logs stay for a look after the run; the databases go.
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for entry in entries.flatten() {
+                if !entry.file_name().to_string_lossy().ends_with(".log") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
     }
 }
 
@@ -243,6 +263,7 @@ async fn start_herald(running: &mut Running, programs: &Programs, options: &Opti
                 format!("sqlite://{}/herald-{node}.db", running.dir.display()),
             )
             .env("HERALD_LOG", "warn")
+            .env("HERALD_SHUTDOWN_DRAIN", "1")
             .stdout(log_file(&running.dir, &format!("herald-{node}.out.log"))?)
             .stderr(log_file(&running.dir, &format!("herald-{node}.log"))?)
             .kill_on_drop(true);
