@@ -1,5 +1,6 @@
 """Draws herald's fan-out sweep against its baselines from a bench/results/<date>.json:
-p50 and p99 latency, and deliveries per second, against the number of subscribers.
+p50 and p99 latency, deliveries per second, and server CPU per delivery, against the
+number of subscribers.
 
 Usage: plot.py RESULTS.json OUT.png (run by `bench all` with the Django baseline's venv).
 """
@@ -16,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 def main(results_path, png_path):
     with open(results_path) as f:
         results = json.load(f)
-    fig, (latency, rate) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (latency, rate, cpu) = plt.subplots(1, 3, figsize=(16, 4.5))
     for fanout in results.get("fanout", []):
         rounds = sorted(fanout["rounds"], key=lambda r: r["subscribers"])
         if not rounds:
@@ -32,6 +33,7 @@ def main(results_path, png_path):
             label=f"{fanout['server']} p50",
         )
         rate.plot(n, [r["deliveries_per_s"] for r in rounds], marker="o", label=fanout["server"])
+        cpu.plot(n, [r["cpu_us_per_delivery"] for r in rounds], marker="o", label=fanout["server"])
     latency.set_xlabel("subscribers (one org)")
     latency.set_ylabel("publish → receive latency (ms)")
     latency.set_yscale("log")
@@ -42,6 +44,11 @@ def main(results_path, png_path):
     rate.set_yscale("log")
     rate.grid(True, which="both", alpha=0.3)
     rate.legend(fontsize=7)
+    cpu.set_xlabel("subscribers (one org)")
+    cpu.set_ylabel("server CPU per delivery (µs)")
+    cpu.set_yscale("log")
+    cpu.grid(True, which="both", alpha=0.3)
+    cpu.legend(fontsize=7)
     fig.suptitle(f"fan-out, {results.get('mode', '')} run {results.get('date', '')} (git {results.get('git_rev', '')})")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)

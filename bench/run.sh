@@ -18,4 +18,5 @@ cargo build --release --locked -p bench-bare
 cargo build --release --locked -p bench
 # The load generator and the servers each hold up to ~20,000 sockets.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+export HERALD_BENCH_COMMAND="bench/run.sh${*:+ $*}"
 exec "$CARGO_TARGET_DIR/release/bench" all "$@"

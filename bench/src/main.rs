@@ -319,7 +319,11 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     let mut results = Results {
         date: date.clone(),
         mode: if args.quick { "quick" } else { "full" }.to_owned(),
-        command: std::env::args().collect::<Vec<_>>().join(" "),
+        // bench/run.sh names itself; otherwise this program's own command line.
+        command: std::env::var_os("HERALD_BENCH_COMMAND").map_or_else(
+            || std::env::args().collect::<Vec<_>>().join(" "),
+            |command| command.to_string_lossy().into_owned(),
+        ),
         git_rev: command_output(
             "git",
             &["-C", &repo.display().to_string(), "rev-parse", "--short", "HEAD"],

@@ -428,9 +428,9 @@ fn render(results: &Results, json_name: &str, png: Option<&str>, notes: &str) ->
     let _ = writeln!(md, "Authenticated sockets on `/ws/notifications/`, one user each; RSS of the server process before and 2 s after connecting.\n");
     let _ = writeln!(
         md,
-        "| server | sockets | handshakes/s | RSS before | RSS after | RSS per socket | its Redis |"
+        "| server | sockets | handshakes/s | server CPU per handshake | RSS before | RSS after | RSS per socket | its Redis |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
     for idle in &results.idle {
         let _ = writeln!(
             md,
