@@ -167,7 +167,7 @@ impl HandshakeLimiter {
 /// whole minute's allowance available as a burst).
 pub fn client_message_limiter(per_minute: u32) -> governor::DefaultDirectRateLimiter {
     let per_minute = NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN);
-    RateLimiter::direct(Quota::per_minute(per_minute))
+    RateLimiter::direct_with_clock(Quota::per_minute(per_minute), shared_clock())
 }
 
 /// Protocol pings a socket may send: 10 per second on average, in bursts of 100. They
@@ -175,7 +175,16 @@ pub fn client_message_limiter(per_minute: u32) -> governor::DefaultDirectRateLim
 pub fn protocol_ping_limiter() -> governor::DefaultDirectRateLimiter {
     let rate = NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN);
     let burst = NonZeroU32::new(100).unwrap_or(NonZeroU32::MIN);
-    RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
+    RateLimiter::direct_with_clock(Quota::per_second(rate).allow_burst(burst), shared_clock())
+}
+
+/// The clock of every per-socket limiter, made once. Making a clock
+/// (`quanta::Clock::new`) runs CPUID to detect the TSC each time, which traps to the
+/// hypervisor on a VM: two limiters per socket made it about a tenth of herald's CPU in
+/// the benchmarks' connect phase (BENCHMARKS.md). A clone copies the calibration.
+fn shared_clock() -> governor::clock::DefaultClock {
+    static CLOCK: std::sync::OnceLock<governor::clock::DefaultClock> = std::sync::OnceLock::new();
+    CLOCK.get_or_init(governor::clock::DefaultClock::default).clone()
 }
 
 #[cfg(test)]

@@ -104,9 +104,12 @@ where
     // A member removed while this socket was being admitted: the removal may have run
     // between the handshake's membership check and the subscription above, and found
     // no socket to close. If any removal ran meanwhile, check again.
+    // The rare awaits of a session (this check, a token refresh) are boxed, so their
+    // futures (a webhook or JWKS request) do not enlarge every socket's task for its
+    // whole life (BENCHMARKS.md, idle memory).
     if endpoint == Endpoint::Events
         && state.hub.revocations() != plan.revocations
-        && !state.membership.is_member(channel.id(), &plan.identity).await
+        && !Box::pin(state.membership.is_member(channel.id(), &plan.identity)).await
     {
         outbox.request_close(Close::new(CloseCode::Forbidden, "membership revoked"));
     }
@@ -414,10 +417,12 @@ where
             ClientMessage::InvalidJson => protocol::invalid_json(),
             ClientMessage::Unsupported => protocol::unsupported_message(),
             ClientMessage::Refresh { token } => {
-                let identity = self.state.auth.authenticate(&token).await.map_err(|failure| {
-                    tracing::warn!(reason = failure.reason(), "token refresh refused");
-                    Exit::Close(Close::new(CloseCode::Unauthorized, failure.to_string()))
-                })?;
+                let identity = Box::pin(self.state.auth.authenticate(&token))
+                    .await
+                    .map_err(|failure| {
+                        tracing::warn!(reason = failure.reason(), "token refresh refused");
+                        Exit::Close(Close::new(CloseCode::Unauthorized, failure.to_string()))
+                    })?;
                 if identity.user_id != self.plan.identity.user_id {
                     tracing::warn!("token refresh for another user refused");
                     return Err(Exit::Close(Close::new(
@@ -428,11 +433,7 @@ where
                 // In claims mode the token is the membership: a refreshed token must
                 // still name the org.
                 if self.plan.endpoint == Endpoint::Events
-                    && !self
-                        .state
-                        .membership
-                        .is_member(self.plan.channel.id(), &identity)
-                        .await
+                    && !Box::pin(self.state.membership.is_member(self.plan.channel.id(), &identity)).await
                 {
                     tracing::warn!(user_id = %identity.user_id, org_id = self.plan.channel.id(),
                         "refreshed token is no longer a member");

@@ -101,16 +101,18 @@ fn unquote(cell: &str) -> &str {
 
 #[test]
 fn every_source_file_starts_with_a_module_doc() {
-    let src = repo_root().join("crates/herald/src");
-    let missing: Vec<String> = rust_files(&src)
+    // The benchmark crates (bench/) follow the same rule.
+    let root = repo_root();
+    let missing: Vec<String> = ["crates/herald/src", "bench"]
         .into_iter()
+        .flat_map(|dir| rust_files(&root.join(dir)))
         .filter(|path| !std::fs::read_to_string(path).unwrap().starts_with("//!"))
-        .map(|path| path.strip_prefix(&src).unwrap().display().to_string())
+        .map(|path| path.strip_prefix(&root).unwrap().display().to_string())
         .collect();
     assert!(
         missing.is_empty(),
-        "these files under crates/herald/src do not start with a `//!` comment saying what \
-         the module owns; add one: {missing:?}"
+        "these files under crates/herald/src or bench/ do not start with a `//!` comment saying \
+         what the module owns; add one: {missing:?}"
     );
 }
 
