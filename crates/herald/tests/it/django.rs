@@ -421,11 +421,7 @@ async fn encrypted_layers_are_read_with_the_same_keys() {
             json!([{"call": "broadcast_notification", "args": ["erin", {"secret": "no"}]}]),
         )
         .await;
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while metric(&srv, &bridged(layer, "undecodable")).await != 1.0 {
-            assert!(tokio::time::Instant::now() < deadline, "{layer}: not counted");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        srv.wait_for_metric(&bridged(layer, "undecodable"), 1.0).await;
     }
     assert_quiet(&mut ws, "after a message with an unknown key").await;
 }
@@ -447,11 +443,7 @@ async fn an_encrypted_layer_without_keys_is_counted_not_delivered() {
         json!([{"call": "broadcast_notification", "args": ["fay", {"x": 1}]}]),
     )
     .await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while metric(&srv, &bridged("core", "undecodable")).await != 1.0 {
-        assert!(tokio::time::Instant::now() < deadline, "not counted");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    srv.wait_for_metric(&bridged("core", "undecodable"), 1.0).await;
     assert_quiet(&mut ws, "an encrypted message herald cannot read").await;
 }
 

@@ -182,6 +182,22 @@ impl TestServer {
             .unwrap_or_else(|| panic!("no `{series}` in /metrics:\n{text}"))
     }
 
+    /// Waits up to [`WAIT`] for a series of `/metrics` to read `value`.
+    pub async fn wait_for_metric(&self, series: &str, value: f64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let now = self.metric(series).await;
+            if now == value {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{series} stayed {now}, expected {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn get(&self, path: &str) -> (u16, Value) {
         let response = self
             .http
