@@ -92,8 +92,8 @@ pub enum SubmitError {
     NoWorkers,
     #[error("the server is shutting down; retry on another node")]
     ShuttingDown,
-    #[error("the task queue is unavailable ({0}); retry shortly")]
-    Unavailable(String),
+    #[error(transparent)]
+    Unavailable(#[from] Unavailable),
 }
 
 /// The shared task queue could not be reached.

@@ -12,7 +12,7 @@ use crate::app::AppState;
 use crate::http::error::ApiError;
 use crate::http::extract::{ApiJson, User};
 use crate::ids::{ChatId, UserId};
-use crate::tasks::{SubmitError, TaskRequest, TaskView, MAX_PROMPT_CHARS};
+use crate::tasks::{TaskRequest, TaskView, MAX_PROMPT_CHARS};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -64,12 +64,7 @@ async fn generate(
         prompt: prompt.to_owned(),
         model,
     };
-    let task_id = state.tasks.submit(request).await.map_err(|err| match err {
-        SubmitError::TooManyInFlight => ApiError::TooManyRequests(err.to_string()),
-        SubmitError::NoWorkers | SubmitError::ShuttingDown | SubmitError::Unavailable(_) => {
-            ApiError::Unavailable(err.to_string())
-        }
-    })?;
+    let task_id = state.tasks.submit(request).await?;
     let body = json!({"task_id": task_id, "chat_id": chat_id.as_str(), "status": "queued"});
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
@@ -97,8 +92,7 @@ async fn task(
     let view = state
         .tasks
         .get(&task_id, &identity.user_id)
-        .await
-        .map_err(|err| ApiError::Unavailable(err.to_string()))?
+        .await?
         .ok_or_else(not_found)?;
     Ok(Json(view_json(&view)).into_response())
 }
@@ -111,8 +105,7 @@ async fn cancel(
     let view = state
         .tasks
         .cancel(&task_id, &identity.user_id)
-        .await
-        .map_err(|err| ApiError::Unavailable(err.to_string()))?
+        .await?
         .ok_or_else(not_found)?;
     Ok((StatusCode::ACCEPTED, Json(view_json(&view))).into_response())
 }

@@ -82,6 +82,24 @@ impl From<crate::broker::BrokerError> for ApiError {
     }
 }
 
+impl From<crate::tasks::Unavailable> for ApiError {
+    fn from(err: crate::tasks::Unavailable) -> Self {
+        Self::Unavailable(err.to_string())
+    }
+}
+
+impl From<crate::tasks::SubmitError> for ApiError {
+    fn from(err: crate::tasks::SubmitError) -> Self {
+        use crate::tasks::SubmitError;
+        match err {
+            SubmitError::TooManyInFlight => Self::TooManyRequests(err.to_string()),
+            SubmitError::NoWorkers | SubmitError::ShuttingDown | SubmitError::Unavailable(_) => {
+                Self::Unavailable(err.to_string())
+            }
+        }
+    }
+}
+
 impl From<crate::compose::Invalid> for ApiError {
     fn from(err: crate::compose::Invalid) -> Self {
         Self::BadRequest(err.0)

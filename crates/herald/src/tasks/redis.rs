@@ -452,8 +452,7 @@ impl RedisQueue {
                     TASK_PREFIX.to_owned(),
                 ],
             )
-            .await
-            .map_err(|err| SubmitError::Unavailable(err.0))?
+            .await?
             .into_array();
         if number(reply.first()) == 0 {
             return Err(SubmitError::TooManyInFlight);

@@ -156,6 +156,17 @@ pub(crate) fn user(prefix: &str) -> String {
     format!("{prefix}-{}", herald::channel::new_id())
 }
 
+/// With Redis gone, both nodes turn not-ready and a publish is refused with 503,
+/// never a false 202.
+pub(crate) async fn assert_cut_off(a: &TestServer, b: &TestServer, user: &str) {
+    wait_ready(a, false).await;
+    wait_ready(b, false).await;
+    let (status, body) = a
+        .post(&format!("/api/v1/notifications/{user}"), json!({"n": 2}))
+        .await;
+    assert_eq!(status, 503, "{body}");
+}
+
 pub(crate) async fn wait_ready(srv: &TestServer, ready: bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
@@ -291,12 +302,7 @@ async fn losing_redis_makes_nodes_not_ready_and_they_recover() {
     assert_eq!(on_b.next_json().await["offset"], 1);
 
     redis.kill().await;
-    wait_ready(&a, false).await;
-    wait_ready(&b, false).await;
-    let (status, body) = a
-        .post(&format!("/api/v1/notifications/{u}"), json!({"n": 2}))
-        .await;
-    assert_eq!(status, 503, "{body}");
+    assert_cut_off(&a, &b, &u).await;
 
     // Back on the same port, empty: the old epoch is gone. The socket that stayed open
     // through the outage is told to resume, and learns it cannot recover.

@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio::process::{Child, Command};
 
 use crate::redis::{
-    broker_reconnects, check_connection_limit_across_nodes, free_ports, redis_server_on_path,
+    assert_cut_off, broker_reconnects, check_connection_limit_across_nodes, free_ports, redis_server_on_path,
     start_server_with, user, wait_ready,
 };
 use crate::support::*;
@@ -460,12 +460,7 @@ async fn a_master_restarted_empty_makes_nodes_not_ready_then_they_resubscribe() 
 
     let master = cluster.masters.iter_mut().find(|m| m.port == owner).unwrap();
     master.kill().await;
-    wait_ready(&a, false).await;
-    wait_ready(&b, false).await;
-    let (status, body) = a
-        .post(&format!("/api/v1/notifications/{u}"), json!({"n": 2}))
-        .await;
-    assert_eq!(status, 503, "{body}");
+    assert_cut_off(&a, &b, &u).await;
 
     // Back on the same port with its cluster config but no data: the channel's epoch
     // is gone. The socket that stayed open is told to resume, and learns it cannot

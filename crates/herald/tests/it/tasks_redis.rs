@@ -14,15 +14,11 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::chat::{generate, user_get, user_post, TaskStream};
-use crate::redis::Redis;
+use crate::redis::{user, Redis};
 use crate::support::*;
 
 /// How long a dead worker's task waits before another worker takes it (the TOML key).
 const CLAIM_IDLE_MS: u64 = 1500;
-
-fn user(prefix: &str) -> String {
-    format!("{prefix}-{}", herald::channel::new_id())
-}
 
 /// A node that submits tasks but runs none.
 async fn submitting_node(redis: &Redis) -> TestServer {
