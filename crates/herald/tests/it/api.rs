@@ -377,6 +377,11 @@ async fn health_readiness_and_stats() {
     assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
     let (status, body) = read(srv.http.get(srv.url("/readyz")).send().await.unwrap()).await;
     assert_eq!((status, body["status"].as_str()), (200, Some("ready")), "{body}");
+    assert_eq!(
+        body,
+        json!({"status": "ready", "broker": true, "database": true, "queue": true, "shutting_down": false}),
+        "the documented /readyz shape"
+    );
 
     let (_ws, _) = srv.connect("/ws/notifications/", "u1").await;
     srv.notify("u1", json!({})).await;
