@@ -443,7 +443,9 @@ export class HeraldSocket {
 function detach(ws) {
   ws.onmessage = null;
   ws.onclose = null;
-  ws.onerror = null;
+  // A socket closed while still connecting reports an error; once detached it is
+  // nobody's, and with no handler Node's `ws` would throw it as an uncaught error.
+  ws.onerror = noop;
 }
 
 function safely(callback, ...args) {

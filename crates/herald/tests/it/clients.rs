@@ -328,13 +328,14 @@ async fn js_client_against_real_herald() {
         "--test",
         "--test-reporter=spec",
         "clients/js/test/socket.test.mjs",
+        "clients/js/test/connecting.test.mjs",
     ])
     .env("HERALD_URL", srv.url(""))
     .env("HERALD_AGE_URL", aging.url(""))
     .env("HERALD_JWT_SECRET", SECRET)
     .env("HERALD_API_KEY", API_KEY);
     run(
-        "node --test clients/js/test/socket.test.mjs",
+        "node --test clients/js/test/{socket,connecting}.test.mjs",
         cmd,
         Duration::from_secs(180),
     )
