@@ -198,13 +198,15 @@ fn channel_of_pubsub(name: &str) -> Option<&str> {
     name.strip_prefix("herald:{")?.strip_suffix("}:messages")
 }
 
-/// Whether to send a command now. On one Redis, not while disconnected: the caller
-/// fails at once. On a Cluster, fred's `is_connected` means *every* primary is
-/// connected, so commands are sent anyway: one for a healthy primary succeeds while
-/// another primary fails over, and one for the failing primary times out. A partial
-/// outage stays partial.
+/// Whether to send a command now: not while disconnected, so the caller fails at once.
+///
+/// On a Cluster this means *every* primary is connected. A command for a healthy
+/// primary could be sent, but fred's one router task stalls every command while it
+/// reconnects to any primary (fred issue 363), so sending it would only turn a quick
+/// 503 into a slow one. Keeping a partial outage partial needs a connection per primary
+/// routed by slot (docs/protocol.md, known limits).
 pub(crate) fn may_send(client: &fred::prelude::Client) -> bool {
-    client.is_clustered() || client.is_connected()
+    client.is_connected()
 }
 
 fn unavailable(err: impl std::fmt::Display) -> BrokerError {
@@ -1094,3 +1096,6 @@ impl Subscriber {
         let _ = self.client.quit().await;
     }
 }
+
+#[cfg(test)]
+mod tests;
