@@ -39,11 +39,18 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long the subscriber waits for its first connection at start.
 const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(5);
 
-/// A connection for commands (control actions, `Idempotency-Key` records), connecting
-/// in the background and closed on `stopped` (after the drain, with the broker's).
-pub fn command_client(url: &str, stopped: &CancellationToken) -> Result<fred::prelude::Client, BrokerError> {
+/// A connection for commands (control actions, `Idempotency-Key` records), closed on
+/// `stopped` (after the drain, with the broker's). Waits a few seconds for Redis; if it
+/// is not there yet, keeps connecting in the background.
+pub async fn command_client(url: &str, stopped: &CancellationToken) -> Result<fred::prelude::Client, BrokerError> {
     let client = build_client(url)?;
     client.connect();
+    if tokio::time::timeout(FIRST_CONNECT_WAIT, client.wait_for_connect())
+        .await
+        .is_err()
+    {
+        tracing::warn!("Redis is not reachable yet: publishes with an Idempotency-Key and control actions wait for it");
+    }
     tokio::spawn({
         let client = client.clone();
         let stopped = stopped.clone();

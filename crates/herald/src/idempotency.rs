@@ -283,11 +283,16 @@ impl Idempotency {
                 until_ms: unix_ms().saturating_add(millis(owner_for)),
             });
             let held = record.encode();
-            match self
-                .cas(&storage, expected.as_deref(), Some(&held))
-                .await
-                .map_err(ClaimError::Unavailable)?
-            {
+            let taken = match self.cas(&storage, expected.as_deref(), Some(&held)).await {
+                Ok(taken) => taken,
+                Err(err) => {
+                    // The write may still land (sent, unanswered): undo it when it does,
+                    // or the key would look owned by a request that gave up.
+                    self.settle_later(storage, held, expected);
+                    return Err(ClaimError::Unavailable(err));
+                }
+            };
+            match taken {
                 Ok(()) => {
                     return Ok(Claim::Publish(Ticket {
                         storage,
@@ -330,17 +335,18 @@ impl Idempotency {
     /// trying in the background for a while (the record stays owned meanwhile, which
     /// repeats treat as "in progress", then as "unknown": never as free).
     async fn settle(&self, ticket: Ticket, next: Option<String>) {
+        if self.cas(&ticket.storage, Some(&ticket.held), next.as_deref()).await.is_err() {
+            tracing::warn!("saving an Idempotency-Key record failed; retrying in the background");
+            self.settle_later(ticket.storage, ticket.held, next);
+        }
+    }
+
+    /// Sets `storage` from `held` to `next` in the background (Redis only), trying for
+    /// a while; gives up when the record holds something else.
+    fn settle_later(&self, storage: String, held: String, next: Option<String>) {
         let Backend::Redis { client, cas } = &self.backend else {
-            let _ = self.cas(&ticket.storage, Some(&ticket.held), next.as_deref()).await;
             return;
         };
-        if matches!(
-            self.cas(&ticket.storage, Some(&ticket.held), next.as_deref()).await,
-            Ok(_)
-        ) {
-            return;
-        }
-        tracing::warn!("saving an Idempotency-Key record failed; retrying in the background");
         let client = client.clone();
         let cas = cas.clone();
         let ttl = millis(self.window).to_string();
@@ -352,8 +358,8 @@ impl Idempotency {
                     COMMAND_TIMEOUT,
                     cas.evalsha_with_reload::<Value, _, _>(
                         &client,
-                        vec![ticket.storage.clone()],
-                        vec![ticket.held.clone(), next.clone().unwrap_or_default(), ttl.clone()],
+                        vec![storage.clone()],
+                        vec![held.clone(), next.clone().unwrap_or_default(), ttl.clone()],
                     ),
                 )
                 .await;

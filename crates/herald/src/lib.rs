@@ -147,7 +147,7 @@ pub async fn build_state(
     let (idempotency, control) = match &config.redis_url {
         Some(url) => {
             let redis = |err: broker::BrokerError| anyhow::anyhow!("cannot use Redis at {}: {err}", redact_url(url));
-            let commands = control::command_client(url, &stopped).map_err(redis)?;
+            let commands = control::command_client(url, &stopped).await.map_err(redis)?;
             let control = control::Control::redis(
                 url,
                 commands.clone(),
