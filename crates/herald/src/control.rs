@@ -42,14 +42,19 @@ const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(5);
 /// A connection for commands (control actions, `Idempotency-Key` records), closed on
 /// `stopped` (after the drain, with the broker's). Waits a few seconds for Redis; if it
 /// is not there yet, keeps connecting in the background.
-pub async fn command_client(url: &str, stopped: &CancellationToken) -> Result<fred::prelude::Client, BrokerError> {
+pub async fn command_client(
+    url: &str,
+    stopped: &CancellationToken,
+) -> Result<fred::prelude::Client, BrokerError> {
     let client = build_client(url)?;
     client.connect();
     if tokio::time::timeout(FIRST_CONNECT_WAIT, client.wait_for_connect())
         .await
         .is_err()
     {
-        tracing::warn!("Redis is not reachable yet: publishes with an Idempotency-Key and control actions wait for it");
+        tracing::warn!(
+            "Redis is not reachable yet: publishes with an Idempotency-Key and control actions wait for it"
+        );
     }
     tokio::spawn({
         let client = client.clone();
@@ -145,10 +150,13 @@ impl Control {
             action,
         };
         let text = serde_json::to_string(&envelope).unwrap_or_default();
-        tokio::time::timeout(SEND_TIMEOUT, publisher.publish::<i64, _, _>(CONTROL_CHANNEL, text))
-            .await
-            .map_err(|_| BrokerError::Unavailable("Redis did not answer in time".into()))?
-            .map_err(|err| BrokerError::Unavailable(err.to_string()))?;
+        tokio::time::timeout(
+            SEND_TIMEOUT,
+            publisher.publish::<i64, _, _>(CONTROL_CHANNEL, text),
+        )
+        .await
+        .map_err(|_| BrokerError::Unavailable("Redis did not answer in time".into()))?
+        .map_err(|err| BrokerError::Unavailable(err.to_string()))?;
         Ok(closed)
     }
 
@@ -235,7 +243,9 @@ impl Control {
                 let mut checked = HashSet::new();
                 let mut closed = 0;
                 for (channel, users) in self.hub.users_of("org:") {
-                    let Ok(channel) = Channel::parse(&channel) else { continue };
+                    let Ok(channel) = Channel::parse(&channel) else {
+                        continue;
+                    };
                     for user_id in users {
                         if !checked.insert((channel.clone(), user_id.clone())) {
                             continue;
@@ -253,7 +263,10 @@ impl Control {
                     }
                 }
                 if closed > 0 {
-                    tracing::info!(closed, "sockets of removed members closed after a control reconnect");
+                    tracing::info!(
+                        closed,
+                        "sockets of removed members closed after a control reconnect"
+                    );
                 }
             }
         }

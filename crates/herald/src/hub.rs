@@ -185,7 +185,10 @@ impl Hub {
         for shard in self.shards.iter() {
             let shard = shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             for (channel, subscribers) in shard.iter().filter(|(channel, _)| channel.starts_with(prefix)) {
-                let users = subscribers.iter().map(|outbox| outbox.user_id().to_owned()).collect();
+                let users = subscribers
+                    .iter()
+                    .map(|outbox| outbox.user_id().to_owned())
+                    .collect();
                 found.push((channel.to_string(), users));
             }
         }

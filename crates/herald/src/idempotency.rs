@@ -318,7 +318,12 @@ impl Idempotency {
     /// The call did not publish everything: keep what was published (`done`) and the
     /// message whose outcome is unknown, so the next attempt goes on from there; with
     /// neither, forget the key.
-    pub async fn release(&self, ticket: Ticket, done: Vec<serde_json::Value>, unconfirmed: Option<Unconfirmed>) {
+    pub async fn release(
+        &self,
+        ticket: Ticket,
+        done: Vec<serde_json::Value>,
+        unconfirmed: Option<Unconfirmed>,
+    ) {
         let next = (!done.is_empty() || unconfirmed.is_some()).then(|| {
             Record {
                 owner: None,
@@ -335,7 +340,11 @@ impl Idempotency {
     /// trying in the background for a while (the record stays owned meanwhile, which
     /// repeats treat as "in progress", then as "unknown": never as free).
     async fn settle(&self, ticket: Ticket, next: Option<String>) {
-        if self.cas(&ticket.storage, Some(&ticket.held), next.as_deref()).await.is_err() {
+        if self
+            .cas(&ticket.storage, Some(&ticket.held), next.as_deref())
+            .await
+            .is_err()
+        {
             tracing::warn!("saving an Idempotency-Key record failed; retrying in the background");
             self.settle_later(ticket.storage, ticket.held, next);
         }
@@ -367,7 +376,9 @@ impl Idempotency {
                     return;
                 }
             }
-            tracing::warn!("gave up saving an Idempotency-Key record; repeats of that key answer 503 until it expires");
+            tracing::warn!(
+                "gave up saving an Idempotency-Key record; repeats of that key answer 503 until it expires"
+            );
         });
     }
 

@@ -146,7 +146,8 @@ pub async fn build_state(
     let node_id: Arc<str> = Arc::from(node_id);
     let (idempotency, control) = match &config.redis_url {
         Some(url) => {
-            let redis = |err: broker::BrokerError| anyhow::anyhow!("cannot use Redis at {}: {err}", redact_url(url));
+            let redis =
+                |err: broker::BrokerError| anyhow::anyhow!("cannot use Redis at {}: {err}", redact_url(url));
             let commands = control::command_client(url, &stopped).await.map_err(redis)?;
             let control = control::Control::redis(
                 url,
@@ -158,7 +159,10 @@ pub async fn build_state(
             )
             .await
             .map_err(redis)?;
-            (idempotency::Idempotency::redis(commands, config.history_ttl), control)
+            (
+                idempotency::Idempotency::redis(commands, config.history_ttl),
+                control,
+            )
         }
         None => (
             idempotency::Idempotency::memory(config.history_ttl),

@@ -62,7 +62,10 @@ async fn an_answered_key_is_replayed() {
     }
     // Another channel, same key: another call.
     let other = channels(&["org:other"]);
-    assert!(matches!(store.claim(&other, &k, 1).await.unwrap(), Claim::Publish(_)));
+    assert!(matches!(
+        store.claim(&other, &k, 1).await.unwrap(),
+        Claim::Publish(_)
+    ));
 }
 
 #[tokio::test]
@@ -78,7 +81,10 @@ async fn a_repeat_waits_for_the_owner_and_gets_its_answer() {
         async move { store.claim(&on, &k, 1).await }
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!repeat.is_finished(), "the repeat waits while the owner publishes");
+    assert!(
+        !repeat.is_finished(),
+        "the repeat waits while the owner publishes"
+    );
     store.answer(ticket, answer("{}")).await;
     match repeat.await.unwrap().unwrap() {
         Claim::Replay(replayed) => assert_eq!(replayed, answer("{}")),
@@ -101,7 +107,9 @@ async fn a_release_with_nothing_published_frees_the_key_and_progress_is_kept() {
         channel: "org:b".to_owned(),
         id: Some("m2".to_owned()),
     };
-    store.release(ticket, vec![first.clone()], Some(sent.clone())).await;
+    store
+        .release(ticket, vec![first.clone()], Some(sent.clone()))
+        .await;
     let ticket = publish_ticket(&store, &on, &k).await;
     assert_eq!(ticket.done, vec![first]);
     assert_eq!(ticket.unconfirmed, Some(sent));
@@ -120,6 +128,13 @@ async fn an_owner_past_its_deadline_makes_the_outcome_unknown() {
         }),
         ..Record::default()
     };
-    store.cas(&storage, None, Some(&record.encode())).await.unwrap().unwrap();
-    assert!(matches!(store.claim(&on, &k, 1).await, Err(ClaimError::Unknown(_))));
+    store
+        .cas(&storage, None, Some(&record.encode()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        store.claim(&on, &k, 1).await,
+        Err(ClaimError::Unknown(_))
+    ));
 }

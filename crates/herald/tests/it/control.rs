@@ -20,7 +20,10 @@ const WITHIN: Duration = Duration::from_secs(1);
 /// started one after the other do not migrate the file at the same time.
 async fn node_on(redis_url: Option<&str>, dir: &Path) -> TestServer {
     let mut builder = TestServer::builder()
-        .env("HERALD_DATABASE_URL", format!("sqlite://{}", dir.join("members.db").display()))
+        .env(
+            "HERALD_DATABASE_URL",
+            format!("sqlite://{}", dir.join("members.db").display()),
+        )
         .env("HERALD_MAX_CONNECTIONS_PER_USER", "10");
     if let Some(url) = redis_url {
         builder = builder.env("HERALD_REDIS_URL", url);
@@ -105,7 +108,14 @@ async fn a_node_that_missed_a_removal_closes_the_socket_when_it_reconnects() {
 
     // Every pub/sub connection is dropped; herald's reconnect at once.
     let out = tokio::process::Command::new("redis-cli")
-        .args(["-p", &redis.port().to_string(), "CLIENT", "KILL", "TYPE", "pubsub"])
+        .args([
+            "-p",
+            &redis.port().to_string(),
+            "CLIENT",
+            "KILL",
+            "TYPE",
+            "pubsub",
+        ])
         .output()
         .await
         .expect("run redis-cli");
@@ -131,7 +141,10 @@ async fn a_node_that_missed_a_removal_closes_the_socket_when_it_reconnects() {
                 break;
             }
             Ok(other) => panic!("the other member's socket got {other:?}"),
-            Err(_) => assert!(Instant::now() < deadline, "the other member's socket gets nothing"),
+            Err(_) => assert!(
+                Instant::now() < deadline,
+                "the other member's socket gets nothing"
+            ),
         }
     }
 }

@@ -74,7 +74,11 @@ async fn check_once(srv: &TestServer, path: &str, body: Value, channel: &str) {
         },
         "{path}: the repeat gets the first answer"
     );
-    assert_eq!(offsets(srv, channel).await.len(), before + 1, "{path}: published once");
+    assert_eq!(
+        offsets(srv, channel).await.len(),
+        before + 1,
+        "{path}: published once"
+    );
 }
 
 async fn every_call_publishes_once_per_key_on(srv: &TestServer) {
@@ -141,7 +145,10 @@ async fn every_call_publishes_once_per_key_on(srv: &TestServer) {
         let answer = post_with_key(srv, &path, None, &json!({"plain": true})).await;
         assert_eq!((answer.status, answer.replayed), (202, false));
     }
-    assert_eq!(offsets(srv, &format!("notifications:{u}")).await.len(), before + 2);
+    assert_eq!(
+        offsets(srv, &format!("notifications:{u}")).await.len(),
+        before + 2
+    );
 }
 
 #[tokio::test]
@@ -162,7 +169,13 @@ async fn a_key_reused_on_another_channel_is_another_publish_on(srv: &TestServer)
         &json!({"n": 1}),
     )
     .await;
-    let to_bob = post_with_key(srv, &format!("/api/v1/notifications/{bob}"), Some(&key), &json!({"n": 1})).await;
+    let to_bob = post_with_key(
+        srv,
+        &format!("/api/v1/notifications/{bob}"),
+        Some(&key),
+        &json!({"n": 1}),
+    )
+    .await;
     assert_eq!((to_alice.status, to_alice.replayed), (202, false));
     assert_eq!((to_bob.status, to_bob.replayed), (202, false), "{}", to_bob.body);
     assert_eq!(to_bob.json()["channel"], format!("notifications:{bob}"));
@@ -194,7 +207,10 @@ async fn a_key_must_be_1_to_128_characters() {
         assert_eq!(answer.status, 400, "a key of {} characters", bad.chars().count());
         let error = answer.json();
         assert_eq!(error["error"], "bad_request");
-        assert!(error["message"].as_str().unwrap().contains("Idempotency-Key"), "{error}");
+        assert!(
+            error["message"].as_str().unwrap().contains("Idempotency-Key"),
+            "{error}"
+        );
     }
     // 128 characters, 256 bytes: accepted.
     let answer = post_with_key(&srv, &path, Some(&"é".repeat(128)), &body).await;
@@ -211,7 +227,11 @@ async fn a_key_must_be_1_to_128_characters() {
         .await
         .unwrap();
     assert_eq!(response.status().as_u16(), 400);
-    assert_eq!(offsets(&srv, &format!("notifications:{u}")).await, vec![1], "no refused call published");
+    assert_eq!(
+        offsets(&srv, &format!("notifications:{u}")).await,
+        vec![1],
+        "no refused call published"
+    );
 }
 
 async fn concurrent_repeats_publish_once_on(srv: &TestServer) {
@@ -224,8 +244,15 @@ async fn concurrent_repeats_publish_once_on(srv: &TestServer) {
     });
     let answers = futures_util::future::join_all(calls).await;
     assert!(answers.iter().all(|answer| answer.status == 202), "{answers:?}");
-    assert_eq!(answers.iter().filter(|answer| !answer.replayed).count(), 1, "{answers:?}");
-    assert!(answers.iter().all(|answer| answer.body == answers[0].body), "{answers:?}");
+    assert_eq!(
+        answers.iter().filter(|answer| !answer.replayed).count(),
+        1,
+        "{answers:?}"
+    );
+    assert!(
+        answers.iter().all(|answer| answer.body == answers[0].body),
+        "{answers:?}"
+    );
     assert_eq!(offsets(srv, &format!("notifications:{u}")).await, vec![1]);
 }
 
@@ -284,7 +311,9 @@ async fn count(srv: &TestServer, channel: &str, marker: &str) -> usize {
 /// as `unknown`, and the message does arrive once Redis runs again.
 #[tokio::test]
 async fn a_503_says_whether_the_message_may_have_been_stored() {
-    let Some(mut redis) = Redis::start().await else { return };
+    let Some(mut redis) = Redis::start().await else {
+        return;
+    };
     if !redis.owned() {
         println!("skipped: HERALD_TEST_REDIS_URL is a shared Redis this test cannot stop");
         return;
@@ -326,9 +355,19 @@ async fn a_503_says_whether_the_message_may_have_been_stored() {
         assert_eq!(retried.json()["outcome"], "not_published", "{}", retried.body);
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!((retried.status, retried.replayed), (202, false), "{}", retried.body);
+    assert_eq!(
+        (retried.status, retried.replayed),
+        (202, false),
+        "{}",
+        retried.body
+    );
     let repeated = post_with_key(&srv, &path, Some("down-key"), &note("keyed")).await;
-    assert_eq!((repeated.status, repeated.replayed), (202, true), "{}", repeated.body);
+    assert_eq!(
+        (repeated.status, repeated.replayed),
+        (202, true),
+        "{}",
+        repeated.body
+    );
     assert_eq!(count(&srv, &channel, "keyed").await, 1);
 
     // Frozen: the command is sent, no answer comes.
@@ -341,7 +380,10 @@ async fn a_503_says_whether_the_message_may_have_been_stored() {
     // It was stored after all, once Redis ran again: "unknown" was the honest answer.
     let deadline = tokio::time::Instant::now() + WAIT;
     while count(&srv, &channel, "frozen").await != 1 {
-        assert!(tokio::time::Instant::now() < deadline, "the unanswered publish never arrived");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the unanswered publish never arrived"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
@@ -353,8 +395,18 @@ async fn a_503_says_whether_the_message_may_have_been_stored() {
     assert_eq!(frozen.status, 503, "{}", frozen.body);
     assert_eq!(frozen.json()["outcome"], "not_published", "{}", frozen.body);
     let retried = post_with_key(&srv, &path, Some("frozen-key"), &note("frozen-key")).await;
-    assert_eq!((retried.status, retried.replayed), (202, false), "{}", retried.body);
+    assert_eq!(
+        (retried.status, retried.replayed),
+        (202, false),
+        "{}",
+        retried.body
+    );
     let repeated = post_with_key(&srv, &path, Some("frozen-key"), &note("frozen-key")).await;
-    assert_eq!((repeated.status, repeated.replayed), (202, true), "{}", repeated.body);
+    assert_eq!(
+        (repeated.status, repeated.replayed),
+        (202, true),
+        "{}",
+        repeated.body
+    );
     assert_eq!(count(&srv, &channel, "frozen-key").await, 1);
 }
