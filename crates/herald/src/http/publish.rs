@@ -90,7 +90,7 @@ fn publish_failed(err: &BrokerError, published: usize, items: usize) -> ApiError
         message = format!("{message} (the first {published} of {items} items were published)");
     }
     message.push_str("; retry with the same Idempotency-Key, which never publishes twice");
-    tracing::warn!(error = %err, outcome = outcome.as_str(), "publish failed");
+    tracing::debug!(error = %err, outcome = outcome.as_str(), "publish failed");
     ApiError::PublishFailed { message, outcome }
 }
 
@@ -113,6 +113,28 @@ async fn publish_items(
         }
         return Ok(json_response(StatusCode::ACCEPTED, shape.body(receipts), false));
     };
+    // Run to the end even if the caller hangs up: the key's record must say what
+    // happened, or every repeat would have to answer "unknown".
+    let state = state.clone();
+    let publishing = state
+        .tracker
+        .clone()
+        .spawn(async move { publish_once(&state, key, items, shape).await });
+    match publishing.await {
+        Ok(answer) => answer,
+        Err(err) => Err(ApiError::Internal(anyhow::anyhow!(
+            "the publish task failed: {err}"
+        ))),
+    }
+}
+
+/// [`publish_items`] with an `Idempotency-Key`.
+async fn publish_once(
+    state: &AppState,
+    key: Key,
+    items: Vec<(Channel, Draft)>,
+    shape: Shape,
+) -> Result<Response, ApiError> {
     let channels: Vec<Channel> = items.iter().map(|(channel, _)| channel.clone()).collect();
     let ticket = match state.idempotency.claim(&channels, &key, items.len()).await {
         Ok(Claim::Replay(answer)) => {
