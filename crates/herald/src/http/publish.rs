@@ -143,7 +143,7 @@ async fn publish_once(
         }
         Ok(Claim::Publish(ticket)) => ticket,
         Err(ClaimError::Unavailable(err)) => {
-            tracing::warn!(error = %err, "Idempotency-Key record unavailable");
+            tracing::debug!(error = %err, "Idempotency-Key record unavailable");
             return Err(ApiError::PublishFailed {
                 message: "the broker cannot take publishes now: nothing was stored; retry with the same \
                           Idempotency-Key"
