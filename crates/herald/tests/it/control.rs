@@ -40,6 +40,7 @@ async fn closed_with_4003_within(ws: &mut WsClient, since: Instant) {
         .expect("the removed member's socket is closed");
     let took = since.elapsed();
     assert_eq!(code, 4003, "{reason}");
+    eprintln!("closed with 4003 {took:?} after the DELETE was sent");
     assert!(took <= WITHIN, "closed after {took:?}, more than {WITHIN:?}");
 }
 
