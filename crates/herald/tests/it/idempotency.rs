@@ -410,3 +410,63 @@ async fn a_503_says_whether_the_message_may_have_been_stored() {
     );
     assert_eq!(count(&srv, &channel, "frozen-key").await, 1);
 }
+
+/// A key left open by an attempt whose publish was not confirmed (as after a Redis
+/// timeout): the retry finds the message in history and answers its receipt without
+/// publishing again; while the message is not in history, the retry answers "unknown".
+#[tokio::test]
+async fn a_retry_finds_an_unconfirmed_message_in_history() {
+    use herald::channel::Channel;
+    use herald::idempotency::{Claim, Idempotency, Key, Unconfirmed};
+
+    let Some(redis) = Redis::start().await else { return };
+    let srv = redis.node().await;
+    let u = user("unconfirmed");
+    let channel = format!("notifications:{u}");
+    let path = format!("/api/v1/notifications/{u}");
+    // The message the interrupted attempt sent, which did reach Redis.
+    let sent = post_with_key(&srv, &path, None, &json!({"n": "sent"})).await;
+    assert_eq!(sent.status, 202);
+    let sent_id = sent.json()["id"].as_str().unwrap().to_owned();
+
+    // Leave two keys as an attempt that timed out would: one whose message is in
+    // history, one whose message never arrived.
+    let stopped = tokio_util::sync::CancellationToken::new();
+    let client = herald::control::command_client(&redis.url(), &stopped)
+        .await
+        .unwrap();
+    let records = Idempotency::redis(client, Duration::from_secs(60));
+    let channels = vec![Channel::parse(&channel).unwrap()];
+    for (key, id) in [
+        ("found-key", sent_id.clone()),
+        ("lost-key", herald::channel::new_id()),
+    ] {
+        let Claim::Publish(ticket) = records
+            .claim(&channels, &Key::parse(key.as_bytes()).unwrap(), 1)
+            .await
+            .unwrap()
+        else {
+            panic!("a fresh key is free");
+        };
+        let unconfirmed = Unconfirmed {
+            channel: channel.clone(),
+            id: Some(id),
+        };
+        records.release(ticket, Vec::new(), Some(unconfirmed)).await;
+    }
+
+    let found = post_with_key(&srv, &path, Some("found-key"), &json!({"n": "sent"})).await;
+    assert_eq!((found.status, found.replayed), (202, true), "{}", found.body);
+    assert_eq!(found.body, sent.body, "the receipt of the message already sent");
+    let lost = post_with_key(&srv, &path, Some("lost-key"), &json!({"n": "lost"})).await;
+    assert_eq!(lost.status, 503, "{}", lost.body);
+    assert_eq!(lost.json()["outcome"], "unknown", "{}", lost.body);
+    let again = post_with_key(&srv, &path, Some("found-key"), &json!({"n": "sent"})).await;
+    assert_eq!((again.status, again.replayed, again.body), (202, true, sent.body));
+    assert_eq!(
+        offsets(&srv, &channel).await,
+        vec![1],
+        "nothing was published twice"
+    );
+    stopped.cancel();
+}
