@@ -217,6 +217,21 @@ fn unavailable(err: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(err.to_string())
 }
 
+/// A command that failed after it was handed to the connection: lost in transit or
+/// unanswered (it may have run), or refused by Redis (it did not).
+fn sent_but_failed(err: fred::error::Error) -> BrokerError {
+    use fred::error::ErrorKind;
+    match err.kind() {
+        ErrorKind::IO | ErrorKind::Canceled | ErrorKind::Timeout | ErrorKind::Protocol => {
+            BrokerError::OutcomeUnknown {
+                reason: err.to_string(),
+                id: None,
+            }
+        }
+        _ => unavailable(err),
+    }
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -591,8 +606,11 @@ impl RedisBroker {
             script.evalsha_with_reload::<Value, _, _>(&self.client, keys, args),
         )
         .await
-        .map_err(|_| BrokerError::Unavailable("Redis did not answer in time".into()))?
-        .map_err(unavailable)
+        .map_err(|_| BrokerError::OutcomeUnknown {
+            reason: "Redis did not answer in time".into(),
+            id: None,
+        })?
+        .map_err(sent_but_failed)
     }
 
     /// `{epoch, offset, entries}` from [`READ_SCRIPT`].
@@ -640,7 +658,8 @@ impl Broker for RedisBroker {
                     Value::from(self.fanout.publish_command()),
                 ],
             )
-            .await?;
+            .await
+            .map_err(|err| err.for_message(&id))?;
         let malformed = || BrokerError::Unavailable("unexpected reply from Redis".into());
         let Value::Array(parts) = reply else {
             return Err(malformed());

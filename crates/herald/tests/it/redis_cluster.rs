@@ -424,6 +424,14 @@ async fn connection_limit_holds_across_nodes_on_a_cluster() {
 }
 
 #[tokio::test]
+async fn removing_a_member_closes_their_org_sockets_on_every_node_of_a_cluster() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    crate::control::check_member_removal_across_nodes(&cluster.url).await;
+}
+
+#[tokio::test]
 async fn a_plain_redis_url_naming_a_cluster_node_is_refused() {
     let Some(cluster) = Cluster::start().await else {
         return;
