@@ -204,11 +204,10 @@ fn channel_of_pubsub(name: &str) -> Option<&str> {
 
 /// Whether to send a command now: not while disconnected, so the caller fails at once.
 ///
-/// On a Cluster this means *every* primary is connected. A command for a healthy
-/// primary could be sent, but fred's one router task stalls every command while it
-/// reconnects to any primary (fred issue 363), so sending it would only turn a quick
-/// 503 into a slow one. Keeping a partial outage partial needs a connection per primary
-/// routed by slot (docs/protocol.md, known limits).
+/// On a Cluster this means *every* primary is connected, and fred's one router task
+/// stalls every command while it reconnects to any primary (fred issue 363); so the
+/// scripts whose callers need a partial outage to stay partial go through [`Shards`]
+/// instead, one connection per primary.
 pub(crate) fn may_send(client: &fred::prelude::Client) -> bool {
     client.is_connected()
 }
@@ -507,6 +506,11 @@ pub(crate) fn build_client_from(mut config: Config) -> Result<fred::prelude::Cli
         .with_connection_config(|connection| {
             connection.connection_timeout = COMMAND_TIMEOUT;
             connection.internal_command_timeout = COMMAND_TIMEOUT;
+            // A command cut off with its connection is not sent again after the
+            // reconnect: it may already have run, and a publish that runs twice is a
+            // duplicate no client can detect. The caller learns the outcome is unknown
+            // and retries with its Idempotency-Key.
+            connection.max_command_attempts = 1;
         })
         .with_performance_config(|performance| {
             // Pub/sub messages wait here for the subscriber task; fred's default of 32
