@@ -247,7 +247,7 @@ impl Broker for MemoryBroker {
             state.offset += 1;
             state.touched = now;
             let id = new_id();
-            let bytes = draft.seal(&id, state.offset, &state.epoch, &now_rfc3339());
+            let bytes = draft.seal(channel.name(), &id, state.offset, &state.epoch, &now_rfc3339());
             let message = Message {
                 offset: state.offset,
                 epoch: state.epoch.clone(),

@@ -137,7 +137,7 @@ return {epoch, offset, entries}
 
 /// The publish: KEYS = meta, history, pub/sub channel; ARGV = draft body, id,
 /// timestamp, new epoch, history size, history TTL (ms), meta TTL (ms), now (unix ms),
-/// publish command (`PUBLISH` or `SPUBLISH`). Returns `{offset, epoch}`. The sealed
+/// publish command (`PUBLISH` or `SPUBLISH`), channel name. Returns `{offset, epoch}`. The sealed
 /// bytes are built exactly as [`Draft::seal`].
 ///
 /// The pub/sub channel is not a key, but it is declared in KEYS so that every name the
@@ -156,7 +156,7 @@ local sealed = string.sub(body, 1, -2)
 if #body > 2 then
   sealed = sealed .. ','
 end
-sealed = sealed .. '"id":"' .. ARGV[2] .. '","offset":' .. offset .. ',"epoch":"' .. epoch
+sealed = sealed .. '"channel":"' .. ARGV[10] .. '","id":"' .. ARGV[2] .. '","offset":' .. offset .. ',"epoch":"' .. epoch
   .. '","timestamp":"' .. ARGV[3] .. '"}'
 local size = tonumber(ARGV[5])
 if size > 0 then
@@ -660,6 +660,7 @@ impl Broker for RedisBroker {
                     Value::from(self.meta_ttl_ms().to_string()),
                     Value::from(unix_ms().to_string()),
                     Value::from(self.fanout.publish_command()),
+                    Value::from(name),
                 ],
             )
             .await
