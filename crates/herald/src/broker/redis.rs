@@ -926,18 +926,7 @@ impl Subscriber {
     }
 
     async fn catch_up_one(self: &Arc<Self>, channel: &str) -> Result<(), BrokerError> {
-        let reply = self
-            .script(
-                &self.read_script,
-                vec![meta_key(channel), history_key(channel)],
-                vec![
-                    Value::from(new_id()),
-                    Value::from(self.meta_ttl_ms.to_string()),
-                    Value::from("1"),
-                ],
-            )
-            .await?;
-        let (position, entries) = parse_read(reply)?;
+        let (position, _) = self.read_channel(channel, false).await?;
         let decision = {
             let mut channels = lock(&self.channels);
             let Some(listening) = channels.get_mut(channel) else {
@@ -969,6 +958,18 @@ impl Subscriber {
                 return Ok(());
             }
         };
+        // History is read only when something was missed (most channels after a short
+        // blip have nothing to send), and only kept if the epoch did not move meanwhile.
+        let entries = if position.offset > from {
+            let (again, entries) = self.read_channel(channel, true).await?;
+            if again.epoch == position.epoch {
+                entries
+            } else {
+                Vec::new()
+            }
+        } else {
+            Vec::new()
+        };
         let now = Instant::now();
         for entry in &entries {
             let Some((offset, rest)) = value_bytes(entry).and_then(split_number) else {
@@ -992,6 +993,26 @@ impl Subscriber {
         self.hub
             .deliver(channel, &Message::epoch_marker(epoch, position.offset));
         Ok(())
+    }
+
+    /// The channel's position, with its history entries when `with_history`.
+    async fn read_channel(
+        &self,
+        channel: &str,
+        with_history: bool,
+    ) -> Result<(Position, Vec<Value>), BrokerError> {
+        let reply = self
+            .script(
+                &self.read_script,
+                vec![meta_key(channel), history_key(channel)],
+                vec![
+                    Value::from(new_id()),
+                    Value::from(self.meta_ttl_ms.to_string()),
+                    Value::from(if with_history { "1" } else { "0" }),
+                ],
+            )
+            .await?;
+        parse_read(reply)
     }
 
     /// Replaces `channel`'s epoch `stale`, whose offsets Redis handed out again, and
