@@ -417,7 +417,11 @@ impl Listening {
         }
         if let Some((known, max)) = &self.stream {
             if **known == *epoch && offset <= *max {
-                return (Verdict::Reused, known.clone());
+                // Nothing more of this epoch can be trusted: its later messages may
+                // follow reused ones. They are dropped until the new epoch is told.
+                let known = known.clone();
+                self.retire(&known);
+                return (Verdict::Reused, known);
             }
         }
         let interned = self.note(epoch, offset);
