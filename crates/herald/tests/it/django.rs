@@ -1,8 +1,8 @@
-//! SPEC §6 "Moving from Django Channels": the seeds' `channel_layer.group_send` calls,
+//! SPEC §6 "Moving from Django Channels": the original Django Channels app's `channel_layer.group_send` calls,
 //! made by real Django + channels + channels_redis, reach herald sockets with offsets,
 //! on both channels_redis layers.
 //!
-//! The Python side is `tests/django/`: the seeds' helpers (`seed_app/broadcast.py`), a
+//! The Python side is `tests/django/`: the original Django Channels app's helpers (`seed_app/broadcast.py`), a
 //! Celery-style task module, and `send.py`, which configures Django for one layer and
 //! runs a list of steps. The packages in `tests/django/requirements.txt` are installed
 //! once into `~/.cache/herald-django-venv-<hash>` (hash of that file and the Python
@@ -212,10 +212,10 @@ fn assert_sequenced(message: &Value, offset: u64) {
     );
 }
 
-/// The seeds' helpers, a Celery-style task and a frame streamer on one layer: every
+/// The original Django Channels app's helpers, a Celery-style task and a frame streamer on one layer: every
 /// message arrives on the right socket, shaped as the HTTP API would shape it, with
 /// offsets 1, 2, … and nothing twice; a reconnect with `since=0` recovers them.
-async fn seeds_reach_sockets(layer: &str) {
+async fn django_helpers_reach_sockets(layer: &str) {
     let Some((redis, python)) = setup().await else {
         return;
     };
@@ -298,12 +298,12 @@ async fn seeds_reach_sockets(layer: &str) {
 
 #[tokio::test]
 async fn core_layer_group_send_reaches_sockets() {
-    seeds_reach_sockets("core").await;
+    django_helpers_reach_sockets("core").await;
 }
 
 #[tokio::test]
 async fn pubsub_layer_group_send_reaches_sockets() {
-    seeds_reach_sockets("pubsub").await;
+    django_helpers_reach_sockets("pubsub").await;
 }
 
 #[tokio::test]
@@ -312,7 +312,7 @@ async fn core_layer_joins_groups_while_sockets_are_open_and_leaves_after() {
         return;
     };
     let options = BridgeOptions {
-        leave_after: Duration::from_millis(300),
+        leave_after: Some(Duration::from_millis(300)),
         ..BridgeOptions::default()
     };
     let srv = bridge_node(&redis, options).await;
