@@ -253,3 +253,36 @@ async fn listen_reads_its_token_from_a_file_or_the_environment() {
     assert!(err_text(&none).contains("--token-file"), "{}", err_text(&none));
     proc.stop().await;
 }
+
+#[tokio::test]
+async fn shutdown_with_no_socket_open_does_not_wait_for_the_drain_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut proc, addr) = start(
+        dir.path(),
+        &[
+            ("HERALD_JWT_SECRET", SECRET),
+            ("HERALD_API_KEYS", API_KEY),
+            ("HERALD_DATABASE_URL", "sqlite::memory:"),
+            ("HERALD_SHUTDOWN_DRAIN", "30"),
+        ],
+    )
+    .await;
+    // One socket that comes and goes: the node had sockets, and has none now.
+    let mut ws = crate::process::connect(addr, "/ws/notifications/", &token_for("alice")).await;
+    assert_eq!(ws.next_json().await["status"], "connected");
+    ws.close().await;
+    let pid = proc.child.id().expect("running").to_string();
+    let started = tokio::time::Instant::now();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(WAIT, proc.child.wait())
+        .await
+        .expect("herald exits well before its 30 s drain window when no socket is open")
+        .unwrap();
+    assert!(status.success(), "herald exited with {status}");
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(3), "exit took {took:?}");
+}
