@@ -57,14 +57,10 @@ pub enum Command {
         url: String,
         /// The user token, sent with the herald.bearer subprotocol. Other users of this
         /// machine can read it in the process list: prefer --token-file or HERALD_TOKEN.
-        #[arg(
-            long,
-            env = "HERALD_TOKEN",
-            hide_env_values = true,
-            conflicts_with = "token_file"
-        )]
+        #[arg(long, env = "HERALD_TOKEN", hide_env_values = true)]
         token: Option<String>,
-        /// A file holding the user token (surrounding whitespace is ignored).
+        /// A file holding the user token (surrounding whitespace is ignored); used
+        /// instead of --token or HERALD_TOKEN when given.
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
         /// Exit after this many messages (the welcome message counts).
@@ -86,9 +82,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             token_file,
             count,
         } => {
-            let token = match (token, token_file) {
-                (Some(token), _) => token,
-                (None, Some(path)) => std::fs::read_to_string(&path)
+            let token = match (token_file, token) {
+                (None, Some(token)) => token,
+                (Some(path), _) => std::fs::read_to_string(&path)
                     .map_err(|err| anyhow::anyhow!("cannot read --token-file {}: {err}", path.display()))?
                     .trim()
                     .to_owned(),

@@ -231,9 +231,11 @@ async fn listen_reads_its_token_from_a_file_or_the_environment() {
     let url = format!("ws://{addr}/ws/notifications/");
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, format!("{}\n", token_for("alice"))).unwrap();
+    // The file wins over a HERALD_TOKEN left in the environment.
     let by_file = herald(dir.path())
         .args(["listen", &url, "--count", "1", "--token-file"])
         .arg(&token_file)
+        .env("HERALD_TOKEN", token_for("bob"))
         .output();
     let by_env = herald(dir.path())
         .args(["listen", &url, "--count", "1"])
