@@ -23,6 +23,28 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("the directory {} of the SQLite file does not exist; create it, or point HERALD_DATABASE_URL at a file in an existing directory", .0.display())]
+    MissingDirectory(std::path::PathBuf),
+    #[error("no answer within {} s; check the host and port in HERALD_DATABASE_URL", CONNECT_TIMEOUT.as_secs())]
+    ConnectTimeout,
+}
+
+/// How long opening the database may take at start.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The directory a SQLite URL's file would be created in, when it names a file.
+fn sqlite_directory(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let file = rest.split('?').next().unwrap_or(rest);
+    if file.is_empty() || file.starts_with(":memory:") {
+        return None;
+    }
+    std::path::Path::new(file)
+        .parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .map(std::path::Path::to_path_buf)
 }
 
 /// One row of an org's member list.
@@ -72,8 +94,20 @@ impl Store {
             }
             _ => url.to_owned(),
         };
+        if let Some(dir) = sqlite_directory(&url).filter(|dir| !dir.is_dir()) {
+            return Err(StoreError::MissingDirectory(dir));
+        }
         let options = AnyConnectOptions::from_str(&url)?;
-        let mut pool = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(5));
+        if backend == Backend::Postgres {
+            // One plain connection first: the pool retries until its timeout and then
+            // reports only "timed out", hiding "connection refused" or an unknown host.
+            use sqlx::{AnyConnection, Connection};
+            let probe = tokio::time::timeout(CONNECT_TIMEOUT, AnyConnection::connect_with(&options))
+                .await
+                .map_err(|_| StoreError::ConnectTimeout)??;
+            let _ = probe.close().await;
+        }
+        let mut pool = AnyPoolOptions::new().acquire_timeout(CONNECT_TIMEOUT);
         pool = match backend {
             // One connection: an in-memory SQLite database exists per connection, and a
             // file database serializes writers anyway.
