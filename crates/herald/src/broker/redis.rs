@@ -74,6 +74,13 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long `connect` waits for the first connection before starting not-ready.
 const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(5);
 
+/// How long each of a node's other Redis connections (task queue, connection counts,
+/// control, idempotency) waits for its first connection at start. The broker's wait
+/// ([`FIRST_CONNECT_WAIT`]) already tells whether Redis is there; with Redis down, a
+/// longer wait each would only hold back the start (they add up), and every one of
+/// them keeps connecting in the background.
+pub const SECONDARY_CONNECT_WAIT: Duration = Duration::from_secs(1);
+
 /// Channels read at once when catching up after a reconnect.
 const CATCH_UP_CONCURRENCY: usize = 16;
 

@@ -351,9 +351,12 @@ impl RedisQueue {
     ) -> Result<Arc<Self>, Unavailable> {
         let client = crate::broker::redis::build_client(url).map_err(unavailable)?;
         client.connect();
-        if tokio::time::timeout(COMMAND_TIMEOUT, client.wait_for_connect())
-            .await
-            .is_err()
+        if tokio::time::timeout(
+            crate::broker::redis::SECONDARY_CONNECT_WAIT,
+            client.wait_for_connect(),
+        )
+        .await
+        .is_err()
         {
             tracing::warn!("the task queue's Redis is not reachable yet: starting not-ready, retrying");
         }
