@@ -18,8 +18,9 @@
 //! it runs the task, its node's heartbeat re-claims the entry every
 //! `claim_idle / 10` (≤ 500 ms), which keeps it from looking idle and also picks up a
 //! cancel asked on any node. A worker that dies stops heartbeating: after `claim_idle`
-//! (`task_claim_idle_ms`, 15 s) another worker's `XAUTOCLAIM` takes the entry, and
-//! resumes the stream where it stopped ([`worker::Resume`]). A worker that cannot
+//! (`task_claim_idle_ms`, 15 s) another worker's `XAUTOCLAIM` takes its entries, as many
+//! at once as it has free workers, and resumes each stream where it stopped
+//! ([`worker::Resume`]). A worker that cannot
 //! heartbeat for `claim_idle / 2` (Redis unreachable) stops the task without sending
 //! anything more, so two workers never run one task at the same time. After
 //! [`MAX_ATTEMPTS`] starts a task fails with [`GAVE_UP`].

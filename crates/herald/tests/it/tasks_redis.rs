@@ -2,7 +2,10 @@
 //! workers or on `herald worker` processes, status and cancel work from any node, a
 //! worker killed with SIGKILL mid-task has its task finished by another worker with a
 //! continuous stream, a task whose workers keep dying fails cleanly, and a worker that
-//! is stopped hands its task back.
+//! is stopped hands its task back. Issue 14 (SPEC §8, §10): a dead worker's 25 tasks are
+//! taken over together within the claim timeout + 10 s; a task taken over twice goes
+//! on from everything sent, also what a dead worker never recorded; a sampling model's
+//! different answer restarts visibly.
 //!
 //! Each test starts its own `redis-server` (see `redis.rs`). Workers that must die are
 //! real `herald worker` processes, started with `task_claim_idle_ms = 1500` so a dead
@@ -16,6 +19,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use crate::chat::{generate, user_get, user_post, TaskStream};
+use crate::llm::{finish_chunk, role_chunk, text_chunk, usage_chunk, FakeLlm, Reply, DONE, KEY};
 use crate::redis::{user, Redis};
 use crate::support::*;
 
@@ -37,6 +41,16 @@ fn worker(dir: &Path, redis: &Redis, drain_seconds: u64) -> Proc {
 }
 
 fn worker_with_claim_idle(dir: &Path, redis: &Redis, drain_seconds: u64, claim_idle_ms: u64) -> Proc {
+    worker_with(dir, redis, drain_seconds, claim_idle_ms, &[])
+}
+
+fn worker_with(
+    dir: &Path,
+    redis: &Redis,
+    drain_seconds: u64,
+    claim_idle_ms: u64,
+    env: &[(&str, &str)],
+) -> Proc {
     let config = dir.join(format!("herald-{claim_idle_ms}.toml"));
     std::fs::write(&config, format!("task_claim_idle_ms = {claim_idle_ms}\n")).unwrap();
     let mut cmd = herald(dir);
@@ -44,6 +58,9 @@ fn worker_with_claim_idle(dir: &Path, redis: &Redis, drain_seconds: u64, claim_i
         .env("HERALD_REDIS_URL", redis.url())
         .env("HERALD_SHUTDOWN_DRAIN", drain_seconds.to_string())
         .env("HERALD_LOG", "warn");
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
     Proc::spawn("herald worker", cmd)
 }
 
@@ -514,4 +531,90 @@ async fn a_task_taken_over_twice_goes_on_from_everything_sent_even_what_a_dead_w
         task_status(&a, &user, &task_id).await["response"],
         expected.as_str()
     );
+}
+
+/// A streamed OpenAI answer of `deltas`, each written `pause` after the one before.
+fn sampled_answer(deltas: &[String], pause: Duration) -> Reply {
+    let mut pieces = vec![(Duration::ZERO, role_chunk().into_bytes())];
+    pieces.extend(deltas.iter().map(|delta| (pause, text_chunk(delta).into_bytes())));
+    pieces.extend(
+        [
+            finish_chunk(),
+            usage_chunk(9, deltas.len() as u64),
+            DONE.to_owned(),
+        ]
+        .map(|event| (Duration::ZERO, event.into_bytes())),
+    );
+    Reply::Stream { pieces, abort: false }
+}
+
+#[tokio::test]
+async fn a_task_taken_over_with_a_sampling_model_restarts_visibly_and_ends_with_the_answer_shown() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // The model answers differently each time it is asked.
+    let first_answer: Vec<String> = (0..100).map(|i| format!("alpha{i} ")).collect();
+    let second_answer: Vec<String> = (0..20).map(|i| format!("beta{i} ")).collect();
+    let fake = FakeLlm::start(vec![
+        sampled_answer(&first_answer, Duration::from_millis(50)),
+        sampled_answer(&second_answer, Duration::from_millis(5)),
+    ])
+    .await;
+    let env = [
+        ("HERALD_LLM_BASE_URL", fake.base_url.as_str()),
+        ("HERALD_LLM_API_KEY", KEY),
+    ];
+    let a = submitting_node(&redis).await;
+    let user = user("sampling");
+    let (mut ws, _) = a.connect(&format!("/ws/frame-stream/{user}/"), &user).await;
+    let task_id = generate(&a, &user, "c", "tell me something").await;
+
+    let first = worker_with(dir.path(), &redis, 1, CLAIM_IDLE_MS, &env);
+    let mut messages = read_frames(&mut ws, &task_id, 5).await;
+    first.stop().await;
+    let _second = worker_with(dir.path(), &redis, 1, CLAIM_IDLE_MS, &env);
+    messages.extend(TaskStream::read(&mut ws, &task_id).await.messages);
+    assert_eq!(fake.requests().len(), 2, "the model was asked again");
+
+    let restarted = messages
+        .iter()
+        .position(|m| m["type"] == "llm_status" && m["status"] == "restarted")
+        .unwrap_or_else(|| {
+            panic!(
+                "no llm_status restarted: {:?}",
+                TaskStream {
+                    messages: messages.clone()
+                }
+                .shape()
+            )
+        });
+    let before = TaskStream {
+        messages: messages[..restarted].to_vec(),
+    };
+    let after = TaskStream {
+        messages: messages[restarted + 1..].to_vec(),
+    };
+    // Before the restart: the first answer's beginning, without a gap.
+    assert_continuous(&before);
+    assert!(before.indices().len() >= 5);
+    assert!(first_answer.concat().starts_with(&before.text()));
+    // After it: the new answer from index 0, then its response and the end.
+    assert_continuous(&after);
+    let expected = second_answer.concat();
+    assert_eq!(after.text(), expected);
+    assert_eq!(
+        after.shape(),
+        ["frame:streaming", "llm_response", "status:completed"],
+        "{:?}",
+        after.shape()
+    );
+    assert_eq!(
+        after.find("llm_response").unwrap()["data"]["response"],
+        expected.as_str()
+    );
+    let task = task_status(&a, &user, &task_id).await;
+    assert_eq!(task["status"], "completed");
+    assert_eq!(task["response"], expected.as_str());
 }
