@@ -755,3 +755,6 @@ async fn complete(
         .end(completed(response), "completed", "Response completed")
         .await
 }
+
+#[cfg(test)]
+mod tests;
