@@ -364,6 +364,9 @@ pub struct RedisQueue {
     running: Mutex<HashMap<String, Running>>,
     /// Numbers the runs ([`Running::run`]).
     runs: AtomicU64,
+    /// Until when this node's claims are surely its own: `lease` after the last
+    /// renewal that succeeded was sent (or after a heartbeat found nothing to renew).
+    lease_until: Mutex<Instant>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
     submit: Script,
@@ -406,6 +409,7 @@ impl RedisQueue {
             history_size: config.history_size,
             running: Mutex::new(HashMap::new()),
             runs: AtomicU64::new(0),
+            lease_until: Mutex::new(Instant::now() + Timing::new(config.task_claim_idle).lease),
             tracker: parts.tracker.clone(),
             shutdown: parts.shutdown.clone(),
             submit: Script::from_lua(SUBMIT_SCRIPT),
@@ -1068,6 +1072,7 @@ impl RedisQueue {
                 .collect();
             if running.is_empty() {
                 last_renewed = Instant::now();
+                *lock(&self.lease_until) = last_renewed + self.timing.lease;
                 continue;
             }
             let mut args = vec![GROUP.to_owned(), self.node_id.clone(), TASK_PREFIX.to_owned()];
@@ -1086,6 +1091,7 @@ impl RedisQueue {
             match renewed {
                 Ok(codes) => {
                     last_renewed = sent_at;
+                    *lock(&self.lease_until) = sent_at + self.timing.lease;
                     for ((task_id, _, cancel, abandon), code) in running.iter().zip(codes.into_array()) {
                         match number(Some(&code)) {
                             0 => {
@@ -1199,6 +1205,10 @@ impl Checkpoint for RedisCheckpoint<'_> {
             // The next save finds the text behind and rewrites it.
             tracing::debug!(task_id = self.task_id, error = %err, "recording task progress failed");
         }
+    }
+
+    fn may_send(&self) -> bool {
+        Instant::now() < *lock(&self.queue.lease_until)
     }
 
     async fn finish(&self, outcome: &Outcome) {

@@ -182,6 +182,14 @@ pub trait Checkpoint: Send + Sync {
     /// The task ended so. Called before the final `llm_status` goes out, so a client
     /// that asks for the task's status when it sees that message reads the end.
     async fn finish(&self, outcome: &Outcome);
+
+    /// Whether this worker still owns the task, as far as it can tell without asking:
+    /// checked before every message, so a worker that was frozen (or starved) past its
+    /// lease sends nothing once it wakes, even before its heartbeat learns the task
+    /// was taken over.
+    fn may_send(&self) -> bool {
+        true
+    }
 }
 
 /// One run of a task.
@@ -222,6 +230,14 @@ impl Stream<'_> {
     /// another worker owns the stream from then on.
     async fn send(&self, kind: &str, fields: Value) -> Option<u64> {
         if self.abandon.is_cancelled() {
+            return None;
+        }
+        if !self.checkpoint.may_send() {
+            tracing::warn!(
+                task_id = self.task_id,
+                "this worker's claim on the task has lapsed; stopping it so the worker that takes it over is the only one sending"
+            );
+            self.abandon.cancel();
             return None;
         }
         let mut message = Map::new();

@@ -91,9 +91,8 @@ async fn three_herald_processes_started_together_on_a_fresh_sqlite_file_all_serv
             // The banner comes before the database is opened: a node has started once
             // it answers HTTP.
             let addr = loop {
-                let line = match tokio::time::timeout(WAIT, node.lines.recv()).await {
-                    Ok(Some(line)) => line,
-                    _ => panic!("round {round}: node {i} printed no banner:\n{}", log(dir.path())),
+                let Ok(Some(line)) = tokio::time::timeout(WAIT, node.lines.recv()).await else {
+                    panic!("round {round}: node {i} printed no banner:\n{}", log(dir.path()));
                 };
                 if let Some(rest) = line.strip_prefix("herald listening on ") {
                     break rest.split_whitespace().next().unwrap().to_owned();

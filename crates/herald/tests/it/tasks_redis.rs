@@ -618,3 +618,44 @@ async fn a_task_taken_over_with_a_sampling_model_restarts_visibly_and_ends_with_
     assert_eq!(task["status"], "completed");
     assert_eq!(task["response"], expected.as_str());
 }
+
+fn signal(proc: &Proc, signal: &str) {
+    let pid = proc.child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn a_worker_frozen_past_its_claim_sends_nothing_more_once_it_wakes() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let a = submitting_node(&redis).await;
+    let user = user("frozen");
+    let (mut ws, _) = a.connect(&format!("/ws/frame-stream/{user}/"), &user).await;
+    let prompt = words(300);
+    let task_id = generate(&a, &user, "c", &prompt).await;
+
+    let frozen = worker(dir.path(), &redis, 1);
+    let mut messages = read_frames(&mut ws, &task_id, 5).await;
+    // Frozen, not dead: its answer's deltas keep falling due while it sleeps.
+    signal(&frozen, "-STOP");
+    let _second = worker(dir.path(), &redis, 1);
+    messages.extend(read_frames(&mut ws, &task_id, 10).await);
+    // It wakes with a claim another worker has taken: it must not send a thing.
+    signal(&frozen, "-CONT");
+    messages.extend(TaskStream::read(&mut ws, &task_id).await.messages);
+    frozen.stop().await;
+    let stream = TaskStream { messages };
+    stream.assert_completed_order();
+    assert_continuous(&stream);
+    assert_eq!(
+        stream.text(),
+        format!("Echo: {prompt}"),
+        "no text lost or sent twice"
+    );
+}
