@@ -806,7 +806,10 @@ impl RedisQueue {
             abandon: CancellationToken::new(),
         };
         let (run_id, cancel, abandon) = (run.run, run.cancel.clone(), run.abandon.clone());
-        lock(&self.running).insert(task_id.clone(), run);
+        if let Some(previous) = lock(&self.running).insert(task_id.clone(), run) {
+            // This node took back an entry it had let lapse: the earlier run is over.
+            previous.abandon.cancel();
+        }
         let _permit = match permit {
             Some(permit) => Some(permit),
             None => self.workers.clone().acquire_owned().await.ok(),
@@ -818,6 +821,7 @@ impl RedisQueue {
         }
     }
 
+    /// Starts a taken entry ([`START_SCRIPT`]) and runs its task.
     async fn start_entry(
         &self,
         entry: &str,
