@@ -6,7 +6,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, Row};
+use sqlx::{AnyPool, Connection, Row};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -120,8 +120,14 @@ impl Store {
         };
         let pool = pool.connect_with(options).await?;
         match backend {
-            Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
-            Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
+            Backend::Sqlite => migrate_sqlite(&pool).await?,
+            // sqlx's migrator holds a PostgreSQL advisory lock (keyed by the database
+            // name) while it migrates, also through the Any driver, so nodes starting at
+            // once apply each migration once and the others wait, then find it applied.
+            Backend::Postgres => {
+                let mut conn = pool.acquire().await?;
+                POSTGRES_MIGRATIONS.run_direct(&mut *conn).await?;
+            }
         }
         Ok(Store { pool })
     }
@@ -241,6 +247,27 @@ impl Store {
         turns.reverse();
         Ok(turns)
     }
+}
+
+/// Runs the SQLite migrations holding the database's write lock for the whole run.
+///
+/// sqlx's migrator takes no lock on SQLite, so nodes starting together on a fresh file
+/// each saw a migration missing, and all but the first failed recording it
+/// (`UNIQUE constraint failed: _sqlx_migrations.version`). `BEGIN IMMEDIATE` takes
+/// SQLite's reserved lock before reading which migrations are applied: the other
+/// starters wait for it (the busy timeout, 5 s by default), then read the migrations as
+/// applied and change nothing. The migrator's own transactions become savepoints of
+/// this one; SQLite runs schema changes inside a transaction, so a failed run leaves
+/// nothing behind.
+///
+/// `run_direct` is `Migrator::run` on a connection; `run` itself makes the future
+/// unusable in `tokio::spawn` (sqlx's "`Acquire` is not general enough").
+async fn migrate_sqlite(pool: &AnyPool) -> Result<(), StoreError> {
+    let mut conn = pool.acquire().await?;
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    SQLITE_MIGRATIONS.run_direct(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 fn unix_now_millis() -> i64 {

@@ -29,6 +29,7 @@ mod llm;
 mod llm_upstream;
 mod members;
 mod metrics;
+mod migrations;
 mod process;
 mod readme;
 mod recovery;
