@@ -8,6 +8,7 @@ pub mod extract;
 pub mod members;
 pub mod ops;
 pub mod publish;
+pub mod sse;
 
 use axum::extract::Request;
 use axum::http::StatusCode;
@@ -23,6 +24,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .merge(publish::router())
         .merge(chat::router())
+        .merge(sse::router())
         .merge(members::router())
         .merge(ops::router())
         .merge(demo::router())

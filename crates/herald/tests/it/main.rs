@@ -33,5 +33,6 @@ mod readme;
 mod recovery;
 mod redis;
 mod redis_cluster;
+mod sse;
 mod tasks_redis;
 mod tidy;
