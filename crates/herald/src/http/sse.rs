@@ -281,11 +281,9 @@ impl UiStream {
                     chunks.extend(self.delta(delta));
                 }
             }
-            ("llm_response", _) => {
-                if !self.sent_text {
-                    if let Some(response) = str_at("/data/response").filter(|text| !text.is_empty()) {
-                        chunks.extend(self.delta(response));
-                    }
+            ("llm_response", _) if !self.sent_text => {
+                if let Some(response) = str_at("/data/response").filter(|text| !text.is_empty()) {
+                    chunks.extend(self.delta(response));
                 }
             }
             ("llm_error", _) => self.error = str_at("/error").map(str::to_owned),

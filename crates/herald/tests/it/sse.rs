@@ -282,6 +282,63 @@ async fn a_quiet_stream_gets_keep_alive_comments() {
     assert_eq!(statuses.last().map(String::as_str), Some("completed"));
 }
 
+/// A `Last-Event-ID` the channel never reached means its offsets restarted (a new
+/// epoch) since the client's last event: the stream ends at once with `stream_lost`,
+/// so the client re-fetches the task rather than miss messages.
+#[tokio::test]
+async fn an_offset_from_another_epoch_ends_the_stream() {
+    let srv = TestServer::spawn().await;
+    let (mut ws, _) = srv.connect("/ws/frame-stream/u1/", "u1").await;
+    let task_id = generate(&srv, "u1", "c1", "Hello").await;
+    TaskStream::read(&mut ws, &task_id).await;
+    let events = events(&srv, &task_id, Some(10_000)).await.rest().await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    let Sse::Event { event, .. } = &events[0] else {
+        unreachable!()
+    };
+    assert_eq!(event.as_deref(), Some("error"));
+    assert_eq!(events[0].data()["error"], "stream_lost");
+}
+
+/// Mid-stream, the channel's state is lost in Redis, so its offsets restart in a new
+/// epoch: the stream sends nothing of the new epoch and ends with `stream_lost`, as a
+/// socket would be told `recovered:false`.
+#[tokio::test]
+async fn an_epoch_change_mid_stream_ends_the_stream() {
+    let Some(redis) = crate::redis::Redis::start().await else {
+        return;
+    };
+    if !redis.owned() {
+        eprintln!("skip: the test deletes a channel's keys with redis-cli on its own redis-server");
+        return;
+    }
+    let srv = redis.node().await;
+    let task_id = generate(&srv, "u1", "c1", &long_prompt()).await;
+    let mut reader = events(&srv, &task_id, None).await;
+    let first = reader.next_event().await.unwrap();
+    let epoch = first.data()["epoch"].as_str().unwrap().to_owned();
+    let mut frames = 0;
+    while frames < 3 {
+        let event = reader.next_event().await.unwrap();
+        if event.data()["frame"]["status"] == "streaming" {
+            frames += 1;
+        }
+    }
+    let keys = redis.cli(&["--scan", "--pattern", "*frames:u1*"]).await;
+    let keys: Vec<&str> = keys.lines().filter(|key| !key.is_empty()).collect();
+    assert!(!keys.is_empty(), "the channel's keys were found");
+    let mut del = vec!["DEL"];
+    del.extend(keys);
+    redis.cli(&del).await;
+    let rest = reader.rest().await;
+    let (last, before) = rest.split_last().expect("the stream ended with an event");
+    assert!(
+        before.iter().all(|event| event.data()["epoch"] == epoch.as_str()),
+        "nothing of another epoch is sent"
+    );
+    assert_eq!(last.data()["error"], "stream_lost", "{last:?}");
+}
+
 /// Only the task's owner may follow it: 401 without or with a bad token, 404 for
 /// another user's task or none at all.
 #[tokio::test]
