@@ -554,11 +554,12 @@ pub async fn run(ctx: &Context, job: Job<'_>) -> Option<Outcome> {
                 if cancel.is_cancelled() {
                     return finished(abandon, stream.cancelled().await);
                 }
-                let ending = Ending {
+                // What `llm_response` reports of how upstream ended the answer.
+                let usage = Some(Ending {
                     usage,
                     finish_reason: &finish_reason,
-                };
-                let outcome = complete(&stream, ctx, request, response, &model, ending).await;
+                });
+                let outcome = complete(&stream, ctx, request, response, &model, usage).await;
                 return finished(abandon, outcome);
             }
             Some(Some(Err(err))) => {
@@ -617,7 +618,7 @@ struct Ending<'a> {
     finish_reason: &'a str,
 }
 
-/// Sends `llm_response`. `ending` is `None` for an answer taken over after it was saved,
+/// Sends `llm_response`. `usage` is `None` for an answer taken over after it was saved,
 /// whose usage and finish reason were not recorded: `usage` is then null and
 /// `finish_reason` absent.
 async fn send_response(
@@ -625,7 +626,7 @@ async fn send_response(
     request: &TaskRequest,
     response: &str,
     model: &str,
-    ending: Option<Ending<'_>>,
+    usage: Option<Ending<'_>>,
 ) -> Option<u64> {
     let user_id = request.user_id.as_str();
     let chat_id = request.chat_id.as_str();
@@ -635,10 +636,10 @@ async fn send_response(
         "chat_id": chat_id,
         "response": response,
         "model": model,
-        "usage": ending.and_then(|ending| ending.usage),
+        "usage": usage.and_then(|ending| ending.usage),
         "timestamp": now_rfc3339(),
     });
-    if let Some(ending) = ending {
+    if let Some(ending) = usage {
         data["finish_reason"] = json!(ending.finish_reason);
     }
     stream.send("llm_response", json!({ "data": data })).await
@@ -650,7 +651,8 @@ async fn complete(
     request: &TaskRequest,
     response: String,
     model: &str,
-    ending: Ending<'_>,
+    // Named `usage` like `send_response`'s: the usage and the finish reason.
+    usage: Option<Ending<'_>>,
 ) -> Outcome {
     // The exchange joins the chat's history only once it is complete, so a failed or
     // cancelled attempt never becomes context for the next prompt.
@@ -670,7 +672,7 @@ async fn complete(
         tracing::warn!(task_id = stream.task_id, error = %err, "saving the chat exchange failed");
     }
     stream.reached(Phase::Saved, "", 0, None).await;
-    let offset = send_response(stream, request, &response, model, Some(ending)).await;
+    let offset = send_response(stream, request, &response, model, usage).await;
     stream.reached(Phase::Responded, "", 0, offset).await;
     stream
         .end(completed(response), "completed", "Response completed")
