@@ -184,6 +184,9 @@ pub struct Config {
     /// `task_claim_idle_ms`: with Redis, how long a running task's worker may go
     /// unheard before another worker takes the task over.
     pub task_claim_idle: Duration,
+    /// `sse_keep_alive_ms`: the longest silence on a server-sent-events stream before
+    /// a comment line goes out, so proxies keep it open (SPEC §10: 15 s).
+    pub sse_keep_alive: Duration,
 }
 
 /// The shortest `HERALD_JWT_SECRET` accepted without a warning: HS256's key should be
@@ -355,6 +358,7 @@ pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
         llm_between_tokens_timeout: tuning
             .millis("llm_between_tokens_timeout_ms", Duration::from_secs(30))?,
         task_claim_idle: tuning.millis("task_claim_idle_ms", DEFAULT_TASK_CLAIM_IDLE)?,
+        sse_keep_alive: tuning.millis("sse_keep_alive_ms", DEFAULT_SSE_KEEP_ALIVE)?,
     };
     Ok(config)
 }
@@ -469,7 +473,7 @@ impl Values {
 
 /// Tuning settings only the TOML file can set: operational knobs outside the
 /// documented `HERALD_*` environment contract.
-pub const TOML_ONLY_KEYS: [&str; 9] = [
+pub const TOML_ONLY_KEYS: [&str; 10] = [
     "outbox_max_bytes",
     "history_max_bytes",
     "handshakes_per_ip_per_second",
@@ -479,7 +483,11 @@ pub const TOML_ONLY_KEYS: [&str; 9] = [
     "llm_first_token_timeout_ms",
     "llm_between_tokens_timeout_ms",
     "task_claim_idle_ms",
+    "sse_keep_alive_ms",
 ];
+
+/// Default of `sse_keep_alive_ms` (the documented 15 s).
+pub const DEFAULT_SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// Default of `task_claim_idle_ms`.
 pub const DEFAULT_TASK_CLAIM_IDLE: Duration = Duration::from_secs(15);

@@ -8,6 +8,7 @@ pub mod extract;
 pub mod members;
 pub mod ops;
 pub mod publish;
+pub mod sse;
 
 use axum::extract::Request;
 use axum::http::StatusCode;
@@ -25,6 +26,7 @@ pub fn router(origins: &AllowedOrigins) -> Router<AppState> {
     Router::new()
         .merge(publish::router())
         .merge(chat::router().layer(cors(origins)))
+        .merge(sse::router().layer(cors(origins)))
         .merge(members::router())
         .merge(ops::router())
         .merge(demo::router(cors(origins)))

@@ -26,6 +26,8 @@
 //! - [`bridge`]: the Django Channels bridge: channels_redis `group_send` calls published
 //!   to herald channels.
 //! - [`idempotency`]: `Idempotency-Key` records, so a repeated publish publishes once.
+//! - [`follow`]: one LLM task's messages for an HTTP stream (SSE, the AI SDK's UI
+//!   message stream), on the sockets' channel, offsets and history.
 //! - [`control`]: actions every node must apply (member removal, webhook-cache forget).
 
 pub mod app;
@@ -39,6 +41,7 @@ pub mod compose;
 pub mod config;
 pub mod control;
 pub mod dev;
+pub mod follow;
 pub mod http;
 pub mod hub;
 pub mod idempotency;

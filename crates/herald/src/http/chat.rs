@@ -1,5 +1,6 @@
 //! The user API (user JWT): start an LLM generation, follow or cancel it, and read a
-//! chat's history. The answer itself streams to `/ws/frame-stream/{user_id}/`.
+//! chat's history. The answer itself streams to `/ws/frame-stream/{user_id}/`, and
+//! over HTTP through [`crate::http::sse`].
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -23,7 +24,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/chat/{chat_id}/messages", get(messages))
 }
 
-fn string_field<'a>(body: &'a Value, name: &str) -> Result<&'a str, ApiError> {
+pub(crate) fn string_field<'a>(body: &'a Value, name: &str) -> Result<&'a str, ApiError> {
     body.get(name)
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::BadRequest(format!("{name} is required and must be a string")))
@@ -49,24 +50,26 @@ async fn generate(
             "prompt is longer than {MAX_PROMPT_CHARS} characters"
         )));
     }
-    let model = match body.get("model") {
-        None | Some(Value::Null) => state.config.llm_model.clone(),
-        Some(Value::String(model)) if !model.is_empty() && model.len() <= 200 => model.clone(),
-        Some(_) => {
-            return Err(ApiError::BadRequest(
-                "model must be a non-empty string".to_owned(),
-            ))
-        }
-    };
     let request = TaskRequest {
         user_id,
         chat_id: chat_id.clone(),
         prompt: prompt.to_owned(),
-        model,
+        model: model_of(&body, &state)?,
     };
     let task_id = state.tasks.submit(request).await?;
     let body = json!({"task_id": task_id, "chat_id": chat_id.as_str(), "status": "queued"});
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// The body's optional `model`, else `HERALD_LLM_MODEL`.
+pub(crate) fn model_of(body: &Value, state: &AppState) -> Result<String, ApiError> {
+    match body.get("model") {
+        None | Some(Value::Null) => Ok(state.config.llm_model.clone()),
+        Some(Value::String(model)) if !model.is_empty() && model.len() <= 200 => Ok(model.clone()),
+        Some(_) => Err(ApiError::BadRequest(
+            "model must be a non-empty string".to_owned(),
+        )),
+    }
 }
 
 fn view_json(view: &TaskView) -> Value {
@@ -80,7 +83,7 @@ fn view_json(view: &TaskView) -> Value {
     body
 }
 
-fn not_found() -> ApiError {
+pub(crate) fn not_found() -> ApiError {
     ApiError::NotFound("no such task for this user".to_owned())
 }
 

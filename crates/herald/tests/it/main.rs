@@ -35,6 +35,7 @@ mod readme;
 mod recovery;
 mod redis;
 mod redis_cluster;
+mod sse;
 mod startup;
 mod tasks_redis;
 mod tidy;
