@@ -8,6 +8,7 @@ pub mod extract;
 pub mod members;
 pub mod ops;
 pub mod publish;
+pub mod server;
 
 use axum::extract::Request;
 use axum::http::StatusCode;

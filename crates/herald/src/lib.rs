@@ -301,23 +301,24 @@ pub async fn serve(
             }
         }
     });
+    let limits = http::server::ServerLimits::from_config(&state.config);
+    let load = Arc::new(http::server::Load::new(
+        limits.max_connections,
+        limits.max_pending_per_ip,
+    ));
+    let metrics = state.metrics.clone();
     let app = app::router(state);
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
     // During the drain window HTTP keeps serving: /readyz answers 503 so load balancers
     // stop sending traffic, publishes still reach the sockets not closed yet, and new
     // socket handshakes are refused with 503. The listener closes when the window ends.
-    .with_graceful_shutdown({
+    http::server::run(listener, app, limits, load, metrics, {
         let shutdown = shutdown.clone();
         async move {
             shutdown.cancelled().await;
             tokio::time::sleep(drain).await;
         }
     })
-    .await
-    .map_err(|err| anyhow::anyhow!("the HTTP server failed: {err}"))?;
+    .await;
     tracker.close();
     tracker.wait().await;
     stopped.cancel();

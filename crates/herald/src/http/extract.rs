@@ -56,7 +56,7 @@ impl FromRequestParts<AppState> for ServiceKey {
         };
         if !state.api_keys.verify(key) {
             state.metrics.auth_failed("bad_api_key");
-            tracing::warn!(ip = %client_ip(parts), path = parts.uri.path(), "service API key refused");
+            crate::limits::refusal_log("bad_api_key", client_ip(parts), "service API key refused");
             return Err(ApiError::Unauthorized("the API key is not valid".to_owned()));
         }
         Ok(ServiceKey)
@@ -80,19 +80,19 @@ impl FromRequestParts<AppState> for User {
             Ok(identity) => Ok(User(identity)),
             Err(failure) => {
                 state.metrics.auth_failed(failure.reason());
-                tracing::warn!(
-                    path = parts.uri.path(),
-                    reason = failure.reason(),
-                    "user token refused"
-                );
+                crate::limits::refusal_log("bad_user_token", client_ip(parts), "user token refused");
                 Err(ApiError::Unauthorized(failure.to_string()))
             }
         }
     }
 }
 
-/// The client's address, for security logs (unspecified when unknown).
+/// The client's address, for security logs (unspecified when unknown): behind a
+/// trusted proxy the forwarded one (`http::server`).
 pub fn client_ip(parts: &Parts) -> std::net::IpAddr {
+    if let Some(crate::http::server::ClientIp(ip)) = parts.extensions.get() {
+        return *ip;
+    }
     parts
         .extensions
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()

@@ -1,0 +1,241 @@
+//! SPEC "Limits against hostile clients" (issue 15): request-head and idle timeouts,
+//! pending connections per IP, the per-node connection ceiling, trusted proxies.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+use crate::support::*;
+
+/// A TCP connection to `server` from the loopback address `source`.
+async fn tcp_from(source: [u8; 4], server: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((source, 0))).unwrap();
+    socket.connect(server).await.unwrap()
+}
+
+/// Reads until the server closes the connection (EOF or reset); returns when, or
+/// `None` if it is still open after `within`.
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> Option<Instant> {
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0) | Err(_)) => return Some(Instant::now()),
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+/// A WebSocket handshake over `stream`; the HTTP status on refusal.
+async fn ws_over(stream: TcpStream, srv: &TestServer, path: &str, user: &str) -> Result<(), u16> {
+    let mut request = srv.ws_url(path).into_client_request().unwrap();
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_str(&format!("herald.bearer, {}", srv.token(user))).unwrap(),
+    );
+    match tokio_tungstenite::client_async(request, stream).await {
+        Ok(_) => Ok(()),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => Err(response.status().as_u16()),
+        Err(err) => panic!("handshake failed: {err}"),
+    }
+}
+
+/// One HTTP/1.1 request on a kept-alive connection; the status line.
+async fn request_on(stream: &mut TcpStream, path: &str) -> String {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: herald\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed before answering {path}");
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got);
+        if let Some(head_end) = text.find("\r\n\r\n") {
+            let length: usize = text[..head_end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if got.len() >= head_end + 4 + length {
+                return text.lines().next().unwrap_or("").to_owned();
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn stalled_connections_from_one_ip_are_capped_and_closed_after_the_head_timeout() {
+    const MAX_PENDING: usize = 8;
+    let srv = TestServer::builder()
+        .env("HERALD_MAX_PENDING_PER_IP", MAX_PENDING.to_string())
+        .configure(|config| config.request_head_timeout = Duration::from_millis(1500))
+        .spawn()
+        .await;
+    // Half an upgrade request each, then silence.
+    let started = Instant::now();
+    let mut stalled = Vec::new();
+    for _ in 0..MAX_PENDING + 4 {
+        let mut stream = tcp_from([127, 0, 0, 1], srv.addr).await;
+        stream
+            .write_all(b"GET /ws/notifications/ HTTP/1.1\r\nHost: herald\r\nUpgrade: web")
+            .await
+            .unwrap();
+        stalled.push(stream);
+    }
+    // Those beyond the cap are closed at accept, long before the head timeout.
+    let mut closed_early = 0;
+    for stream in stalled.iter_mut().skip(MAX_PENDING) {
+        if closed_within(stream, Duration::from_millis(800)).await.is_some() {
+            closed_early += 1;
+        }
+    }
+    assert_eq!(
+        closed_early, 4,
+        "connections beyond HERALD_MAX_PENDING_PER_IP must be closed at accept"
+    );
+
+    // Meanwhile another client address connects normally.
+    let other = tcp_from([127, 0, 0, 2], srv.addr).await;
+    ws_over(other, &srv, "/ws/notifications/", "alice")
+        .await
+        .expect("127.0.0.2 is not limited by 127.0.0.1's pending connections");
+
+    // The stalled ones are closed after the request-head timeout, not before.
+    for stream in stalled.iter_mut().take(MAX_PENDING) {
+        let closed = closed_within(stream, WAIT)
+            .await
+            .expect("a stalled connection stayed open");
+        let after = closed.duration_since(started);
+        assert!(
+            after >= Duration::from_millis(1400),
+            "closed after {after:?}, before the head timeout"
+        );
+    }
+    // 127.0.0.1 may connect again, and the refusals were counted.
+    let again = tcp_from([127, 0, 0, 1], srv.addr).await;
+    ws_over(again, &srv, "/ws/notifications/", "bob")
+        .await
+        .expect("slots are free again");
+    assert_eq!(
+        srv.metric("herald_rate_limited_total{limit=\"pending_per_ip\"}")
+            .await,
+        4.0
+    );
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_after_the_idle_timeout_not_the_head_timeout() {
+    let srv = TestServer::builder()
+        .configure(|config| {
+            config.request_head_timeout = Duration::from_millis(500);
+            config.http_idle_timeout = Duration::from_millis(2000);
+        })
+        .spawn()
+        .await;
+    // A keep-alive connection may wait longer than the head timeout between requests…
+    let mut kept = tcp_from([127, 0, 0, 1], srv.addr).await;
+    assert!(request_on(&mut kept, "/healthz").await.contains("200"));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(request_on(&mut kept, "/healthz").await.contains("200"));
+    // …but is closed once idle longer than the idle timeout.
+    let idle_from = Instant::now();
+    let closed = closed_within(&mut kept, WAIT)
+        .await
+        .expect("an idle keep-alive connection stayed open");
+    let idle = closed.duration_since(idle_from);
+    assert!(
+        idle >= Duration::from_millis(1800) && idle < Duration::from_millis(4000),
+        "closed after {idle:?}"
+    );
+
+    // A connection that never sends a byte is closed after the idle timeout too.
+    let opened = Instant::now();
+    let mut silent = tcp_from([127, 0, 0, 1], srv.addr).await;
+    let closed = closed_within(&mut silent, WAIT)
+        .await
+        .expect("a silent connection stayed open");
+    let after = closed.duration_since(opened);
+    assert!(after >= Duration::from_millis(1800), "closed after {after:?}");
+
+    // A head sent slowly, byte by byte, is cut at the head timeout counted from its
+    // first byte.
+    let mut slow = tcp_from([127, 0, 0, 1], srv.addr).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let first_byte = Instant::now();
+    let mut cut = None;
+    for byte in b"GET /healthz HTTP/1.1\r\nHost: herald\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaa" {
+        if slow.write_all(&[*byte]).await.is_err() {
+            cut = Some(Instant::now());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cut = match cut {
+        Some(at) => at,
+        None => closed_within(&mut slow, WAIT)
+            .await
+            .expect("a slow head stayed open"),
+    };
+    let after = cut.duration_since(first_byte);
+    assert!(
+        after >= Duration::from_millis(450) && after < Duration::from_millis(1500),
+        "cut after {after:?}"
+    );
+}
+
+#[tokio::test]
+async fn at_the_connection_ceiling_upgrades_get_503_and_http_keeps_answering() {
+    let srv = TestServer::builder()
+        .env("HERALD_MAX_CONNECTIONS", "3")
+        .spawn()
+        .await;
+    let (_a, _) = srv.connect("/ws/notifications/", "alice").await;
+    let (_b, _) = srv.connect("/ws/notifications/", "bob").await;
+    let (_c, _) = srv.connect("/ws/notifications/", "carol").await;
+    match WsClient::connect(&srv, "/ws/notifications/")
+        .token(&srv.token("dave"))
+        .open()
+        .await
+    {
+        Err(Refused(status)) => assert_eq!(status, 503),
+        Ok(_) => panic!("a fourth connection was upgraded beyond HERALD_MAX_CONNECTIONS=3"),
+    }
+    // The JSON error shape, on a raw connection.
+    let mut raw = tcp_from([127, 0, 0, 1], srv.addr).await;
+    let request = "GET /ws/notifications/ HTTP/1.1\r\nHost: herald\r\nUpgrade: websocket\r\nConnection: upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    raw.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, raw.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.contains("\"error\":\"unavailable\"") && answer.contains("HERALD_MAX_CONNECTIONS"),
+        "{answer}"
+    );
+    drop(raw);
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let status = srv.http.get(srv.url(path)).send().await.unwrap().status();
+        assert_eq!(status, 200, "{path}");
+    }
+    // The API too (notify asserts its 202).
+    srv.notify("alice", serde_json::json!({"title": "still here"}))
+        .await;
+}
