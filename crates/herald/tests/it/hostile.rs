@@ -239,3 +239,84 @@ async fn at_the_connection_ceiling_upgrades_get_503_and_http_keeps_answering() {
     srv.notify("alice", serde_json::json!({"title": "still here"}))
         .await;
 }
+
+/// A handshake from loopback address `source` with `X-Forwarded-For: forwarded`.
+async fn handshake_via(srv: &TestServer, source: [u8; 4], forwarded: &str) -> Result<(), u16> {
+    let stream = tcp_from(source, srv.addr).await;
+    let mut request = srv.ws_url("/ws/notifications/").into_client_request().unwrap();
+    let headers = request.headers_mut();
+    headers.insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_str(&format!("herald.bearer, {}", srv.token("alice"))).unwrap(),
+    );
+    headers.insert("X-Forwarded-For", HeaderValue::from_str(forwarded).unwrap());
+    match tokio_tungstenite::client_async(request, stream).await {
+        Ok(_) => Ok(()),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => Err(response.status().as_u16()),
+        Err(err) => panic!("handshake failed: {err}"),
+    }
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_handshake_rate_counts_the_forwarded_client() {
+    // 1 handshake per second per client IP, bursts of 4.
+    let srv = TestServer::builder()
+        .env("HERALD_TRUSTED_PROXIES", "127.0.0.2/32, 10.0.0.0/8")
+        .handshakes_per_ip_per_second(1)
+        .spawn()
+        .await;
+    let proxy = [127, 0, 0, 2];
+    // Through the trusted proxy, each forwarded client has its own budget: a spoofed
+    // left-most entry does not count, the proxy's own hop (10.0.0.9) is skipped.
+    for _ in 0..4 {
+        handshake_via(&srv, proxy, "6.6.6.6, 198.51.100.1, 10.0.0.9")
+            .await
+            .expect("within the burst");
+    }
+    assert_eq!(
+        handshake_via(&srv, proxy, "7.7.7.7, 198.51.100.1").await,
+        Err(429)
+    );
+    for _ in 0..4 {
+        handshake_via(&srv, proxy, "198.51.100.2")
+            .await
+            .expect("another client behind the proxy");
+    }
+    assert_eq!(handshake_via(&srv, proxy, "198.51.100.2").await, Err(429));
+
+    // An untrusted peer is the client, whatever it forwards.
+    let untrusted = [127, 0, 0, 3];
+    for n in 0..4 {
+        handshake_via(&srv, untrusted, &format!("203.0.113.{n}"))
+            .await
+            .expect("within the burst");
+    }
+    assert_eq!(handshake_via(&srv, untrusted, "203.0.113.99").await, Err(429));
+}
+
+#[tokio::test]
+async fn the_pending_cap_counts_the_peer_even_behind_a_trusted_proxy() {
+    let srv = TestServer::builder()
+        .env("HERALD_TRUSTED_PROXIES", "127.0.0.2")
+        .env("HERALD_MAX_PENDING_PER_IP", "2")
+        .spawn()
+        .await;
+    // Two stalled requests through the proxy, forwarding two different clients, fill
+    // the proxy address's pending slots: the cap acts before any header is read.
+    let mut stalled = Vec::new();
+    for client in ["198.51.100.1", "198.51.100.2"] {
+        let mut stream = tcp_from([127, 0, 0, 2], srv.addr).await;
+        let head = format!("GET /healthz HTTP/1.1\r\nX-Forwarded-For: {client}\r\n");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stalled.push(stream);
+    }
+    let mut third = tcp_from([127, 0, 0, 2], srv.addr).await;
+    assert!(
+        closed_within(&mut third, Duration::from_secs(2)).await.is_some(),
+        "a third pending connection from the proxy was kept"
+    );
+    drop(stalled);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut fourth = tcp_from([127, 0, 0, 2], srv.addr).await;
+    assert!(request_on(&mut fourth, "/healthz").await.contains("200"));
+}
