@@ -129,3 +129,20 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
             .map_err(|err| ApiError::BadRequest(err.to_string()))
     }
 }
+
+/// A query string's parameters (percent-decoded, invalid UTF-8 replaced); 400 (JSON)
+/// when it names a parameter twice (which one would win is a guess).
+pub fn query_params(query: Option<&str>) -> Result<std::collections::HashMap<String, String>, ApiError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or(""))
+        .map_err(|_| ApiError::BadRequest("the query string is malformed".to_owned()))?;
+    let mut params = std::collections::HashMap::with_capacity(pairs.len());
+    for (name, value) in pairs {
+        if params.contains_key(&name) {
+            return Err(ApiError::BadRequest(format!(
+                "the query parameter {name} is given more than once; give it once"
+            )));
+        }
+        params.insert(name, value);
+    }
+    Ok(params)
+}

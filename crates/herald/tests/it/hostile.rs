@@ -320,3 +320,133 @@ async fn the_pending_cap_counts_the_peer_even_behind_a_trusted_proxy() {
     let mut fourth = tcp_from([127, 0, 0, 2], srv.addr).await;
     assert!(request_on(&mut fourth, "/healthz").await.contains("200"));
 }
+
+#[tokio::test]
+async fn chat_messages_are_paged_newest_page_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("herald.db").display());
+    let srv = TestServer::builder()
+        .env("HERALD_DATABASE_URL", url.clone())
+        .spawn()
+        .await;
+    // 300 turns written the way workers write them.
+    let store = herald::store::Store::connect(&url).await.unwrap();
+    for i in 0..150 {
+        store
+            .add_chat_exchange("u1", "c1", &format!("q{i}"), &format!("a{i}"))
+            .await
+            .unwrap();
+    }
+    store
+        .add_chat_exchange("u2", "c1", "other user", "other answer")
+        .await
+        .unwrap();
+    let token = srv.token("u1");
+    let page = |query: &'static str| {
+        let srv = &srv;
+        let token = token.clone();
+        async move { crate::chat::user_get(srv, &format!("/api/chat/c1/messages{query}"), &token).await }
+    };
+    let indexes = |body: &serde_json::Value| -> Vec<i64> {
+        body["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["index"].as_i64().unwrap())
+            .collect()
+    };
+
+    let (status, first) = page("").await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(
+        indexes(&first),
+        (200..300).collect::<Vec<_>>(),
+        "the newest 100, oldest first"
+    );
+    assert_eq!(first["messages"][99]["content"], "a149");
+    assert_eq!(first["messages"][0]["role"], "user");
+    assert_eq!(first["next_before"], 200);
+
+    let (_, second) = page("?before=200&limit=150").await;
+    assert_eq!(indexes(&second), (50..200).collect::<Vec<_>>());
+    assert_eq!(second["messages"][0]["content"], "q25");
+    assert_eq!(second["next_before"], 50);
+
+    let (_, last) = page("?before=50&limit=1000").await;
+    assert_eq!(indexes(&last), (0..50).collect::<Vec<_>>());
+    assert!(last.get("next_before").is_none(), "{last}");
+
+    let (_, all) = page("?limit=1000").await;
+    assert_eq!(indexes(&all).len(), 300);
+    assert!(all.get("next_before").is_none());
+
+    // Another user's chat of the same id is separate.
+    let (_, other) = crate::chat::user_get(&srv, "/api/chat/c1/messages", &srv.token("u2")).await;
+    assert_eq!(indexes(&other), vec![0, 1]);
+
+    for bad in [
+        "?limit=0",
+        "?limit=1001",
+        "?limit=ten",
+        "?before=-1",
+        "?limit=5&limit=6",
+    ] {
+        let (status, body) = page(bad).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_eq!(body["error"], "bad_request", "{bad}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn ended_tasks_are_kept_at_most_200_per_user_oldest_dropped_first() {
+    for (engine, srv, _redis) in engines().await {
+        eprintln!("engine: {engine}");
+        let token = srv.token("looper");
+        let mut ids = Vec::new();
+        for i in 0..205 {
+            let task_id = crate::chat::generate(&srv, "looper", "c1", &format!("prompt {i}")).await;
+            let cancel = format!("/api/chat/tasks/{task_id}/cancel");
+            let (status, _) = crate::chat::user_post(&srv, &cancel, &token, serde_json::json!({})).await;
+            assert_eq!(status, 202);
+            // Wait for its end, so tasks end in submission order.
+            let deadline = tokio::time::Instant::now() + WAIT;
+            loop {
+                let (_, view) =
+                    crate::chat::user_get(&srv, &format!("/api/chat/tasks/{task_id}"), &token).await;
+                if ["cancelled", "completed", "failed"].contains(&view["status"].as_str().unwrap_or("")) {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{engine}: task {i} never ended: {view}"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            ids.push(task_id);
+        }
+        let status_of = |id: &String| {
+            let srv = &srv;
+            let token = token.clone();
+            let path = format!("/api/chat/tasks/{id}");
+            async move { crate::chat::user_get(srv, &path, &token).await.0 }
+        };
+        for id in &ids[..5] {
+            assert_eq!(
+                status_of(id).await,
+                404,
+                "{engine}: the oldest ended tasks are dropped"
+            );
+        }
+        for id in [&ids[5], &ids[100], &ids[204]] {
+            assert_eq!(status_of(id).await, 200, "{engine}: the newest 200 are kept");
+        }
+        // Another user's ended task is not affected by this user's loop.
+        let other = crate::chat::generate(&srv, "quiet", "c1", "hello").await;
+        assert_eq!(
+            crate::chat::user_get(&srv, &format!("/api/chat/tasks/{other}"), &srv.token("quiet"))
+                .await
+                .0,
+            200
+        );
+    }
+}
