@@ -145,6 +145,11 @@ async fn handshake(
         )
         .into_response();
     };
+    if request.headers().get_all(header::ORIGIN).iter().nth(1).is_some() {
+        crate::limits::refusal_log("bad_origin", ip, "origin rejected: two Origin headers");
+        state.metrics.origin_rejected();
+        return ApiError::Forbidden("send one Origin header, not several".to_owned()).into_response();
+    }
     if let Some(origin) = request.headers().get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("");
         if !state.config.allowed_origins.allows(origin) {

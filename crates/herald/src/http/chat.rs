@@ -52,7 +52,7 @@ async fn generate(
     }
     let model = match body.get("model") {
         None | Some(Value::Null) => state.config.llm_model.clone(),
-        Some(Value::String(model)) if !model.is_empty() && model.len() <= 200 => model.clone(),
+        Some(Value::String(model)) if !model.is_empty() && model.chars().count() <= 200 => model.clone(),
         Some(_) => {
             return Err(ApiError::BadRequest(
                 "model must be a non-empty string".to_owned(),

@@ -450,3 +450,185 @@ async fn ended_tasks_are_kept_at_most_200_per_user_oldest_dropped_first() {
         );
     }
 }
+
+/// Sends `head` (without its final blank line; `Connection: close` is added) and an
+/// optional body on a fresh connection; returns the status, the head and the body.
+async fn raw(srv: &TestServer, head: &str, body: &str) -> (u16, String, String) {
+    let mut stream = tcp_from([127, 0, 0, 1], srv.addr).await;
+    let request = format!(
+        "{head}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, head.to_owned(), body.to_owned())
+}
+
+#[track_caller]
+fn assert_json_error(status: u16, head: &str, body: &str, expected_status: u16, code: &str) {
+    assert_eq!(status, expected_status, "{head}\n{body}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{head}"
+    );
+    let body: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+    assert_eq!(body["error"], code, "{body}");
+    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+}
+
+#[tokio::test]
+async fn every_error_answer_is_json() {
+    let srv = TestServer::spawn().await;
+    let token = srv.token("alice");
+    let cases = [
+        // A path id that is not valid percent-encoded UTF-8.
+        (format!("GET /api/chat/tasks/%FF HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer {token}"), 400, "bad_request"),
+        (format!("GET /api/v1/orgs/%FF/members HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer {API_KEY}"), 400, "bad_request"),
+        // A repeated query parameter.
+        (
+            format!("GET /api/v1/channels/org:acme/history?limit=1&limit=2 HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer {API_KEY}"),
+            400,
+            "bad_request",
+        ),
+        // A wrong method on a WebSocket path and on an API path.
+        ("POST /ws/notifications/ HTTP/1.1\r\nHost: h".to_owned(), 405, "method_not_allowed"),
+        ("DELETE /api/v1/notifications/alice HTTP/1.1\r\nHost: h".to_owned(), 405, "method_not_allowed"),
+        // Oversized headers (herald's own 16 KiB limit).
+        (format!("GET /healthz HTTP/1.1\r\nHost: h\r\nX-Big: {}", "a".repeat(20 * 1024)), 431, "headers_too_large"),
+    ];
+    for (head, status, code) in cases {
+        let (got, answer_head, body) = raw(&srv, &head, "").await;
+        assert_json_error(got, &answer_head, &body, status, code);
+        if status == 405 {
+            assert!(
+                answer_head.to_ascii_lowercase().contains("allow:"),
+                "{answer_head}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn lengths_in_characters_count_unicode_scalar_values() {
+    let srv = TestServer::spawn().await;
+    // 128 two-byte characters (256 bytes) is within the 128-character limit; 129 is not.
+    let (status, body) = srv
+        .post(
+            "/api/v1/orgs/acme/events",
+            serde_json::json!({"event_type": "é".repeat(128)}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let (status, _) = srv
+        .post(
+            "/api/v1/orgs/acme/events",
+            serde_json::json!({"event_type": "é".repeat(129)}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    let (status, body) = srv
+        .put_json(
+            "/api/v1/orgs/acme/members/alice",
+            serde_json::json!({"role": "ü".repeat(64)}),
+        )
+        .await;
+    assert_eq!(status, 204, "{body}");
+    let (status, _) = srv
+        .put_json(
+            "/api/v1/orgs/acme/members/alice",
+            serde_json::json!({"role": "ü".repeat(65)}),
+        )
+        .await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test]
+async fn a_token_with_crit_and_two_origin_headers_are_refused() {
+    let srv = TestServer::spawn().await;
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.crit = Some(vec!["exp".to_owned()]);
+    let claims = serde_json::json!({"sub": "alice", "exp": now() + 600});
+    let token = jsonwebtoken::encode(
+        &header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let reason = expect_refused_with(WsClient::connect(&srv, "/ws/notifications/").token(&token), 4001).await;
+    assert!(reason.contains("crit"), "{reason}");
+    let response = srv
+        .http
+        .get(srv.url("/api/chat/tasks/x"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+
+    // Two Origin headers, even both allowed, are refused before the upgrade.
+    let allowed = "http://localhost:8000";
+    let mut request = srv.ws_url("/ws/notifications/").into_client_request().unwrap();
+    let headers = request.headers_mut();
+    headers.insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_str(&format!("herald.bearer, {}", srv.token("alice"))).unwrap(),
+    );
+    headers.append("Origin", HeaderValue::from_static("http://localhost:8000"));
+    headers.append("Origin", HeaderValue::from_static("http://localhost:8000"));
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403);
+            let body: serde_json::Value =
+                serde_json::from_slice(response.body().as_deref().unwrap_or(b"")).unwrap();
+            assert_eq!(body["error"], "forbidden", "{body}");
+        }
+        other => panic!(
+            "two Origin headers were not refused with 403: {:?}",
+            other.map(|_| ())
+        ),
+    }
+    // One allowed Origin still passes.
+    WsClient::connect(&srv, "/ws/notifications/")
+        .token(&srv.token("alice"))
+        .origin(allowed)
+        .connected()
+        .await;
+}
+
+#[tokio::test]
+async fn dev_endpoints_check_the_host_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = TestServer::builder()
+        .env("HERALD_JWT_SECRET", "")
+        .env("HERALD_API_KEYS", "")
+        .env(
+            "HERALD_DATABASE_URL",
+            format!("sqlite://{}", dir.path().join("herald.db").display()),
+        )
+        .spawn()
+        .await;
+    let body = r#"{"user_id":"alice"}"#;
+    let post =
+        |host: &str| format!("POST /dev/token HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json");
+    for host in ["evil.example:8000", "localhost.evil.example", "127.0.0.1.nip.io"] {
+        let (status, head, answer) = raw(&srv, &post(host), body).await;
+        assert_json_error(status, &head, &answer, 403, "forbidden");
+    }
+    let port = srv.addr.port();
+    for host in [
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        "[::1]".to_owned(),
+    ] {
+        let (status, _, answer) = raw(&srv, &post(&host), body).await;
+        assert_eq!(status, 200, "{host}: {answer}");
+    }
+}
