@@ -10,6 +10,9 @@ pub mod ops;
 pub mod publish;
 pub mod server;
 
+#[cfg(test)]
+mod fuzz;
+
 use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::middleware::Next;

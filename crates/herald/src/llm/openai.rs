@@ -623,4 +623,6 @@ struct WireUsage {
 }
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;
