@@ -632,3 +632,111 @@ async fn dev_endpoints_check_the_host_header() {
         assert_eq!(status, 200, "{host}: {answer}");
     }
 }
+
+/// The refusal lines of a JSON log with this message and client IP: (count of lines,
+/// sum of their `suppressed` counts).
+fn refusal_lines(log: &str, what: &str, ip: &str) -> (u64, u64) {
+    let mut lines = 0;
+    let mut suppressed = 0;
+    for line in log.lines() {
+        let Ok(entry) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if entry["message"] == what && entry["ip"] == ip {
+            lines += 1;
+            suppressed += entry["suppressed"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no suppressed count in {line}"));
+        }
+    }
+    (lines, suppressed)
+}
+
+#[tokio::test]
+async fn refusals_are_logged_once_per_second_per_reason_and_ip_with_the_suppressed_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let (proc, addr) = crate::process::start(
+        dir.path(),
+        &[
+            ("HERALD_JWT_SECRET", SECRET),
+            ("HERALD_API_KEYS", API_KEY),
+            ("HERALD_DATABASE_URL", "sqlite::memory:"),
+            ("HERALD_LOG_FORMAT", "json"),
+            ("HERALD_TRUSTED_PROXIES", "127.0.0.2"),
+        ],
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    let bad_key = || async {
+        let response = http
+            .post(format!("http://{addr}/api/v1/notifications/u1"))
+            .bearer_auth("wrong-key")
+            .json(&serde_json::json!({"title": "x"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401);
+    };
+    let bad_origin = || async {
+        let mut request = format!("ws://{addr}/ws/notifications/")
+            .into_client_request()
+            .unwrap();
+        request
+            .headers_mut()
+            .insert("Origin", HeaderValue::from_static("https://evil.example"));
+        match tokio_tungstenite::connect_async(request).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 403),
+            other => panic!("a bad origin was not refused: {:?}", other.map(|_| ())),
+        }
+    };
+    const N: u64 = 40;
+    for _ in 0..N {
+        bad_key().await;
+        bad_origin().await;
+    }
+    // A second later one more of each writes a line carrying the count in between.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    bad_key().await;
+    bad_origin().await;
+    let elapsed = started.elapsed().as_secs() + 1;
+    // Logs name the forwarded client when the peer is a trusted proxy, else the peer.
+    for (source, forwarded) in [([127, 0, 0, 2], "198.51.100.7"), ([127, 0, 0, 3], "198.51.100.8")] {
+        let client = reqwest::Client::builder()
+            .local_address(std::net::IpAddr::from(source))
+            .build()
+            .unwrap();
+        let response = client
+            .get(format!("http://{addr}/api/v1/channels/org:acme/history"))
+            .bearer_auth("wrong-key")
+            .header("X-Forwarded-For", forwarded)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proc.stop().await;
+    let log = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap();
+    for what in ["service API key refused", "origin rejected"] {
+        let (lines, suppressed) = refusal_lines(&log, what, "127.0.0.1");
+        assert!(
+            lines >= 2 && lines <= elapsed + 1,
+            "{lines} `{what}` lines in {elapsed} s:\n{log}"
+        );
+        assert_eq!(
+            lines + suppressed,
+            N + 1,
+            "every refusal is a line or counted in one:\n{log}"
+        );
+    }
+    assert!(
+        log.contains(r#""ip":"198.51.100.7""#),
+        "behind a trusted proxy the client IP is logged:\n{log}"
+    );
+    assert!(
+        !log.contains("198.51.100.8"),
+        "an untrusted peer's X-Forwarded-For is not believed:\n{log}"
+    );
+    assert!(log.contains(r#""ip":"127.0.0.3""#), "{log}");
+}
