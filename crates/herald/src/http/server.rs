@@ -25,7 +25,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -211,6 +211,11 @@ impl Drop for PendingGuard {
 /// request head is in.
 struct ConnState {
     busy: AtomicUsize,
+    /// Requests started on this connection, so the socket notices each one even if it
+    /// was not read from while the request was in flight.
+    started: AtomicU64,
+    /// When the last request in flight was answered.
+    idle_since: Mutex<Instant>,
     upgraded: AtomicBool,
     pending: Mutex<Option<PendingGuard>>,
 }
@@ -220,7 +225,10 @@ struct Busy(Arc<ConnState>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+        let mut idle_since = self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+        if self.0.busy.fetch_sub(1, Ordering::Relaxed) == 1 {
+            *idle_since = Instant::now();
+        }
     }
 }
 
@@ -236,7 +244,8 @@ pub struct Watched {
     idle_timeout: Duration,
     idle_since: Instant,
     head_started: Option<Instant>,
-    was_busy: bool,
+    /// The requests started that this socket has accounted for.
+    seen: u64,
     sleep: Pin<Box<Sleep>>,
 }
 
@@ -246,14 +255,25 @@ impl Watched {
         if self.state.upgraded.load(Ordering::Relaxed) {
             return false;
         }
-        if self.state.busy.load(Ordering::Relaxed) > 0 {
-            self.was_busy = true;
+        // One snapshot, under the lock that every change of these is made under.
+        let (idle_since, busy, started) = {
+            let idle_since = self.state.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+            (
+                *idle_since,
+                self.state.busy.load(Ordering::Relaxed),
+                self.state.started.load(Ordering::Relaxed),
+            )
+        };
+        if busy > 0 {
             self.head_started = None;
             return false;
         }
-        if self.was_busy {
-            self.was_busy = false;
-            self.idle_since = Instant::now();
+        if started != self.seen {
+            // Requests came and went since the last read: wait for the next one from
+            // the end of the last.
+            self.seen = started;
+            self.head_started = None;
+            self.idle_since = idle_since;
         }
         true
     }
@@ -362,7 +382,11 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         // The head is in: the connection is no longer pending.
         drop(self.conn.pending.lock().unwrap_or_else(|e| e.into_inner()).take());
-        self.conn.busy.fetch_add(1, Ordering::Relaxed);
+        {
+            let _idle = self.conn.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+            self.conn.busy.fetch_add(1, Ordering::Relaxed);
+            self.conn.started.fetch_add(1, Ordering::Relaxed);
+        }
         let busy = Busy(self.conn.clone());
         let client = client_ip(self.peer.ip(), request.headers(), &self.trusted_proxies);
         let extensions = request.extensions_mut();
@@ -428,12 +452,14 @@ pub async fn run(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let now = Instant::now();
         let conn = Arc::new(ConnState {
             busy: AtomicUsize::new(0),
+            started: AtomicU64::new(0),
+            idle_since: Mutex::new(now),
             upgraded: AtomicBool::new(false),
             pending: Mutex::new(Some(pending)),
         });
-        let now = Instant::now();
         let io = Watched {
             inner: stream,
             state: conn.clone(),
@@ -442,7 +468,7 @@ pub async fn run(
             idle_timeout: limits.http_idle_timeout,
             idle_since: now,
             head_started: None,
-            was_busy: false,
+            seen: 0,
             sleep: Box::pin(tokio::time::sleep_until(now + limits.http_idle_timeout)),
         };
         let service = ConnService {

@@ -740,3 +740,55 @@ async fn refusals_are_logged_once_per_second_per_reason_and_ip_with_the_suppress
     );
     assert!(log.contains(r#""ip":"127.0.0.3""#), "{log}");
 }
+
+#[tokio::test]
+async fn a_busy_keep_alive_connection_is_not_cut_by_the_head_timeout_of_its_first_request() {
+    let srv = TestServer::builder()
+        .configure(|config| {
+            config.request_head_timeout = Duration::from_millis(300);
+            config.http_idle_timeout = Duration::from_millis(2000);
+        })
+        .spawn()
+        .await;
+    // Requests with bodies, back to back on one connection, for several head timeouts.
+    let mut stream = tcp_from([127, 0, 0, 1], srv.addr).await;
+    let token = srv.token("alice");
+    let until = Instant::now() + Duration::from_millis(1500);
+    let mut answered = 0;
+    while Instant::now() < until {
+        let body = r#"{"user_id":"alice","chat_id":"c1","prompt":"hello"}"#;
+        let request = format!(
+            "POST /api/chat/generate-response/ HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "the connection was closed after {answered} answers");
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got);
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length: usize = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
+                    .unwrap_or(0);
+                if got.len() >= end + 4 + length {
+                    break;
+                }
+            }
+        }
+        answered += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(answered > 10, "{answered}");
+}
