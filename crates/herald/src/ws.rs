@@ -330,7 +330,7 @@ async fn decide(
     let slot = match state.connection_limits.acquire(identity.user_id.as_str()).await {
         Ok(slot) => slot,
         Err(LimitRefusal::TooMany) => {
-            tracing::warn!(%ip, user_id = %identity.user_id, "too many connections for this user");
+            crate::limits::refusal_log("connections_per_user", ip, "too many connections for this user");
             state.metrics.rate_limited("connections_per_user");
             return reject(
                 CloseCode::TooManyRequests,
