@@ -697,4 +697,6 @@ struct WireUsage {
 }
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;

@@ -21,6 +21,7 @@ mod delivery;
 mod django;
 mod faults;
 mod handshake;
+mod hostile;
 mod idempotency;
 mod jwks;
 mod lifecycle;
