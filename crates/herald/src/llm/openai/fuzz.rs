@@ -91,7 +91,9 @@ proptest! {
             let chunk = serde_json::json!({"choices": [{"index": 0, "delta": {"content": delta}}]});
             body.push_str(&format!("data: {chunk}{eol}{eol}"));
         }
-        body.push_str(&format!("data: [DONE]{eol}{eol}"));
+        // A complete answer names why it ended; `[DONE]` alone is an interrupted one.
+        let last = serde_json::json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
+        body.push_str(&format!("data: {last}{eol}{eol}data: [DONE]{eol}{eol}"));
         let events = run(body.as_bytes(), &cuts);
         let mut text = String::new();
         for event in &events[..events.len().saturating_sub(1)] {
