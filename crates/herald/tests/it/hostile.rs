@@ -718,7 +718,10 @@ async fn refusals_are_logged_once_per_second_per_reason_and_ip_with_the_suppress
     tokio::time::sleep(Duration::from_millis(200)).await;
     proc.stop().await;
     let log = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap();
-    for what in ["service API key refused", "origin rejected"] {
+    for what in [
+        "service API key refused",
+        "origin rejected: not in HERALD_ALLOWED_ORIGINS",
+    ] {
         let (lines, suppressed) = refusal_lines(&log, what, "127.0.0.1");
         assert!(
             lines >= 2 && lines <= elapsed + 1,
