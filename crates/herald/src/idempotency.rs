@@ -28,7 +28,7 @@
 //! kept; beyond it the records closest to expiry are dropped first.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fred::prelude::Value;
@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
+use crate::broker::redis::Shards;
 use crate::broker::BrokerError;
 use crate::channel::{new_id, Channel};
 
@@ -186,8 +187,31 @@ enum Backend {
     Memory(Mutex<HashMap<String, (String, Instant)>>),
     Redis {
         client: fred::prelude::Client,
+        /// On a Cluster, the record goes to its slot's primary over that primary's own
+        /// connection, so a failover elsewhere does not stop keyed publishes.
+        shards: Option<Arc<Shards>>,
         cas: Script,
     },
+}
+
+/// Runs the compare-and-set script on `storage`.
+async fn run_cas(
+    client: &fred::prelude::Client,
+    shards: Option<&Shards>,
+    cas: &Script,
+    storage: String,
+    args: Vec<Value>,
+) -> Result<Value, BrokerError> {
+    if let Some(shards) = shards {
+        return shards.eval(cas, vec![storage], args, COMMAND_TIMEOUT).await;
+    }
+    tokio::time::timeout(
+        COMMAND_TIMEOUT,
+        cas.evalsha_with_reload::<Value, _, _>(client, vec![storage], args),
+    )
+    .await
+    .map_err(|_| BrokerError::Unavailable("Redis did not answer in time".into()))?
+    .map_err(|err| BrokerError::Unavailable(err.to_string()))
 }
 
 /// The records of every key, in memory or in Redis.
@@ -231,11 +255,13 @@ impl Idempotency {
         }
     }
 
-    /// Records kept in Redis through `client` (connected by the caller).
-    pub fn redis(client: fred::prelude::Client, window: Duration) -> Self {
+    /// Records kept in Redis through `client` (connected by the caller; on a Cluster,
+    /// through `shards`).
+    pub fn redis(client: fred::prelude::Client, shards: Option<Arc<Shards>>, window: Duration) -> Self {
         Self {
             backend: Backend::Redis {
                 client,
+                shards,
                 cas: Script::from_lua(CAS_SCRIPT),
             },
             window,
@@ -353,26 +379,24 @@ impl Idempotency {
     /// Sets `storage` from `held` to `next` in the background (Redis only), trying for
     /// a while; gives up when the record holds something else.
     fn settle_later(&self, storage: String, held: String, next: Option<String>) {
-        let Backend::Redis { client, cas } = &self.backend else {
+        let Backend::Redis { client, shards, cas } = &self.backend else {
             return;
         };
         let client = client.clone();
+        let shards = shards.clone();
         let cas = cas.clone();
         let ttl = millis(self.window).to_string();
         // Bounded in time; not tracked, since it only writes a record that may be lost.
         tokio::spawn(async move {
             for _ in 0..SETTLE_RETRIES {
                 tokio::time::sleep(SETTLE_INTERVAL).await;
-                let done = tokio::time::timeout(
-                    COMMAND_TIMEOUT,
-                    cas.evalsha_with_reload::<Value, _, _>(
-                        &client,
-                        vec![storage.clone()],
-                        vec![held.clone(), next.clone().unwrap_or_default(), ttl.clone()],
-                    ),
-                )
-                .await;
-                if matches!(done, Ok(Ok(_))) {
+                let args = vec![
+                    Value::from(held.clone()),
+                    Value::from(next.clone().unwrap_or_default()),
+                    Value::from(ttl.clone()),
+                ];
+                let done = run_cas(&client, shards.as_deref(), &cas, storage.clone(), args).await;
+                if done.is_ok() {
                     return;
                 }
             }
@@ -421,26 +445,17 @@ impl Idempotency {
                 }
                 Ok(Ok(()))
             }
-            Backend::Redis { client, cas } => {
+            Backend::Redis { client, shards, cas } => {
                 use fred::prelude::ClientLike;
-                if !client.is_connected() {
+                if shards.is_none() && !client.is_connected() {
                     return Err(BrokerError::Unavailable("not connected to Redis".into()));
                 }
-                let reply = tokio::time::timeout(
-                    COMMAND_TIMEOUT,
-                    cas.evalsha_with_reload::<Value, _, _>(
-                        client,
-                        vec![storage.to_owned()],
-                        vec![
-                            expected.unwrap_or_default().to_owned(),
-                            next.unwrap_or_default().to_owned(),
-                            millis(self.window).to_string(),
-                        ],
-                    ),
-                )
-                .await
-                .map_err(|_| BrokerError::Unavailable("Redis did not answer in time".into()))?
-                .map_err(|err| BrokerError::Unavailable(err.to_string()))?;
+                let args = vec![
+                    Value::from(expected.unwrap_or_default().to_owned()),
+                    Value::from(next.unwrap_or_default().to_owned()),
+                    Value::from(millis(self.window).to_string()),
+                ];
+                let reply = run_cas(client, shards.as_deref(), cas, storage.to_owned(), args).await?;
                 let Value::Array(parts) = reply else {
                     return Err(BrokerError::Unavailable("unexpected reply from Redis".into()));
                 };

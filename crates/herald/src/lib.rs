@@ -181,7 +181,11 @@ pub async fn build_state_with(
             .await
             .map_err(redis)?;
             (
-                idempotency::Idempotency::redis(commands, config.history_ttl),
+                idempotency::Idempotency::redis(
+                    commands.clone(),
+                    broker::redis::shards_for(url, &commands).map_err(redis)?,
+                    config.history_ttl,
+                ),
                 control,
             )
         }

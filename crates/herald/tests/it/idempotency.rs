@@ -435,7 +435,7 @@ async fn a_retry_finds_an_unconfirmed_message_in_history() {
     let client = herald::control::command_client(&redis.url(), &stopped)
         .await
         .unwrap();
-    let records = Idempotency::redis(client, Duration::from_secs(60));
+    let records = Idempotency::redis(client, None, Duration::from_secs(60));
     let channels = vec![Channel::parse(&channel).unwrap()];
     for (key, id) in [
         ("found-key", sent_id.clone()),
