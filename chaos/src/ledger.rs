@@ -1,0 +1,120 @@
+//! The accounting: what the publisher was told (`202`s) against what each client
+//! handed to its app.
+//!
+//! A client subscribed to a channel should get every acknowledged message of that
+//! channel whose publish started after the client's first welcome. One it never got is
+//! **told** when the client received a `recovered:false` after the publish started and
+//! before it received any later message of the channel (its position was declared lost
+//! before it moved past the message); otherwise it is **lost** (silently). Duplicated:
+//! a content id handed to the app twice. Out of order: a message whose sequence number is
+//! below one already handed over. Offsets reused: a channel + epoch + offset that carried
+//! two different message ids on the wire, over all clients.
+
+use std::collections::{HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::client::ClientRecord;
+use crate::publish::Publish;
+
+/// The message columns of a row.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Tally {
+    pub published: u64,
+    pub acknowledged: u64,
+    /// Distinct messages handed to apps (client × message).
+    pub delivered: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub out_of_order: u64,
+    pub offsets_reused: u64,
+    /// `recovered:false` notices received.
+    pub told: u64,
+    /// Messages missing but covered by a notice.
+    pub told_messages: u64,
+    /// Clients with at least one silently lost message.
+    pub clients_with_loss: u64,
+    pub clients: u64,
+    /// Messages whose epoch changed under a client with no notice first.
+    pub untold_epoch_switches: u64,
+    /// Offsets skipped inside an epoch with no notice.
+    pub offset_gaps: u64,
+    pub socket_kills: u64,
+}
+
+pub fn tally(publishes: &[Publish], clients: &[ClientRecord]) -> Tally {
+    let mut tally = Tally {
+        published: publishes.len() as u64,
+        acknowledged: publishes.iter().filter(|p| p.acked_at.is_some()).count() as u64,
+        clients: clients.len() as u64,
+        ..Tally::default()
+    };
+    let mut by_channel: HashMap<&str, Vec<&Publish>> = HashMap::new();
+    for publish in publishes.iter().filter(|p| p.acked_at.is_some()) {
+        by_channel.entry(publish.channel.as_str()).or_default().push(publish);
+    }
+    let mut wire: HashMap<(&str, &str, u64), HashSet<&str>> = HashMap::new();
+    for client in clients {
+        tally.told += client.notices.len() as u64;
+        tally.untold_epoch_switches += client.untold_epoch_switches;
+        tally.offset_gaps += client.offset_gaps;
+        tally.socket_kills += client.kills;
+        for (epoch, offset, id) in &client.wire {
+            wire.entry((client.channel.as_str(), epoch.as_str(), *offset))
+                .or_default()
+                .insert(id.as_str());
+        }
+        let mut seen: HashSet<&str> = HashSet::new();
+        let mut max_seq = 0;
+        for delivery in &client.deliveries {
+            let Some(cid) = delivery.cid.as_deref() else {
+                continue;
+            };
+            if !seen.insert(cid) {
+                tally.duplicated += 1;
+                continue;
+            }
+            let seq = delivery.seq.unwrap_or(0);
+            if seq < max_seq {
+                tally.out_of_order += 1;
+            }
+            max_seq = max_seq.max(seq);
+        }
+        tally.delivered += seen.len() as u64;
+        let Some(first_welcome) = client.first_welcome else {
+            continue;
+        };
+        let mut lost_here = 0;
+        for publish in by_channel.get(client.channel.as_str()).into_iter().flatten() {
+            if publish.first_sent <= first_welcome || seen.contains(publish.cid.as_str()) {
+                continue;
+            }
+            if client.gave_up.is_some_and(|(at, _)| at <= publish.first_sent) {
+                continue;
+            }
+            if told(client, publish.first_sent, publish.seq) {
+                tally.told_messages += 1;
+            } else {
+                lost_here += 1;
+            }
+        }
+        tally.lost += lost_here;
+        if lost_here > 0 {
+            tally.clients_with_loss += 1;
+        }
+    }
+    tally.offsets_reused = wire.values().map(|ids| ids.len().saturating_sub(1) as u64).sum();
+    tally
+}
+
+/// Whether a notice reached `client` after `sent` and before any later message.
+fn told(client: &ClientRecord, sent: Instant, seq: u64) -> bool {
+    let Some(notice) = client.notices.iter().find(|at| **at >= sent) else {
+        return false;
+    };
+    !client
+        .deliveries
+        .iter()
+        .any(|d| d.at < *notice && d.at >= sent && d.seq.is_some_and(|s| s > seq))
+}
