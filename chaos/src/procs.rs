@@ -337,13 +337,24 @@ impl Cluster {
         let Ok(roles) = self.roles().await else {
             return false;
         };
-        let covered: u32 = roles
+        // Every slot served by a primary that is running (a primary just killed still
+        // looks healthy until the others mark it failed).
+        let running: Vec<u16> = self
+            .nodes
             .iter()
-            .filter(|r| r.primary && !r.failed)
+            .filter(|n| n.proc.pid().is_some())
+            .map(|n| n.port)
+            .collect();
+        let serving: Vec<&ClusterRole> = roles
+            .iter()
+            .filter(|r| r.primary && !r.failed && !r.slots.is_empty())
+            .collect();
+        let covered: u32 = serving
+            .iter()
             .flat_map(|r| r.slots.iter())
             .map(|(a, b)| u32::from(*b) - u32::from(*a) + 1)
             .sum();
-        covered == 16384 && roles.iter().filter(|r| r.primary && !r.failed).count() == 3
+        covered == 16384 && serving.len() == 3 && serving.iter().all(|r| running.contains(&r.port))
     }
 
     pub fn node_by_port(&mut self, port: u16) -> Option<&mut ClusterNode> {
