@@ -118,3 +118,99 @@ fn told(client: &ClientRecord, sent: Instant, seq: u64) -> bool {
         .iter()
         .any(|d| d.at < *notice && d.at >= sent && d.seq.is_some_and(|s| s > seq))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::client::Delivery;
+
+    fn publish(t0: Instant, seq: u64, acked: bool) -> Publish {
+        let sent = t0 + Duration::from_millis(100 * seq);
+        Publish {
+            channel: "org:o".to_owned(),
+            cid: format!("o-{seq}"),
+            seq,
+            first_sent: sent,
+            acked_at: acked.then(|| sent + Duration::from_millis(5)),
+            id: Some(format!("id{seq}")),
+            offset: Some(seq),
+            attempts: vec![if acked { "202" } else { "503" }.to_owned()],
+            outcome_unknown: 0,
+            replayed: false,
+        }
+    }
+
+    fn delivery(t0: Instant, seq: u64) -> Delivery {
+        Delivery {
+            at: t0 + Duration::from_millis(100 * seq + 10),
+            cid: Some(format!("o-{seq}")),
+            seq: Some(seq),
+            llm: None,
+        }
+    }
+
+    fn client(t0: Instant, seqs: &[u64]) -> ClientRecord {
+        ClientRecord {
+            spec_user: "u".to_owned(),
+            channel: "org:o".to_owned(),
+            first_welcome: Some(t0),
+            deliveries: seqs.iter().map(|s| delivery(t0, *s)).collect(),
+            wire: seqs.iter().map(|s| ("e".to_owned(), *s, format!("id{s}"))).collect(),
+            notices: Vec::new(),
+            handshakes: Vec::new(),
+            closes: Vec::new(),
+            gave_up: None,
+            untold_epoch_switches: 0,
+            offset_gaps: 0,
+            dropped_as_seen: 0,
+            kills: 0,
+        }
+    }
+
+    #[test]
+    fn a_missing_acknowledged_message_is_lost_unless_a_notice_came_first() {
+        let t0 = Instant::now();
+        let publishes: Vec<Publish> = (1..=5).map(|s| publish(t0, s, true)).collect();
+        // Message 3 never arrives and 4 comes next: a silent gap.
+        let silent = client(t0, &[1, 2, 4, 5]);
+        let tally = tally(&publishes, &[silent]);
+        assert_eq!((tally.lost, tally.told_messages, tally.delivered), (1, 0, 4));
+        // Told recovered:false after 3 was published and before 4 arrived.
+        let mut told = client(t0, &[1, 2, 4, 5]);
+        told.notices.push(t0 + Duration::from_millis(350));
+        let tally = tally(&publishes, &[told]);
+        assert_eq!((tally.lost, tally.told_messages, tally.told), (0, 1, 1));
+        // A notice that came only after 4 does not cover 3.
+        let mut late = client(t0, &[1, 2, 4, 5]);
+        late.notices.push(t0 + Duration::from_millis(450));
+        assert_eq!(tally(&publishes, &[late]).lost, 1);
+    }
+
+    #[test]
+    fn unacknowledged_and_earlier_messages_are_not_expected() {
+        let t0 = Instant::now();
+        let mut publishes: Vec<Publish> = (1..=3).map(|s| publish(t0, s, true)).collect();
+        publishes.push(publish(t0, 4, false));
+        // The client's first welcome came after message 1 was published.
+        let mut late_joiner = client(t0, &[2, 3]);
+        late_joiner.first_welcome = Some(t0 + Duration::from_millis(150));
+        let tally = tally(&publishes, &[late_joiner]);
+        assert_eq!((tally.published, tally.acknowledged, tally.lost), (4, 3, 0));
+    }
+
+    #[test]
+    fn duplicates_reordering_and_reused_offsets_are_counted() {
+        let t0 = Instant::now();
+        let publishes: Vec<Publish> = (1..=3).map(|s| publish(t0, s, true)).collect();
+        let mut record = client(t0, &[1, 3, 2, 3]);
+        // Another message carried offset 2 of the same epoch on the wire.
+        record.wire.push(("e".to_owned(), 2, "other".to_owned()));
+        let tally = tally(&publishes, &[record]);
+        assert_eq!(
+            (tally.duplicated, tally.out_of_order, tally.offsets_reused, tally.lost),
+            (1, 1, 1, 0)
+        );
+    }
+}

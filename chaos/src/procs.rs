@@ -550,3 +550,28 @@ pub async fn start_nodes(bin: &Path, dir: &Path, count: usize, options: &HeraldO
     }
     Ok(nodes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_slots_match_redis() {
+        // Values from `CLUSTER KEYSLOT`.
+        assert_eq!(key_slot("foo"), 12182);
+        assert_eq!(key_slot("bar"), 5061);
+        assert_eq!(key_slot("herald:{org:o1}:meta"), key_slot("org:o1"));
+    }
+
+    #[test]
+    fn parses_cluster_nodes() {
+        let text = "07c3 127.0.0.1:30004@31004 slave e7d1 0 1426238317239 4 connected\n\
+                    e7d1 127.0.0.1:30001@31001 myself,master - 0 0 1 connected 0-5460\n\
+                    67ed 127.0.0.1:30002@31002 master,fail - 1426238316232 1426238314232 2 connected 5461-10922 [5461->-abc]\n";
+        let roles = parse_cluster_nodes(text);
+        assert_eq!(roles.len(), 3);
+        assert!(!roles[0].primary && roles[0].primary_id.as_deref() == Some("e7d1"));
+        assert_eq!((roles[1].port, roles[1].slots.clone()), (30001, vec![(0, 5460)]));
+        assert!(roles[2].failed && roles[2].slots == vec![(5461, 10922)]);
+    }
+}

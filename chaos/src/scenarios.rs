@@ -866,7 +866,8 @@ async fn concurrent_start(ctx: &Ctx) -> anyhow::Result<Row> {
         for node in &mut nodes {
             if let Err(err) = node.wait_up(Duration::from_secs(20)).await {
                 failed += 1;
-                let text = format!("{err:#}");
+                // The same error in every round: name the scratch directory once.
+                let text = format!("{err:#}").replace(&dir.display().to_string(), "<scratch>");
                 let line = text
                     .lines()
                     .find(|l| l.contains("rror") || l.contains("failed"))
