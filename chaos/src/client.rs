@@ -282,7 +282,8 @@ impl Client {
             let u: f64 = rand::rng().random_range(f64::EPSILON..1.0);
             Instant::now() + mean.mul_f64(-u.ln())
         });
-        let kill = tokio::time::sleep_until(kill_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400)));
+        let kill =
+            tokio::time::sleep_until(kill_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400)));
         tokio::pin!(kill);
         let end = loop {
             tokio::select! {

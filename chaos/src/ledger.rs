@@ -28,6 +28,9 @@ pub struct Tally {
     pub lost: u64,
     pub duplicated: u64,
     pub out_of_order: u64,
+    /// Of those, messages that never got a 202 (stored after a timeout).
+    #[serde(default)]
+    pub out_of_order_unacknowledged: u64,
     pub offsets_reused: u64,
     /// `recovered:false` notices received.
     pub told: u64,
@@ -52,8 +55,16 @@ pub fn tally(publishes: &[Publish], clients: &[ClientRecord]) -> Tally {
     };
     let mut by_channel: HashMap<&str, Vec<&Publish>> = HashMap::new();
     for publish in publishes.iter().filter(|p| p.acked_at.is_some()) {
-        by_channel.entry(publish.channel.as_str()).or_default().push(publish);
+        by_channel
+            .entry(publish.channel.as_str())
+            .or_default()
+            .push(publish);
     }
+    let acked: HashSet<&str> = publishes
+        .iter()
+        .filter(|p| p.acked_at.is_some())
+        .map(|p| p.cid.as_str())
+        .collect();
     let mut wire: HashMap<(&str, &str, u64), HashSet<&str>> = HashMap::new();
     for client in clients {
         tally.told += client.notices.len() as u64;
@@ -78,6 +89,9 @@ pub fn tally(publishes: &[Publish], clients: &[ClientRecord]) -> Tally {
             let seq = delivery.seq.unwrap_or(0);
             if seq < max_seq {
                 tally.out_of_order += 1;
+                if !acked.contains(cid) {
+                    tally.out_of_order_unacknowledged += 1;
+                }
             }
             max_seq = max_seq.max(seq);
         }
@@ -157,7 +171,10 @@ mod tests {
             channel: "org:o".to_owned(),
             first_welcome: Some(t0),
             deliveries: seqs.iter().map(|s| delivery(t0, *s)).collect(),
-            wire: seqs.iter().map(|s| ("e".to_owned(), *s, format!("id{s}"))).collect(),
+            wire: seqs
+                .iter()
+                .map(|s| ("e".to_owned(), *s, format!("id{s}")))
+                .collect(),
             notices: Vec::new(),
             handshakes: Vec::new(),
             closes: Vec::new(),
@@ -175,13 +192,16 @@ mod tests {
         let publishes: Vec<Publish> = (1..=5).map(|s| publish(t0, s, true)).collect();
         // Message 3 never arrives and 4 comes next: a silent gap.
         let silent = client(t0, &[1, 2, 4, 5]);
-        let tally = tally(&publishes, &[silent]);
-        assert_eq!((tally.lost, tally.told_messages, tally.delivered), (1, 0, 4));
+        let counted = tally(&publishes, &[silent]);
+        assert_eq!(
+            (counted.lost, counted.told_messages, counted.delivered),
+            (1, 0, 4)
+        );
         // Told recovered:false after 3 was published and before 4 arrived.
         let mut told = client(t0, &[1, 2, 4, 5]);
         told.notices.push(t0 + Duration::from_millis(350));
-        let tally = tally(&publishes, &[told]);
-        assert_eq!((tally.lost, tally.told_messages, tally.told), (0, 1, 1));
+        let counted = tally(&publishes, &[told]);
+        assert_eq!((counted.lost, counted.told_messages, counted.told), (0, 1, 1));
         // A notice that came only after 4 does not cover 3.
         let mut late = client(t0, &[1, 2, 4, 5]);
         late.notices.push(t0 + Duration::from_millis(450));
@@ -196,8 +216,8 @@ mod tests {
         // The client's first welcome came after message 1 was published.
         let mut late_joiner = client(t0, &[2, 3]);
         late_joiner.first_welcome = Some(t0 + Duration::from_millis(150));
-        let tally = tally(&publishes, &[late_joiner]);
-        assert_eq!((tally.published, tally.acknowledged, tally.lost), (4, 3, 0));
+        let counted = tally(&publishes, &[late_joiner]);
+        assert_eq!((counted.published, counted.acknowledged, counted.lost), (4, 3, 0));
     }
 
     #[test]
@@ -207,9 +227,14 @@ mod tests {
         let mut record = client(t0, &[1, 3, 2, 3]);
         // Another message carried offset 2 of the same epoch on the wire.
         record.wire.push(("e".to_owned(), 2, "other".to_owned()));
-        let tally = tally(&publishes, &[record]);
+        let counted = tally(&publishes, &[record]);
         assert_eq!(
-            (tally.duplicated, tally.out_of_order, tally.offsets_reused, tally.lost),
+            (
+                counted.duplicated,
+                counted.out_of_order,
+                counted.offsets_reused,
+                counted.lost
+            ),
             (1, 1, 1, 0)
         );
     }

@@ -89,8 +89,10 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
     let repo = std::env::current_dir().context("no current directory")?;
     match command {
         Command::Report { results } => {
-            let text = std::fs::read_to_string(&results).with_context(|| format!("cannot read {}", results.display()))?;
-            let parsed: Results = serde_json::from_str(&text).with_context(|| format!("{} is not a results file", results.display()))?;
+            let text = std::fs::read_to_string(&results)
+                .with_context(|| format!("cannot read {}", results.display()))?;
+            let parsed: Results = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a results file", results.display()))?;
             report::write_markdown(&repo, &parsed, &results.display().to_string())?;
             println!("{}", report::table(&parsed.rows));
             Ok(())
@@ -133,14 +135,29 @@ async fn run(args: RunArgs, repo: PathBuf) -> anyhow::Result<()> {
         if let Some(error) = &row.error {
             eprintln!("chaos: scenario {id} did not run to the end: {error}");
         }
-        eprintln!("{}", report::table(std::slice::from_ref(&row)).lines().last().unwrap_or_default());
+        eprintln!(
+            "{}",
+            report::table(std::slice::from_ref(&row))
+                .lines()
+                .last()
+                .unwrap_or_default()
+        );
         rows.push(row);
     }
     let results = Results {
         date,
-        mode: if full { "full" } else if args.quick { "quick" } else { "partial" }.to_owned(),
-        command: std::env::var_os("HERALD_CHAOS_COMMAND")
-            .map_or_else(|| "herald-chaos run".to_owned(), |c| c.to_string_lossy().into_owned()),
+        mode: if full {
+            "full"
+        } else if args.quick {
+            "quick"
+        } else {
+            "partial"
+        }
+        .to_owned(),
+        command: std::env::var_os("HERALD_CHAOS_COMMAND").map_or_else(
+            || "herald-chaos run".to_owned(),
+            |c| c.to_string_lossy().into_owned(),
+        ),
         git_rev: command_output("git", &["rev-parse", "--short", "HEAD"]).await,
         machine: machine().await,
         seconds: started.elapsed().as_secs_f64(),
@@ -177,7 +194,10 @@ async fn machine() -> String {
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned()))
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
         .unwrap_or_default();
     let kernel = command_output("uname", &["-sr"]).await;
     format!("{cores} cores ({model}), {kernel}")

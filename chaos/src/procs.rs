@@ -40,7 +40,13 @@ pub struct Proc {
 }
 
 impl Proc {
-    pub fn new(name: &str, program: &Path, args: Vec<String>, envs: Vec<(String, String)>, dir: &Path) -> Self {
+    pub fn new(
+        name: &str,
+        program: &Path,
+        args: Vec<String>,
+        envs: Vec<(String, String)>,
+        dir: &Path,
+    ) -> Self {
         Self {
             name: name.to_owned(),
             program: program.to_path_buf(),
@@ -58,7 +64,8 @@ impl Proc {
             bail!("{} is already running", self.name);
         }
         let log_path = self.dir.join(format!("{}.{}.log", self.name, self.starts));
-        let log = std::fs::File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("cannot create {}", log_path.display()))?;
         let log_err = log.try_clone().context("cannot open a log file twice")?;
         let mut command = Command::new(&self.program);
         command
@@ -85,7 +92,9 @@ impl Proc {
 
     /// Sends `signal` (`STOP`, `CONT`, `KILL`, `TERM`) to this process's PID.
     pub async fn signal(&self, signal: &str) -> anyhow::Result<()> {
-        let pid = self.pid().ok_or_else(|| anyhow!("{} is not running", self.name))?;
+        let pid = self
+            .pid()
+            .ok_or_else(|| anyhow!("{} is not running", self.name))?;
         let status = Command::new("kill")
             .args(["-s", signal, &pid.to_string()])
             .status()
@@ -106,12 +115,16 @@ impl Proc {
 
     /// The exit status, if the process has exited.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|child| child.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|child| child.try_wait().ok().flatten())
     }
 
     /// The last lines of the current log, to explain a failure.
     pub fn log_tail(&self, lines: usize) -> String {
-        let path = self.dir.join(format!("{}.{}.log", self.name, self.starts.saturating_sub(1)));
+        let path = self
+            .dir
+            .join(format!("{}.{}.log", self.name, self.starts.saturating_sub(1)));
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
@@ -176,7 +189,11 @@ impl Redis {
 pub async fn redis_cli(port: u16, args: &[&str]) -> anyhow::Result<String> {
     let out = tokio::time::timeout(
         Duration::from_secs(10),
-        Command::new("redis-cli").arg("-p").arg(port.to_string()).args(args).output(),
+        Command::new("redis-cli")
+            .arg("-p")
+            .arg(port.to_string())
+            .args(args)
+            .output(),
     )
     .await
     .map_err(|_| anyhow!("redis-cli -p {port} {args:?} took over 10 s"))?
@@ -261,7 +278,10 @@ impl Cluster {
         }
         for node in &mut nodes {
             wait_for_port(node.port, Duration::from_secs(10)).await?;
-            node.id = redis_cli(node.port, &["cluster", "myid"]).await?.trim().to_owned();
+            node.id = redis_cli(node.port, &["cluster", "myid"])
+                .await?
+                .trim()
+                .to_owned();
         }
         let addresses: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
         let out = Command::new("redis-cli")
@@ -288,7 +308,13 @@ impl Cluster {
     pub fn url(&self) -> String {
         let mut url = String::from("redis-cluster://");
         for (n, node) in self.nodes.iter().enumerate() {
-            url.push_str(if n == 0 { "" } else if n == 1 { "?node=" } else { "&node=" });
+            url.push_str(if n == 0 {
+                ""
+            } else if n == 1 {
+                "?node="
+            } else {
+                "&node="
+            });
             url.push_str(&format!("127.0.0.1:{}", node.port));
         }
         url
@@ -419,7 +445,11 @@ fn crc16(bytes: &[u8]) -> u16 {
     for &byte in bytes {
         crc ^= u16::from(byte) << 8;
         for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
         }
     }
     crc
@@ -480,8 +510,11 @@ impl Herald {
         }
         let config = dir.join(format!("{name}.toml"));
         // The clients all come from 127.0.0.1.
-        std::fs::write(&config, format!("handshakes_per_ip_per_second = 0\n{}\n", options.toml))
-            .with_context(|| format!("cannot write {}", config.display()))?;
+        std::fs::write(
+            &config,
+            format!("handshakes_per_ip_per_second = 0\n{}\n", options.toml),
+        )
+        .with_context(|| format!("cannot write {}", config.display()))?;
         let mut envs = vec![
             ("HERALD_JWT_SECRET".to_owned(), JWT_SECRET.to_owned()),
             ("HERALD_API_KEYS".to_owned(), API_KEY.to_owned()),
@@ -500,7 +533,11 @@ impl Herald {
         if let Some(redis) = &options.redis_url {
             envs.push(("HERALD_REDIS_URL".to_owned(), redis.clone()));
         }
-        let args = vec!["--config".to_owned(), config.display().to_string(), command.to_owned()];
+        let args = vec![
+            "--config".to_owned(),
+            config.display().to_string(),
+            command.to_owned(),
+        ];
         Ok(Proc::new(name, &herald, args, envs, dir))
     }
 
@@ -510,7 +547,11 @@ impl Herald {
         let Some(address) = self.address.clone() else {
             tokio::time::sleep(Duration::from_secs(1)).await;
             if let Some(status) = self.proc.exited() {
-                bail!("{} exited with {status}:\n{}", self.proc.name, self.proc.log_tail(15));
+                bail!(
+                    "{} exited with {status}:\n{}",
+                    self.proc.name,
+                    self.proc.log_tail(15)
+                );
             }
             return Ok(());
         };
@@ -519,7 +560,11 @@ impl Herald {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Some(status) = self.proc.exited() {
-                bail!("{} exited with {status}:\n{}", self.proc.name, self.proc.log_tail(15));
+                bail!(
+                    "{} exited with {status}:\n{}",
+                    self.proc.name,
+                    self.proc.log_tail(15)
+                );
             }
             if let Ok(response) = client.get(&url).timeout(Duration::from_secs(2)).send().await {
                 if response.status().is_success() {
@@ -540,7 +585,12 @@ impl Herald {
 }
 
 /// Starts `count` serve nodes one after the other (so migrations never race).
-pub async fn start_nodes(bin: &Path, dir: &Path, count: usize, options: &HeraldOptions) -> anyhow::Result<Vec<Herald>> {
+pub async fn start_nodes(
+    bin: &Path,
+    dir: &Path,
+    count: usize,
+    options: &HeraldOptions,
+) -> anyhow::Result<Vec<Herald>> {
     let mut nodes = Vec::new();
     for n in 0..count {
         let mut node = Herald::serve(bin, dir, &format!("node-{n}"), options)?;

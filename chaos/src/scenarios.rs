@@ -134,7 +134,10 @@ struct LoadResult {
 
 /// Connects the clients, publishes for `load.duration` while `fault` runs, stops the
 /// socket kills and the publisher, lets the clients catch up, and counts.
-async fn run_load(load: &Load, fault: impl Future<Output = anyhow::Result<Vec<String>>>) -> anyhow::Result<LoadResult> {
+async fn run_load(
+    load: &Load,
+    fault: impl Future<Output = anyhow::Result<Vec<String>>>,
+) -> anyhow::Result<LoadResult> {
     let (specs, orgs) = org_clients(load.prefix, load.clients, load.orgs)?;
     let fleet = Fleet::start(
         specs,
@@ -191,15 +194,22 @@ fn row_from(result: &LoadResult, finding: String) -> Row {
         "{} clients, {} socket kills; {} missing messages covered by recovered:false; \
          {} clients with a silent loss; {} messages arrived in an epoch the client was not told about; \
          {} offsets skipped inside an epoch without notice",
-        t.clients, t.socket_kills, t.told_messages, t.clients_with_loss, t.untold_epoch_switches, t.offset_gaps
+        t.clients,
+        t.socket_kills,
+        t.told_messages,
+        t.clients_with_loss,
+        t.untold_epoch_switches,
+        t.offset_gaps
     ));
-    let failures: usize = result
-        .publishes
-        .iter()
-        .filter(|p| p.acked_at.is_none())
-        .count();
+    let failures: usize = result.publishes.iter().filter(|p| p.acked_at.is_none()).count();
     if failures > 0 {
         details.push(format!("{failures} publishes never got a 202"));
+    }
+    if t.out_of_order > 0 {
+        details.push(format!(
+            "{} of the {} out-of-order messages never got a 202 (stored after their publish timed out)",
+            t.out_of_order_unacknowledged, t.out_of_order
+        ));
     }
     Row {
         tally: Some(result.tally.clone()),
@@ -542,7 +552,12 @@ async fn idempotent_retry(ctx: &Ctx) -> anyhow::Result<Row> {
             .await
             .with_context(|| format!("GET {url}: not JSON"))?;
         let mut seen = HashSet::new();
-        for message in history.get("messages").and_then(Value::as_array).into_iter().flatten() {
+        for message in history
+            .get("messages")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             if let Some(cid) = message.pointer("/data/cid").and_then(Value::as_str) {
                 if !seen.insert(cid.to_owned()) {
                     stored_twice += 1;
@@ -812,7 +827,9 @@ fn check_stream(record: &ClientRecord, expected: &str) -> Result<(), String> {
         };
         match message.get("type").and_then(Value::as_str) {
             Some("llm_frame") => {
-                let Some(frame) = message.get("frame") else { continue };
+                let Some(frame) = message.get("frame") else {
+                    continue;
+                };
                 if frame.get("status").and_then(Value::as_str) != Some("streaming") {
                     continue;
                 }
@@ -881,7 +898,9 @@ async fn concurrent_start(ctx: &Ctx) -> anyhow::Result<Row> {
         }
     }
     let starts = rounds * 3;
-    let mut details = vec![format!("{rounds} rounds of 3 nodes on a fresh sqlite file (memory broker)")];
+    let mut details = vec![format!(
+        "{rounds} rounds of 3 nodes on a fresh sqlite file (memory broker)"
+    )];
     details.extend(reasons.into_iter().take(3).map(|r| format!("error: {r}")));
     Ok(Row {
         finding: format!("{failed} of {starts} starts failed"),
