@@ -309,9 +309,13 @@ export class HeraldSocket {
         if (typeof message.offset === "number" && message.offset > (this.offset ?? -1)) {
           this.offset = message.offset;
         }
+      } else if (typeof message.epoch === "string" && typeof message.offset === "number") {
+        // The gap cannot be filled (at resume, or in band when the channel's sequence
+        // was lost under an open socket): continue from the position the server gives;
+        // the app must reload its state (onRecovered tells it).
+        this.epoch = message.epoch;
+        this.offset = message.offset;
       } else if (this.welcome) {
-        // The gap cannot be filled: continue from the welcome's position; the app must
-        // reload its state (onRecovered tells it).
         this.epoch = this.welcome.epoch;
         this.offset = this.welcome.offset;
       }

@@ -166,14 +166,41 @@ impl Draft {
     }
 }
 
-/// A sequenced message: its offset in the channel and the exact bytes sent to clients.
+/// A sequenced message: its offset and epoch in the channel and the exact bytes sent to
+/// clients.
+///
+/// The epoch travels beside the bytes (not only inside them) so that a session can
+/// check every message it forwards against the epoch its client was told, without
+/// parsing JSON: an offset means nothing outside its epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     pub offset: u64,
-    /// The JSON text frame, shared by every subscriber.
+    /// The channel's epoch this message was sequenced in.
+    pub epoch: Arc<str>,
+    /// The JSON text frame, shared by every subscriber. Empty for an epoch marker.
     pub bytes: Bytes,
     /// When this node sequenced (or received) it, for publish-to-send latency.
     pub published_at: tokio::time::Instant,
+}
+
+impl Message {
+    /// A marker that tells a channel's sessions the channel now stands at `epoch` and
+    /// `offset`, found by a node that could not see the messages that led there (Redis
+    /// restarted, a failover lost writes). Sessions treat it as a message of that epoch
+    /// and never send it; it carries no bytes.
+    pub fn epoch_marker(epoch: Arc<str>, offset: u64) -> Self {
+        Self {
+            offset,
+            epoch,
+            bytes: Bytes::new(),
+            published_at: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Whether this is an [`Message::epoch_marker`].
+    pub fn is_marker(&self) -> bool {
+        self.bytes.is_empty()
+    }
 }
 
 /// The current time as RFC 3339 UTC with milliseconds and a `Z` suffix.

@@ -77,7 +77,7 @@ pub struct MemoryStats {
 type ChannelMap = HashMap<Arc<str>, Arc<Mutex<ChannelState>>>;
 
 struct ChannelState {
-    epoch: String,
+    epoch: Arc<str>,
     offset: u64,
     history: VecDeque<Stored>,
     /// Last publish or position query; idle channels are evicted after the TTL.
@@ -124,7 +124,7 @@ impl MemoryBroker {
             return state.clone();
         }
         let state = Arc::new(Mutex::new(ChannelState {
-            epoch: new_id(),
+            epoch: Arc::from(new_id()),
             offset: 0,
             history: VecDeque::new(),
             touched: Instant::now(),
@@ -250,6 +250,7 @@ impl Broker for MemoryBroker {
             let bytes = draft.seal(&id, state.offset, &state.epoch, &now_rfc3339());
             let message = Message {
                 offset: state.offset,
+                epoch: state.epoch.clone(),
                 bytes,
                 published_at: now,
             };
@@ -264,7 +265,7 @@ impl Broker for MemoryBroker {
             Published {
                 id,
                 offset: state.offset,
-                epoch: state.epoch.clone(),
+                epoch: state.epoch.to_string(),
             }
         });
         if self.history_bytes.load(Ordering::Relaxed) > self.history_max_bytes {
@@ -290,7 +291,7 @@ impl Broker for MemoryBroker {
                 .collect();
             History {
                 position: Position {
-                    epoch: state.epoch.clone(),
+                    epoch: state.epoch.to_string(),
                     offset: state.offset,
                 },
                 messages,
@@ -303,7 +304,7 @@ impl Broker for MemoryBroker {
         Ok(self.with_channel(channel, |state| {
             state.touched = Instant::now();
             Position {
-                epoch: state.epoch.clone(),
+                epoch: state.epoch.to_string(),
                 offset: state.offset,
             }
         }))

@@ -9,7 +9,8 @@
 //!   first, trimmed to `HERALD_HISTORY_SIZE` and expiring `HERALD_HISTORY_TTL` after the
 //!   last publish. Entries older than the TTL are skipped when read, as the memory broker
 //!   prunes them.
-//! - `herald:{c}:messages`: the pub/sub channel; each payload is `"{offset} {sealed JSON}"`.
+//! - `herald:{c}:messages`: the pub/sub channel; each payload is
+//!   `"{offset} {epoch} {sealed JSON}"`.
 //!
 //! (The per-user connection counts of `limits::shared` are `herald:{conns}:…`.)
 //!
@@ -51,6 +52,7 @@ use fred::types::cluster::ClusterRouting;
 use fred::types::config::Server;
 use fred::types::scripts::Script;
 use fred::types::{ClusterHash, CustomCommand};
+use futures_util::StreamExt;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -67,6 +69,9 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How long `connect` waits for the first connection before starting not-ready.
 const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(5);
+
+/// Channels read at once when catching up after a reconnect.
+const CATCH_UP_CONCURRENCY: usize = 16;
 
 /// Pub/sub messages buffered between the connection and the subscriber task.
 const MESSAGE_BUFFER: usize = 16_384;
@@ -156,8 +161,24 @@ if size > 0 then
   redis.call('PEXPIRE', KEYS[2], ARGV[6])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
-redis.call(ARGV[9], KEYS[3], offset .. ' ' .. sealed)
+redis.call(ARGV[9], KEYS[3], offset .. ' ' .. epoch .. ' ' .. sealed)
 return {offset, epoch}
+"#;
+
+/// Starts a new epoch when the channel still has the epoch a node found inconsistent
+/// (its offsets went back: a failover lost acknowledged writes). KEYS = meta, history;
+/// ARGV = the inconsistent epoch, the new epoch, meta TTL (ms). Returns `{epoch,
+/// offset}`: the new epoch at offset 0, or whatever the channel has if another node
+/// already moved it on.
+pub const RESET_SCRIPT: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if (not epoch) or epoch == ARGV[1] then
+  epoch = ARGV[2]
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+  redis.call('DEL', KEYS[2])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {epoch, redis.call('HGET', KEYS[1], 'offset')}
 "#;
 
 fn meta_key(channel: &str) -> String {
@@ -175,6 +196,17 @@ fn pubsub_channel(channel: &str) -> String {
 /// The herald channel name inside a pub/sub channel name.
 fn channel_of_pubsub(name: &str) -> Option<&str> {
     name.strip_prefix("herald:{")?.strip_suffix("}:messages")
+}
+
+/// Whether to send a command now: not while disconnected, so the caller fails at once.
+///
+/// On a Cluster this means *every* primary is connected. A command for a healthy
+/// primary could be sent, but fred's one router task stalls every command while it
+/// reconnects to any primary (fred issue 363), so sending it would only turn a quick
+/// 503 into a slow one. Keeping a partial outage partial needs a connection per primary
+/// routed by slot (docs/protocol.md, known limits).
+pub(crate) fn may_send(client: &fred::prelude::Client) -> bool {
+    client.is_connected()
 }
 
 fn unavailable(err: impl std::fmt::Display) -> BrokerError {
@@ -239,6 +271,17 @@ fn parse_read(reply: Value) -> Result<(Position, Vec<Value>), BrokerError> {
     Ok((Position { epoch, offset }, entries))
 }
 
+/// `{epoch, offset}` from a [`RESET_SCRIPT`] reply.
+fn parse_position(reply: Value) -> Result<Position, BrokerError> {
+    let malformed = || BrokerError::Unavailable("unexpected reply from Redis".into());
+    let Value::Array(parts) = reply else {
+        return Err(malformed());
+    };
+    let epoch = parts.first().and_then(value_string).ok_or_else(malformed)?;
+    let offset = parts.get(1).and_then(value_u64).ok_or_else(malformed)?;
+    Ok(Position { epoch, offset })
+}
+
 /// The node's half of a Redis-backed broker: the command connection and the handle of
 /// the subscriber task, which stops when this is dropped.
 pub struct RedisBroker {
@@ -277,11 +320,89 @@ pub struct Subscriber {
 /// What the subscriber knows of one channel it listens to.
 #[derive(Clone, Debug, Default)]
 struct Listening {
-    /// The last epoch this node read or published in the channel.
-    epoch: Option<String>,
+    /// The newest epoch this node knows for the channel, and the highest offset it has
+    /// seen in it from any source (its own publishes and reads, pub/sub). Redis never
+    /// moves an offset back within an epoch, so finding Redis below it later means Redis
+    /// lost acknowledged writes (a failover).
+    seen: Option<(Arc<str>, u64)>,
+    /// The epoch and offset of the last message received on the pub/sub connection.
+    /// Within one epoch these only grow: a message at or below it reuses an offset.
+    stream: Option<(Arc<str>, u64)>,
+    /// Epochs this channel has left, newest last (a few): their late messages are
+    /// dropped instead of being taken for a new epoch.
+    retired: Vec<Arc<str>>,
+    /// A reset of the epoch is under way (one at a time per channel).
+    resetting: bool,
     /// On a Cluster, the primary that owned the channel's slot when this node last
     /// subscribed to it; `None` until a subscription succeeded.
     shard: Option<Server>,
+}
+
+/// What catching up does with one channel.
+enum CatchUp {
+    /// Deliver history after this offset, in this epoch.
+    Deliver(Arc<str>, u64),
+    /// Redis is below the highest offset seen in this epoch: replace it.
+    Reset(Arc<str>, u64),
+}
+
+/// How many left epochs a channel remembers.
+const RETIRED_EPOCHS: usize = 4;
+
+/// What the subscriber does with one pub/sub message.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Deliver,
+    /// A late message of an epoch the channel has left.
+    Stale,
+    /// An offset at or below one already received in the same epoch: Redis lost
+    /// writes and handed the offset out again. The epoch must be replaced.
+    Reused,
+}
+
+impl Listening {
+    fn retire(&mut self, epoch: &Arc<str>) {
+        if !self.retired.iter().any(|e| e == epoch) {
+            if self.retired.len() == RETIRED_EPOCHS {
+                self.retired.remove(0);
+            }
+            self.retired.push(epoch.clone());
+        }
+    }
+
+    /// Records `offset` in `epoch` as seen by this node; a different epoch replaces the
+    /// old one, which is retired. Returns the interned epoch.
+    fn note(&mut self, epoch: &str, offset: u64) -> Arc<str> {
+        match &mut self.seen {
+            Some((known, max)) if **known == *epoch => {
+                *max = (*max).max(offset);
+                known.clone()
+            }
+            _ => {
+                let epoch: Arc<str> = Arc::from(epoch);
+                if let Some((old, _)) = self.seen.take() {
+                    self.retire(&old);
+                }
+                self.seen = Some((epoch.clone(), offset));
+                epoch
+            }
+        }
+    }
+
+    /// Judges a pub/sub message, and records it when it is delivered.
+    fn judge(&mut self, epoch: &str, offset: u64) -> (Verdict, Arc<str>) {
+        if let Some(retired) = self.retired.iter().find(|e| ***e == *epoch) {
+            return (Verdict::Stale, retired.clone());
+        }
+        if let Some((known, max)) = &self.stream {
+            if **known == *epoch && offset <= *max {
+                return (Verdict::Reused, known.clone());
+            }
+        }
+        let interned = self.note(epoch, offset);
+        self.stream = Some((interned.clone(), offset));
+        (Verdict::Deliver, interned)
+    }
 }
 
 /// Why the subscriber subscribes again.
@@ -426,9 +547,10 @@ impl RedisBroker {
         meta_ttl_ms(self.history_ttl)
     }
 
-    /// Runs `script`, failing at once while disconnected and after [`COMMAND_TIMEOUT`].
+    /// Runs `script`, failing at once while disconnected (one Redis) and after
+    /// [`COMMAND_TIMEOUT`].
     async fn eval(&self, script: &Script, keys: Vec<String>, args: Vec<Value>) -> Result<Value, BrokerError> {
-        if !self.client.is_connected() {
+        if !may_send(&self.client) {
             return Err(BrokerError::Unavailable("not connected to Redis".into()));
         }
         tokio::time::timeout(
@@ -459,7 +581,7 @@ impl RedisBroker {
             )
             .await?;
         let (position, entries) = parse_read(reply)?;
-        self.subscriber.note_epoch(name, &position.epoch);
+        self.subscriber.note(name, &position.epoch, position.offset);
         Ok((position, entries))
     }
 }
@@ -492,7 +614,7 @@ impl Broker for RedisBroker {
         };
         let offset = parts.first().and_then(value_u64).ok_or_else(malformed)?;
         let epoch = parts.get(1).and_then(value_string).ok_or_else(malformed)?;
-        self.subscriber.note_epoch(name, &epoch);
+        self.subscriber.note(name, &epoch, offset);
         Ok(Published { id, offset, epoch })
     }
 
@@ -511,6 +633,7 @@ impl Broker for RedisBroker {
             .filter(|(_, at_ms, _)| now_ms.saturating_sub(*at_ms) < ttl_ms)
             .collect();
         let oldest_kept = kept.first().map_or(position.offset + 1, |(offset, _, _)| *offset);
+        let epoch: Arc<str> = Arc::from(position.epoch.as_str());
         let complete = since <= position.offset && since + 1 >= oldest_kept;
         let messages = kept
             .iter()
@@ -518,6 +641,7 @@ impl Broker for RedisBroker {
             .take(limit)
             .map(|(offset, at_ms, bytes)| Message {
                 offset: *offset,
+                epoch: epoch.clone(),
                 bytes: Bytes::copy_from_slice(bytes),
                 published_at: now
                     .checked_sub(Duration::from_millis(now_ms.saturating_sub(*at_ms)))
@@ -564,7 +688,7 @@ impl Subscriber {
     async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
         let _changing = self.changing.lock().await;
         lock(&self.channels).entry(channel.to_owned()).or_default();
-        if !self.client.is_connected() {
+        if !may_send(&self.client) {
             // Subscribed again by the task when the connection comes back.
             return Err(BrokerError::Unavailable("not connected to Redis".into()));
         }
@@ -606,7 +730,7 @@ impl Subscriber {
             return;
         }
         lock(&self.channels).remove(channel);
-        if self.client.is_connected() {
+        if may_send(&self.client) {
             let name = pubsub_channel(channel);
             let unsubscribed = match self.fanout {
                 Fanout::Plain => tokio::time::timeout(COMMAND_TIMEOUT, self.client.unsubscribe(name)).await,
@@ -620,12 +744,11 @@ impl Subscriber {
         }
     }
 
-    /// Records the epoch this node last saw in `channel`, if it listens to it.
-    fn note_epoch(&self, channel: &str, epoch: &str) {
+    /// Records a position this node read or published in `channel`, if it listens to
+    /// it.
+    fn note(&self, channel: &str, epoch: &str, offset: u64) {
         if let Some(listening) = lock(&self.channels).get_mut(channel) {
-            if listening.epoch.as_deref() != Some(epoch) {
-                listening.epoch = Some(epoch.to_owned());
-            }
+            listening.note(epoch, offset);
         }
     }
 
@@ -633,7 +756,7 @@ impl Subscriber {
     /// (on a Cluster, those held by the primary that came back); on a Cluster's slot
     /// check, those whose slot changed owner or whose subscription failed. Then checks
     /// their epochs.
-    async fn resync(&self, why: Resync) {
+    async fn resync(self: &Arc<Self>, why: Resync) {
         let _changing = self.changing.lock().await;
         let channels: Vec<(String, Listening)> = lock(&self.channels)
             .iter()
@@ -675,7 +798,7 @@ impl Subscriber {
                     if !needed {
                         continue;
                     }
-                    if !self.client.is_connected() {
+                    if !may_send(&self.client) {
                         // The reconnect that follows resyncs again.
                         break;
                     }
@@ -693,61 +816,180 @@ impl Subscriber {
                 again
             }
         };
-        self.check_epochs(again).await;
+        self.catch_up(again.into_iter().map(|(channel, _)| channel).collect())
+            .await;
     }
 
-    /// Closes the sockets of every channel whose epoch changed while this node was not
-    /// subscribed to it (Redis lost its data): their offsets mean nothing in the new
-    /// epoch, and on resuming they learn it.
-    async fn check_epochs(&self, channels: Vec<(String, Listening)>) {
-        if channels.iter().all(|(_, listening)| listening.epoch.is_none()) {
+    /// Brings this node's sockets of `channels` up to date with Redis after the node
+    /// may have missed messages (a reconnect, a resubscribe, a lagging receiver).
+    /// Messages published meanwhile are delivered from history (sessions skip what they
+    /// have); a new epoch is announced with an epoch marker after its messages; an
+    /// epoch whose offset went back (lost writes) is replaced. A channel whose state
+    /// cannot be read is closed with 1001: its clients resume and are told what they
+    /// missed, never left waiting for a message that will not come.
+    async fn catch_up(self: &Arc<Self>, channels: Vec<String>) {
+        if channels.is_empty() {
             return;
         }
-        if tokio::time::timeout(FIRST_CONNECT_WAIT, self.commands.wait_for_connect())
-            .await
-            .is_err()
-        {
-            return;
-        }
+        let _ = tokio::time::timeout(FIRST_CONNECT_WAIT, self.commands.wait_for_connect()).await;
+        let results: Vec<(String, Result<(), BrokerError>)> = futures_util::stream::iter(channels)
+            .map(|channel| async move {
+                let result = self.catch_up_one(&channel).await;
+                (channel, result)
+            })
+            .buffer_unordered(CATCH_UP_CONCURRENCY)
+            .collect()
+            .await;
         let lost = Close::new(CloseCode::GoingAway, "lost position; resume with since");
-        for (channel, listening) in channels {
-            let Some(known) = listening.epoch else { continue };
-            let read = self.read_script.evalsha_with_reload::<Value, _, _>(
-                &self.commands,
-                vec![meta_key(&channel), history_key(&channel)],
-                vec![
-                    Value::from(new_id()),
-                    Value::from(self.meta_ttl_ms.to_string()),
-                    Value::from("0"),
-                ],
-            );
-            let Ok(Ok(reply)) = tokio::time::timeout(COMMAND_TIMEOUT, read).await else {
-                continue;
-            };
-            let Ok((position, _)) = parse_read(reply) else {
-                continue;
-            };
-            if position.epoch != known {
+        for (channel, result) in results {
+            if let Err(err) = result {
                 let closed = self.hub.disconnect_channel(&channel, &lost);
-                tracing::info!(
+                tracing::warn!(channel, closed, error = %err, "could not catch up with Redis: closing the channel's sockets (1001)");
+            }
+        }
+    }
+
+    async fn catch_up_one(self: &Arc<Self>, channel: &str) -> Result<(), BrokerError> {
+        let read = self.read_script.evalsha_with_reload::<Value, _, _>(
+            &self.commands,
+            vec![meta_key(channel), history_key(channel)],
+            vec![
+                Value::from(new_id()),
+                Value::from(self.meta_ttl_ms.to_string()),
+                Value::from("1"),
+            ],
+        );
+        let reply = tokio::time::timeout(COMMAND_TIMEOUT, read)
+            .await
+            .map_err(|_| BrokerError::Unavailable("Redis did not answer in time".into()))?
+            .map_err(unavailable)?;
+        let (position, entries) = parse_read(reply)?;
+        let decision = {
+            let mut channels = lock(&self.channels);
+            let Some(listening) = channels.get_mut(channel) else {
+                return Ok(());
+            };
+            match &listening.seen {
+                Some((known, max)) if **known == *position.epoch && position.offset < *max => {
+                    CatchUp::Reset(known.clone(), *max)
+                }
+                _ => {
+                    let from = match &listening.stream {
+                        Some((known, max)) if **known == *position.epoch => *max,
+                        _ => 0,
+                    };
+                    CatchUp::Deliver(listening.note(&position.epoch, position.offset), from)
+                }
+            }
+        };
+        let (epoch, from) = match decision {
+            CatchUp::Deliver(epoch, from) => (epoch, from),
+            CatchUp::Reset(known, max) => {
+                tracing::warn!(
+                    channel,
+                    seen = max,
+                    now = position.offset,
+                    "channel offset went back in Redis (lost writes): starting a new epoch"
+                );
+                self.reset(channel, known).await;
+                return Ok(());
+            }
+        };
+        let now = Instant::now();
+        for entry in &entries {
+            let Some((offset, rest)) = value_bytes(entry).and_then(split_number) else {
+                continue;
+            };
+            let Some((_, bytes)) = split_number(rest) else {
+                continue;
+            };
+            if offset > from && offset <= position.offset {
+                self.hub.deliver(
+                    channel,
+                    &Message {
+                        offset,
+                        epoch: epoch.clone(),
+                        bytes: Bytes::copy_from_slice(bytes),
+                        published_at: now,
+                    },
+                );
+            }
+        }
+        self.hub
+            .deliver(channel, &Message::epoch_marker(epoch, position.offset));
+        Ok(())
+    }
+
+    /// Replaces `channel`'s epoch `stale`, whose offsets Redis handed out again, and
+    /// tells the channel's sessions (an epoch marker).
+    async fn reset(self: &Arc<Self>, channel: &str, stale: Arc<str>) {
+        {
+            let mut channels = lock(&self.channels);
+            let Some(listening) = channels.get_mut(channel) else {
+                return;
+            };
+            if listening.resetting {
+                return;
+            }
+            listening.resetting = true;
+        }
+        let script = Script::from_lua(RESET_SCRIPT);
+        let reset = script.evalsha_with_reload::<Value, _, _>(
+            &self.commands,
+            vec![meta_key(channel), history_key(channel)],
+            vec![
+                Value::from(stale.to_string()),
+                Value::from(new_id()),
+                Value::from(self.meta_ttl_ms.to_string()),
+            ],
+        );
+        let result = match tokio::time::timeout(COMMAND_TIMEOUT, reset).await {
+            Ok(Ok(reply)) => parse_position(reply),
+            Ok(Err(err)) => Err(unavailable(err)),
+            Err(_) => Err(BrokerError::Unavailable("Redis did not answer in time".into())),
+        };
+        let marker = {
+            let mut channels = lock(&self.channels);
+            let Some(listening) = channels.get_mut(channel) else {
+                return;
+            };
+            listening.resetting = false;
+            match result {
+                Ok(position) => {
+                    listening.retire(&stale);
+                    let epoch = listening.note(&position.epoch, position.offset);
+                    Some(Message::epoch_marker(epoch, position.offset))
+                }
+                Err(_) => None,
+            }
+        };
+        match marker {
+            Some(marker) => {
+                tracing::warn!(
+                    channel,
+                    epoch = &*marker.epoch,
+                    "channel moved to a new epoch after lost writes"
+                );
+                self.hub.deliver(channel, &marker);
+            }
+            None => {
+                let lost = Close::new(CloseCode::GoingAway, "lost position; resume with since");
+                let closed = self.hub.disconnect_channel(channel, &lost);
+                tracing::warn!(
                     channel,
                     closed,
-                    "channel epoch changed while disconnected from Redis"
+                    "could not start a new epoch: closing the channel's sockets (1001)"
                 );
-                self.note_epoch(&channel, &position.epoch);
             }
         }
     }
 
     /// On a Cluster: refreshes the slot map, then subscribes again where it changed.
-    async fn check_slots(&self) {
+    async fn check_slots(self: &Arc<Self>) {
         // A check still running (Redis slow, many channels) makes this one redundant.
         let Ok(_checking) = self.checking.try_lock() else {
             return;
         };
-        if !self.client.is_connected() {
-            return;
-        }
         match tokio::time::timeout(COMMAND_TIMEOUT, self.client.sync_cluster()).await {
             Ok(Ok(())) => self.resync(Resync::SlotCheck).await,
             Ok(Err(err)) => tracing::debug!(error = %err, "reading the Redis Cluster slot map failed"),
@@ -755,22 +997,51 @@ impl Subscriber {
         }
     }
 
-    fn deliver(&self, message: &fred::types::Message) {
+    fn deliver(self: &Arc<Self>, message: &fred::types::Message) {
         let Some(channel) = channel_of_pubsub(&message.channel) else {
             return;
         };
-        let Some((offset, bytes)) = message.value.as_bytes().and_then(split_number) else {
+        let parsed = message
+            .value
+            .as_bytes()
+            .and_then(split_number)
+            .and_then(|(offset, rest)| {
+                let space = rest.iter().position(|&b| b == b' ')?;
+                let epoch = std::str::from_utf8(&rest[..space]).ok()?;
+                Some((offset, epoch, &rest[space + 1..]))
+            });
+        let Some((offset, epoch, bytes)) = parsed else {
             tracing::warn!(channel, "malformed message from Redis");
             return;
         };
-        self.hub.deliver(
-            channel,
-            &Message {
-                offset,
-                bytes: Bytes::copy_from_slice(bytes),
-                published_at: Instant::now(),
-            },
-        );
+        let (verdict, epoch) = match lock(&self.channels).get_mut(channel) {
+            Some(listening) => listening.judge(epoch, offset),
+            None => (Verdict::Deliver, Arc::from(epoch)),
+        };
+        match verdict {
+            Verdict::Deliver => {
+                self.hub.deliver(
+                    channel,
+                    &Message {
+                        offset,
+                        epoch,
+                        bytes: Bytes::copy_from_slice(bytes),
+                        published_at: Instant::now(),
+                    },
+                );
+            }
+            Verdict::Stale => tracing::debug!(channel, "late message of a left epoch dropped"),
+            Verdict::Reused => {
+                tracing::warn!(
+                    channel,
+                    offset,
+                    "Redis handed out an offset again (lost writes): starting a new epoch"
+                );
+                let this = self.clone();
+                let channel = channel.to_owned();
+                tokio::spawn(async move { this.reset(&channel, epoch).await });
+            }
+        }
     }
 
     /// Delivers messages to the hub, resubscribes after each reconnect and, on a
@@ -790,7 +1061,12 @@ impl Subscriber {
                 message = messages.recv() => match message {
                     Ok(message) => self.deliver(&message),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
-                        tracing::warn!(missed, "Redis messages dropped: clients fill the gap from history");
+                        // Which channels lost messages is not known: catch every one up
+                        // from history, so a channel's last message is not left unsent.
+                        tracing::warn!(missed, "Redis messages dropped by a lagging receiver: catching up from history");
+                        let channels: Vec<String> = lock(&self.channels).keys().cloned().collect();
+                        let this = self.clone();
+                        tokio::spawn(async move { this.catch_up(channels).await });
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                 },
@@ -820,3 +1096,6 @@ impl Subscriber {
         let _ = self.client.quit().await;
     }
 }
+
+#[cfg(test)]
+mod tests;

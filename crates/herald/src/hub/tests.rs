@@ -8,6 +8,7 @@ use crate::close::CloseCode;
 fn message(offset: u64, len: usize) -> Message {
     Message {
         offset,
+        epoch: std::sync::Arc::from("e"),
         bytes: Bytes::from(vec![b'x'; len]),
         published_at: tokio::time::Instant::now(),
     }

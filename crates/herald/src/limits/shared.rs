@@ -186,7 +186,7 @@ impl SharedCounts {
     }
 
     pub async fn acquire(&self, user_id: &str, max: u32) -> Result<Option<u32>, BrokerError> {
-        if !self.client.is_connected() {
+        if !crate::broker::redis::may_send(&self.client) {
             return Err(BrokerError::Unavailable("not connected to Redis".into()));
         }
         let reply = tokio::time::timeout(

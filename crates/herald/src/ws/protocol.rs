@@ -114,10 +114,11 @@ impl Welcome<'_> {
 }
 
 /// Ends a resume: whether the client's gap was filled, and how many messages it got.
-pub fn recovered(recovered: bool, missed: usize, epoch: &str, offset: u64) -> String {
+pub fn recovered(channel: &str, recovered: bool, missed: usize, epoch: &str, offset: u64) -> String {
     json!({
         "type": "system",
         "status": "recovered",
+        "channel": channel,
         "recovered": recovered,
         "missed": missed,
         "epoch": epoch,

@@ -71,7 +71,12 @@ struct Session<'a, S> {
     ws: WebSocketStream<S>,
     plan: Plan,
     outbox: Arc<Outbox>,
-    /// Offset of the last channel message written to this socket.
+    /// The channel's epoch as this socket's client knows it: every message forwarded
+    /// must belong to it. Set by the welcome, changed only by telling the client.
+    epoch: Arc<str>,
+    /// Epochs this socket has left: their late messages are dropped.
+    retired: Vec<Arc<str>>,
+    /// Offset, in `epoch`, of the last channel message written to this socket.
     last_offset: u64,
     /// True while a batch sits in the WebSocket's frame queue, not yet flushed.
     writing: bool,
@@ -118,6 +123,8 @@ where
         ws,
         plan,
         outbox: outbox.clone(),
+        epoch: Arc::from(""),
+        retired: Vec::new(),
         last_offset: 0,
         writing: false,
         batch: Vec::new(),
@@ -176,6 +183,7 @@ where
         .to_json();
         self.queue_text(welcome)?;
         self.last_offset = position.offset;
+        self.epoch = Arc::from(position.epoch.as_str());
 
         let Some(resume) = self.plan.resume.clone() else {
             return Ok(());
@@ -205,7 +213,13 @@ where
         self.state
             .metrics
             .delivered(self.plan.channel.kind(), missed as u64, None);
-        let text = protocol::recovered(recovered, missed, &position.epoch, self.last_offset);
+        let text = protocol::recovered(
+            self.plan.channel.name(),
+            recovered,
+            missed,
+            &position.epoch,
+            self.last_offset,
+        );
         self.queue_text(text)
     }
 
@@ -324,6 +338,21 @@ where
         let mut n_sent = 0;
         let mut oldest = None;
         for message in batch.drain(..) {
+            if !Arc::ptr_eq(&message.epoch, &self.epoch) {
+                if message.epoch == self.epoch {
+                    // Share the broker's copy, so later messages compare by pointer.
+                    self.epoch = message.epoch.clone();
+                } else if !self.switch_epoch(&message).await? {
+                    continue;
+                }
+            }
+            if message.is_marker() {
+                // The channel stands at this offset: send what this socket lacks.
+                if message.offset > self.last_offset {
+                    self.fill_gap(message.offset + 1).await?;
+                }
+                continue;
+            }
             if message.offset <= self.last_offset {
                 continue;
             }
@@ -339,6 +368,60 @@ where
             .metrics
             .delivered(self.plan.channel.kind(), n_sent, oldest.map(|at| at.elapsed()));
         Ok(())
+    }
+
+    /// A message from an epoch other than the client's. If the channel has moved to it
+    /// (Redis lost the channel's state, or a failover lost writes), the client is told
+    /// in band, `recovered:false` with the new epoch and the offset after which it will
+    /// receive every message, and the message is then forwarded; a late message of an
+    /// epoch the channel has left is dropped. Returns whether to forward the message.
+    ///
+    /// Which epoch is current is asked of the broker, not inferred: a message queued
+    /// before this socket's welcome may come from the epoch before it.
+    async fn switch_epoch(&mut self, message: &ChannelMessage) -> Result<bool, Exit> {
+        if self.retired.contains(&message.epoch) {
+            return Ok(false);
+        }
+        let position = Box::pin(self.state.broker.position(&self.plan.channel))
+            .await
+            .map_err(|_| {
+                Exit::Close(Close::new(
+                    CloseCode::GoingAway,
+                    "lost position; resume with since",
+                ))
+            })?;
+        if *position.epoch == *self.epoch {
+            self.retire(message.epoch.clone());
+            return Ok(false);
+        }
+        let (epoch, offset, forward) = if *position.epoch == *message.epoch {
+            let offset = if message.is_marker() {
+                message.offset.min(position.offset)
+            } else {
+                message.offset - 1
+            };
+            (message.epoch.clone(), offset, true)
+        } else {
+            // The channel moved on again: start from where it stands now.
+            self.retire(message.epoch.clone());
+            (Arc::from(position.epoch.as_str()), position.offset, false)
+        };
+        let old = std::mem::replace(&mut self.epoch, epoch);
+        self.retire(old);
+        self.last_offset = offset;
+        tracing::info!(channel = %self.plan.channel, offset, "channel epoch changed under a socket: told recovered:false");
+        let text = protocol::recovered(self.plan.channel.name(), false, 0, &self.epoch, offset);
+        self.queue_text(text)?;
+        Ok(forward)
+    }
+
+    fn retire(&mut self, epoch: Arc<str>) {
+        if !self.retired.contains(&epoch) {
+            if self.retired.len() == 4 {
+                self.retired.remove(0);
+            }
+            self.retired.push(epoch);
+        }
     }
 
     /// Sends the messages between the last one written and `next` from history. If they
@@ -360,7 +443,7 @@ where
             )
             .await
             .map_err(|_| lost())?;
-        if !history.complete {
+        if !history.complete || *history.position.epoch != *self.epoch {
             return Err(lost());
         }
         let mut n_sent = 0;

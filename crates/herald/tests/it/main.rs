@@ -17,6 +17,7 @@ mod chat;
 mod clients;
 mod delivery;
 mod django;
+mod faults;
 mod handshake;
 mod jwks;
 mod lifecycle;

@@ -134,6 +134,19 @@ impl Redis {
         }
     }
 
+    /// Runs one command on this server with `redis-cli` and returns its output.
+    pub(crate) async fn cli(&self, args: &[&str]) -> String {
+        let port = self.port.to_string();
+        let out = tokio::process::Command::new("redis-cli")
+            .args(["-p", &port])
+            .args(args)
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
     pub(crate) async fn restart(&mut self) {
         self.child = Some(start_server(self.port).await);
     }
@@ -305,31 +318,33 @@ async fn losing_redis_makes_nodes_not_ready_and_they_recover() {
     assert_cut_off(&a, &b, &u).await;
 
     // Back on the same port, empty: the old epoch is gone. The socket that stayed open
-    // through the outage is told to resume, and learns it cannot recover.
+    // through the outage is told in band that it cannot recover, with the new epoch.
     redis.restart().await;
     wait_ready(&a, true).await;
     wait_ready(&b, true).await;
-    let (code, reason) = on_b.expect_close().await;
-    assert_eq!(code, 1001, "{reason}");
+    let told = on_b.next_json().await;
+    assert_eq!(told["status"], "recovered", "{told}");
+    assert_eq!(told["recovered"], false, "{told}");
+    assert_eq!(told["channel"], format!("notifications:{u}"));
+    assert_ne!(told["epoch"], welcome["epoch"], "Redis lost its data: new epoch");
     // The reconnect is counted.
     let reconnects = broker_reconnects(&b).await;
     assert!(
         reconnects >= 1.0,
         "herald_broker_reconnects_total is {reconnects}"
     );
+    // Delivery across nodes resumes, in the epoch the socket was told.
+    a.notify(&u, json!({"after": true})).await;
+    let received = on_b.next_json().await;
+    assert_eq!(received["notification"]["after"], true, "{received}");
+    assert_eq!(received["epoch"], told["epoch"]);
+    assert_eq!(received["offset"], told["offset"].as_u64().unwrap() + 1);
+    // A client that resumes with the old epoch learns it cannot recover.
     let old_epoch = welcome["epoch"].as_str().unwrap();
     let (mut resumed, new_welcome) = b.connect(&format!("{path}?since=1&epoch={old_epoch}"), &u).await;
-    assert_ne!(
-        new_welcome["epoch"], welcome["epoch"],
-        "Redis lost its data: new epoch"
-    );
+    assert_eq!(new_welcome["epoch"], told["epoch"]);
     let recovered = resumed.next_json().await;
     assert_eq!(recovered["recovered"], false, "{recovered}");
-    // Delivery across nodes resumes.
-    a.notify(&u, json!({"after": true})).await;
-    let received = resumed.next_json().await;
-    assert_eq!(received["notification"]["after"], true, "{received}");
-    assert_eq!(received["epoch"], new_welcome["epoch"]);
 }
 
 #[tokio::test]

@@ -463,24 +463,25 @@ async fn a_master_restarted_empty_makes_nodes_not_ready_then_they_resubscribe() 
     assert_cut_off(&a, &b, &u).await;
 
     // Back on the same port with its cluster config but no data: the channel's epoch
-    // is gone. The socket that stayed open is told to resume, and learns it cannot
-    // recover.
+    // is gone. The socket that stayed open is told in band that it cannot recover.
     let master = cluster.masters.iter_mut().find(|m| m.port == owner).unwrap();
     master.restart().await;
     cluster.wait_consistent().await;
     wait_ready(&a, true).await;
     wait_ready(&b, true).await;
-    let (code, reason) = on_b.expect_close().await;
-    assert_eq!(code, 1001, "{reason}");
+    let told = on_b.next_json().await;
+    assert_eq!(told["recovered"], false, "{told}");
+    assert_ne!(told["epoch"], welcome["epoch"]);
     assert!(broker_reconnects(&b).await >= 1.0);
-    let old_epoch = welcome["epoch"].as_str().unwrap();
-    let (mut resumed, new_welcome) = b.connect(&format!("{path}?since=1&epoch={old_epoch}"), &u).await;
-    assert_ne!(new_welcome["epoch"], welcome["epoch"]);
-    assert_eq!(resumed.next_json().await["recovered"], false);
     // Node B subscribed again on the restarted master: delivery across nodes resumes.
     a.notify(&u, json!({"after": true})).await;
-    let received = resumed.next_json().await;
+    let received = on_b.next_json().await;
     assert_eq!(received["notification"]["after"], true, "{received}");
+    assert_eq!(received["epoch"], told["epoch"]);
+    let old_epoch = welcome["epoch"].as_str().unwrap();
+    let (mut resumed, new_welcome) = b.connect(&format!("{path}?since=1&epoch={old_epoch}"), &u).await;
+    assert_eq!(new_welcome["epoch"], told["epoch"]);
+    assert_eq!(resumed.next_json().await["recovered"], false);
 }
 
 /// The shared task queue on a Cluster: its scripts run on the primary of `{tasks}`; a

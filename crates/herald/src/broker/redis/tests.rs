@@ -1,0 +1,56 @@
+//! Unit tests for the Redis subscriber's per-channel bookkeeping: which pub/sub
+//! messages are delivered, dropped as late, or reveal offsets handed out again.
+
+use super::*;
+
+#[test]
+fn a_channel_stream_delivers_in_order_and_finds_reused_offsets() {
+    let mut listening = Listening::default();
+    assert_eq!(listening.judge("e1", 1).0, Verdict::Deliver);
+    assert_eq!(listening.judge("e1", 2).0, Verdict::Deliver);
+    // A gap is for the sessions to fill; it is still delivered.
+    assert_eq!(listening.judge("e1", 5).0, Verdict::Deliver);
+    // The same epoch going back: Redis lost writes.
+    assert_eq!(listening.judge("e1", 5).0, Verdict::Reused);
+    assert_eq!(listening.judge("e1", 3).0, Verdict::Reused);
+}
+
+#[test]
+fn a_new_epoch_is_delivered_and_the_old_one_is_then_late() {
+    let mut listening = Listening::default();
+    listening.judge("e1", 7);
+    let (verdict, epoch) = listening.judge("e2", 1);
+    assert_eq!(verdict, Verdict::Deliver);
+    assert_eq!(&*epoch, "e2");
+    assert_eq!(listening.judge("e1", 8).0, Verdict::Stale);
+    assert_eq!(listening.judge("e2", 2).0, Verdict::Deliver);
+}
+
+#[test]
+fn noted_positions_raise_what_was_seen_but_not_the_stream() {
+    let mut listening = Listening::default();
+    listening.judge("e1", 3);
+    // A read or publish on this node saw offset 9; pub/sub messages 4..9 may still be
+    // on their way and are not reused offsets.
+    listening.note("e1", 9);
+    assert_eq!(listening.seen.as_ref().map(|(_, max)| *max), Some(9));
+    assert_eq!(listening.judge("e1", 4).0, Verdict::Deliver);
+}
+
+#[test]
+fn interned_epochs_are_shared() {
+    let mut listening = Listening::default();
+    let (_, first) = listening.judge("e1", 1);
+    let (_, second) = listening.judge("e1", 2);
+    assert!(Arc::ptr_eq(&first, &second), "one allocation per epoch, not per message");
+}
+
+#[test]
+fn a_channel_remembers_a_few_left_epochs() {
+    let mut listening = Listening::default();
+    for n in 0..10 {
+        listening.judge(&format!("e{n}"), 1);
+    }
+    assert_eq!(listening.retired.len(), RETIRED_EPOCHS);
+    assert_eq!(listening.judge("e8", 2).0, Verdict::Stale);
+}

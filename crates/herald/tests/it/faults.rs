@@ -1,0 +1,206 @@
+//! Delivery under faults (docs/protocol.md, "Delivery under faults"): a socket never
+//! receives a message of an epoch it was not told about, and never misses an
+//! acknowledged message without being told, when Redis loses a channel's state under
+//! connected sockets.
+
+use serde_json::{json, Value};
+
+use crate::redis::{user, wait_ready, Redis};
+use crate::support::WsClient;
+
+/// Reads `ws` until `n` notifications arrived, checking on the way that every message
+/// is in the epoch the socket was last told and follows the previous offset by one, and
+/// that an epoch change was told in band (`recovered:false`). Returns the notifications
+/// and the `recovered:false` messages seen.
+async fn read_checked(ws: &mut WsClient, welcome: &Value, n: usize) -> (Vec<Value>, Vec<Value>) {
+    let mut epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    let mut offset = welcome["offset"].as_u64().unwrap();
+    let (mut got, mut told) = (Vec::new(), Vec::new());
+    while got.len() < n {
+        let message = ws.next_json().await;
+        if message["type"] == "system" && message["status"] == "recovered" {
+            assert_eq!(message["recovered"], false, "{message}");
+            epoch = message["epoch"].as_str().unwrap().to_owned();
+            offset = message["offset"].as_u64().unwrap();
+            told.push(message);
+            continue;
+        }
+        assert_eq!(
+            message["epoch"],
+            epoch.as_str(),
+            "a message of an epoch the socket was not told: {message}"
+        );
+        assert_eq!(
+            message["offset"],
+            offset + 1,
+            "an offset skipped or repeated: {message}"
+        );
+        offset += 1;
+        got.push(message);
+    }
+    (got, told)
+}
+
+/// Redis restarted without its data while sockets stay open on two nodes. Whichever
+/// node publishes next (the one holding the sockets included, whose own publish used
+/// to hide the epoch change from it), every socket is told the new epoch and then gets
+/// every new message; a channel on which nothing is published is told too.
+#[tokio::test]
+async fn redis_restarted_empty_is_told_in_band_and_nothing_is_skipped() {
+    let Some(mut redis) = Redis::start().await else {
+        return;
+    };
+    if !redis.owned() {
+        panic!("this test restarts Redis: unset HERALD_TEST_REDIS_URL to let it start its own");
+    }
+    let (a, b) = (redis.node().await, redis.node().await);
+    let path = "/ws/notifications/";
+    let users = [user("restart-self"), user("restart-other"), user("restart-quiet")];
+    let mut sockets = Vec::new();
+    for u in &users {
+        let (ws, welcome) = b.connect(path, u).await;
+        sockets.push((ws, welcome));
+    }
+    // Enough messages that a new epoch's first offsets are all "old" numbers.
+    for u in &users {
+        for n in 1..=5 {
+            a.notify(u, json!({"n": n})).await;
+        }
+    }
+    for (ws, welcome) in &mut sockets {
+        let (got, told) = read_checked(ws, welcome, 5).await;
+        assert!(told.is_empty());
+        assert_eq!(got[4]["offset"], 5);
+    }
+
+    redis.kill().await;
+    wait_ready(&b, false).await;
+    redis.restart().await;
+    wait_ready(&a, true).await;
+    wait_ready(&b, true).await;
+    // Published by the node that holds the sockets, and by the other one.
+    for n in 1..=3 {
+        b.notify(&users[0], json!({"after": n})).await;
+        a.notify(&users[1], json!({"after": n})).await;
+    }
+    for (i, (ws, welcome)) in sockets.iter_mut().enumerate().take(2) {
+        let (got, told) = read_checked(ws, welcome, 3).await;
+        assert_eq!(told.len(), 1, "socket {i} told once: {told:?}");
+        assert_ne!(told[0]["epoch"], welcome["epoch"]);
+        let afters: Vec<&Value> = got.iter().map(|m| &m["notification"]["after"]).collect();
+        assert_eq!(
+            afters,
+            [1, 2, 3],
+            "socket {i} got every message after the restart"
+        );
+    }
+    // Nothing published on the third channel: it is told all the same.
+    let (ws, welcome) = &mut sockets[2];
+    let told = ws.next_json().await;
+    assert_eq!(told["recovered"], false, "{told}");
+    assert_ne!(told["epoch"], welcome["epoch"]);
+    a.notify(&users[2], json!({"after": 1})).await;
+    let next = ws.next_json().await;
+    assert_eq!(next["epoch"], told["epoch"]);
+    assert_eq!(next["offset"], told["offset"].as_u64().unwrap() + 1);
+}
+
+/// A failover that lost acknowledged writes hands the same offsets out again in the
+/// same epoch. Simulated here by moving the channel's offset back in Redis, as a
+/// promoted replica that missed the last writes would have it. The node that sees an
+/// offset come again starts a new epoch; its socket is told, never gets the reused
+/// offset, and gets what follows.
+#[tokio::test]
+async fn offsets_handed_out_again_start_a_new_epoch() {
+    let Some(redis) = Redis::start().await else { return };
+    if !redis.owned() {
+        panic!("this test edits Redis keys: unset HERALD_TEST_REDIS_URL to let it start its own");
+    }
+    let (a, b) = (redis.node().await, redis.node().await);
+    let u = user("reuse");
+    let (mut ws, welcome) = b.connect("/ws/notifications/", &u).await;
+    for n in 1..=5 {
+        a.notify(&u, json!({"n": n})).await;
+    }
+    read_checked(&mut ws, &welcome, 5).await;
+
+    // Writes 4 and 5 "lost": the next publish is given offset 4 again.
+    let meta = format!("herald:{{notifications:{u}}}:meta");
+    redis.cli(&["HSET", &meta, "offset", "3"]).await;
+    let receipt = a.notify(&u, json!({"n": "reused"})).await;
+    assert_eq!(receipt["offset"], 4, "the simulated failover reuses offset 4");
+    let told = ws.next_json().await;
+    assert_eq!(told["status"], "recovered", "{told}");
+    assert_eq!(told["recovered"], false, "{told}");
+    assert_ne!(told["epoch"], welcome["epoch"], "a new epoch");
+    // Later messages come in the new epoch, right after the offset told.
+    a.notify(&u, json!({"n": "next"})).await;
+    let (_, history) = a
+        .get(&format!("/api/v1/channels/notifications:{u}/history"))
+        .await;
+    assert_eq!(
+        history["epoch"], told["epoch"],
+        "publishes continue in the new epoch"
+    );
+    let next = ws.next_json().await;
+    assert_eq!(next["notification"]["n"], "next", "{next}");
+    assert_eq!(next["epoch"], told["epoch"]);
+    assert_eq!(next["offset"], told["offset"].as_u64().unwrap() + 1);
+}
+
+/// The same loss found without a publish: after its subscription reconnects, the node
+/// compares the channel's offset in Redis with the highest it has seen, finds it went
+/// back, starts a new epoch and tells the socket.
+#[tokio::test]
+async fn offsets_that_went_back_are_found_when_the_node_catches_up() {
+    let Some(redis) = Redis::start().await else { return };
+    if !redis.owned() {
+        panic!("this test edits Redis keys: unset HERALD_TEST_REDIS_URL to let it start its own");
+    }
+    let a = redis.node().await;
+    let u = user("catchup");
+    let (mut ws, welcome) = a.connect("/ws/notifications/", &u).await;
+    for n in 1..=4 {
+        a.notify(&u, json!({"n": n})).await;
+    }
+    read_checked(&mut ws, &welcome, 4).await;
+    let meta = format!("herald:{{notifications:{u}}}:meta");
+    redis.cli(&["HSET", &meta, "offset", "2"]).await;
+    // Cut the node's subscription connection; it reconnects and catches up.
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+    let told = ws.next_json().await;
+    assert_eq!(told["recovered"], false, "{told}");
+    assert_ne!(told["epoch"], welcome["epoch"]);
+    a.notify(&u, json!({"n": "next"})).await;
+    let next = ws.next_json().await;
+    assert_eq!(next["notification"]["n"], "next");
+    assert_eq!(next["offset"], told["offset"].as_u64().unwrap() + 1);
+}
+
+/// Messages published while a node's subscription was cut off reach its sockets when it
+/// reconnects, even when nothing more is published after them (the last message of an
+/// LLM answer, say), instead of waiting for a next message to reveal the gap.
+#[tokio::test]
+async fn messages_missed_by_a_cut_off_subscription_are_delivered_on_reconnect() {
+    let Some(redis) = Redis::start().await else { return };
+    if !redis.owned() {
+        panic!("this test cuts Redis connections: unset HERALD_TEST_REDIS_URL to let it start its own");
+    }
+    let (a, b) = (redis.node().await, redis.node().await);
+    let u = user("missed");
+    let (mut ws, welcome) = b.connect("/ws/notifications/", &u).await;
+    a.notify(&u, json!({"n": 1})).await;
+    read_checked(&mut ws, &welcome, 1).await;
+    // Pause B's subscription connection's clients so the next publishes reach Redis
+    // while B does not receive them: kill it and publish at once.
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+    for n in 2..=4 {
+        a.notify(&u, json!({"n": n})).await;
+    }
+    let mut welcome_after = welcome.clone();
+    welcome_after["offset"] = json!(1);
+    let (got, told) = read_checked(&mut ws, &welcome_after, 3).await;
+    assert!(told.is_empty(), "same epoch: nothing to tell {told:?}");
+    let ns: Vec<&Value> = got.iter().map(|m| &m["notification"]["n"]).collect();
+    assert_eq!(ns, [2, 3, 4]);
+}
