@@ -10,7 +10,7 @@
 //! below one already handed over. Offsets reused: a channel + epoch + offset that carried
 //! two different message ids on the wire, over all clients.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -31,6 +31,9 @@ pub struct Tally {
     /// Of those, messages that never got a 202 (stored after a timeout).
     #[serde(default)]
     pub out_of_order_unacknowledged: u64,
+    /// What those publishes were answered (`503`, `timeout`, …), with counts.
+    #[serde(default)]
+    pub out_of_order_answers: BTreeMap<String, u64>,
     pub offsets_reused: u64,
     /// `recovered:false` notices received.
     pub told: u64,
@@ -60,10 +63,10 @@ pub fn tally(publishes: &[Publish], clients: &[ClientRecord]) -> Tally {
             .or_default()
             .push(publish);
     }
-    let acked: HashSet<&str> = publishes
+    let unacked: HashMap<&str, &Publish> = publishes
         .iter()
-        .filter(|p| p.acked_at.is_some())
-        .map(|p| p.cid.as_str())
+        .filter(|p| p.acked_at.is_none())
+        .map(|p| (p.cid.as_str(), p))
         .collect();
     let mut wire: HashMap<(&str, &str, u64), HashSet<&str>> = HashMap::new();
     for client in clients {
@@ -89,8 +92,12 @@ pub fn tally(publishes: &[Publish], clients: &[ClientRecord]) -> Tally {
             let seq = delivery.seq.unwrap_or(0);
             if seq < max_seq {
                 tally.out_of_order += 1;
-                if !acked.contains(cid) {
+                if let Some(publish) = unacked.get(cid) {
                     tally.out_of_order_unacknowledged += 1;
+                    *tally
+                        .out_of_order_answers
+                        .entry(publish.attempts.join("+"))
+                        .or_default() += 1;
                 }
             }
             max_seq = max_seq.max(seq);

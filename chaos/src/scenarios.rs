@@ -207,8 +207,8 @@ fn row_from(result: &LoadResult, finding: String) -> Row {
     }
     if t.out_of_order > 0 {
         details.push(format!(
-            "{} of the {} out-of-order messages never got a 202 (stored after their publish timed out)",
-            t.out_of_order_unacknowledged, t.out_of_order
+            "{} of the {} out-of-order messages never got a 202 but were stored after the next one (answers: {:?})",
+            t.out_of_order_unacknowledged, t.out_of_order, t.out_of_order_answers
         ));
     }
     Row {

@@ -42,7 +42,10 @@ fn interned_epochs_are_shared() {
     let mut listening = Listening::default();
     let (_, first) = listening.judge("e1", 1);
     let (_, second) = listening.judge("e1", 2);
-    assert!(Arc::ptr_eq(&first, &second), "one allocation per epoch, not per message");
+    assert!(
+        Arc::ptr_eq(&first, &second),
+        "one allocation per epoch, not per message"
+    );
 }
 
 #[test]
