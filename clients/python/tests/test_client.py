@@ -4,6 +4,7 @@ shapes, and the exceptions for each kind of failure."""
 import asyncio
 import socket
 
+import httpx
 import pytest
 
 import herald_client
@@ -17,6 +18,7 @@ from herald_client import (
     HeraldConnectionError,
     NotFoundError,
     PayloadTooLargeError,
+    ServiceUnavailableError,
 )
 
 SEQUENCE_FIELDS = {"id", "offset", "epoch", "timestamp"}
@@ -208,3 +210,112 @@ def test_missing_api_key(monkeypatch):
     monkeypatch.delenv("HERALD_API_KEY", raising=False)
     with pytest.raises(ConfigurationError, match="HERALD_API_KEY"):
         HeraldClient("http://127.0.0.1:8000")
+
+
+class _LoseFirstResponses(httpx.HTTPTransport):
+    """Sends each request to herald, but for the first ``lose`` requests drops herald's
+    answer and raises a connection error, as a network cut after the request did."""
+
+    def __init__(self, lose: int):
+        super().__init__()
+        self.lose = lose
+        self.keys = []
+
+    def handle_request(self, request):
+        self.keys.append(request.headers.get("Idempotency-Key"))
+        response = super().handle_request(request)
+        if self.lose > 0:
+            self.lose -= 1
+            response.read()
+            response.close()
+            raise httpx.ReadError("the answer was lost", request=request)
+        return response
+
+
+class _AsyncLoseFirstResponses(httpx.AsyncHTTPTransport):
+    def __init__(self, lose: int):
+        super().__init__()
+        self.lose = lose
+        self.keys = []
+
+    async def handle_async_request(self, request):
+        self.keys.append(request.headers.get("Idempotency-Key"))
+        response = await super().handle_async_request(request)
+        if self.lose > 0:
+            self.lose -= 1
+            await response.aread()
+            await response.aclose()
+            raise httpx.ReadError("the answer was lost", request=request)
+        return response
+
+
+def test_a_lost_answer_is_retried_with_the_same_key_and_published_once(herald_url, api_key, user_id, history):
+    transport = _LoseFirstResponses(lose=2)
+    with HeraldClient(herald_url, api_key, transport=transport, backoff=0.01) as client:
+        receipt = client.broadcast_notification(user_id, {"title": "once"})
+    assert len(transport.keys) == 3
+    assert transport.keys[0] and len(set(transport.keys)) == 1, transport.keys
+    messages = history(f"notifications:{user_id}")
+    assert [m["notification"] for m in messages] == [{"title": "once"}]
+    assert receipt["id"] == messages[0]["id"]
+
+    # Each call has its own key: two calls are two messages.
+    with HeraldClient(herald_url, api_key, transport=_LoseFirstResponses(lose=0)) as client:
+        client.broadcast_notification(user_id, {"title": "twice"})
+        client.broadcast_notification(user_id, {"title": "twice"})
+    assert len(history(f"notifications:{user_id}")) == 3
+
+
+def test_a_caller_chosen_key_publishes_once_across_clients(herald_url, api_key, user_id, history):
+    key = f"celery-task-{user_id}"
+    with HeraldClient(herald_url, api_key) as client:
+        first = client.publish_many(
+            [(f"notifications:{user_id}", {"n": 1}), (f"frames:{user_id}", {"n": 2})], idempotency_key=key
+        )
+    with HeraldClient(herald_url, api_key) as client:
+        again = client.publish_many(
+            [(f"notifications:{user_id}", {"n": 1}), (f"frames:{user_id}", {"n": 2})], idempotency_key=key
+        )
+    assert again == first
+    assert len(history(f"notifications:{user_id}")) == 1
+    assert len(history(f"frames:{user_id}")) == 1
+    with pytest.raises(ValueError, match="idempotency_key"):
+        HeraldClient(herald_url, api_key).broadcast_notification(user_id, {}, idempotency_key="k" * 129)
+
+
+def test_async_retries_keep_the_key(herald_url, api_key, user_id, history):
+    transport = _AsyncLoseFirstResponses(lose=1)
+
+    async def main():
+        async with AsyncHeraldClient(herald_url, api_key, transport=transport, backoff=0.01) as client:
+            return await client.broadcast_org_event(user_id, "thing.done", {"n": 1})
+
+    receipt = asyncio.run(main())
+    assert len(transport.keys) == 2 and transport.keys[0] == transport.keys[1]
+    messages = history(f"org:{user_id}")
+    assert len(messages) == 1 and messages[0]["id"] == receipt["id"]
+
+
+def test_a_503_is_retried_a_bounded_number_of_times_then_raised(api_key, user_id):
+    seen = []
+
+    def answer(request):
+        seen.append(request.headers["Idempotency-Key"])
+        body = {"error": "unavailable", "message": "Redis did not confirm the publish in time", "outcome": "unknown"}
+        return httpx.Response(503, json=body)
+
+    transport = httpx.MockTransport(answer)
+    with HeraldClient("http://herald.test", api_key, transport=transport, retries=2, backoff=0.01) as client:
+        with pytest.raises(ServiceUnavailableError) as raised:
+            client.broadcast_notification(user_id, {"title": "x"})
+    assert len(seen) == 3 and len(set(seen)) == 1
+    assert raised.value.outcome == "unknown"
+    assert "same idempotency_key" in str(raised.value)
+
+    # Other errors are not retried.
+    seen.clear()
+    transport = httpx.MockTransport(lambda request: seen.append(1) or httpx.Response(400, json={"error": "bad_request", "message": "no"}))
+    with HeraldClient("http://herald.test", api_key, transport=transport, backoff=0.01) as client:
+        with pytest.raises(BadRequestError):
+            client.broadcast_notification(user_id, {"title": "x"})
+    assert len(seen) == 1

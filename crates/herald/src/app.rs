@@ -28,6 +28,10 @@ pub struct AppState {
     pub broker: Arc<dyn Broker>,
     pub store: Store,
     pub membership: Arc<Membership>,
+    /// `Idempotency-Key` records of publish calls (in process, or shared in Redis).
+    pub idempotency: Arc<crate::idempotency::Idempotency>,
+    /// Member removals and webhook-cache forgets, applied on every node.
+    pub control: Arc<crate::control::Control>,
     pub publisher: Publisher,
     pub tasks: Tasks,
     pub metrics: Metrics,

@@ -49,8 +49,33 @@ pub struct History {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
+    /// Nothing was done: the broker was not reachable, or refused the command.
     #[error("the broker is unavailable: {0}")]
     Unavailable(String),
+    /// The command was sent but its answer did not come (a timeout, a connection lost
+    /// while waiting): it may have taken effect. For a publish, `id` is the id the
+    /// message has if it was stored.
+    #[error("the broker did not confirm in time: {reason}")]
+    OutcomeUnknown { reason: String, id: Option<String> },
+}
+
+impl BrokerError {
+    /// Names the message a publish that ended with [`BrokerError::OutcomeUnknown`] was
+    /// sending, so a retry can look for it in history.
+    pub fn for_message(self, message_id: &str) -> Self {
+        match self {
+            Self::OutcomeUnknown { reason, id: None } => Self::OutcomeUnknown {
+                reason,
+                id: Some(message_id.to_owned()),
+            },
+            other => other,
+        }
+    }
+
+    /// Whether the failed command may still have taken effect.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, Self::OutcomeUnknown { .. })
+    }
 }
 
 #[async_trait]

@@ -178,6 +178,23 @@ impl Hub {
         self.shard(channel).contains_key(channel)
     }
 
+    /// The users with a socket here on each channel whose name starts with `prefix`
+    /// (one entry per socket).
+    pub fn users_of(&self, prefix: &str) -> Vec<(String, Vec<String>)> {
+        let mut found = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            for (channel, subscribers) in shard.iter().filter(|(channel, _)| channel.starts_with(prefix)) {
+                let users = subscribers
+                    .iter()
+                    .map(|outbox| outbox.user_id().to_owned())
+                    .collect();
+                found.push((channel.to_string(), users));
+            }
+        }
+        found
+    }
+
     /// Number of subscriptions on this node.
     pub fn subscription_count(&self) -> usize {
         (0..SHARDS)

@@ -25,6 +25,8 @@
 //!   the bridge.
 //! - [`bridge`]: the Django Channels bridge: channels_redis `group_send` calls published
 //!   to herald channels.
+//! - [`idempotency`]: `Idempotency-Key` records, so a repeated publish publishes once.
+//! - [`control`]: actions every node must apply (member removal, webhook-cache forget).
 
 pub mod app;
 pub mod auth;
@@ -35,9 +37,11 @@ pub mod cli;
 pub mod close;
 pub mod compose;
 pub mod config;
+pub mod control;
 pub mod dev;
 pub mod http;
 pub mod hub;
+pub mod idempotency;
 pub mod ids;
 pub mod limits;
 pub mod llm;
@@ -138,13 +142,42 @@ pub async fn build_state(
         }
         None => limits::ConnectionLimits::new(config.max_connections_per_user),
     };
+    let membership = Arc::new(membership);
+    let node_id: Arc<str> = Arc::from(node_id);
+    let (idempotency, control) = match &config.redis_url {
+        Some(url) => {
+            let redis =
+                |err: broker::BrokerError| anyhow::anyhow!("cannot use Redis at {}: {err}", redact_url(url));
+            let commands = control::command_client(url, &stopped).await.map_err(redis)?;
+            let control = control::Control::redis(
+                url,
+                commands.clone(),
+                hub.clone(),
+                membership.clone(),
+                node_id.clone(),
+                &stopped,
+            )
+            .await
+            .map_err(redis)?;
+            (
+                idempotency::Idempotency::redis(commands, config.history_ttl),
+                control,
+            )
+        }
+        None => (
+            idempotency::Idempotency::memory(config.history_ttl),
+            control::Control::local(hub.clone(), membership.clone(), node_id.clone()),
+        ),
+    };
     let state = AppState {
         auth,
         api_keys: ApiKeys::new(&secrets.api_keys),
         hub,
         broker,
         store,
-        membership: Arc::new(membership),
+        membership,
+        idempotency: Arc::new(idempotency),
+        control,
         publisher,
         tasks,
         metrics,
@@ -156,7 +189,7 @@ pub async fn build_state(
         shutdown,
         tracker,
         stopped,
-        node_id: Arc::from(node_id),
+        node_id,
         dev_jwt_secret: secrets.dev_jwt_secret,
         config: Arc::new(config),
     };

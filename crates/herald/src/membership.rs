@@ -69,6 +69,15 @@ impl Membership {
     }
 }
 
+impl Membership {
+    /// Forgets cached answers for a user in an org (after a membership change).
+    pub fn forget(&self, org_id: &str, user_id: &str) {
+        if let Membership::Webhook(webhook) = self {
+            webhook.forget(org_id, user_id);
+        }
+    }
+}
+
 impl Webhook {
     async fn is_member(&self, org_id: &str, user_id: &str) -> bool {
         let key = (org_id.to_owned(), user_id.to_owned());
@@ -127,5 +136,10 @@ impl Webhook {
     /// Forgets cached answers for a user in an org (after a membership change).
     pub fn forget(&self, org_id: &str, user_id: &str) {
         self.lock().remove(&(org_id.to_owned(), user_id.to_owned()));
+    }
+
+    /// Forgets every cached answer (changes may have been missed).
+    pub fn forget_all(&self) {
+        self.lock().clear();
     }
 }

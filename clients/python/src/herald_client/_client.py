@@ -4,9 +4,12 @@ Each call builds a request (method, path, JSON body) with the shared helpers bel
 then the sync or the async client sends it, so both speak exactly the same protocol.
 """
 
+import asyncio
 import os
+import random
 import re
 import threading
+import time
 import uuid
 from datetime import datetime, timezone
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -18,6 +21,14 @@ from ._errors import ConfigurationError, HeraldConnectionError, error_for
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = 10.0
+
+# A publish is tried again this many times after a connection error or a 503, with the
+# same Idempotency-Key, so herald publishes it at most once (docs/protocol.md).
+DEFAULT_RETRIES = 3
+# The first wait before a retry, in seconds; doubled each time (with jitter), at most
+# MAX_BACKOFF.
+DEFAULT_BACKOFF = 0.25
+MAX_BACKOFF = 5.0
 
 # The exact texts herald's own LLM workers publish (docs/protocol.md), so a browser
 # cannot tell an external worker's stream from herald's.
@@ -32,7 +43,8 @@ STATUS_MESSAGES = {
 
 _ID = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 
-Request = Tuple[str, str, Any]
+# (method, path, JSON body, Idempotency-Key)
+Request = Tuple[str, str, Any, Optional[str]]
 
 
 def _check_id(kind: str, value: str) -> str:
@@ -47,33 +59,53 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _notification(user_id: str, notification: Dict[str, Any]) -> Request:
+def _key(idempotency_key: Optional[str]) -> str:
+    """The caller's Idempotency-Key, or a fresh one: every publish has one."""
+    if idempotency_key is None:
+        return uuid.uuid4().hex
+    if not isinstance(idempotency_key, str) or not 1 <= len(idempotency_key) <= 128:
+        raise ValueError("idempotency_key must be a string of 1 to 128 characters")
+    return idempotency_key
+
+
+def _notification(user_id: str, notification: Dict[str, Any], key: Optional[str]) -> Request:
     _check_id("user_id", user_id)
     if not isinstance(notification, dict):
         raise TypeError("notification must be a dict (a JSON object)")
-    return ("POST", f"/api/v1/notifications/{quote(user_id, safe='')}", notification)
+    return ("POST", f"/api/v1/notifications/{quote(user_id, safe='')}", notification, _key(key))
 
 
-def _org_event(org_id: str, event_type: str, data: Optional[Dict[str, Any]]) -> Request:
+def _org_event(org_id: str, event_type: str, data: Optional[Dict[str, Any]], key: Optional[str]) -> Request:
     _check_id("org_id", org_id)
     if not isinstance(event_type, str) or not 1 <= len(event_type) <= 128:
         raise ValueError("event_type must be a string of 1 to 128 characters")
     body = {"event_type": event_type, "data": {} if data is None else data}
-    return ("POST", f"/api/v1/orgs/{quote(org_id, safe='')}/events", body)
+    return ("POST", f"/api/v1/orgs/{quote(org_id, safe='')}/events", body, _key(key))
 
 
-def _publish(channel: str, data: Dict[str, Any]) -> Request:
+def _publish(channel: str, data: Dict[str, Any], key: Optional[str]) -> Request:
     if not isinstance(data, dict):
         raise TypeError("data must be a dict (a JSON object)")
-    return ("POST", "/api/v1/publish", {"channel": channel, "data": data})
+    return ("POST", "/api/v1/publish", {"channel": channel, "data": data}, _key(key))
 
 
-def _publish_many(items: Iterable[Tuple[str, Dict[str, Any]]]) -> Request:
-    return ("POST", "/api/v1/publish", [{"channel": channel, "data": data} for channel, data in items])
+def _publish_many(items: Iterable[Tuple[str, Dict[str, Any]]], key: Optional[str]) -> Request:
+    body = [{"channel": channel, "data": data} for channel, data in items]
+    return ("POST", "/api/v1/publish", body, _key(key))
 
 
-def _frame(user_id: str, message: Dict[str, Any]) -> Request:
-    return ("POST", f"/api/v1/frame-stream/{quote(user_id, safe='')}", message)
+def _frame(user_id: str, message: Dict[str, Any], key: Optional[str]) -> Request:
+    return ("POST", f"/api/v1/frame-stream/{quote(user_id, safe='')}", message, _key(key))
+
+
+def _retryable(response: httpx.Response) -> bool:
+    """A 503: herald could not publish now. Retrying with the same key is safe."""
+    return response.status_code == 503
+
+
+def _delay(attempt: int, backoff: float) -> float:
+    """The wait before retry number ``attempt`` (0-based): doubling, jittered, capped."""
+    return min(MAX_BACKOFF, backoff * (2**attempt)) * random.uniform(0.5, 1.0)
 
 
 class _Settings:
@@ -96,29 +128,37 @@ class _Settings:
 
 def _result(response: httpx.Response, method: str, path: str) -> Any:
     if response.status_code >= 400:
-        error, message = None, response.text.strip() or response.reason_phrase
+        error, message, outcome = None, response.text.strip() or response.reason_phrase, None
         try:
             body = response.json()
             if isinstance(body, dict):
                 error = body.get("error")
                 message = body.get("message", message)
+                outcome = body.get("outcome")
         except ValueError:
             pass
-        raise error_for(response.status_code, error, message, method, path)
+        raise error_for(response.status_code, error, message, method, path, outcome)
     if not response.content:
         return None
     return response.json()
 
 
-def _unreachable(base_url: str, err: Exception) -> HeraldConnectionError:
+def _unreachable(base_url: str, err: Exception, attempts: int) -> HeraldConnectionError:
+    tries = f" (tried {attempts} times with the same Idempotency-Key)" if attempts > 1 else ""
     return HeraldConnectionError(
-        f"cannot reach herald at {base_url}: {err.__class__.__name__}: {err}; "
+        f"cannot reach herald at {base_url}{tries}: {err.__class__.__name__}: {err}; "
         "is herald running, and is HERALD_URL right?"
     )
 
 
 class HeraldClient:
-    """Publishes to herald's service API (sync). Thread-safe; reuse one per process."""
+    """Publishes to herald's service API (sync). Thread-safe; reuse one per process.
+
+    Every publish carries an ``Idempotency-Key`` (a fresh UUID unless the call names
+    one) and is tried again up to ``retries`` times after a connection error or a 503,
+    with the same key, waiting ``backoff`` seconds, then twice that, and so on: herald
+    publishes it at most once however often it is sent.
+    """
 
     def __init__(
         self,
@@ -126,7 +166,11 @@ class HeraldClient:
         api_key: Optional[str] = None,
         timeout: float = DEFAULT_TIMEOUT,
         transport: Optional[httpx.BaseTransport] = None,
+        retries: int = DEFAULT_RETRIES,
+        backoff: float = DEFAULT_BACKOFF,
     ):
+        self.retries = retries
+        self.backoff = backoff
         self._settings = _Settings(base_url, api_key)
         self.base_url = self._settings.base_url
         self._http = httpx.Client(
@@ -143,34 +187,52 @@ class HeraldClient:
         self._http.close()
 
     def _send(self, request: Request) -> Any:
-        method, path, body = request
-        try:
-            response = self._http.request(method, path, json=body)
-        except httpx.TransportError as err:
-            raise _unreachable(self.base_url, err) from err
-        return _result(response, method, path)
+        method, path, body, key = request
+        headers = {"Idempotency-Key": key} if key else {}
+        attempt = 0
+        while True:
+            try:
+                response = self._http.request(method, path, json=body, headers=headers)
+            except httpx.TransportError as err:
+                if attempt >= self.retries:
+                    raise _unreachable(self.base_url, err, attempt + 1) from err
+            else:
+                if not _retryable(response) or attempt >= self.retries:
+                    return _result(response, method, path)
+            time.sleep(_delay(attempt, self.backoff))
+            attempt += 1
 
-    def broadcast_notification(self, user_id: str, notification: Dict[str, Any]) -> Dict[str, Any]:
+    def broadcast_notification(
+        self, user_id: str, notification: Dict[str, Any], idempotency_key: Optional[str] = None
+    ) -> Dict[str, Any]:
         """Publishes ``notification`` to ``notifications:{user_id}``; returns ``{"id","channel","offset"}``."""
-        return self._send(_notification(user_id, notification))
+        return self._send(_notification(user_id, notification, idempotency_key))
 
     def broadcast_org_event(
-        self, org_id: str, event_type: str, data: Optional[Dict[str, Any]] = None
+        self,
+        org_id: str,
+        event_type: str,
+        data: Optional[Dict[str, Any]] = None,
+        idempotency_key: Optional[str] = None,
     ) -> Dict[str, Any]:
         """Publishes an org event to ``org:{org_id}``; returns ``{"id","channel","offset"}``."""
-        return self._send(_org_event(org_id, event_type, data))
+        return self._send(_org_event(org_id, event_type, data, idempotency_key))
 
-    def publish(self, channel: str, data: Dict[str, Any]) -> Dict[str, Any]:
+    def publish(self, channel: str, data: Dict[str, Any], idempotency_key: Optional[str] = None) -> Dict[str, Any]:
         """Publishes ``data`` as is to ``channel`` (``notifications:…``, ``org:…`` or ``frames:…``)."""
-        return self._send(_publish(channel, data))[0]
+        return self._send(_publish(channel, data, idempotency_key))[0]
 
-    def publish_many(self, items: Iterable[Tuple[str, Dict[str, Any]]]) -> List[Dict[str, Any]]:
-        """Publishes ``(channel, data)`` pairs in one request; all or none are published."""
-        return self._send(_publish_many(items))
+    def publish_many(
+        self, items: Iterable[Tuple[str, Dict[str, Any]]], idempotency_key: Optional[str] = None
+    ) -> List[Dict[str, Any]]:
+        """Publishes ``(channel, data)`` pairs in one request, in order; one key covers them all."""
+        return self._send(_publish_many(items, idempotency_key))
 
-    def send_frame(self, user_id: str, message: Dict[str, Any]) -> Dict[str, Any]:
+    def send_frame(
+        self, user_id: str, message: Dict[str, Any], idempotency_key: Optional[str] = None
+    ) -> Dict[str, Any]:
         """Publishes one ``llm_*`` message (with ``chat_id``) to ``frames:{user_id}``."""
-        return self._send(_frame(user_id, message))
+        return self._send(_frame(user_id, message, idempotency_key))
 
     def frame_streamer(self, user_id: str, chat_id: str, **kwargs: Any) -> "FrameStreamer":
         return FrameStreamer(user_id, chat_id, client=self, **kwargs)
@@ -185,7 +247,11 @@ class AsyncHeraldClient:
         api_key: Optional[str] = None,
         timeout: float = DEFAULT_TIMEOUT,
         transport: Optional[httpx.AsyncBaseTransport] = None,
+        retries: int = DEFAULT_RETRIES,
+        backoff: float = DEFAULT_BACKOFF,
     ):
+        self.retries = retries
+        self.backoff = backoff
         self._settings = _Settings(base_url, api_key)
         self.base_url = self._settings.base_url
         self._http = httpx.AsyncClient(
@@ -202,29 +268,49 @@ class AsyncHeraldClient:
         await self._http.aclose()
 
     async def _send(self, request: Request) -> Any:
-        method, path, body = request
-        try:
-            response = await self._http.request(method, path, json=body)
-        except httpx.TransportError as err:
-            raise _unreachable(self.base_url, err) from err
-        return _result(response, method, path)
+        method, path, body, key = request
+        headers = {"Idempotency-Key": key} if key else {}
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.request(method, path, json=body, headers=headers)
+            except httpx.TransportError as err:
+                if attempt >= self.retries:
+                    raise _unreachable(self.base_url, err, attempt + 1) from err
+            else:
+                if not _retryable(response) or attempt >= self.retries:
+                    return _result(response, method, path)
+            await asyncio.sleep(_delay(attempt, self.backoff))
+            attempt += 1
 
-    async def broadcast_notification(self, user_id: str, notification: Dict[str, Any]) -> Dict[str, Any]:
-        return await self._send(_notification(user_id, notification))
+    async def broadcast_notification(
+        self, user_id: str, notification: Dict[str, Any], idempotency_key: Optional[str] = None
+    ) -> Dict[str, Any]:
+        return await self._send(_notification(user_id, notification, idempotency_key))
 
     async def broadcast_org_event(
-        self, org_id: str, event_type: str, data: Optional[Dict[str, Any]] = None
+        self,
+        org_id: str,
+        event_type: str,
+        data: Optional[Dict[str, Any]] = None,
+        idempotency_key: Optional[str] = None,
     ) -> Dict[str, Any]:
-        return await self._send(_org_event(org_id, event_type, data))
+        return await self._send(_org_event(org_id, event_type, data, idempotency_key))
 
-    async def publish(self, channel: str, data: Dict[str, Any]) -> Dict[str, Any]:
-        return (await self._send(_publish(channel, data)))[0]
+    async def publish(
+        self, channel: str, data: Dict[str, Any], idempotency_key: Optional[str] = None
+    ) -> Dict[str, Any]:
+        return (await self._send(_publish(channel, data, idempotency_key)))[0]
 
-    async def publish_many(self, items: Iterable[Tuple[str, Dict[str, Any]]]) -> List[Dict[str, Any]]:
-        return await self._send(_publish_many(items))
+    async def publish_many(
+        self, items: Iterable[Tuple[str, Dict[str, Any]]], idempotency_key: Optional[str] = None
+    ) -> List[Dict[str, Any]]:
+        return await self._send(_publish_many(items, idempotency_key))
 
-    async def send_frame(self, user_id: str, message: Dict[str, Any]) -> Dict[str, Any]:
-        return await self._send(_frame(user_id, message))
+    async def send_frame(
+        self, user_id: str, message: Dict[str, Any], idempotency_key: Optional[str] = None
+    ) -> Dict[str, Any]:
+        return await self._send(_frame(user_id, message, idempotency_key))
 
     def frame_streamer(self, user_id: str, chat_id: str, **kwargs: Any) -> "AsyncFrameStreamer":
         return AsyncFrameStreamer(user_id, chat_id, client=self, **kwargs)
@@ -393,16 +479,20 @@ def default_client() -> HeraldClient:
         return _default
 
 
-def broadcast_notification(user_id: str, notification: Dict[str, Any]) -> Dict[str, Any]:
+def broadcast_notification(
+    user_id: str, notification: Dict[str, Any], idempotency_key: Optional[str] = None
+) -> Dict[str, Any]:
     """Sends ``notification`` to every socket of ``user_id`` (``/ws/notifications/``)."""
-    return default_client().broadcast_notification(user_id, notification)
+    return default_client().broadcast_notification(user_id, notification, idempotency_key)
 
 
-def broadcast_org_event(org_id: str, event_type: str, data: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def broadcast_org_event(
+    org_id: str, event_type: str, data: Optional[Dict[str, Any]] = None, idempotency_key: Optional[str] = None
+) -> Dict[str, Any]:
     """Sends an event to every member of ``org_id`` connected to ``/ws/events/{org_id}/``."""
-    return default_client().broadcast_org_event(org_id, event_type, data)
+    return default_client().broadcast_org_event(org_id, event_type, data, idempotency_key)
 
 
-def publish(channel: str, data: Dict[str, Any]) -> Dict[str, Any]:
+def publish(channel: str, data: Dict[str, Any], idempotency_key: Optional[str] = None) -> Dict[str, Any]:
     """Publishes ``data`` as is to ``channel``."""
-    return default_client().publish(channel, data)
+    return default_client().publish(channel, data, idempotency_key)

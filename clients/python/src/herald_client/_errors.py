@@ -24,12 +24,21 @@ class HeraldAPIError(HeraldError):
 
     hint = ""
 
-    def __init__(self, status: int, error: Optional[str], message: str, method: str, path: str):
+    def __init__(
+        self,
+        status: int,
+        error: Optional[str],
+        message: str,
+        method: str,
+        path: str,
+        outcome: Optional[str] = None,
+    ):
         self.status = status
         self.error = error
         self.message = message
         self.method = method
         self.path = path
+        self.outcome = outcome
         text = f"herald answered {status}"
         if error:
             text += f" {error}"
@@ -70,9 +79,14 @@ class RateLimitError(HeraldAPIError):
 
 
 class ServiceUnavailableError(HeraldAPIError):
-    """503: herald cannot take the message now (its broker is down, or it is shutting down)."""
+    """503: herald cannot take the message now (its broker is down, or it is shutting down).
 
-    hint = "the message was not published; retry with backoff"
+    ``outcome`` is ``"not_published"`` when nothing was stored, ``"unknown"`` when the
+    message may have been (herald sent it to Redis and got no answer). Either way,
+    sending it again with the same ``idempotency_key`` never publishes it twice.
+    """
+
+    hint = "retry later with the same idempotency_key, which never publishes twice"
 
 
 class ServerError(HeraldAPIError):
@@ -91,9 +105,11 @@ _BY_STATUS = {
 }
 
 
-def error_for(status: int, error: Optional[str], message: str, method: str, path: str) -> HeraldAPIError:
+def error_for(
+    status: int, error: Optional[str], message: str, method: str, path: str, outcome: Optional[str] = None
+) -> HeraldAPIError:
     """The exception for an error answer."""
     cls = _BY_STATUS.get(status)
     if cls is None:
         cls = ServerError if status >= 500 else HeraldAPIError
-    return cls(status, error, message, method, path)
+    return cls(status, error, message, method, path, outcome)

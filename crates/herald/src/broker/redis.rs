@@ -56,6 +56,10 @@ use futures_util::StreamExt;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+mod shards;
+
+pub use shards::Shards;
+
 use crate::broker::{Broker, BrokerError, History, Position, Published};
 use crate::channel::{new_id, now_rfc3339, Channel, Draft, Message};
 use crate::close::{Close, CloseCode};
@@ -213,6 +217,21 @@ fn unavailable(err: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(err.to_string())
 }
 
+/// A command that failed after it was handed to the connection: lost in transit or
+/// unanswered (it may have run), or refused by Redis (it did not).
+fn sent_but_failed(err: fred::error::Error) -> BrokerError {
+    use fred::error::ErrorKind;
+    match err.kind() {
+        ErrorKind::IO | ErrorKind::Canceled | ErrorKind::Timeout | ErrorKind::Protocol => {
+            BrokerError::OutcomeUnknown {
+                reason: err.to_string(),
+                id: None,
+            }
+        }
+        _ => unavailable(err),
+    }
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -286,6 +305,8 @@ fn parse_position(reply: Value) -> Result<Position, BrokerError> {
 /// the subscriber task, which stops when this is dropped.
 pub struct RedisBroker {
     client: fred::prelude::Client,
+    /// On a Cluster, scripts go to their slot's primary over its own connection.
+    shards: Option<Arc<Shards>>,
     subscriber: Arc<Subscriber>,
     publish_script: Script,
     read_script: Script,
@@ -307,6 +328,7 @@ pub struct Subscriber {
     channels: Mutex<HashMap<String, Listening>>,
     /// The command connection, to check epochs after a reconnect.
     commands: fred::prelude::Client,
+    shards: Option<Arc<Shards>>,
     read_script: Script,
     meta_ttl_ms: u64,
     changing: tokio::sync::Mutex<()>,
@@ -456,7 +478,23 @@ async fn check_deployment(client: &fred::prelude::Client, fanout: Fanout) -> Res
 }
 
 pub(crate) fn build_client(url: &str) -> Result<fred::prelude::Client, BrokerError> {
-    let mut config = Config::from_url(url).map_err(unavailable)?;
+    build_client_from(Config::from_url(url).map_err(unavailable)?)
+}
+
+/// The Cluster's per-primary command connections, when `client` is a Cluster client.
+pub(crate) fn shards_for(
+    url: &str,
+    client: &fred::prelude::Client,
+) -> Result<Option<Arc<Shards>>, BrokerError> {
+    if !client.is_clustered() {
+        return Ok(None);
+    }
+    let config = Config::from_url(url).map_err(unavailable)?;
+    Ok(Some(Arc::new(Shards::new(client.clone(), config))))
+}
+
+/// A client for `config` with herald's reconnect policy and timeouts.
+pub(crate) fn build_client_from(mut config: Config) -> Result<fred::prelude::Client, BrokerError> {
     // Retry the first connection too: a node started before Redis waits, not-ready.
     config.fail_fast = false;
     Builder::from_config(config)
@@ -493,6 +531,7 @@ impl RedisBroker {
         let client = build_client(url)?;
         let subscriber_client = build_client(url)?;
         let fanout = Fanout::of(&client);
+        let shards = shards_for(url, &client)?;
         client.connect();
         subscriber_client.connect();
         let subscriber = Arc::new(Subscriber {
@@ -503,6 +542,7 @@ impl RedisBroker {
             changing: tokio::sync::Mutex::new(()),
             checking: tokio::sync::Mutex::new(()),
             commands: client.clone(),
+            shards: shards.clone(),
             read_script: Script::from_lua(READ_SCRIPT),
             meta_ttl_ms: meta_ttl_ms(history_ttl),
             reconnects: std::sync::atomic::AtomicU64::new(0),
@@ -512,8 +552,12 @@ impl RedisBroker {
         tokio::spawn({
             let client = client.clone();
             let stop = stop.clone();
+            let shards = shards.clone();
             async move {
                 stop.cancelled().await;
+                if let Some(shards) = shards {
+                    shards.quit().await;
+                }
                 let _ = client.quit().await;
             }
         });
@@ -529,6 +573,7 @@ impl RedisBroker {
         check_deployment(&client, fanout).await?;
         Ok(Self {
             client,
+            shards,
             subscriber,
             publish_script: Script::from_lua(PUBLISH_SCRIPT),
             read_script: Script::from_lua(READ_SCRIPT),
@@ -550,6 +595,9 @@ impl RedisBroker {
     /// Runs `script`, failing at once while disconnected (one Redis) and after
     /// [`COMMAND_TIMEOUT`].
     async fn eval(&self, script: &Script, keys: Vec<String>, args: Vec<Value>) -> Result<Value, BrokerError> {
+        if let Some(shards) = &self.shards {
+            return shards.eval(script, keys, args, COMMAND_TIMEOUT).await;
+        }
         if !may_send(&self.client) {
             return Err(BrokerError::Unavailable("not connected to Redis".into()));
         }
@@ -558,8 +606,11 @@ impl RedisBroker {
             script.evalsha_with_reload::<Value, _, _>(&self.client, keys, args),
         )
         .await
-        .map_err(|_| BrokerError::Unavailable("Redis did not answer in time".into()))?
-        .map_err(unavailable)
+        .map_err(|_| BrokerError::OutcomeUnknown {
+            reason: "Redis did not answer in time".into(),
+            id: None,
+        })?
+        .map_err(sent_but_failed)
     }
 
     /// `{epoch, offset, entries}` from [`READ_SCRIPT`].
@@ -607,7 +658,8 @@ impl Broker for RedisBroker {
                     Value::from(self.fanout.publish_command()),
                 ],
             )
-            .await?;
+            .await
+            .map_err(|err| err.for_message(&id))?;
         let malformed = || BrokerError::Unavailable("unexpected reply from Redis".into());
         let Value::Array(parts) = reply else {
             return Err(malformed());
@@ -820,6 +872,25 @@ impl Subscriber {
             .await;
     }
 
+    /// Runs a script on the command connection (on a Cluster, its slot's primary).
+    async fn script(
+        &self,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<Value>,
+    ) -> Result<Value, BrokerError> {
+        if let Some(shards) = &self.shards {
+            return shards.eval(script, keys, args, COMMAND_TIMEOUT).await;
+        }
+        tokio::time::timeout(
+            COMMAND_TIMEOUT,
+            script.evalsha_with_reload::<Value, _, _>(&self.commands, keys, args),
+        )
+        .await
+        .map_err(|_| BrokerError::Unavailable("Redis did not answer in time".into()))?
+        .map_err(unavailable)
+    }
+
     /// Brings this node's sockets of `channels` up to date with Redis after the node
     /// may have missed messages (a reconnect, a resubscribe, a lagging receiver).
     /// Messages published meanwhile are delivered from history (sessions skip what they
@@ -850,19 +921,17 @@ impl Subscriber {
     }
 
     async fn catch_up_one(self: &Arc<Self>, channel: &str) -> Result<(), BrokerError> {
-        let read = self.read_script.evalsha_with_reload::<Value, _, _>(
-            &self.commands,
-            vec![meta_key(channel), history_key(channel)],
-            vec![
-                Value::from(new_id()),
-                Value::from(self.meta_ttl_ms.to_string()),
-                Value::from("1"),
-            ],
-        );
-        let reply = tokio::time::timeout(COMMAND_TIMEOUT, read)
-            .await
-            .map_err(|_| BrokerError::Unavailable("Redis did not answer in time".into()))?
-            .map_err(unavailable)?;
+        let reply = self
+            .script(
+                &self.read_script,
+                vec![meta_key(channel), history_key(channel)],
+                vec![
+                    Value::from(new_id()),
+                    Value::from(self.meta_ttl_ms.to_string()),
+                    Value::from("1"),
+                ],
+            )
+            .await?;
         let (position, entries) = parse_read(reply)?;
         let decision = {
             let mut channels = lock(&self.channels);
@@ -933,21 +1002,18 @@ impl Subscriber {
             }
             listening.resetting = true;
         }
-        let script = Script::from_lua(RESET_SCRIPT);
-        let reset = script.evalsha_with_reload::<Value, _, _>(
-            &self.commands,
-            vec![meta_key(channel), history_key(channel)],
-            vec![
-                Value::from(stale.to_string()),
-                Value::from(new_id()),
-                Value::from(self.meta_ttl_ms.to_string()),
-            ],
-        );
-        let result = match tokio::time::timeout(COMMAND_TIMEOUT, reset).await {
-            Ok(Ok(reply)) => parse_position(reply),
-            Ok(Err(err)) => Err(unavailable(err)),
-            Err(_) => Err(BrokerError::Unavailable("Redis did not answer in time".into())),
-        };
+        let result = self
+            .script(
+                &Script::from_lua(RESET_SCRIPT),
+                vec![meta_key(channel), history_key(channel)],
+                vec![
+                    Value::from(stale.to_string()),
+                    Value::from(new_id()),
+                    Value::from(self.meta_ttl_ms.to_string()),
+                ],
+            )
+            .await
+            .and_then(parse_position);
         let marker = {
             let mut channels = lock(&self.channels);
             let Some(listening) = channels.get_mut(channel) else {

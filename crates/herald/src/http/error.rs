@@ -23,6 +23,10 @@ pub enum ApiError {
     TooManyRequests(String),
     #[error("{0}")]
     Unavailable(String),
+    /// A publish call that failed: 503 whose body also says whether the call's messages
+    /// may have been stored.
+    #[error("{message}")]
+    PublishFailed { message: String, outcome: Outcome },
     /// Something failed inside herald; the cause is logged, the client gets a generic
     /// message.
     #[error("internal error")]
@@ -39,7 +43,7 @@ impl ApiError {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::PublishFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -54,8 +58,27 @@ impl ApiError {
             Self::PayloadTooLarge => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::TooManyRequests(_) => "too_many_requests",
-            Self::Unavailable(_) => "unavailable",
+            Self::Unavailable(_) | Self::PublishFailed { .. } => "unavailable",
             Self::Internal(_) => "internal",
+        }
+    }
+}
+
+/// What a failed publish call may have stored, as its 503 says (docs/protocol.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Some message of the call may have been stored (a command sent without an
+    /// answer, or a batch stopped part way): retry with the same `Idempotency-Key`.
+    Unknown,
+    /// Nothing of the call was stored.
+    NotPublished,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::NotPublished => "not_published",
         }
     }
 }
@@ -65,7 +88,10 @@ impl IntoResponse for ApiError {
         if let Self::Internal(cause) = &self {
             tracing::error!(error = format!("{cause:#}"), "request failed");
         }
-        let body = serde_json::json!({"error": self.code(), "message": self.to_string()});
+        let mut body = serde_json::json!({"error": self.code(), "message": self.to_string()});
+        if let Self::PublishFailed { outcome, .. } = &self {
+            body["outcome"] = serde_json::Value::from(outcome.as_str());
+        }
         (self.status(), Json(body)).into_response()
     }
 }

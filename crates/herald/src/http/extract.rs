@@ -100,3 +100,32 @@ pub fn client_ip(parts: &Parts) -> std::net::IpAddr {
             info.0.ip()
         })
 }
+
+/// The request's `Idempotency-Key`, if it has one; 400 when it is empty, longer than
+/// 128 characters, not UTF-8, or given twice.
+pub struct IdempotencyKey(pub Option<crate::idempotency::Key>);
+
+/// The header naming a publish's idempotency key.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// The header set on an answer replayed for a repeated `Idempotency-Key`.
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let mut values = parts.headers.get_all(IDEMPOTENCY_KEY).iter();
+        let Some(value) = values.next() else {
+            return Ok(IdempotencyKey(None));
+        };
+        if values.next().is_some() {
+            return Err(ApiError::BadRequest(
+                "send one Idempotency-Key header, not several".to_owned(),
+            ));
+        }
+        crate::idempotency::Key::parse(value.as_bytes())
+            .map(|key| IdempotencyKey(Some(key)))
+            .map_err(|err| ApiError::BadRequest(err.to_string()))
+    }
+}

@@ -1,5 +1,5 @@
 //! Org membership API (docs/protocol.md, service key). Removing a member closes that user's open
-//! sockets on the org with 4003.
+//! sockets on the org with 4003, on every node (through `control`).
 
 use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
@@ -9,8 +9,8 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use crate::app::AppState;
-use crate::channel::{Channel, ChannelKind};
-use crate::close::{Close, CloseCode};
+use crate::broker::BrokerError;
+use crate::control::Action;
 use crate::http::error::ApiError;
 use crate::http::extract::{ApiJson, ServiceKey, MAX_BODY};
 use crate::ids::{OrgId, UserId};
@@ -38,10 +38,25 @@ async fn add(
         .store
         .put_member(org_id.as_str(), user_id.as_str(), &role)
         .await?;
-    if let Membership::Webhook(webhook) = &*state.membership {
-        webhook.forget(org_id.as_str(), user_id.as_str());
+    if matches!(&*state.membership, Membership::Webhook(_)) {
+        let action = Action::ForgetMembership {
+            org_id: org_id.as_str().to_owned(),
+            user_id: user_id.as_str().to_owned(),
+        };
+        state.control.send(action).await.map_err(not_everywhere)?;
     }
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// The 503 when the change is made but other nodes could not be told: the call is
+/// safe to repeat.
+fn not_everywhere(err: BrokerError) -> ApiError {
+    tracing::warn!(error = %err, "control action not sent to other nodes");
+    ApiError::Unavailable(
+        "the membership change is saved, but the other herald nodes could not be told (Redis is unreachable); \
+         repeat the call"
+            .to_owned(),
+    )
 }
 
 /// The body is optional: none (or an empty one) gives the default role; otherwise it
@@ -87,12 +102,11 @@ async fn remove(
         .store
         .remove_member(org_id.as_str(), user_id.as_str())
         .await?;
-    if let Membership::Webhook(webhook) = &*state.membership {
-        webhook.forget(org_id.as_str(), user_id.as_str());
-    }
-    let channel = Channel::new(ChannelKind::Org, org_id.as_str())?;
-    let close = Close::new(CloseCode::Forbidden, "membership revoked");
-    let closed = state.hub.disconnect_user(&channel, user_id.as_str(), &close);
+    let action = Action::RemoveMember {
+        org_id: org_id.as_str().to_owned(),
+        user_id: user_id.as_str().to_owned(),
+    };
+    let closed = state.control.send(action).await.map_err(not_everywhere)?;
     tracing::info!(org_id = %org_id, user_id = %user_id, closed, "member removed");
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -14,6 +14,7 @@
 //! handshake and close of every user goes to the primary holding it (one short script
 //! each).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use fred::prelude::{Client, ClientLike, Value};
@@ -21,7 +22,7 @@ use fred::types::scripts::Script;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::redis::build_client;
+use crate::broker::redis::{build_client, may_send, shards_for, Shards};
 use crate::broker::BrokerError;
 
 /// A node whose heartbeat is older than this no longer counts.
@@ -99,6 +100,9 @@ fn node_ttl_ms() -> String {
 /// This node's handle on the shared counts.
 pub struct SharedCounts {
     client: Client,
+    /// On a Cluster, the connection to the primary of `{conns}` alone, so a failover
+    /// elsewhere does not stop handshakes.
+    shards: Option<Arc<Shards>>,
     node_id: String,
     acquire: Script,
     /// Releases are queued to a task, because a slot is released from `Drop`.
@@ -110,6 +114,7 @@ impl SharedCounts {
     /// `shutdown` (the heartbeat) and when this is dropped (releases).
     pub async fn start(url: &str, node_id: &str, shutdown: &CancellationToken) -> Result<Self, BrokerError> {
         let client = build_client(url)?;
+        let shards = shards_for(url, &client)?;
         client.connect();
         let _ = tokio::time::timeout(TIMEOUT, client.wait_for_connect()).await;
         tokio::spawn({
@@ -172,6 +177,7 @@ impl SharedCounts {
         });
         Ok(Self {
             client,
+            shards,
             node_id: node_id.to_owned(),
             acquire: Script::from_lua(ACQUIRE),
             releases,
@@ -186,16 +192,23 @@ impl SharedCounts {
     }
 
     pub async fn acquire(&self, user_id: &str, max: u32) -> Result<Option<u32>, BrokerError> {
-        if !crate::broker::redis::may_send(&self.client) {
+        let keys = vec![user_key(user_id), NODES_KEY.to_owned()];
+        let args = vec![
+            Value::from(self.node_id.clone()),
+            Value::from(max.to_string()),
+            Value::from(node_ttl_ms()),
+        ];
+        if let Some(shards) = &self.shards {
+            let reply = shards.eval(&self.acquire, keys, args, TIMEOUT).await?;
+            return Ok(reply.as_i64().and_then(|n| u32::try_from(n).ok()));
+        }
+        if !may_send(&self.client) {
             return Err(BrokerError::Unavailable("not connected to Redis".into()));
         }
         let reply = tokio::time::timeout(
             TIMEOUT,
-            self.acquire.evalsha_with_reload::<i64, _, _>(
-                &self.client,
-                vec![user_key(user_id), NODES_KEY.to_owned()],
-                vec![self.node_id.clone(), max.to_string(), node_ttl_ms()],
-            ),
+            self.acquire
+                .evalsha_with_reload::<i64, _, _>(&self.client, keys, args),
         )
         .await
         .map_err(|_| BrokerError::Unavailable("Redis did not answer in time".into()))?

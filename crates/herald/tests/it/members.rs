@@ -22,7 +22,7 @@ fn members_path(org: &str) -> String {
     format!("/api/v1/orgs/{org}/members")
 }
 
-fn member_path(org: &str, user: &str) -> String {
+pub(crate) fn member_path(org: &str, user: &str) -> String {
     format!("/api/v1/orgs/{org}/members/{user}")
 }
 
@@ -35,13 +35,13 @@ fn token_with(user: &str, extra: Value) -> String {
     sign(claims)
 }
 
-fn events(org: &str) -> String {
+pub(crate) fn events(org: &str) -> String {
     format!("/ws/events/{org}/")
 }
 
 /// Publishes an org event and checks that `ws` receives it: proof the socket is open
 /// and still subscribed.
-async fn assert_receives_event(srv: &TestServer, org: &str, ws: &mut WsClient) {
+pub(crate) async fn assert_receives_event(srv: &TestServer, org: &str, ws: &mut WsClient) {
     let (status, receipt) = srv
         .post(
             &format!("/api/v1/orgs/{org}/events"),
@@ -333,7 +333,7 @@ async fn claims_orgs_and_keycloak_organization() {
 
 /// A membership webhook on 127.0.0.1:0 that records each request and answers with
 /// the status set for its `(user_id, org_id)`, 404 when none is set.
-struct FakeWebhook {
+pub(crate) struct FakeWebhook {
     url: String,
     state: Arc<WebhookState>,
     shutdown: CancellationToken,
@@ -368,7 +368,7 @@ async fn answer_webhook(
 }
 
 impl FakeWebhook {
-    async fn start() -> FakeWebhook {
+    pub(crate) async fn start() -> FakeWebhook {
         let state = Arc::new(WebhookState::default());
         let app = axum::Router::new()
             .route("/membership", axum::routing::post(answer_webhook))
@@ -394,11 +394,11 @@ impl FakeWebhook {
     }
 
     /// `HERALD_MEMBERSHIP` for a herald that asks this webhook.
-    fn mode(&self) -> String {
+    pub(crate) fn mode(&self) -> String {
         format!("webhook:{}", self.url)
     }
 
-    fn answer(&self, user: &str, org: &str, status: u16) {
+    pub(crate) fn answer(&self, user: &str, org: &str, status: u16) {
         self.state
             .answers
             .lock()
@@ -406,7 +406,7 @@ impl FakeWebhook {
             .insert((user.to_owned(), org.to_owned()), status);
     }
 
-    fn hits(&self) -> usize {
+    pub(crate) fn hits(&self) -> usize {
         self.state.requests.lock().unwrap().len()
     }
 

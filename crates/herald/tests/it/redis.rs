@@ -128,6 +128,16 @@ impl Redis {
         self.child.is_some()
     }
 
+    /// The process id of the test's own `redis-server`.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    /// The port of the test's own `redis-server` (0 for `HERALD_TEST_REDIS_URL`).
+    pub(crate) fn port(&self) -> u16 {
+        self.port
+    }
+
     pub(crate) async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill().await.unwrap();

@@ -424,6 +424,14 @@ async fn connection_limit_holds_across_nodes_on_a_cluster() {
 }
 
 #[tokio::test]
+async fn removing_a_member_closes_their_org_sockets_on_every_node_of_a_cluster() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    crate::control::check_member_removal_across_nodes(&cluster.url).await;
+}
+
+#[tokio::test]
 async fn a_plain_redis_url_naming_a_cluster_node_is_refused() {
     let Some(cluster) = Cluster::start().await else {
         return;
@@ -523,4 +531,71 @@ async fn llm_tasks_run_across_nodes_on_a_cluster() {
     assert_eq!(status, 202);
     let rest = TaskStream::read(&mut ws, &long).await;
     assert_eq!(rest.messages.last().unwrap()["status"], "cancelled");
+}
+
+/// A primary down stays a partial outage: publishes, handshakes and deliveries of
+/// channels on the other primaries keep working; only the down primary's channels
+/// fail (503, with nothing falsely acknowledged).
+#[tokio::test]
+async fn a_partial_outage_fails_only_the_shard_that_is_down() {
+    let Some(mut cluster) = Cluster::start().await else {
+        return;
+    };
+    let (a, b) = (cluster.node().await, cluster.node().await);
+    // The connection counts live on one primary, which every handshake needs.
+    let counts = cluster.owner(slot_of("herald:{conns}:nodes")).await;
+    let victim = cluster
+        .masters
+        .iter()
+        .map(|m| m.port)
+        .find(|port| *port != counts)
+        .unwrap();
+    let (mut healthy, mut broken) = (None, None);
+    while healthy.is_none() || broken.is_none() {
+        let u = user("partial");
+        let owner = cluster.owner(slot_of(&notifications_pubsub(&u))).await;
+        if owner == victim {
+            broken.get_or_insert(u);
+        } else {
+            healthy.get_or_insert(u);
+        }
+    }
+    let (healthy, broken) = (healthy.unwrap(), broken.unwrap());
+    let path = "/ws/notifications/";
+    let (mut ws, _) = b.connect(path, &healthy).await;
+    a.notify(&healthy, json!({"n": 1})).await;
+    assert_eq!(ws.next_json().await["notification"]["n"], 1);
+
+    cluster
+        .masters
+        .iter_mut()
+        .find(|m| m.port == victim)
+        .unwrap()
+        .kill()
+        .await;
+    // While the primary is down: the healthy shard's channel keeps working, through
+    // both nodes, promptly.
+    for n in 2..=4 {
+        let started = tokio::time::Instant::now();
+        let (status, body) = a
+            .post(&format!("/api/v1/notifications/{healthy}"), json!({"n": n}))
+            .await;
+        assert_eq!(status, 202, "publish on a healthy shard: {body}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(ws.next_json().await["notification"]["n"], n);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (mut second, welcome) = b.connect(path, &healthy).await;
+    assert_eq!(welcome["status"], "connected", "{welcome}");
+    a.notify(&healthy, json!({"n": 5})).await;
+    assert_eq!(second.next_json().await["notification"]["n"], 5);
+    // The down shard's channel fails honestly.
+    let (status, body) = a
+        .post(&format!("/api/v1/notifications/{broken}"), json!({"n": 1}))
+        .await;
+    assert_eq!(status, 503, "{body}");
 }

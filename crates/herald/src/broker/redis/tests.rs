@@ -57,3 +57,18 @@ fn a_channel_remembers_a_few_left_epochs() {
     assert_eq!(listening.retired.len(), RETIRED_EPOCHS);
     assert_eq!(listening.judge("e8", 2).0, Verdict::Stale);
 }
+
+#[test]
+fn cluster_redirections_name_their_server() {
+    use fred::types::config::Server;
+    assert_eq!(
+        shards::redirection("MOVED 2119 127.0.0.1:46139"),
+        Some((false, Server::new("127.0.0.1", 46139)))
+    );
+    assert_eq!(
+        shards::redirection("Cluster Error: ASK 7 10.0.0.1:7000"),
+        Some((true, Server::new("10.0.0.1", 7000)))
+    );
+    assert_eq!(shards::redirection("NOSCRIPT No matching script"), None);
+    assert_eq!(shards::redirection("MOVED 1 nohostport"), None);
+}

@@ -1,0 +1,167 @@
+//! Commands to a Redis Cluster over one connection per primary, routed by hash slot.
+//!
+//! fred's cluster client runs every primary's connection through one router task,
+//! which stops sending commands to *all* primaries while it reconnects to any one of
+//! them (a primary killed, until a replica takes over). For herald that turned one
+//! shard's failover into a full outage: every publish 503, every handshake 1001.
+//! [`Shards`] keeps the cluster client for what it does well (discovering the slot
+//! map, pub/sub) and sends scripts over a plain connection to the primary that owns
+//! the script's slot, so a failing primary fails only its own channels.
+//!
+//! The slot map is the cluster client's cached one (refreshed by its own syncs and by
+//! the subscriber's periodic slot check). A script sent to a primary that no longer owns
+//! the slot gets `MOVED`: the map is refreshed and the caller answers 503, so the
+//! publisher retries (safely, with an `Idempotency-Key`).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use fred::prelude::{ClientLike, ClusterInterface, Config, Value};
+use fred::types::config::{Server, ServerConfig};
+use fred::types::scripts::Script;
+
+use crate::broker::BrokerError;
+
+/// How long a command waits for a primary's connection that is not up yet (made on
+/// first use, or reconnecting) before the shard is reported unavailable.
+const CONNECT_WAIT: Duration = Duration::from_millis(500);
+
+/// One connection per Cluster primary, made on first use.
+pub struct Shards {
+    /// The cluster client whose slot map routes commands.
+    cluster: fred::prelude::Client,
+    /// The cluster URL's settings (password, timeouts), for each primary's connection.
+    config: Config,
+    nodes: Mutex<HashMap<Server, fred::prelude::Client>>,
+}
+
+impl Shards {
+    /// Routes by `cluster`'s slot map; `config` is the cluster URL's configuration.
+    pub fn new(cluster: fred::prelude::Client, config: Config) -> Self {
+        Self {
+            cluster,
+            config,
+            nodes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The connection to the primary that owns `key`'s slot.
+    fn client_for(&self, key: &str) -> Result<fred::prelude::Client, BrokerError> {
+        let routing = self.cluster.cached_cluster_state().ok_or_else(|| {
+            BrokerError::Unavailable("the Redis Cluster's slot map is not known yet".into())
+        })?;
+        let slot = fred::util::redis_keyslot(key.as_bytes());
+        let server = routing.get_server(slot).cloned().ok_or_else(|| {
+            BrokerError::Unavailable(format!("no Redis Cluster primary serves slot {slot}"))
+        })?;
+        self.client_at(server)
+    }
+
+    /// The connection to `server`, made on first use.
+    fn client_at(&self, server: Server) -> Result<fred::prelude::Client, BrokerError> {
+        let mut nodes = super::lock(&self.nodes);
+        if let Some(client) = nodes.get(&server) {
+            return Ok(client.clone());
+        }
+        let mut config = self.config.clone();
+        config.server = ServerConfig::new_centralized(server.host.to_string(), server.port);
+        let client = super::build_client_from(config)?;
+        client.connect();
+        nodes.insert(server, client.clone());
+        Ok(client)
+    }
+
+    /// Runs `script` on the primary that owns `keys[0]`'s slot (a script's keys share
+    /// one hash tag), within `timeout`. A primary that is down fails at once
+    /// ([`BrokerError::Unavailable`]) without touching the others. A `MOVED` or `ASK`
+    /// answer (the slot moved, or is moving) is followed once, and the slot map is
+    /// refreshed for the next call.
+    pub async fn eval(
+        &self,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<Value>,
+        timeout: Duration,
+    ) -> Result<Value, BrokerError> {
+        let first = keys
+            .first()
+            .ok_or_else(|| BrokerError::Unavailable("a script without keys cannot be routed".into()))?;
+        let client = self.client_for(first)?;
+        let err = match run(&client, script, keys.clone(), args.clone(), timeout, false).await? {
+            Ok(reply) => return Ok(reply),
+            Err(err) => err,
+        };
+        let Some((asking, server)) = redirection(err.details()) else {
+            return Err(BrokerError::Unavailable(err.to_string()));
+        };
+        let cluster = self.cluster.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(timeout, cluster.sync_cluster()).await;
+        });
+        let client = self.client_at(server)?;
+        run(&client, script, keys, args, timeout, asking)
+            .await?
+            .map_err(|err| BrokerError::Unavailable(err.to_string()))
+    }
+
+    /// Closes every primary's connection.
+    pub async fn quit(&self) {
+        let nodes: Vec<fred::prelude::Client> = super::lock(&self.nodes).drain().map(|(_, c)| c).collect();
+        for client in nodes {
+            let _ = client.quit().await;
+        }
+    }
+}
+
+/// Sends `script` on `client` (after `ASKING` when `asking`): the outer error is the
+/// connection being down or the time running out, the inner one Redis's answer.
+async fn run(
+    client: &fred::prelude::Client,
+    script: &Script,
+    keys: Vec<String>,
+    args: Vec<Value>,
+    timeout: Duration,
+    asking: bool,
+) -> Result<Result<Value, fred::error::Error>, BrokerError> {
+    if !client.is_connected()
+        && tokio::time::timeout(CONNECT_WAIT, client.wait_for_connect())
+            .await
+            .map_or(true, |connected| connected.is_err())
+    {
+        return Err(BrokerError::Unavailable(
+            "the Redis Cluster primary for this channel is unreachable".into(),
+        ));
+    }
+    let call = async {
+        if asking {
+            client
+                .custom::<Value, Value>(
+                    fred::types::CustomCommand::new_static("ASKING", fred::types::ClusterHash::Random, false),
+                    vec![],
+                )
+                .await?;
+        }
+        script
+            .evalsha_with_reload::<Value, _, _>(client, keys, args)
+            .await
+    };
+    tokio::time::timeout(timeout, call)
+        .await
+        .map_err(|_| BrokerError::Unavailable("Redis did not answer in time".into()))
+}
+
+/// `MOVED <slot> <host:port>` or `ASK <slot> <host:port>`: whether it is an `ASK`, and
+/// the server named.
+pub(super) fn redirection(details: &str) -> Option<(bool, Server)> {
+    let start = details.find("MOVED ").or_else(|| details.find("ASK "))?;
+    let mut words = details[start..].split_whitespace();
+    let asking = match words.next()? {
+        "MOVED" => false,
+        "ASK" => true,
+        _ => return None,
+    };
+    let _slot = words.next()?;
+    let (host, port) = words.next()?.rsplit_once(':')?;
+    Some((asking, Server::new(host, port.parse().ok()?)))
+}
