@@ -31,7 +31,7 @@ pub struct Publish {
     /// The receipt's id and offset.
     pub id: Option<String>,
     pub offset: Option<u64>,
-    /// One entry per attempt: `202`, `503`, `timeout`, `unreachable`, …
+    /// One entry per attempt: `202`, `503 unknown: <message>`, `timeout`, `unreachable`, …
     pub attempts: Vec<String>,
     /// A 503 whose body said `"outcome":"unknown"`.
     pub outcome_unknown: u32,
@@ -163,7 +163,7 @@ impl ChannelPublisher {
                         .get("idempotent-replayed")
                         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
                     let answer: Value = response.json().await.unwrap_or(Value::Null);
-                    record.attempts.push(status.to_string());
+                    record.attempts.push(describe(status, &answer));
                     if status == 202 {
                         record.acked_at = Some(Instant::now());
                         record.id = answer.get("id").and_then(Value::as_str).map(str::to_owned);
@@ -203,4 +203,20 @@ impl ChannelPublisher {
         }
         record
     }
+}
+
+/// An answer in a few words: the status, the 503's outcome and the start of its message.
+fn describe(status: u16, answer: &Value) -> String {
+    if status == 202 {
+        return "202".to_owned();
+    }
+    let outcome = answer.get("outcome").and_then(Value::as_str).unwrap_or("-");
+    let message: String = answer
+        .get("message")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .chars()
+        .take(60)
+        .collect();
+    format!("{status} {outcome}: {message}")
 }

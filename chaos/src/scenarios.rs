@@ -179,6 +179,25 @@ fn claims_options(redis_url: Option<String>, dir: &Path) -> HeraldOptions {
     }
 }
 
+/// The most frequent of `items`, with their counts: `3× a; 1× b`.
+fn top<'a>(items: impl Iterator<Item = &'a str>, n: usize) -> String {
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for item in items {
+        *counts.entry(item).or_default() += 1;
+    }
+    let mut sorted: Vec<(&str, usize)> = counts.into_iter().collect();
+    sorted.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    if sorted.is_empty() {
+        return "none".to_owned();
+    }
+    sorted
+        .iter()
+        .take(n)
+        .map(|(item, count)| format!("{count}× {item}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 fn addresses(nodes: &[Herald]) -> Vec<String> {
     nodes.iter().map(Herald::address).collect()
 }
@@ -420,6 +439,14 @@ async fn cluster_primary_down(ctx: &Ctx) -> anyhow::Result<Row> {
         if let Ok(mut set) = affected.lock() {
             set.extend(channels.iter().cloned());
         }
+        // herald keeps every user's connection count under one hash tag: say whether
+        // this primary holds it (handshakes of every channel need it).
+        let conns_slot = key_slot("conns");
+        let holds_counts = cluster
+            .roles()
+            .await?
+            .iter()
+            .any(|r| r.port == primary && r.slots.iter().any(|(a, b)| (*a..=*b).contains(&conns_slot)));
         let killed_at = Instant::now();
         cluster
             .node_by_port(primary)
@@ -428,9 +455,14 @@ async fn cluster_primary_down(ctx: &Ctx) -> anyhow::Result<Row> {
             .kill()
             .await;
         log.push(format!(
-            "{} primary :{primary} SIGKILLed (its shard holds {} of {orgs} channels)",
+            "{} primary :{primary} SIGKILLed (its shard holds {} of {orgs} channels{})",
             at(t0),
-            channels.len()
+            channels.len(),
+            if holds_counts {
+                ", and the slot of herald's connection counts, `{conns}`"
+            } else {
+                ""
+            }
         ));
         let healed = cluster.wait_healthy(Duration::from_secs(30)).await?;
         log.push(format!(
@@ -489,14 +521,24 @@ async fn cluster_primary_down(ctx: &Ctx) -> anyhow::Result<Row> {
             .collect();
         let failed: Vec<_> = healthy_handshakes.iter().filter(|h| !h.ok).collect();
         row.details.push(format!(
-            "during the failover (kill → healthy + 3 s): {healthy_publish_failures} healthy-shard publishes and {} of {} healthy-shard handshakes failed{}",
+            "healthy-shard publishes that failed were answered: {}",
+            top(
+                result
+                    .publishes
+                    .iter()
+                    .filter(|p| !affected.contains(&p.channel) && p.acked_at.is_none())
+                    .filter_map(|p| p.attempts.last().map(String::as_str)),
+                3
+            )
+        ));
+        row.details.push(format!(
+            "healthy-shard handshakes that failed: {}",
+            top(failed.iter().filter_map(|h| h.failure.as_deref()), 3)
+        ));
+        row.details.push(format!(
+            "during the failover (kill → healthy + 3 s): {healthy_publish_failures} healthy-shard publishes and {} of {} healthy-shard handshakes failed",
             failed.len(),
             healthy_handshakes.len(),
-            failed
-                .first()
-                .and_then(|h| h.failure.as_deref())
-                .map(|f| format!(" (first: {f})"))
-                .unwrap_or_default()
         ));
     }
     Ok(row)
@@ -578,7 +620,16 @@ async fn idempotent_retry(ctx: &Ctx) -> anyhow::Result<Row> {
     );
     let mut row = row_from(&result, finding);
     row.details.push(format!(
-        "503 bodies saying outcome unknown: {unknown}; retries answered Idempotent-Replayed: {replayed}"
+        "503 bodies saying outcome unknown: {unknown}; retries answered Idempotent-Replayed: {replayed}; failed attempts were answered: {}",
+        top(
+            result
+                .publishes
+                .iter()
+                .flat_map(|p| p.attempts.iter())
+                .map(String::as_str)
+                .filter(|a| *a != "202"),
+            3
+        )
     ));
     drop(nodes);
     Ok(row)
