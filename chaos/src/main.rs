@@ -71,17 +71,22 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
+    let interrupted = std::sync::atomic::AtomicBool::new(false);
     let result = runtime.block_on(async {
         tokio::select! {
             result = dispatch(cli.command) => result,
             _ = tokio::signal::ctrl_c() => {
                 eprintln!("interrupted: stopping every process the suite started");
+                interrupted.store(true, std::sync::atomic::Ordering::Relaxed);
                 Ok(())
             }
         }
     });
     // Dropping the runtime drops every scenario's processes (killed on drop).
     runtime.shutdown_timeout(Duration::from_secs(5));
+    if interrupted.load(std::sync::atomic::Ordering::Relaxed) {
+        let _ = std::fs::remove_dir_all(scratch_dir());
+    }
     result
 }
 
@@ -119,7 +124,7 @@ async fn run(args: RunArgs, repo: PathBuf) -> anyhow::Result<()> {
         bail!("no scenario {bad}: choose among a–h");
     }
     let full = !args.quick && selected.len() == scenarios::ALL.len();
-    let dir = std::env::temp_dir().join(format!("herald-chaos-{}", std::process::id()));
+    let dir = scratch_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let ctx = Ctx {
         bin,
@@ -180,6 +185,11 @@ async fn run(args: RunArgs, repo: PathBuf) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(())
+}
+
+/// This run's scratch directory (process logs, databases).
+fn scratch_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("herald-chaos-{}", std::process::id()))
 }
 
 async fn command_output(program: &str, args: &[&str]) -> String {
