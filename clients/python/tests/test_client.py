@@ -21,7 +21,7 @@ from herald_client import (
     ServiceUnavailableError,
 )
 
-SEQUENCE_FIELDS = {"id", "offset", "epoch", "timestamp"}
+SEQUENCE_FIELDS = {"channel", "id", "offset", "epoch", "timestamp"}
 
 
 def strip(message):

@@ -34,11 +34,11 @@ const SHARDS: usize = 64;
 
 /// Heap bytes a history entry costs beyond its message bytes: the ring slot and the
 /// shared buffer's header, rounded up.
-pub const MESSAGE_OVERHEAD: usize = 96;
+pub const MESSAGE_OVERHEAD: usize = 112;
 
 /// Approximate heap bytes of a channel's state without history: the map entry, its
 /// name, the lock and the epoch.
-pub const CHANNEL_OVERHEAD: usize = 320;
+pub const CHANNEL_OVERHEAD: usize = 352;
 
 pub struct MemoryBroker {
     hub: Arc<Hub>,
@@ -247,7 +247,7 @@ impl Broker for MemoryBroker {
             state.offset += 1;
             state.touched = now;
             let id = new_id();
-            let bytes = draft.seal(&id, state.offset, &state.epoch, &now_rfc3339());
+            let bytes = draft.seal(channel.name(), &id, state.offset, &state.epoch, &now_rfc3339());
             let message = Message {
                 offset: state.offset,
                 epoch: state.epoch.clone(),

@@ -137,7 +137,7 @@ return {epoch, offset, entries}
 
 /// The publish: KEYS = meta, history, pub/sub channel; ARGV = draft body, id,
 /// timestamp, new epoch, history size, history TTL (ms), meta TTL (ms), now (unix ms),
-/// publish command (`PUBLISH` or `SPUBLISH`). Returns `{offset, epoch}`. The sealed
+/// publish command (`PUBLISH` or `SPUBLISH`), channel name. Returns `{offset, epoch}`. The sealed
 /// bytes are built exactly as [`Draft::seal`].
 ///
 /// The pub/sub channel is not a key, but it is declared in KEYS so that every name the
@@ -156,7 +156,7 @@ local sealed = string.sub(body, 1, -2)
 if #body > 2 then
   sealed = sealed .. ','
 end
-sealed = sealed .. '"id":"' .. ARGV[2] .. '","offset":' .. offset .. ',"epoch":"' .. epoch
+sealed = sealed .. '"channel":"' .. ARGV[10] .. '","id":"' .. ARGV[2] .. '","offset":' .. offset .. ',"epoch":"' .. epoch
   .. '","timestamp":"' .. ARGV[3] .. '"}'
 local size = tonumber(ARGV[5])
 if size > 0 then
@@ -204,11 +204,10 @@ fn channel_of_pubsub(name: &str) -> Option<&str> {
 
 /// Whether to send a command now: not while disconnected, so the caller fails at once.
 ///
-/// On a Cluster this means *every* primary is connected. A command for a healthy
-/// primary could be sent, but fred's one router task stalls every command while it
-/// reconnects to any primary (fred issue 363), so sending it would only turn a quick
-/// 503 into a slow one. Keeping a partial outage partial needs a connection per primary
-/// routed by slot (docs/protocol.md, known limits).
+/// On a Cluster this means *every* primary is connected, and fred's one router task
+/// stalls every command while it reconnects to any primary (fred issue 363); so the
+/// scripts whose callers need a partial outage to stay partial go through [`Shards`]
+/// instead, one connection per primary.
 pub(crate) fn may_send(client: &fred::prelude::Client) -> bool {
     client.is_connected()
 }
@@ -507,6 +506,11 @@ pub(crate) fn build_client_from(mut config: Config) -> Result<fred::prelude::Cli
         .with_connection_config(|connection| {
             connection.connection_timeout = COMMAND_TIMEOUT;
             connection.internal_command_timeout = COMMAND_TIMEOUT;
+            // A command cut off with its connection is not sent again after the
+            // reconnect: it may already have run, and a publish that runs twice is a
+            // duplicate no client can detect. The caller learns the outcome is unknown
+            // and retries with its Idempotency-Key.
+            connection.max_command_attempts = 1;
         })
         .with_performance_config(|performance| {
             // Pub/sub messages wait here for the subscriber task; fred's default of 32
@@ -656,6 +660,7 @@ impl Broker for RedisBroker {
                     Value::from(self.meta_ttl_ms().to_string()),
                     Value::from(unix_ms().to_string()),
                     Value::from(self.fanout.publish_command()),
+                    Value::from(name),
                 ],
             )
             .await

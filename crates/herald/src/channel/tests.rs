@@ -22,15 +22,15 @@ fn channel_names() {
 
 #[test]
 fn seal_adds_sequence_fields_once() {
-    let body = json!({"type": "notification", "offset": 99, "id": "forged", "x": "é\"q"});
+    let body = json!({"type": "notification", "offset": 99, "id": "forged", "channel": "x:y", "x": "é\"q"});
     let serde_json::Value::Object(map) = body else {
         unreachable!()
     };
-    let sealed = Draft::from_object(map).seal("abc", 42, "ep1", "2025-01-01T00:00:00.000Z");
+    let sealed = Draft::from_object(map).seal("org:acme", "abc", 42, "ep1", "2025-01-01T00:00:00.000Z");
     let value: serde_json::Value = serde_json::from_slice(&sealed).unwrap();
     assert_eq!(
         value,
-        json!({"type": "notification", "x": "é\"q", "id": "abc", "offset": 42, "epoch": "ep1",
+        json!({"type": "notification", "x": "é\"q", "channel": "org:acme", "id": "abc", "offset": 42, "epoch": "ep1",
                "timestamp": "2025-01-01T00:00:00.000Z"})
     );
     let text = std::str::from_utf8(&sealed).unwrap();
@@ -39,11 +39,11 @@ fn seal_adds_sequence_fields_once() {
 
 #[test]
 fn seal_empty_object() {
-    let sealed = Draft::from_object(serde_json::Map::new()).seal("i", 1, "e", "t");
+    let sealed = Draft::from_object(serde_json::Map::new()).seal("org:a", "i", 1, "e", "t");
     let value: serde_json::Value = serde_json::from_slice(&sealed).unwrap();
     assert_eq!(
         value,
-        json!({"id": "i", "offset": 1, "epoch": "e", "timestamp": "t"})
+        json!({"channel": "org:a", "id": "i", "offset": 1, "epoch": "e", "timestamp": "t"})
     );
 }
 

@@ -237,7 +237,13 @@ async fn lua_sealed_bytes_equal_draft_seal() {
         let stored = &history.messages[0].bytes;
         let parsed: Value = serde_json::from_slice(stored).unwrap();
         let timestamp = parsed["timestamp"].as_str().unwrap();
-        let expected = draft.seal(&published.id, published.offset, &published.epoch, timestamp);
+        let expected = draft.seal(
+            channel.name(),
+            &published.id,
+            published.offset,
+            &published.epoch,
+            timestamp,
+        );
         assert_eq!(stored, &expected, "Lua and Rust seal the same bytes");
     }
     shutdown.cancel();

@@ -93,7 +93,7 @@ impl Shards {
             Err(err) => err,
         };
         let Some((asking, server)) = redirection(err.details()) else {
-            return Err(BrokerError::Unavailable(err.to_string()));
+            return Err(super::sent_but_failed(err));
         };
         let cluster = self.cluster.clone();
         tokio::spawn(async move {
@@ -102,7 +102,7 @@ impl Shards {
         let client = self.client_at(server)?;
         run(&client, script, keys, args, timeout, asking)
             .await?
-            .map_err(|err| BrokerError::Unavailable(err.to_string()))
+            .map_err(super::sent_but_failed)
     }
 
     /// Closes every primary's connection.
@@ -115,7 +115,8 @@ impl Shards {
 }
 
 /// Sends `script` on `client` (after `ASKING` when `asking`): the outer error is the
-/// connection being down or the time running out, the inner one Redis's answer.
+/// connection being down (not sent) or the time running out (outcome unknown), the
+/// inner one what came back.
 async fn run(
     client: &fred::prelude::Client,
     script: &Script,
@@ -148,7 +149,10 @@ async fn run(
     };
     tokio::time::timeout(timeout, call)
         .await
-        .map_err(|_| BrokerError::Unavailable("Redis did not answer in time".into()))
+        .map_err(|_| BrokerError::OutcomeUnknown {
+            reason: "Redis did not answer in time".into(),
+            id: None,
+        })
 }
 
 /// `MOVED <slot> <host:port>` or `ASK <slot> <host:port>`: whether it is an `ASK`, and
