@@ -2,7 +2,7 @@
 //!
 //! `bench all` starts each server under test in a fresh process for each scenario —
 //! herald, the bare axum baseline (`bench/baselines/bare/`, in its WebSocket layer
-//! variants) and the seeds' Django Channels stack (`bench/baselines/django/`) — drives it
+//! variants) and the Django Channels stack herald replaces (`bench/baselines/django/`) — drives it
 //! with worker processes (`bench worker`) that hold the sockets, and writes
 //! `bench/results/<date>.json`, a plot, and `BENCHMARKS.md`. `bench/run.sh` builds
 //! everything and runs it; `--quick` is a short version of the same run.

@@ -30,7 +30,7 @@ pub enum Kind {
     BareTungsteniteSmall,
     /// The bare baseline on tokio-websockets (herald's layer).
     BareTokioWebsockets,
-    /// Django + channels + daphne + channels_redis (the seeds' stack).
+    /// Django + channels + daphne + channels_redis (the stack herald replaces).
     Django,
 }
 

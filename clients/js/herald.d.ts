@@ -62,6 +62,7 @@ export type LlmStatus =
   | "processing"
   | "thinking"
   | "streaming"
+  | "restarted"
   | "completed"
   | "failed"
   | "cancelled";
@@ -246,6 +247,11 @@ export interface SecureLLMWebSocketOptions
   onStatusUpdate?: (status: LlmStatus, message: string, raw: LlmStatusMessage) => void;
   onFrameUpdate?: (frame: Frame, raw: LlmFrameMessage) => void;
   onToken?: (delta: string, index: number, raw: LlmFrameMessage) => void;
+  /**
+   * `llm_status restarted`: the answer of this task (its `task_id`, else `chat_id`)
+   * starts again from index 0; drop the text received for it so far.
+   */
+  onRestart?: (taskId: string, raw: LlmStatusMessage) => void;
   onFinalResponse?: (response: string, data: LlmResponseData, raw: LlmResponseMessage) => void;
   /** An `llm_error` text, or a connection error (`raw.type === "connection"`). */
   onError?: (error: string, raw: LlmErrorMessage | { type: "connection"; error: HeraldError }) => void;

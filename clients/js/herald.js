@@ -476,9 +476,12 @@ function httpBase(baseUrl) {
  * callbacks:
  *
  * - onStatusUpdate(status, message, raw): `llm_status` (started, thinking, streaming,
- *   completed, failed, cancelled);
+ *   restarted, completed, failed, cancelled);
  * - onFrameUpdate(frame, raw): every `llm_frame` (thinking and streaming);
  * - onToken(delta, index, raw): each streamed piece of the answer, once, in order;
+ * - onRestart(taskId, raw): `llm_status restarted`: the answer starts again from index 0
+ *   (a task taken over from a stopped worker got a different answer); drop the text
+ *   received so far for that task. The tokens that follow are the new answer's;
  * - onFinalResponse(response, data, raw): `llm_response`;
  * - onError(error, raw): `llm_error` text, or a connection error (raw.type "connection");
  * - onAuthError(error): the token was refused for good (4003, or 4001 without getToken).
@@ -492,6 +495,7 @@ export class SecureLLMWebSocket {
     this.onStatusUpdate = options.onStatusUpdate ?? noop;
     this.onFrameUpdate = options.onFrameUpdate ?? noop;
     this.onToken = options.onToken ?? noop;
+    this.onRestart = options.onRestart ?? noop;
     this.onFinalResponse = options.onFinalResponse ?? noop;
     this.onError = options.onError ?? noop;
     this.onAuthError = options.onAuthError ?? noop;
@@ -570,6 +574,11 @@ export class SecureLLMWebSocket {
   _dispatch(message) {
     switch (message.type) {
       case "llm_status":
+        if (message.status === "restarted") {
+          // The answer starts again: its frames count from index 0 once more.
+          this._nextIndex.delete(message.task_id ?? message.chat_id);
+          safely(this.onRestart, message.task_id ?? message.chat_id, message);
+        }
         safely(this.onStatusUpdate, message.status, message.message, message);
         return;
       case "llm_frame": {

@@ -13,13 +13,17 @@
 //    the same port; the client reconnects, resumes with since/epoch from the shared
 //    history, and completes the answer with every token exactly once;
 // 4. the README's browser snippet runs as written on the page's origin;
-// 5. with configured secrets, the page takes a pasted token and /dev/… is 404.
+// 5. with configured secrets, the page takes a pasted token and /dev/… is 404;
+// 6. cross-origin: a page served by another server (another port, so another origin,
+//    listed in HERALD_ALLOWED_ORIGINS) imports the client from herald and streams an
+//    answer with SecureLLMWebSocket.generate(), whose POST needs a CORS preflight.
 //
 // A screenshot is saved in $ARTIFACT_DIR (printed at the end).
 //
 // Environment: HERALD_BIN (the herald binary), ARTIFACT_DIR, and optionally CHROMIUM
 // (default /usr/bin/chromium) and REDIS_SERVER (default redis-server on PATH).
 import { spawn } from "node:child_process";
+import { createServer as createHttpServer } from "node:http";
 import { mkdtempSync, readFileSync, rmSync, mkdirSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
@@ -324,6 +328,8 @@ try {
   //    dev endpoints do not exist.
   const portC = await freePort();
   const originC = `http://127.0.0.1:${portC}`;
+  const portApp = await freePort();
+  const appOrigin = `http://127.0.0.1:${portApp}`;
   const configured = {
     PATH: process.env.PATH,
     HOME: process.env.HOME,
@@ -331,7 +337,7 @@ try {
     HERALD_DATABASE_URL: "sqlite::memory:",
     HERALD_JWT_SECRET: "browser-test-secret-0123456789",
     HERALD_API_KEYS: "browser-test-key",
-    HERALD_ALLOWED_ORIGINS: originC,
+    HERALD_ALLOWED_ORIGINS: `${originC},${appOrigin}`,
   };
   const nodeC = start("herald node C (configured secrets)", HERALD_BIN, ["serve"], { cwd: dir, env: configured });
   await listening(nodeC);
@@ -357,6 +363,62 @@ try {
   assert.equal(response.status, 202);
   await page3.waitForFunction(() => document.getElementById("notifications").textContent.includes("token from herald token"), null, { timeout: 10000 });
   step("without dev mode the page connects with a pasted token");
+
+  // 6. Another origin: an app's page imports the client from herald and streams an answer.
+  const mintedApp = start("herald token", HERALD_BIN, ["token", "--sub", "crossorigin"], { cwd: dir, env: configured });
+  await waitFor(() => mintedApp.exited, "herald token to print a token");
+  assert.equal(mintedApp.exited.code, 0, mintedApp.stderr);
+  const appToken = mintedApp.lines[0].trim();
+  const appPage = `<!doctype html>
+<meta charset="utf-8"><title>an app on another origin</title>
+<script type="module">
+  import { SecureLLMWebSocket } from "${originC}/client/herald.js";
+  const result = (window.result = { tokens: [], final: null, errors: [], task: null });
+  const llm = new SecureLLMWebSocket({
+    baseUrl: "${originC}",
+    userId: "crossorigin",
+    getToken: async () => ${JSON.stringify(appToken)},
+    onToken: (delta, index) => result.tokens.push({ delta, index }),
+    onFinalResponse: (response) => { result.final = response; },
+    onError: (error) => result.errors.push(String(error?.message ?? error)),
+    onOpen: () => {
+      if (result.task) return;
+      result.task = "starting";
+      llm.generate({ chatId: "cross-origin", prompt: "Hello from another origin" })
+        .then((answer) => { result.task = answer.task_id; })
+        .catch((error) => result.errors.push("generate: " + String(error?.message ?? error)));
+    },
+  });
+  llm.connect();
+</script>`;
+  const appServer = createHttpServer((request, response) => {
+    response.writeHead(request.url === "/" ? 200 : 404, { "Content-Type": "text/html; charset=utf-8" });
+    response.end(request.url === "/" ? appPage : "");
+  });
+  await new Promise((resolveListen) => appServer.listen(portApp, "127.0.0.1", resolveListen));
+  try {
+    const page4 = await context.newPage();
+    const appConsole = [];
+    page4.on("console", (message) => appConsole.push(message.text()));
+    page4.on("pageerror", (err) => appConsole.push(`pageerror: ${err.message}`));
+    await page4.goto(`${appOrigin}/`);
+    const crossHandle = await page4.waitForFunction(
+      () => (window.result && (window.result.final !== null || window.result.errors.length > 0) ? window.result : null),
+      null,
+      { timeout: 20000 },
+    ).catch(async (err) => {
+      throw new Error(`the cross-origin page did not finish: ${err.message}; console:\n${appConsole.join("\n")}`);
+    });
+    const cross = await crossHandle.jsonValue();
+    assert.deepEqual(cross.errors, [], `cross-origin errors; console:\n${appConsole.join("\n")}`);
+    assert.equal(cross.final, "Echo: Hello from another origin");
+    assert.ok(cross.tokens.length >= 3, "the answer streamed in several tokens");
+    assert.deepEqual(cross.tokens.map((t) => t.index), cross.tokens.map((_, i) => i));
+    assert.equal(cross.tokens.map((t) => t.delta).join(""), cross.final);
+    step(`a page on ${appOrigin} imported the client from ${originC} and streamed an answer (${cross.tokens.length} tokens)`);
+  } finally {
+    appServer.close();
+  }
 
   assert.ok(!consoleLines.some((line) => line.startsWith("pageerror")), consoleLines.join("\n"));
   console.log(`screenshot: ${shot}`);

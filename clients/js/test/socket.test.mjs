@@ -320,6 +320,45 @@ test("SecureLLMWebSocket resumes mid-answer across server closes with no lost or
   llm.close();
 });
 
+test("SecureLLMWebSocket starts an answer again from index 0 after llm_status restarted", async () => {
+  const lee = user("llm-restart");
+  const tokens = [];
+  const restarts = [];
+  let final = null;
+  const llm = new SecureLLMWebSocket({
+    baseUrl: HERALD_URL,
+    userId: lee,
+    token: token(lee),
+    WebSocket,
+    onToken: (delta, index) => tokens.push([index, delta]),
+    onRestart: (taskId) => restarts.push(taskId),
+    onFinalResponse: (response) => {
+      final = response;
+    },
+  });
+  llm.connect();
+  await waitFor(() => llm.state === "open", "the frame stream");
+  // As a worker that took the task over with a different answer sends it.
+  const base = { chat_id: "c", task_id: "t1" };
+  const frame = (index, delta) => ({ ...base, type: "llm_frame", frame: { status: "streaming", delta, index } });
+  for (const message of [
+    { ...base, type: "llm_status", status: "streaming", message: "Streaming response" },
+    frame(0, "Old"),
+    frame(1, " start"),
+    { ...base, type: "llm_status", status: "restarted", message: "The answer was interrupted and starts again" },
+    frame(0, "New"),
+    frame(1, " answer"),
+    { ...base, type: "llm_response", data: { event: "response_generated", response: "New answer" } },
+  ]) {
+    await post(HERALD_URL, `/api/v1/frame-stream/${lee}`, message);
+  }
+  await waitFor(() => final !== null, "the final response");
+  assert.deepEqual(restarts, ["t1"]);
+  assert.deepEqual(tokens, [[0, "Old"], [1, " start"], [0, "New"], [1, " answer"]]);
+  assert.equal(tokens.slice(2).map(([, d]) => d).join(""), final);
+  llm.close();
+});
+
 test("the token is refreshed in place before it expires", async () => {
   const kim = user("refresh");
   let asked = 0;

@@ -47,6 +47,7 @@ const llm = new SecureLLMWebSocket({
     if (status === "done") return;
   },
   onToken: (delta: string, index: number) => void [delta, index],
+  onRestart: (taskId: string) => void taskId.length,
   onFinalResponse: (response: string, data: LlmResponseData) => void [response, data.model, data.usage?.completion_tokens],
   onError: (error: string) => void error,
 });

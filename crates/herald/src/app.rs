@@ -97,7 +97,7 @@ pub fn router(state: AppState) -> Router {
     };
     Router::new()
         .merge(crate::ws::router())
-        .merge(crate::http::router())
+        .merge(crate::http::router(&state.config.allowed_origins))
         .merge(dev)
         .layer(axum::middleware::from_fn(crate::http::limit_request_size))
         .layer(CatchPanicLayer::new())

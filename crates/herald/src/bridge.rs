@@ -8,7 +8,9 @@
 //! the receiving names. herald behaves as one more Django process: while a channel has
 //! sockets on this node, the node keeps the member `{channel}!{node}.{group}` in each
 //! group that maps to it (re-added well before `group_expiry`, removed
-//! `leave_after_ms` after the last socket left), and the queue `{prefix}{channel}!` is
+//! `leave_after_ms`, by default `HERALD_HISTORY_TTL`, after the last socket left, so a
+//! `group_send` made while the user was away is in history when they come back), and
+//! the queue `{prefix}{channel}!` is
 //! read with a batch `ZPOPMIN` or a blocking `BZPOPMIN`, each popped message kept in
 //! `…!$inflight` until it is published, as channels_redis's own receiver does.
 //!
@@ -250,6 +252,8 @@ struct Joined {
 /// The running bridge of one node.
 pub struct Bridge {
     options: BridgeOptions,
+    /// `options.leave_after`, or the history TTL when it is not set.
+    leave_after: Duration,
     names: Names,
     /// Whether nodes share a broker (and so the queue, behind a lease).
     shared: bool,
@@ -317,12 +321,15 @@ fn pairs(values: &[Value]) -> Vec<(Vec<u8>, String)> {
 impl Bridge {
     /// Connects to the channels_redis Redis at `url` and starts the bridge's tasks on
     /// `tracker`; they stop on `shutdown`, after leaving this node's groups. `shared`
-    /// says whether nodes share a broker. Waits a few seconds for Redis; if it is not
-    /// there yet, the bridge keeps trying in the background.
+    /// says whether nodes share a broker. `history_ttl` is how long the node stays in a
+    /// channel's groups after its last socket left, unless `leave_after_ms` says
+    /// otherwise. Waits a few seconds for Redis; if it is not there yet, the bridge
+    /// keeps trying in the background.
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
         url: &str,
         options: BridgeOptions,
+        history_ttl: Duration,
         shared: bool,
         hub: Arc<Hub>,
         publisher: Publisher,
@@ -353,6 +360,7 @@ impl Bridge {
                 crypter,
                 ttl: None,
             },
+            leave_after: options.leave_after.unwrap_or(history_ttl),
             options,
             names,
             shared,
@@ -530,7 +538,7 @@ impl Bridge {
                 .filter(|(channel, entry)| {
                     entry
                         .idle_since
-                        .is_some_and(|since| now.duration_since(since) >= self.options.leave_after)
+                        .is_some_and(|since| now.duration_since(since) >= self.leave_after)
                         && !self.hub.has_subscribers(channel.name())
                 })
                 .map(|(channel, _)| channel.clone())

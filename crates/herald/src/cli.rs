@@ -33,6 +33,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the gateway: HTTP API and WebSockets, and LLM workers unless
     /// HERALD_WORKERS=0.
+    #[command(after_long_help = settings_help())]
     Serve,
     /// Run LLM workers only, taking tasks from the shared queue in Redis
     /// (HERALD_REDIS_URL; HERALD_WORKERS at once, default 256).
@@ -54,9 +55,14 @@ pub enum Command {
     Listen {
         /// The endpoint URL, e.g. ws://127.0.0.1:8000/ws/notifications/
         url: String,
-        /// The user token, sent with the herald.bearer subprotocol.
-        #[arg(long)]
-        token: String,
+        /// The user token, sent with the herald.bearer subprotocol. Other users of this
+        /// machine can read it in the process list: prefer --token-file or HERALD_TOKEN.
+        #[arg(long, env = "HERALD_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// A file holding the user token (surrounding whitespace is ignored); used
+        /// instead of --token or HERALD_TOKEN when given.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
         /// Exit after this many messages (the welcome message counts).
         #[arg(long)]
         count: Option<u64>,
@@ -70,8 +76,43 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => serve(config).await,
         Command::Worker => worker(config).await,
         Command::Token { sub, orgs, ttl } => token(&config, &sub, &orgs, ttl),
-        Command::Listen { url, token, count } => listen(&url, &token, count).await,
+        Command::Listen {
+            url,
+            token,
+            token_file,
+            count,
+        } => {
+            let token = match (token_file, token) {
+                (None, Some(token)) => token,
+                (Some(path), _) => std::fs::read_to_string(&path)
+                    .map_err(|err| anyhow::anyhow!("cannot read --token-file {}: {err}", path.display()))?
+                    .trim()
+                    .to_owned(),
+                (None, None) => anyhow::bail!(
+                    "herald listen needs a token: --token-file FILE, the HERALD_TOKEN environment variable, or --token TOKEN"
+                ),
+            };
+            listen(&url, &token, count).await
+        }
     }
+}
+
+/// The settings part of `herald serve --help`: every `HERALD_*` variable with its
+/// default and meaning, from [`config::SETTINGS`].
+fn settings_help() -> String {
+    let mut help = String::from(
+        "Settings (environment variables; in the --config TOML file, the same names in lowercase \
+         without HERALD_):\n",
+    );
+    for setting in config::SETTINGS {
+        let default = match setting.default {
+            "" => String::new(),
+            default => format!(" [default: {default}]"),
+        };
+        help.push_str(&format!("  {}{default}\n      {}\n", setting.env, setting.doc));
+    }
+    help.push_str("\ndocs/protocol.md describes every setting in full.");
+    help
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
@@ -79,15 +120,29 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     for note in config.not_yet_supported() {
         tracing::warn!("{note}");
     }
-    let (secrets, dev_path) = crate::dev::resolve(&config)?;
+    // Nothing is written and nothing says "listening" until the port is bound and the
+    // database is open: a failed start leaves no generated secrets behind.
+    let prepared = crate::dev::prepare(&config)?;
+    if prepared.dev.is_none() {
+        for warning in config.production_warnings() {
+            tracing::warn!("{warning}");
+        }
+    }
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|err| anyhow::anyhow!("cannot listen on {} (HERALD_LISTEN): {err}", config.listen))?;
     let addr = listener.local_addr()?;
-    print_banner(&config, &secrets, dev_path.as_deref(), addr);
     let shutdown = CancellationToken::new();
-    tokio::spawn(signal_shutdown(shutdown.clone()));
-    crate::serve(config, secrets, listener, shutdown).await?;
+    let secrets = crate::app::Secrets {
+        dev_jwt_secret: prepared.secrets.dev_jwt_secret.clone(),
+        api_keys: prepared.secrets.api_keys.clone(),
+    };
+    let built = crate::build_state(config, secrets, shutdown.clone()).await?;
+    prepared.save()?;
+    let dev_path = prepared.dev.as_ref().map(|dev| dev.path.as_path());
+    print_banner(&built.0.config, &prepared.secrets, dev_path, addr);
+    tokio::spawn(signal_shutdown(shutdown));
+    crate::serve_state(built, listener).await?;
     tracing::info!("herald stopped");
     Ok(())
 }
@@ -126,15 +181,28 @@ fn print_banner(
     if config.api_keys.is_empty() {
         if let Some(key) = secrets.api_keys.first() {
             println!("  API key:            {}", key.expose());
+            let herald = herald_command();
             println!();
             println!("try it (in another terminal, from this directory):");
-            println!("  TOKEN=$(cargo run --release -q -- token --sub alice)");
-            println!("  cargo run --release -q -- listen ws://{addr}/ws/notifications/ --token \"$TOKEN\"");
+            println!("  TOKEN=$({herald} token --sub alice)");
+            println!("  {herald} listen ws://{addr}/ws/notifications/ --token \"$TOKEN\"");
             println!(
                 "  curl -X POST http://{addr}/api/v1/notifications/alice -H 'Authorization: Bearer {}' \\\n       -H 'Content-Type: application/json' -d '{{\"title\":\"Hello\",\"body\":\"from herald\"}}'",
                 key.expose()
             );
         }
+    }
+}
+
+/// How to run herald again from the current directory, for the banner's hints: the
+/// README's `cargo run` from a clone of the repository, else this executable's path.
+fn herald_command() -> String {
+    if std::path::Path::new("crates/herald/Cargo.toml").is_file() {
+        return "cargo run --release -q --".to_owned();
+    }
+    match std::env::current_exe() {
+        Ok(path) if !path.display().to_string().contains(char::is_whitespace) => path.display().to_string(),
+        _ => "herald".to_owned(),
     }
 }
 
@@ -165,12 +233,7 @@ fn token(config: &Config, sub: &str, orgs: &[String], ttl: u64) -> anyhow::Resul
     crate::ids::UserId::parse(sub).map_err(|err| anyhow::anyhow!("--sub: {err}"))?;
     let secret = match &config.jwt_secret {
         Some(secret) => secret.clone(),
-        None if config.jwt_dev_mode() => {
-            let (secrets, _) = crate::dev::resolve(config)?;
-            secrets
-                .dev_jwt_secret
-                .ok_or_else(|| anyhow::anyhow!("no dev secret could be loaded"))?
-        }
+        None if config.jwt_dev_mode() => crate::dev::saved_jwt_secret(config)?,
         None => anyhow::bail!(
             "herald token signs HS256 tokens, but this configuration verifies tokens with JWKS; mint tokens with your identity provider"
         ),

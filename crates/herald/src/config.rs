@@ -57,6 +57,7 @@ settings! {
     ENV_JWT_AUDIENCE = "HERALD_JWT_AUDIENCE", "", false, "Required `aud` (comma list: any of); not checked when empty.";
     ENV_JWT_USER_CLAIM = "HERALD_JWT_USER_CLAIM", "sub", false, "Claim holding the user id.";
     ENV_ALLOWED_ORIGINS = "HERALD_ALLOWED_ORIGINS", "http://localhost:8000,http://127.0.0.1:8000", false, "Comma list of allowed `Origin`s; `*` allows all.";
+    ENV_DEMO_PAGE = "HERALD_DEMO_PAGE", "true", false, "`true` serves the demo page at `/`; `false` turns it off (the browser client at `/client/` stays).";
     ENV_API_KEYS = "HERALD_API_KEYS", "", true, "Comma list of service keys for the publish/admin API; generated and saved in dev mode when empty.";
     ENV_REDIS_URL = "HERALD_REDIS_URL", "", false, "Redis (`redis://`) or Redis Cluster (`redis-cluster://host:port?node=host:port`) for multi-node fan-out, history, limits and the task queue; in-memory single node when empty.";
     ENV_DATABASE_URL = "HERALD_DATABASE_URL", "sqlite://herald.db", false, "`sqlite://…` or `postgres://…` for memberships and chats.";
@@ -134,6 +135,7 @@ pub struct Config {
     pub jwt_audience: Vec<String>,
     pub jwt_user_claim: String,
     pub allowed_origins: AllowedOrigins,
+    pub demo_page: bool,
     pub api_keys: Vec<Secret>,
     pub redis_url: Option<String>,
     pub database_url: String,
@@ -183,6 +185,10 @@ pub struct Config {
     /// unheard before another worker takes the task over.
     pub task_claim_idle: Duration,
 }
+
+/// The shortest `HERALD_JWT_SECRET` accepted without a warning: HS256's key should be
+/// at least as long as its 256-bit output (RFC 7518, section 3.2).
+pub const MIN_JWT_SECRET_BYTES: usize = 32;
 
 /// Default for [`Config::ping_interval`] (the documented 25 s).
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(25);
@@ -293,6 +299,11 @@ pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
             }
         })?,
         allowed_origins: values.parse(ENV_ALLOWED_ORIGINS, parse_origins)?,
+        demo_page: values.parse(ENV_DEMO_PAGE, |v| match v {
+            "true" | "1" => Ok(true),
+            "false" | "0" => Ok(false),
+            _ => Err("expected true or false".to_owned()),
+        })?,
         api_keys: split_list(&values.get(ENV_API_KEYS))
             .into_iter()
             .map(Secret::new)
@@ -361,6 +372,40 @@ impl Config {
     /// does instead. Logged as warnings at start so nobody relies on them silently.
     pub fn not_yet_supported(&self) -> Vec<String> {
         Vec::new()
+    }
+
+    /// Settings that are fine for trying herald out but not for production, one line
+    /// each. `herald serve` logs them as warnings when it is not in dev mode.
+    pub fn production_warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.llm_base_url.is_none() {
+            warnings.push(
+                "HERALD_LLM_BASE_URL is not set: the echo development provider answers chat requests; \
+                 set it to an OpenAI-compatible API (…/v1)"
+                    .to_owned(),
+            );
+        }
+        if self.demo_page {
+            warnings
+                .push("the demo page is served at /; set HERALD_DEMO_PAGE=false to turn it off".to_owned());
+        }
+        if let Some(secret) = &self.jwt_secret {
+            if secret.expose().len() < MIN_JWT_SECRET_BYTES {
+                warnings.push(format!(
+                    "HERALD_JWT_SECRET is {} bytes long: anyone who guesses it can sign tokens for any user; \
+                     use {MIN_JWT_SECRET_BYTES} random bytes or more (e.g. `openssl rand -base64 32`)",
+                    secret.expose().len()
+                ));
+            }
+        }
+        if self.allowed_origins == AllowedOrigins::Any {
+            warnings.push(
+                "HERALD_ALLOWED_ORIGINS=*: any web page can open sockets and call the user API with a user's token; \
+                 list your app's origins instead"
+                    .to_owned(),
+            );
+        }
+        warnings
     }
 
     /// True when no key source is configured and herald runs with a generated secret.

@@ -23,7 +23,7 @@ use fred::prelude::{ClientLike, EventInterface, PubsubInterface};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::redis::build_client;
+use crate::broker::redis::{build_client, SECONDARY_CONNECT_WAIT};
 use crate::broker::BrokerError;
 use crate::channel::{Channel, ChannelKind};
 use crate::close::{Close, CloseCode};
@@ -36,9 +36,6 @@ pub const CONTROL_CHANNEL: &str = "herald:control";
 /// How long sending an action may take.
 const SEND_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// How long the subscriber waits for its first connection at start.
-const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(5);
-
 /// A connection for commands (control actions, `Idempotency-Key` records), closed on
 /// `stopped` (after the drain, with the broker's). Waits a few seconds for Redis; if it
 /// is not there yet, keeps connecting in the background.
@@ -48,7 +45,7 @@ pub async fn command_client(
 ) -> Result<fred::prelude::Client, BrokerError> {
     let client = build_client(url)?;
     client.connect();
-    if tokio::time::timeout(FIRST_CONNECT_WAIT, client.wait_for_connect())
+    if tokio::time::timeout(SECONDARY_CONNECT_WAIT, client.wait_for_connect())
         .await
         .is_err()
     {
@@ -125,7 +122,7 @@ impl Control {
         });
         let stop = stopped.child_token();
         tokio::spawn(control.clone().listen(subscriber.clone(), stop));
-        if tokio::time::timeout(FIRST_CONNECT_WAIT, subscriber.wait_for_connect())
+        if tokio::time::timeout(SECONDARY_CONNECT_WAIT, subscriber.wait_for_connect())
             .await
             .is_err()
         {

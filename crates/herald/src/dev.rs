@@ -36,7 +36,45 @@ pub fn secrets_path(config: &Config) -> PathBuf {
 
 /// The secrets to run with: the configured ones, completed in dev mode by generated
 /// (or previously saved) ones. Returns the path of the file when dev secrets are used.
+/// Saves freshly generated secrets at once; `herald serve` uses [`prepare`] instead, so
+/// that nothing is written before the listener is bound and the database opened.
 pub fn resolve(config: &Config) -> anyhow::Result<(Secrets, Option<PathBuf>)> {
+    let prepared = prepare(config)?;
+    prepared.save()?;
+    let path = prepared.dev.as_ref().map(|dev| dev.path.clone());
+    Ok((prepared.secrets, path))
+}
+
+/// The secrets to run with, before anything is written: see [`Prepared::save`].
+pub struct Prepared {
+    pub secrets: Secrets,
+    /// In dev mode: where the secrets live, and whether they were just generated.
+    pub dev: Option<DevFile>,
+}
+
+/// The dev secrets file of a [`Prepared`].
+pub struct DevFile {
+    pub path: PathBuf,
+    /// True when the file did not exist and the secrets were generated now; they are
+    /// written by [`Prepared::save`].
+    pub fresh: bool,
+    saved: Saved,
+}
+
+impl Prepared {
+    /// Writes freshly generated dev secrets (file mode 0600); does nothing when they were
+    /// loaded from the file or are configured.
+    pub fn save(&self) -> anyhow::Result<()> {
+        let Some(dev) = self.dev.as_ref().filter(|dev| dev.fresh) else {
+            return Ok(());
+        };
+        write_private(&dev.path, &serde_json::to_string_pretty(&dev.saved)?)
+            .map_err(|err| anyhow::anyhow!("cannot save dev secrets to {}: {err}", dev.path.display()))
+    }
+}
+
+/// Like [`resolve`], but generated secrets are kept in memory until [`Prepared::save`].
+pub fn prepare(config: &Config) -> anyhow::Result<Prepared> {
     let need_jwt = config.jwt_dev_mode();
     let need_api_key = config.api_keys.is_empty();
     // Dev mode is all or nothing: a node with some auth configured is meant for real
@@ -54,42 +92,66 @@ pub fn resolve(config: &Config) -> anyhow::Result<(Secrets, Option<PathBuf>)> {
         );
     }
     if !need_jwt && !need_api_key {
-        return Ok((
-            Secrets {
+        return Ok(Prepared {
+            secrets: Secrets {
                 dev_jwt_secret: None,
                 api_keys: config.api_keys.clone(),
             },
-            None,
-        ));
+            dev: None,
+        });
     }
     let path = secrets_path(config);
-    let saved = load_or_create(&path)?;
-    Ok((
-        Secrets {
-            dev_jwt_secret: Some(Secret::new(saved.jwt_secret)),
-            api_keys: vec![Secret::new(saved.api_key)],
+    let (saved, fresh) = match load(&path)? {
+        Some(saved) => (saved, false),
+        None => (
+            Saved {
+                jwt_secret: random_token(32),
+                api_key: format!("hk_{}", random_token(24)),
+            },
+            true,
+        ),
+    };
+    Ok(Prepared {
+        secrets: Secrets {
+            dev_jwt_secret: Some(Secret::new(saved.jwt_secret.clone())),
+            api_keys: vec![Secret::new(saved.api_key.clone())],
         },
-        Some(path),
-    ))
+        dev: Some(DevFile { path, fresh, saved }),
+    })
 }
 
-fn load_or_create(path: &Path) -> anyhow::Result<Saved> {
+/// The saved dev JWT secret, for `herald token`. Never generates one: a token signed
+/// with a secret no server knows would only be refused (4001).
+pub fn saved_jwt_secret(config: &Config) -> anyhow::Result<Secret> {
+    let path = secrets_path(config);
+    match load(&path)? {
+        Some(saved) => Ok(Secret::new(saved.jwt_secret)),
+        None => {
+            let shown = if path.is_absolute() {
+                path.display().to_string()
+            } else {
+                let cwd = std::env::current_dir().unwrap_or_default();
+                cwd.join(&path).display().to_string()
+            };
+            anyhow::bail!(
+                "no dev secrets at {shown}: herald token signs with the secret `herald serve` saved there in dev mode. \
+                 Run herald token from the directory herald serve runs in (with the same HERALD_DATABASE_URL: the file \
+                 sits next to the SQLite database), or set HERALD_JWT_SECRET to the server's secret"
+            )
+        }
+    }
+}
+
+/// The saved secrets at `path`, or `None` when there is no file.
+fn load(path: &Path) -> anyhow::Result<Option<Saved>> {
     match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text).map_err(|err| {
+        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|err| {
             anyhow::anyhow!(
                 "{} is not a valid dev secrets file ({err}); delete it to generate new secrets",
                 path.display()
             )
         }),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            let saved = Saved {
-                jwt_secret: random_token(32),
-                api_key: format!("hk_{}", random_token(24)),
-            };
-            write_private(path, &serde_json::to_string_pretty(&saved)?)
-                .map_err(|err| anyhow::anyhow!("cannot save dev secrets to {}: {err}", path.display()))?;
-            Ok(saved)
-        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(err) => Err(anyhow::anyhow!("cannot read {}: {err}", path.display())),
     }
 }

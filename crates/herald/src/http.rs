@@ -16,17 +16,39 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 
 use crate::app::AppState;
+use crate::config::AllowedOrigins;
 use error::ApiError;
 
-/// Every HTTP route but the WebSocket endpoints.
-pub fn router() -> Router<AppState> {
+/// Every HTTP route but the WebSocket endpoints. The browser-facing ones (the user API
+/// and the browser client) answer CORS requests from `origins`; the service API does not.
+pub fn router(origins: &AllowedOrigins) -> Router<AppState> {
     Router::new()
         .merge(publish::router())
-        .merge(chat::router())
+        .merge(chat::router().layer(cors(origins)))
         .merge(members::router())
         .merge(ops::router())
-        .merge(demo::router())
+        .merge(demo::router(cors(origins)))
         .fallback(|| async { ApiError::NotFound("no such endpoint".to_owned()).into_response() })
+}
+
+/// How long a browser may cache a preflight answer.
+const CORS_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// CORS for calls a web page makes with a user token: the origins of
+/// `HERALD_ALLOWED_ORIGINS` (the same list the WebSocket handshake checks), `GET` and
+/// `POST` with `Authorization` and `Content-Type`. No cookies are involved (the token
+/// travels in `Authorization`), so credentials are not allowed.
+pub fn cors(origins: &AllowedOrigins) -> tower_http::cors::CorsLayer {
+    use axum::http::{header, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let origins = origins.clone();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::predicate(move |origin, _| {
+            origin.to_str().is_ok_and(|origin| origins.allows(origin))
+        }))
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .max_age(CORS_MAX_AGE)
 }
 
 /// The longest request target (path and query) accepted.

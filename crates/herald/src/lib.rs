@@ -103,6 +103,7 @@ pub async fn build_state(
             let bridge = bridge::Bridge::start(
                 url,
                 config.django.clone(),
+                config.history_ttl,
                 config.redis_url.is_some(),
                 hub.clone(),
                 publisher.clone(),
@@ -270,18 +271,30 @@ pub async fn work(config: Config, shutdown: CancellationToken) -> anyhow::Result
 }
 
 /// Runs the gateway on `listener` until `shutdown` is cancelled, then closes every
-/// socket (1001, spread over `HERALD_SHUTDOWN_DRAIN`) and returns.
+/// socket (1001, spread over `HERALD_SHUTDOWN_DRAIN`) and returns as soon as none is
+/// left open (at the end of the window at the latest).
 pub async fn serve(
     config: Config,
     secrets: Secrets,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (state, memory) = build_state(config, secrets, shutdown.clone()).await?;
+    let built = build_state(config, secrets, shutdown).await?;
+    serve_state(built, listener).await
+}
+
+/// [`serve`] with the state already built (by [`build_state`]): `herald serve` opens the
+/// database before it prints that it listens.
+pub async fn serve_state(
+    (state, memory): (AppState, Option<Arc<MemoryBroker>>),
+    listener: TcpListener,
+) -> anyhow::Result<()> {
+    let shutdown = state.shutdown.clone();
     let tracker = state.tracker.clone();
     let stopped = state.stopped.clone();
     let handshake_limiter = state.handshake_limiter.clone();
     let drain = state.config.shutdown_drain;
+    let metrics = state.metrics.clone();
     tracker.spawn({
         let shutdown = shutdown.clone();
         async move {
@@ -313,7 +326,21 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         async move {
             shutdown.cancelled().await;
-            tokio::time::sleep(drain).await;
+            // The window ends early once every socket has closed: a node with no
+            // sockets stops at once.
+            let window = tokio::time::sleep(drain);
+            tokio::pin!(window);
+            let mut poll = tokio::time::interval(Duration::from_millis(50));
+            loop {
+                tokio::select! {
+                    () = &mut window => break,
+                    _ = poll.tick() => {
+                        if ws::Endpoint::ALL.iter().all(|endpoint| metrics.open_connections(*endpoint) <= 0) {
+                            break;
+                        }
+                    }
+                }
+            }
         }
     })
     .await

@@ -6,7 +6,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, Row};
+use sqlx::{AnyPool, Connection, Row};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -23,6 +23,28 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("the directory {} of the SQLite file does not exist; create it, or point HERALD_DATABASE_URL at a file in an existing directory", .0.display())]
+    MissingDirectory(std::path::PathBuf),
+    #[error("no answer within {} s; check the host and port in HERALD_DATABASE_URL", CONNECT_TIMEOUT.as_secs())]
+    ConnectTimeout,
+}
+
+/// How long opening the database may take at start.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The directory a SQLite URL's file would be created in, when it names a file.
+fn sqlite_directory(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let file = rest.split('?').next().unwrap_or(rest);
+    if file.is_empty() || file.starts_with(":memory:") {
+        return None;
+    }
+    std::path::Path::new(file)
+        .parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .map(std::path::Path::to_path_buf)
 }
 
 /// One row of an org's member list.
@@ -72,8 +94,20 @@ impl Store {
             }
             _ => url.to_owned(),
         };
+        if let Some(dir) = sqlite_directory(&url).filter(|dir| !dir.is_dir()) {
+            return Err(StoreError::MissingDirectory(dir));
+        }
         let options = AnyConnectOptions::from_str(&url)?;
-        let mut pool = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(5));
+        if backend == Backend::Postgres {
+            // One plain connection first: the pool retries until its timeout and then
+            // reports only "timed out", hiding "connection refused" or an unknown host.
+            use sqlx::{AnyConnection, Connection};
+            let probe = tokio::time::timeout(CONNECT_TIMEOUT, AnyConnection::connect_with(&options))
+                .await
+                .map_err(|_| StoreError::ConnectTimeout)??;
+            let _ = probe.close().await;
+        }
+        let mut pool = AnyPoolOptions::new().acquire_timeout(CONNECT_TIMEOUT);
         pool = match backend {
             // One connection: an in-memory SQLite database exists per connection, and a
             // file database serializes writers anyway.
@@ -86,8 +120,14 @@ impl Store {
         };
         let pool = pool.connect_with(options).await?;
         match backend {
-            Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
-            Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
+            Backend::Sqlite => migrate_sqlite(&pool).await?,
+            // sqlx's migrator holds a PostgreSQL advisory lock (keyed by the database
+            // name) while it migrates, also through the Any driver, so nodes starting at
+            // once apply each migration once and the others wait, then find it applied.
+            Backend::Postgres => {
+                let mut conn = pool.acquire().await?;
+                POSTGRES_MIGRATIONS.run_direct(&mut *conn).await?;
+            }
         }
         Ok(Store { pool })
     }
@@ -207,6 +247,27 @@ impl Store {
         turns.reverse();
         Ok(turns)
     }
+}
+
+/// Runs the SQLite migrations holding the database's write lock for the whole run.
+///
+/// sqlx's migrator takes no lock on SQLite, so nodes starting together on a fresh file
+/// each saw a migration missing, and all but the first failed recording it
+/// (`UNIQUE constraint failed: _sqlx_migrations.version`). `BEGIN IMMEDIATE` takes
+/// SQLite's reserved lock before reading which migrations are applied: the other
+/// starters wait for it (the busy timeout, 5 s by default), then read the migrations as
+/// applied and change nothing. The migrator's own transactions become savepoints of
+/// this one; SQLite runs schema changes inside a transaction, so a failed run leaves
+/// nothing behind.
+///
+/// `run_direct` is `Migrator::run` on a connection; `run` itself makes the future
+/// unusable in `tokio::spawn` (sqlx's "`Acquire` is not general enough").
+async fn migrate_sqlite(pool: &AnyPool) -> Result<(), StoreError> {
+    let mut conn = pool.acquire().await?;
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    SQLITE_MIGRATIONS.run_direct(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 fn unix_now_millis() -> i64 {

@@ -11,7 +11,10 @@ pub fn init(config: &Config) -> anyhow::Result<()> {
         .map_err(|err| anyhow::anyhow!("HERALD_LOG={:?} is not a valid filter: {err}", config.log))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colours only on a terminal: redirected to a file or a log collector, escape
+        // codes are noise.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let result = match config.log_format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

@@ -133,7 +133,7 @@ async fn handshake(
     if let Some(origin) = request.headers().get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("");
         if !state.config.allowed_origins.allows(origin) {
-            tracing::warn!(origin, %ip, endpoint = endpoint.label(), "origin rejected");
+            tracing::warn!(origin, %ip, endpoint = endpoint.label(), "origin rejected: not in HERALD_ALLOWED_ORIGINS");
             state.metrics.origin_rejected();
             return ApiError::Forbidden(
                 "this Origin is not allowed; add it to HERALD_ALLOWED_ORIGINS".to_owned(),

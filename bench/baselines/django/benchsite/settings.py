@@ -1,5 +1,5 @@
 """Settings of the Django Channels baseline; the channel layer is channels_redis with its
-default capacity and expiry, as the seeds ran it."""
+default capacity and expiry, as the original app ran it."""
 
 import os
 

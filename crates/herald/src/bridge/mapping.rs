@@ -163,7 +163,7 @@ pub struct Unmappable(pub String);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rules(Vec<GroupRule>);
 
-/// The seeds' groups: `user_{id}` and `notifications_{id}` carry notifications,
+/// The original Django Channels app's groups: `user_{id}` and `notifications_{id}` carry notifications,
 /// `org_{id}` organization events, `frames_{id}` and `frame_stream_{id}` LLM streams.
 const DEFAULT_RULES: [(&str, &str, MessageKind); 5] = [
     ("user_{id}", "notifications:{id}", MessageKind::Notification),

@@ -38,10 +38,6 @@ pub const DEFAULT_RANDOM_PREFIX_LENGTH: usize = 12;
 /// The channels_redis channel name herald reads (the part before `!`).
 pub const DEFAULT_CHANNEL: &str = "herald";
 
-/// How long herald stays in a channel's groups after its last socket on this node left,
-/// so a client reconnecting after a blip finds what was sent meanwhile in history.
-pub const DEFAULT_LEAVE_AFTER: Duration = Duration::from_secs(30);
-
 /// Which channels_redis layers herald reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layers {
@@ -73,7 +69,10 @@ pub struct BridgeOptions {
     pub expiry: Duration,
     pub random_prefix_length: usize,
     pub symmetric_encryption_keys: Vec<Secret>,
-    pub leave_after: Duration,
+    /// How long herald stays in a channel's groups after its last socket on this node
+    /// left, so a client that comes back finds what was sent meanwhile in history.
+    /// `None` (the default): `HERALD_HISTORY_TTL`, as long as history keeps a message.
+    pub leave_after: Option<Duration>,
     pub rules: Rules,
 }
 
@@ -87,7 +86,7 @@ impl Default for BridgeOptions {
             expiry: DEFAULT_EXPIRY,
             random_prefix_length: DEFAULT_RANDOM_PREFIX_LENGTH,
             symmetric_encryption_keys: Vec::new(),
-            leave_after: DEFAULT_LEAVE_AFTER,
+            leave_after: None,
             rules: Rules::defaults(),
         }
     }
@@ -186,7 +185,7 @@ impl BridgeOptions {
             options.symmetric_encryption_keys = keys.into_iter().map(Secret::new).collect();
         }
         if let Some(ms) = raw.leave_after_ms {
-            options.leave_after = Duration::from_millis(ms.min(24 * 3600 * 1000));
+            options.leave_after = Some(Duration::from_millis(ms.min(24 * 3600 * 1000)));
         }
         let mut rules = Vec::with_capacity(raw.groups.len());
         for (idx, rule) in raw.groups.into_iter().enumerate() {

@@ -26,7 +26,7 @@ fn draft_json(draft: &crate::channel::Draft) -> Value {
 }
 
 #[test]
-fn default_rules_route_the_seeds_groups() {
+fn default_rules_route_the_usual_django_groups() {
     let rules = Rules::defaults();
     for (group, expected) in [
         ("user_alice", "notifications:alice"),
@@ -435,7 +435,7 @@ fn the_django_table_is_parsed_and_checked() {
     assert_eq!(options.layers, Layers::Core);
     assert_eq!(options.prefix, "myapp");
     assert_eq!(options.group_expiry.as_secs(), 3600);
-    assert_eq!(options.leave_after.as_millis(), 5000);
+    assert_eq!(options.leave_after, Some(std::time::Duration::from_millis(5000)));
     assert_eq!(options.symmetric_encryption_keys.len(), 1);
     let (_, routed) = options.rules.route("team_x").unwrap().unwrap();
     assert_eq!(routed.kind(), ChannelKind::Org);

@@ -74,6 +74,13 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long `connect` waits for the first connection before starting not-ready.
 const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(5);
 
+/// How long each of a node's other Redis connections (task queue, connection counts,
+/// control, idempotency) waits for its first connection at start. The broker's wait
+/// ([`FIRST_CONNECT_WAIT`]) already tells whether Redis is there; with Redis down, a
+/// longer wait each would only hold back the start (they add up), and every one of
+/// them keeps connecting in the background.
+pub const SECONDARY_CONNECT_WAIT: Duration = Duration::from_secs(1);
+
 /// Channels read at once when catching up after a reconnect.
 const CATCH_UP_CONCURRENCY: usize = 16;
 
@@ -417,7 +424,11 @@ impl Listening {
         }
         if let Some((known, max)) = &self.stream {
             if **known == *epoch && offset <= *max {
-                return (Verdict::Reused, known.clone());
+                // Nothing more of this epoch can be trusted: its later messages may
+                // follow reused ones. They are dropped until the new epoch is told.
+                let known = known.clone();
+                self.retire(&known);
+                return (Verdict::Reused, known);
             }
         }
         let interned = self.note(epoch, offset);
@@ -926,18 +937,7 @@ impl Subscriber {
     }
 
     async fn catch_up_one(self: &Arc<Self>, channel: &str) -> Result<(), BrokerError> {
-        let reply = self
-            .script(
-                &self.read_script,
-                vec![meta_key(channel), history_key(channel)],
-                vec![
-                    Value::from(new_id()),
-                    Value::from(self.meta_ttl_ms.to_string()),
-                    Value::from("1"),
-                ],
-            )
-            .await?;
-        let (position, entries) = parse_read(reply)?;
+        let (position, _) = self.read_channel(channel, false).await?;
         let decision = {
             let mut channels = lock(&self.channels);
             let Some(listening) = channels.get_mut(channel) else {
@@ -969,6 +969,18 @@ impl Subscriber {
                 return Ok(());
             }
         };
+        // History is read only when something was missed (most channels after a short
+        // blip have nothing to send), and only kept if the epoch did not move meanwhile.
+        let entries = if position.offset > from {
+            let (again, entries) = self.read_channel(channel, true).await?;
+            if again.epoch == position.epoch {
+                entries
+            } else {
+                Vec::new()
+            }
+        } else {
+            Vec::new()
+        };
         let now = Instant::now();
         for entry in &entries {
             let Some((offset, rest)) = value_bytes(entry).and_then(split_number) else {
@@ -992,6 +1004,26 @@ impl Subscriber {
         self.hub
             .deliver(channel, &Message::epoch_marker(epoch, position.offset));
         Ok(())
+    }
+
+    /// The channel's position, with its history entries when `with_history`.
+    async fn read_channel(
+        &self,
+        channel: &str,
+        with_history: bool,
+    ) -> Result<(Position, Vec<Value>), BrokerError> {
+        let reply = self
+            .script(
+                &self.read_script,
+                vec![meta_key(channel), history_key(channel)],
+                vec![
+                    Value::from(new_id()),
+                    Value::from(self.meta_ttl_ms.to_string()),
+                    Value::from(if with_history { "1" } else { "0" }),
+                ],
+            )
+            .await?;
+        parse_read(reply)
     }
 
     /// Replaces `channel`'s epoch `stale`, whose offsets Redis handed out again, and

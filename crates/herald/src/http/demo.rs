@@ -37,12 +37,20 @@ const PAGE: &str = include_str!("demo/index.html");
 /// How long a token minted by `POST /dev/token` is valid.
 pub const DEV_TOKEN_TTL: Duration = Duration::from_secs(3600);
 
-/// The page, the client and its types: always served.
-pub fn router() -> Router<AppState> {
+/// The page (unless `HERALD_DEMO_PAGE=false`), the client and its types; the client
+/// files answer CORS requests through `cors`, so pages on other origins can import them.
+pub fn router(cors: tower_http::cors::CorsLayer) -> Router<AppState> {
     Router::new()
-        .route("/", get(page))
         .route("/client/herald.js", get(client_js))
         .route("/client/herald.d.ts", get(client_dts))
+        .layer(cors)
+        .route("/", get(page))
+        .route("/favicon.ico", get(favicon))
+}
+
+/// herald has no icon: 204 keeps browsers from logging a 404 for every page load.
+async fn favicon() -> StatusCode {
+    StatusCode::NO_CONTENT
 }
 
 /// The dev-only endpoints. `app::router` merges them only in dev mode, so with
@@ -63,6 +71,10 @@ fn provider(state: &AppState) -> Value {
 }
 
 async fn page(State(state): State<AppState>) -> Response {
+    if !state.config.demo_page {
+        return ApiError::NotFound("the demo page is off (HERALD_DEMO_PAGE=false)".to_owned())
+            .into_response();
+    }
     let config = json!({
         "dev": state.dev_jwt_secret.is_some(),
         "provider": provider(&state),

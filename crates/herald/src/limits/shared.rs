@@ -22,7 +22,7 @@ use fred::types::scripts::Script;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::redis::{build_client, may_send, shards_for, Shards};
+use crate::broker::redis::{build_client, may_send, shards_for, Shards, SECONDARY_CONNECT_WAIT};
 use crate::broker::BrokerError;
 
 /// A node whose heartbeat is older than this no longer counts.
@@ -116,7 +116,7 @@ impl SharedCounts {
         let client = build_client(url)?;
         let shards = shards_for(url, &client)?;
         client.connect();
-        let _ = tokio::time::timeout(TIMEOUT, client.wait_for_connect()).await;
+        let _ = tokio::time::timeout(SECONDARY_CONNECT_WAIT, client.wait_for_connect()).await;
         tokio::spawn({
             let client = client.clone();
             let stop = shutdown.clone();

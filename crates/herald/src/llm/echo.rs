@@ -5,7 +5,8 @@
 //! The reply is `Echo: <the last user message>`, cut into word-sized deltas (each word
 //! with the whitespace before it), one every [`EchoProvider::interval`]. Usage counts
 //! whitespace-separated words of the whole conversation (prompt) and deltas
-//! (completion); the model is the request's.
+//! (completion); the model it reports is `echo`, whatever the request named, since no
+//! model answered.
 
 use std::time::Duration;
 
@@ -100,7 +101,7 @@ impl LlmProvider for EchoProvider {
         let deltas = tokens(&reply(&request));
         let done = LlmEvent::Done {
             usage: Some(usage(&request, deltas.len())),
-            model: request.model,
+            model: NAME.to_owned(),
         };
         let interval = self.interval;
         let start = Instant::now();

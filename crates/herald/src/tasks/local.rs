@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::ids::UserId;
-use crate::tasks::worker::{self, Checkpoint, Context, Job, Outcome, Phase};
+use crate::tasks::worker::{self, Checkpoint, Context, Job, Outcome, Progress};
 use crate::tasks::{
     SubmitError, TaskRequest, TaskStatus, TaskView, MAX_TASKS_IN_FLIGHT_PER_USER, TASK_RETENTION,
 };
@@ -256,7 +256,7 @@ struct Registered<'a> {
 
 #[async_trait]
 impl Checkpoint for Registered<'_> {
-    async fn save(&self, _phase: Phase, _delta: &str, _next_index: u64, _offset: u64) {}
+    async fn save(&self, _progress: Progress<'_>) {}
 
     async fn finish(&self, outcome: &Outcome) {
         self.tasks.set_status(

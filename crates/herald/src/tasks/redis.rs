@@ -18,8 +18,9 @@
 //! it runs the task, its node's heartbeat re-claims the entry every
 //! `claim_idle / 10` (≤ 500 ms), which keeps it from looking idle and also picks up a
 //! cancel asked on any node. A worker that dies stops heartbeating: after `claim_idle`
-//! (`task_claim_idle_ms`, 15 s) another worker's `XAUTOCLAIM` takes the entry, and
-//! resumes the stream where it stopped ([`worker::Resume`]). A worker that cannot
+//! (`task_claim_idle_ms`, 15 s) another worker's `XAUTOCLAIM` takes its entries, as many
+//! at once as it has free workers, and resumes each stream where it stopped
+//! ([`worker::Resume`]). A worker that cannot
 //! heartbeat for `claim_idle / 2` (Redis unreachable) stops the task without sending
 //! anything more, so two workers never run one task at the same time. After
 //! [`MAX_ATTEMPTS`] starts a task fails with [`GAVE_UP`].
@@ -28,6 +29,7 @@
 //! window is handed back (marked idle at once) and another worker resumes it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -43,7 +45,7 @@ use tokio_util::task::TaskTracker;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::ids::{ChatId, UserId};
-use crate::tasks::worker::{self, Checkpoint, Context, Job, Outcome, Phase, Resume};
+use crate::tasks::worker::{self, Checkpoint, Context, Job, Outcome, Phase, Progress, Resume};
 use crate::tasks::{
     Parts, SubmitError, TaskRequest, TaskStatus, TaskView, Unavailable, MAX_TASKS_IN_FLIGHT_PER_USER,
     TASK_RETENTION,
@@ -68,6 +70,12 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How long one `XREADGROUP` waits for a new entry.
 const READ_BLOCK: Duration = Duration::from_secs(1);
+
+/// The shortest `XREADGROUP` wait (a wait of 0 would block forever).
+const MIN_READ_BLOCK: Duration = Duration::from_millis(10);
+
+/// The most entries one `XREADGROUP` or `XAUTOCLAIM` takes.
+const MAX_BATCH: usize = 100;
 
 /// Pause after a failed read before the next try.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
@@ -164,18 +172,44 @@ end
 return out
 "#;
 
-/// KEYS = task, text; ARGV = phase, delta, next index, offset, worker, TTL (ms).
-/// Raises the recorded progress; only the task's current worker may.
+/// KEYS = task, text; ARGV = phase, delta, next index, offset, worker, TTL (ms), the
+/// text's length (bytes) before `delta`. Raises the recorded progress; only the task's
+/// current worker may. Returns 1, 0 (another worker owns the task), or 2 when the
+/// recorded text is not what precedes `delta` (a save was lost, or the task was taken
+/// over): nothing is recorded then, and the worker rewrites the whole text
+/// ([`REWRITE_SCRIPT`]), so the text never has a hole another worker would resume from.
 const CHECKPOINT_SCRIPT: &str = r#"
 if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[5] then
   return 0
 end
 if ARGV[2] ~= '' then
+  if redis.call('STRLEN', KEYS[2]) ~= tonumber(ARGV[7]) then
+    return 2
+  end
   redis.call('APPEND', KEYS[2], ARGV[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[6])
 end
 for i, field in ipairs({'phase', 'next_index', 'offset'}) do
   local v = ({ARGV[1], ARGV[3], ARGV[4]})[i]
+  if tonumber(v) > tonumber(redis.call('HGET', KEYS[1], field) or '0') then
+    redis.call('HSET', KEYS[1], field, v)
+  end
+end
+return 1
+"#;
+
+/// KEYS = task, text; ARGV = phase, text, next index, offset, worker, TTL (ms).
+/// Replaces the recorded text and next index (a repair, a takeover that found messages
+/// sent but not recorded, or a restarted answer) and raises phase and offset; only the
+/// task's current worker may.
+const REWRITE_SCRIPT: &str = r#"
+if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[5] then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[6])
+redis.call('HSET', KEYS[1], 'next_index', ARGV[3])
+for i, field in ipairs({'phase', 'offset'}) do
+  local v = ({ARGV[1], ARGV[4]})[i]
   if tonumber(v) > tonumber(redis.call('HGET', KEYS[1], field) or '0') then
     redis.call('HSET', KEYS[1], field, v)
   end
@@ -286,6 +320,8 @@ fn status_of(name: &str) -> Option<TaskStatus> {
 
 /// One task this node runs.
 struct Running {
+    /// Tells this run from a later one of the same task on this node.
+    run: u64,
     entry: String,
     cancel: CancellationToken,
     abandon: CancellationToken,
@@ -326,12 +362,18 @@ pub struct RedisQueue {
     timing: Timing,
     history_size: usize,
     running: Mutex<HashMap<String, Running>>,
+    /// Numbers the runs ([`Running::run`]).
+    runs: AtomicU64,
+    /// Until when this node's claims are surely its own: `lease` after the last
+    /// renewal that succeeded was sent (or after a heartbeat found nothing to renew).
+    lease_until: Mutex<Instant>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
     submit: Script,
     start: Script,
     heartbeat: Script,
     checkpoint: Script,
+    rewrite: Script,
     end: Script,
     hand_back: Script,
     cancel: Script,
@@ -351,9 +393,12 @@ impl RedisQueue {
     ) -> Result<Arc<Self>, Unavailable> {
         let client = crate::broker::redis::build_client(url).map_err(unavailable)?;
         client.connect();
-        if tokio::time::timeout(COMMAND_TIMEOUT, client.wait_for_connect())
-            .await
-            .is_err()
+        if tokio::time::timeout(
+            crate::broker::redis::SECONDARY_CONNECT_WAIT,
+            client.wait_for_connect(),
+        )
+        .await
+        .is_err()
         {
             tracing::warn!("the task queue's Redis is not reachable yet: starting not-ready, retrying");
         }
@@ -366,12 +411,15 @@ impl RedisQueue {
             timing: Timing::new(config.task_claim_idle),
             history_size: config.history_size,
             running: Mutex::new(HashMap::new()),
+            runs: AtomicU64::new(0),
+            lease_until: Mutex::new(Instant::now() + Timing::new(config.task_claim_idle).lease),
             tracker: parts.tracker.clone(),
             shutdown: parts.shutdown.clone(),
             submit: Script::from_lua(SUBMIT_SCRIPT),
             start: Script::from_lua(START_SCRIPT),
             heartbeat: Script::from_lua(HEARTBEAT_SCRIPT),
             checkpoint: Script::from_lua(CHECKPOINT_SCRIPT),
+            rewrite: Script::from_lua(REWRITE_SCRIPT),
             end: Script::from_lua(END_SCRIPT),
             hand_back: Script::from_lua(HAND_BACK_SCRIPT),
             cancel: Script::from_lua(CANCEL_SCRIPT),
@@ -556,10 +604,15 @@ impl RedisQueue {
     }
 
     /// Takes entries (new ones, or a dead worker's) whenever a worker is free, until
-    /// shutdown.
+    /// shutdown. Each command takes as many entries as there are free workers (up to
+    /// [`MAX_BATCH`]), so the tasks of a dead worker are taken over together, not one
+    /// per round.
     async fn consume(self: Arc<Self>, reader: fred::prelude::Client) {
         let mut group_ready = false;
-        let mut last_reclaim: Option<Instant> = None;
+        // When to look for abandoned entries next, and where the last look stopped in
+        // the group's pending list ("0-0": the start).
+        let mut reclaim_at = Instant::now();
+        let mut cursor = "0-0".to_owned();
         loop {
             let permit = tokio::select! {
                 () = self.shutdown.cancelled() => return,
@@ -576,25 +629,41 @@ impl RedisQueue {
                     continue;
                 }
             }
-            let mut taken = None;
-            if last_reclaim.is_none_or(|at| at.elapsed() >= self.timing.reclaim_every) {
-                last_reclaim = Some(Instant::now());
-                match self.reclaim_one().await {
-                    Ok(entry) => taken = entry,
+            // This loop is the only one taking permits, so the free ones stay free
+            // until the entries are handed out.
+            let count = (1 + self.workers.available_permits()).min(MAX_BATCH);
+            let mut taken = Vec::new();
+            if Instant::now() >= reclaim_at {
+                match self.reclaim(&cursor, count).await {
+                    Ok((next, entries)) => {
+                        // Look again at once while the pending list has more to show.
+                        let more = next != "0-0" || entries.len() == count;
+                        if !more {
+                            reclaim_at = Instant::now() + self.timing.reclaim_every;
+                        }
+                        cursor = next;
+                        taken = entries;
+                    }
                     Err(err) => {
                         group_ready = !err.contains("NOGROUP");
+                        reclaim_at = Instant::now() + self.timing.reclaim_every;
+                        cursor = "0-0".to_owned();
                         tracing::debug!(error = %err, "looking for abandoned tasks failed");
                     }
                 }
                 self.refresh_queue_depth().await;
             }
-            if taken.is_none() {
+            if taken.is_empty() {
+                // Wait for new entries until the next look for abandoned ones is due.
+                let block = reclaim_at
+                    .saturating_duration_since(Instant::now())
+                    .clamp(MIN_READ_BLOCK, READ_BLOCK);
                 let read = tokio::select! {
                     () = self.shutdown.cancelled() => return,
-                    read = self.read_one(&reader) => read,
+                    read = self.read(&reader, count, block) => read,
                 };
                 match read {
-                    Ok(entry) => taken = entry,
+                    Ok(entries) => taken = entries,
                     Err(err) => {
                         group_ready = !err.contains("NOGROUP");
                         tracing::debug!(error = %err, "reading the task queue failed");
@@ -604,7 +673,11 @@ impl RedisQueue {
                     }
                 }
             }
-            if let Some((entry, task_id)) = taken {
+            let mut permit = Some(permit);
+            for (entry, task_id) in taken {
+                let permit = permit
+                    .take()
+                    .or_else(|| self.workers.clone().try_acquire_owned().ok());
                 let queue = self.clone();
                 self.tracker
                     .spawn(async move { queue.run_entry(entry, task_id, permit).await });
@@ -641,18 +714,23 @@ impl RedisQueue {
         }
     }
 
-    /// One new entry, waiting up to [`READ_BLOCK`].
-    async fn read_one(&self, reader: &fred::prelude::Client) -> Result<Option<(String, String)>, String> {
+    /// Up to `count` new entries, waiting up to `block` for the first.
+    async fn read(
+        &self,
+        reader: &fred::prelude::Client,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<(String, String)>, String> {
         if !reader.is_connected() {
             return Err("not connected to Redis".to_owned());
         }
-        let block_ms = u64::try_from(READ_BLOCK.as_millis()).unwrap_or(1000);
+        let block_ms = u64::try_from(block.as_millis()).unwrap_or(1000).max(1);
         let reply = tokio::time::timeout(
-            READ_BLOCK + COMMAND_TIMEOUT,
+            block + COMMAND_TIMEOUT,
             reader.xreadgroup(
                 GROUP,
                 self.node_id.as_str(),
-                Some(1),
+                Some(u64::try_from(count).unwrap_or(1)),
                 Some(block_ms),
                 false,
                 QUEUE_KEY,
@@ -661,18 +739,20 @@ impl RedisQueue {
         )
         .await;
         let reply = answered(reply)?;
-        // [[queue, [[entry, [field, value, …]]]]]
-        let entry = reply
+        // [[queue, [[entry, [field, value, …]], …]]] or nil
+        let entries = reply
             .into_array()
             .into_iter()
             .next()
             .and_then(|stream| stream.into_array().into_iter().nth(1))
-            .and_then(|entries| entries.into_array().into_iter().next());
-        Ok(entry.and_then(parse_entry))
+            .map(Value::into_array)
+            .unwrap_or_default();
+        Ok(entries.into_iter().filter_map(parse_entry).collect())
     }
 
-    /// One entry whose worker stopped renewing it, now owned by this node.
-    async fn reclaim_one(&self) -> Result<Option<(String, String)>, String> {
+    /// Up to `count` entries whose worker stopped renewing them, from `cursor` on in the
+    /// group's pending list, now owned by this node; and where the next look starts.
+    async fn reclaim(&self, cursor: &str, count: usize) -> Result<(String, Vec<(String, String)>), String> {
         let idle_ms = u64::try_from(self.timing.claim_idle.as_millis()).unwrap_or(u64::MAX);
         let reply = tokio::time::timeout(
             COMMAND_TIMEOUT,
@@ -681,44 +761,89 @@ impl RedisQueue {
                 GROUP,
                 self.node_id.as_str(),
                 idle_ms,
-                "0-0",
-                Some(1),
+                cursor,
+                Some(u64::try_from(count).unwrap_or(1)),
                 false,
             ),
         )
         .await;
         let reply = answered(reply)?;
-        // [cursor, [[entry, [field, value, …]] | nil], deleted ids]
-        let entry = reply
-            .into_array()
+        // [cursor, [[entry, [field, value, …]] | nil, …], deleted ids]
+        let mut parts = reply.into_array().into_iter();
+        let next = parts
+            .next()
+            .and_then(|cursor| cursor.as_string())
+            .unwrap_or_else(|| "0-0".to_owned());
+        let taken: Vec<(String, String)> = parts
+            .next()
+            .map(Value::into_array)
+            .unwrap_or_default()
             .into_iter()
-            .nth(1)
-            .and_then(|entries| entries.into_array().into_iter().next());
-        let taken = entry.and_then(parse_entry);
-        if let Some((_, task_id)) = &taken {
-            tracing::info!(
+            .filter_map(parse_entry)
+            .collect();
+        if !taken.is_empty() {
+            tracing::info!(tasks = taken.len(), "taking over tasks whose worker stopped");
+        }
+        for (_, task_id) in &taken {
+            tracing::debug!(
                 task_id = task_id.as_str(),
                 "taking over a task whose worker stopped"
             );
         }
-        Ok(taken)
+        Ok((next, taken))
     }
 
-    /// Runs one taken entry to its end (or until it is lost or handed back).
-    async fn run_entry(self: Arc<Self>, entry: String, task_id: String, permit: OwnedSemaphorePermit) {
-        let _permit = permit;
+    /// Runs one taken entry to its end (or until it is lost or handed back). The entry
+    /// is renewed by the heartbeat from the start: starting it and reading its stream
+    /// back must not let it look idle to other workers.
+    async fn run_entry(
+        self: Arc<Self>,
+        entry: String,
+        task_id: String,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
+        let run = Running {
+            run: self.runs.fetch_add(1, Ordering::Relaxed),
+            entry: entry.clone(),
+            cancel: CancellationToken::new(),
+            abandon: CancellationToken::new(),
+        };
+        let (run_id, cancel, abandon) = (run.run, run.cancel.clone(), run.abandon.clone());
+        if let Some(previous) = lock(&self.running).insert(task_id.clone(), run) {
+            // This node took back an entry it had let lapse: the earlier run is over.
+            previous.abandon.cancel();
+        }
+        let _permit = match permit {
+            Some(permit) => Some(permit),
+            None => self.workers.clone().acquire_owned().await.ok(),
+        };
+        self.start_entry(&entry, &task_id, &cancel, &abandon).await;
+        let mut running = lock(&self.running);
+        if running.get(&task_id).is_some_and(|r| r.run == run_id) {
+            running.remove(&task_id);
+        }
+    }
+
+    /// Starts a taken entry ([`START_SCRIPT`]) and runs its task.
+    async fn start_entry(
+        &self,
+        entry: &str,
+        task_id: &str,
+        cancel: &CancellationToken,
+        abandon: &CancellationToken,
+    ) {
         let reply = match self
             .eval(
                 &self.start,
                 vec![
-                    task_key(&task_id),
+                    task_key(task_id),
                     QUEUED_KEY.to_owned(),
                     QUEUE_KEY.to_owned(),
-                    text_key(&task_id),
+                    text_key(task_id),
                 ],
                 vec![
                     GROUP.to_owned(),
-                    entry.clone(),
+                    entry.to_owned(),
                     self.node_id.clone(),
                     MAX_ATTEMPTS.to_string(),
                 ],
@@ -742,15 +867,8 @@ impl RedisQueue {
             ChatId::parse(&text(reply.get(2))),
         ) else {
             tracing::warn!(task_id, "a task record is malformed; dropping it");
-            self.end(
-                &entry,
-                &task_id,
-                "",
-                TaskStatus::Failed,
-                None,
-                Some("invalid task"),
-            )
-            .await;
+            self.end(entry, task_id, "", TaskStatus::Failed, None, Some("invalid task"))
+                .await;
             return;
         };
         let request = TaskRequest {
@@ -760,9 +878,9 @@ impl RedisQueue {
             model: text(reply.get(4)),
         };
         let checkpoint = RedisCheckpoint {
-            queue: &self,
-            task_id: &task_id,
-            entry: &entry,
+            queue: self,
+            task_id,
+            entry,
             user_id: request.user_id.as_str(),
         };
         let unstarted = match action.as_str() {
@@ -774,7 +892,7 @@ impl RedisQueue {
             _ => None,
         };
         if let Some((status, error)) = unstarted {
-            worker::publish_unstarted_end(&self.ctx, &task_id, &request, status, error, &checkpoint).await;
+            worker::publish_unstarted_end(&self.ctx, task_id, &request, status, error, &checkpoint).await;
             return;
         }
         let mut resume = Resume {
@@ -785,46 +903,36 @@ impl RedisQueue {
         // A first start has sent nothing: only a task taken over (or handed back, which
         // does not count as an attempt) reads its stream back.
         if number(reply.get(10)) > 1 || resume.phase > Phase::New {
-            resume = self
-                .resume(&task_id, &request, resume, number(reply.get(7)))
-                .await;
+            resume = self.resume(task_id, &request, resume, number(reply.get(7))).await;
         }
-        let cancel = CancellationToken::new();
-        let abandon = CancellationToken::new();
-        lock(&self.running).insert(
-            task_id.clone(),
-            Running {
-                entry: entry.clone(),
-                cancel: cancel.clone(),
-                abandon: abandon.clone(),
-            },
-        );
         let outcome = worker::run(
             &self.ctx,
             Job {
-                task_id: &task_id,
+                task_id,
                 request: &request,
-                cancel: &cancel,
-                abandon: &abandon,
+                cancel,
+                abandon,
                 resume,
                 checkpoint: &checkpoint,
             },
         )
         .await;
-        lock(&self.running).remove(&task_id);
         match outcome {
             // The end was recorded before the last message went out.
             Some(_) => {}
             None if abandon.is_cancelled() => {
                 tracing::warn!(task_id, "task lost to another worker; stopped");
             }
-            None => self.hand_back(&entry, &task_id).await,
+            None => self.hand_back(entry, task_id).await,
         }
     }
 
     /// Where the stream of a task taken over stands: the recorded progress, plus what
     /// the frame stream's history holds after the last recorded message (a worker can
-    /// die between sending a message and recording it).
+    /// die between sending a message and recording it). What the history added is
+    /// recorded at once, before anything else is sent: this worker's saves extend the
+    /// recorded text, which must then hold everything sent, or a later takeover would
+    /// resume from a text with a hole and take its own answer for a different one.
     async fn resume(&self, task_id: &str, request: &TaskRequest, mut resume: Resume, offset: u64) -> Resume {
         if self.history_size == 0 {
             return resume;
@@ -832,6 +940,8 @@ impl RedisQueue {
         let Some(channel) = worker::frames_channel(request) else {
             return resume;
         };
+        let recorded = resume.clone();
+        let mut last_offset = offset;
         match self.broker.history(&channel, offset, self.history_size).await {
             Ok(history) => {
                 for message in history.messages {
@@ -840,12 +950,53 @@ impl RedisQueue {
                     };
                     if json.get("task_id").and_then(Json::as_str) == Some(task_id) {
                         resume.observe(&json);
+                        last_offset = last_offset.max(message.offset);
                     }
                 }
             }
             Err(err) => tracing::warn!(task_id, error = %err, "reading the stream to resume a task failed"),
         }
+        if resume != recorded {
+            let rewritten = self
+                .rewrite(
+                    task_id,
+                    resume.phase,
+                    &resume.text,
+                    resume.next_index,
+                    last_offset,
+                )
+                .await;
+            if let Err(err) = rewritten {
+                // This worker's next save finds the text behind and rewrites it.
+                tracing::debug!(task_id, error = %err, "recording a resumed task's progress failed");
+            }
+        }
         resume
+    }
+
+    /// Replaces a task's recorded text and next frame index ([`REWRITE_SCRIPT`]).
+    async fn rewrite(
+        &self,
+        task_id: &str,
+        phase: Phase,
+        text: &str,
+        next_index: u64,
+        offset: u64,
+    ) -> Result<u64, Unavailable> {
+        self.eval(
+            &self.rewrite,
+            vec![task_key(task_id), text_key(task_id)],
+            vec![
+                phase.as_u8().to_string(),
+                text.to_owned(),
+                next_index.to_string(),
+                offset.to_string(),
+                self.node_id.clone(),
+                ms(IN_FLIGHT_TTL),
+            ],
+        )
+        .await
+        .map(|value| number(Some(&value)))
     }
 
     async fn end(
@@ -905,6 +1056,8 @@ impl RedisQueue {
     /// Renews this node's claims on the entries it runs and passes on cancels, until
     /// `stop` (after the drain) and no task is left.
     async fn renew_claims(self: Arc<Self>, stop: CancellationToken) {
+        // When the last renewal that succeeded was sent: the claims are this node's
+        // until `lease` after it, however long the answer took.
         let mut last_renewed = Instant::now();
         let mut tick = tokio::time::interval(self.timing.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -926,6 +1079,7 @@ impl RedisQueue {
                 .collect();
             if running.is_empty() {
                 last_renewed = Instant::now();
+                *lock(&self.lease_until) = last_renewed + self.timing.lease;
                 continue;
             }
             let mut args = vec![GROUP.to_owned(), self.node_id.clone(), TASK_PREFIX.to_owned()];
@@ -933,9 +1087,18 @@ impl RedisQueue {
                 args.push(entry.clone());
                 args.push(task_id.clone());
             }
-            match self.eval(&self.heartbeat, vec![QUEUE_KEY.to_owned()], args).await {
+            let sent_at = Instant::now();
+            let deadline = last_renewed + self.timing.lease;
+            let renewed = tokio::time::timeout_at(
+                deadline,
+                self.eval(&self.heartbeat, vec![QUEUE_KEY.to_owned()], args),
+            )
+            .await
+            .unwrap_or_else(|_| Err(Unavailable("Redis did not answer within the lease".to_owned())));
+            match renewed {
                 Ok(codes) => {
-                    last_renewed = Instant::now();
+                    last_renewed = sent_at;
+                    *lock(&self.lease_until) = sent_at + self.timing.lease;
                     for ((task_id, _, cancel, abandon), code) in running.iter().zip(codes.into_array()) {
                         match number(Some(&code)) {
                             0 => {
@@ -950,7 +1113,7 @@ impl RedisQueue {
                         }
                     }
                 }
-                Err(err) if last_renewed.elapsed() >= self.timing.lease => {
+                Err(err) if Instant::now() >= deadline => {
                     tracing::warn!(
                         error = %err,
                         tasks = running.len(),
@@ -1003,32 +1166,56 @@ struct AlreadyRecorded;
 
 #[async_trait]
 impl Checkpoint for AlreadyRecorded {
-    async fn save(&self, _phase: Phase, _delta: &str, _next_index: u64, _offset: u64) {}
+    async fn save(&self, _progress: Progress<'_>) {}
 
     async fn finish(&self, _outcome: &Outcome) {}
 }
 
 #[async_trait]
 impl Checkpoint for RedisCheckpoint<'_> {
-    async fn save(&self, phase: Phase, delta: &str, next_index: u64, offset: u64) {
-        let saved = self
-            .queue
-            .eval(
-                &self.queue.checkpoint,
-                vec![task_key(self.task_id), text_key(self.task_id)],
-                vec![
-                    phase.as_u8().to_string(),
-                    delta.to_owned(),
-                    next_index.to_string(),
-                    offset.to_string(),
-                    self.queue.node_id.clone(),
-                    ms(IN_FLIGHT_TTL),
-                ],
-            )
-            .await;
+    async fn save(&self, progress: Progress<'_>) {
+        let delta = progress.delta();
+        let mut saved = Ok(2);
+        if !progress.restarted {
+            saved = self
+                .queue
+                .eval(
+                    &self.queue.checkpoint,
+                    vec![task_key(self.task_id), text_key(self.task_id)],
+                    vec![
+                        progress.phase.as_u8().to_string(),
+                        delta.to_owned(),
+                        progress.next_index.to_string(),
+                        progress.offset.to_string(),
+                        self.queue.node_id.clone(),
+                        ms(IN_FLIGHT_TTL),
+                        (progress.text.len() - delta.len()).to_string(),
+                    ],
+                )
+                .await
+                .map(|value| number(Some(&value)));
+        }
+        if let Ok(2) = saved {
+            // Restarted, or the recorded text is not what preceded this delta.
+            saved = self
+                .queue
+                .rewrite(
+                    self.task_id,
+                    progress.phase,
+                    progress.text,
+                    progress.next_index,
+                    progress.offset,
+                )
+                .await;
+        }
         if let Err(err) = saved {
+            // The next save finds the text behind and rewrites it.
             tracing::debug!(task_id = self.task_id, error = %err, "recording task progress failed");
         }
+    }
+
+    fn may_send(&self) -> bool {
+        Instant::now() < *lock(&self.queue.lease_until)
     }
 
     async fn finish(&self, outcome: &Outcome) {

@@ -14,9 +14,12 @@
 //! messages already sent, calls the LLM again, and drops the part of the new answer
 //! the user already has, so the stream goes on where it stopped: frame indexes stay
 //! without gaps and no text is sent twice. If the new answer does not begin with the
-//! text already sent (a model that does not answer the same way twice), the task
-//! fails with [`RETRY_DIVERGED`] rather than send a different answer's tail.
+//! text already sent (a sampling model does not answer the same way twice), the answer
+//! restarts visibly (SPEC §10): `llm_status restarted`, then the new answer's frames
+//! from `index` 0, and the final `llm_response` is the new answer, the one the user
+//! saw.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,9 +57,9 @@ pub struct Context {
     pub hand_back_on_shutdown: bool,
 }
 
-/// The error text of a retried task whose new answer differs from what was sent.
-pub const RETRY_DIVERGED: &str =
-    "LLM processing failed: the worker running this task stopped, and the retried answer did not match what was already sent";
+/// The `message` of `llm_status restarted`: a task taken over from a stopped worker got
+/// a different answer, which replaces the one streamed so far.
+pub const RESTARTED_MESSAGE: &str = "The answer was interrupted and starts again";
 
 /// How far a task's stream got, as the messages sent so far show it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -113,6 +116,12 @@ impl Resume {
         let phase = match (kind, status) {
             ("llm_status", "started" | "thinking") => Phase::Started,
             ("llm_status", "streaming") => Phase::Streaming,
+            // The answer started again: frames from index 0 replace what came before.
+            ("llm_status", "restarted") => {
+                self.text.clear();
+                self.next_index = 0;
+                Phase::Streaming
+            }
             ("llm_response", _) => Phase::Responded,
             ("llm_status", "completed") => Phase::Completed,
             ("llm_frame", _) => {
@@ -135,18 +144,52 @@ impl Resume {
     }
 }
 
+/// How far a task's stream got, as one [`Checkpoint::save`] records it.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress<'a> {
+    pub phase: Phase,
+    /// The whole answer text sent so far.
+    pub text: &'a str,
+    /// How many bytes at the end of `text` were sent since the last save.
+    pub appended: usize,
+    /// The `index` of the next streaming frame.
+    pub next_index: u64,
+    /// The offset of the message just sent (0: none).
+    pub offset: u64,
+    /// The answer restarted (`llm_status restarted`): `text` and `next_index` replace
+    /// the recorded ones instead of extending them.
+    pub restarted: bool,
+}
+
+impl Progress<'_> {
+    /// The bytes sent since the last save.
+    pub fn delta(&self) -> &str {
+        self.text
+            .get(self.text.len().saturating_sub(self.appended)..)
+            .unwrap_or_default()
+    }
+}
+
 /// Where a task's progress is recorded as its messages go out, so another worker can
 /// resume it ([`Resume`]), and where its end is recorded. The shared queue records both
 /// in Redis; memory mode only the end.
 #[async_trait]
 pub trait Checkpoint: Send + Sync {
-    /// The stream reached `phase`; `delta` was appended to the text and `next_index` is
-    /// the next frame's index; `offset` is the offset of the message just sent.
-    async fn save(&self, phase: Phase, delta: &str, next_index: u64, offset: u64);
+    /// The stream reached `progress`. The recorded text must end up equal to
+    /// `progress.text`, also when an earlier save was lost.
+    async fn save(&self, progress: Progress<'_>);
 
     /// The task ended so. Called before the final `llm_status` goes out, so a client
     /// that asks for the task's status when it sees that message reads the end.
     async fn finish(&self, outcome: &Outcome);
+
+    /// Whether this worker still owns the task, as far as it can tell without asking:
+    /// checked before every message, so a worker that was frozen (or starved) past its
+    /// lease sends nothing once it wakes, even before its heartbeat learns the task
+    /// was taken over.
+    fn may_send(&self) -> bool {
+        true
+    }
 }
 
 /// One run of a task.
@@ -189,6 +232,14 @@ impl Stream<'_> {
         if self.abandon.is_cancelled() {
             return None;
         }
+        if !self.checkpoint.may_send() {
+            tracing::warn!(
+                task_id = self.task_id,
+                "this worker's claim on the task has lapsed; stopping it so the worker that takes it over is the only one sending"
+            );
+            self.abandon.cancel();
+            return None;
+        }
         let mut message = Map::new();
         message.insert("type".to_owned(), json!(kind));
         if let Value::Object(fields) = fields {
@@ -213,11 +264,21 @@ impl Stream<'_> {
     }
 
     /// Records progress after a message went out (or a step finished).
-    async fn reached(&self, phase: Phase, delta: &str, next_index: u64, offset: Option<u64>) {
+    async fn reached(&self, phase: Phase, next_index: u64, offset: Option<u64>) {
+        self.record(Progress {
+            phase,
+            text: "",
+            appended: 0,
+            next_index,
+            offset: offset.unwrap_or(0),
+            restarted: false,
+        })
+        .await;
+    }
+
+    async fn record(&self, progress: Progress<'_>) {
         if !self.abandon.is_cancelled() {
-            self.checkpoint
-                .save(phase, delta, next_index, offset.unwrap_or(0))
-                .await;
+            self.checkpoint.save(progress).await;
         }
     }
 
@@ -235,14 +296,42 @@ impl Stream<'_> {
             .await
     }
 
-    async fn frame(&self, delta: &str, index: u64) {
+    /// Sends the frame `index` with the last `delta_len` bytes of `text`, the answer so
+    /// far.
+    async fn frame(&self, text: &str, delta_len: usize, index: u64) {
+        let delta = text
+            .get(text.len().saturating_sub(delta_len)..)
+            .unwrap_or_default();
         let offset = self
             .send(
                 "llm_frame",
                 json!({"frame": {"status": "streaming", "delta": delta, "index": index}}),
             )
             .await;
-        self.reached(Phase::Streaming, delta, index + 1, offset).await;
+        self.record(Progress {
+            phase: Phase::Streaming,
+            text,
+            appended: delta.len(),
+            next_index: index + 1,
+            offset: offset.unwrap_or(0),
+            restarted: false,
+        })
+        .await;
+    }
+
+    /// The retried answer differs from the one sent so far: tells the user it starts
+    /// again, and records that nothing of the new answer was sent yet.
+    async fn restart(&self) {
+        let offset = self.status("restarted", RESTARTED_MESSAGE).await;
+        self.record(Progress {
+            phase: Phase::Streaming,
+            text: "",
+            appended: 0,
+            next_index: 0,
+            offset: offset.unwrap_or(0),
+            restarted: true,
+        })
+        .await;
     }
 
     async fn fail_with(&self, text: String) -> Outcome {
@@ -330,7 +419,8 @@ pub async fn publish_unstarted_end(
 }
 
 /// The deltas of a retried answer that the user already has are dropped; what is left
-/// goes out. Fails when the retried answer differs from the text already sent.
+/// goes out. A retried answer that differs from the text already sent is noticed, and
+/// restarts the answer.
 struct Replay {
     sent: String,
     matched: usize,
@@ -354,6 +444,16 @@ impl Replay {
 
     fn complete(&self) -> bool {
         self.matched == self.sent.len()
+    }
+
+    /// The retried answer so far, `delta` being its last piece, once it was found to
+    /// differ from the text sent; from then on every delta is fresh.
+    fn restart(&mut self, delta: &str) -> String {
+        let mut answer = self.sent.get(..self.matched).unwrap_or_default().to_owned();
+        answer.push_str(delta);
+        self.sent.clear();
+        self.matched = 0;
+        answer
     }
 }
 
@@ -389,9 +489,7 @@ pub async fn run(ctx: &Context, job: Job<'_>) -> Option<Outcome> {
     if resume.phase >= Phase::Saved {
         if resume.phase < Phase::Responded {
             let offset = send_response(&stream, request, &resume.text, &request.model, None).await;
-            stream
-                .reached(Phase::Responded, "", resume.next_index, offset)
-                .await;
+            stream.reached(Phase::Responded, resume.next_index, offset).await;
         }
         let outcome = completed(resume.text);
         if resume.phase < Phase::Completed {
@@ -414,7 +512,7 @@ pub async fn run(ctx: &Context, job: Job<'_>) -> Option<Outcome> {
                 json!({"frame": {"status": "thinking", "message": THINKING_MESSAGE, "progress": "indeterminate"}}),
             )
             .await;
-        stream.reached(Phase::Started, "", 0, offset).await;
+        stream.reached(Phase::Started, 0, offset).await;
     }
 
     let mut messages: Vec<ChatMessage> = match ctx
@@ -492,7 +590,7 @@ pub async fn run(ctx: &Context, job: Job<'_>) -> Option<Outcome> {
         match next {
             // The coalescing window closed: send what was joined.
             None => {
-                stream.frame(&pending, index).await;
+                stream.frame(&response, pending.len(), index).await;
                 index += 1;
                 pending.clear();
                 flush_at = None;
@@ -504,9 +602,20 @@ pub async fn run(ctx: &Context, job: Job<'_>) -> Option<Outcome> {
                     ctx.publisher.metrics().llm_first_token(now - started);
                 }
                 n_deltas += 1;
-                let Ok(fresh) = replay.fresh(&delta) else {
-                    tracing::warn!(task_id, "the retried answer differs from the text already sent");
-                    return finished(abandon, stream.fail_with(RETRY_DIVERGED.to_owned()).await);
+                let fresh = match replay.fresh(&delta) {
+                    Ok(fresh) => Cow::Borrowed(fresh),
+                    Err(()) => {
+                        // Only a retried answer is compared, and only until it has
+                        // passed the text sent before: nothing new was sent yet.
+                        tracing::info!(
+                            task_id,
+                            "the retried answer differs from the text already sent; restarting it"
+                        );
+                        stream.restart().await;
+                        response.clear();
+                        index = 0;
+                        Cow::Owned(replay.restart(&delta))
+                    }
                 };
                 if fresh.is_empty() {
                     continue;
@@ -514,27 +623,31 @@ pub async fn run(ctx: &Context, job: Job<'_>) -> Option<Outcome> {
                 if !streaming {
                     streaming = true;
                     let offset = stream.status("streaming", "Streaming response").await;
-                    stream.reached(Phase::Streaming, "", index, offset).await;
+                    stream.reached(Phase::Streaming, index, offset).await;
                 }
-                response.push_str(fresh);
+                response.push_str(&fresh);
                 if ctx.coalesce.is_zero() {
-                    stream.frame(fresh, index).await;
+                    stream.frame(&response, fresh.len(), index).await;
                     index += 1;
                 } else {
-                    pending.push_str(fresh);
+                    pending.push_str(&fresh);
                     flush_at.get_or_insert_with(|| Instant::now() + ctx.coalesce);
                 }
             }
             Some(Some(Ok(LlmEvent::Done { usage, model }))) => {
                 if !pending.is_empty() {
-                    stream.frame(&pending, index).await;
+                    stream.frame(&response, pending.len(), index).await;
                 }
                 if !replay.complete() {
-                    tracing::warn!(
+                    tracing::info!(
                         task_id,
-                        "the retried answer is shorter than the text already sent"
+                        "the retried answer is shorter than the text already sent; restarting it"
                     );
-                    return finished(abandon, stream.fail_with(RETRY_DIVERGED.to_owned()).await);
+                    stream.restart().await;
+                    response = replay.restart("");
+                    if !response.is_empty() {
+                        stream.frame(&response, response.len(), 0).await;
+                    }
                 }
                 if let Some(first) = first_token_at {
                     let secs = first.elapsed().as_secs_f64();
@@ -561,7 +674,7 @@ pub async fn run(ctx: &Context, job: Job<'_>) -> Option<Outcome> {
                     "llm stream failed"
                 );
                 if !pending.is_empty() {
-                    stream.frame(&pending, index).await;
+                    stream.frame(&response, pending.len(), index).await;
                 }
                 return finished(abandon, stream.failed(&err).await);
             }
@@ -651,10 +764,13 @@ async fn complete(
     {
         tracing::warn!(task_id = stream.task_id, error = %err, "saving the chat exchange failed");
     }
-    stream.reached(Phase::Saved, "", 0, None).await;
+    stream.reached(Phase::Saved, 0, None).await;
     let offset = send_response(stream, request, &response, model, usage).await;
-    stream.reached(Phase::Responded, "", 0, offset).await;
+    stream.reached(Phase::Responded, 0, offset).await;
     stream
         .end(completed(response), "completed", "Response completed")
         .await
 }
+
+#[cfg(test)]
+mod tests;

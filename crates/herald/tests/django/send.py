@@ -1,4 +1,4 @@
-"""Runs the seeds' helpers against a channels_redis layer, for tests/it/django.rs.
+"""Runs the original Django Channels app's helpers against a channels_redis layer, for tests/it/django.rs.
 
     python send.py '<JSON list of steps>'
 

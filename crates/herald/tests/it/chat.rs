@@ -168,8 +168,8 @@ async fn echo_answer_streams_in_order_on(srv: &TestServer) {
     assert_eq!(response["data"]["response"].as_str().unwrap(), stream.text());
     assert_eq!(stream.text(), "Echo: hello streaming world");
     assert_eq!(
-        response["data"]["model"], "gpt-4o-mini",
-        "the configured model is reported"
+        response["data"]["model"], "echo",
+        "the echo provider reports itself, not the configured model it did not use"
     );
     assert_eq!(response["data"]["user_id"], "u1");
     assert_eq!(response["data"]["chat_id"], "chat-1");
@@ -196,20 +196,32 @@ async fn echo_answer_streams_in_order_on(srv: &TestServer) {
     assert_eq!(task["chat_id"], "chat-1");
 }
 
+/// The request's `model` is sent upstream and reported; the `echo` provider, which
+/// uses no model, reports `echo` whatever the request named.
 #[tokio::test]
 async fn request_model_is_used_and_reported() {
-    let srv = TestServer::spawn().await;
-    let (mut ws, _) = srv.connect("/ws/frame-stream/u1/", "u1").await;
-    let (status, body) = user_post(
-        &srv,
-        "/api/chat/generate-response/",
-        &srv.token("u1"),
-        json!({"user_id": "u1", "chat_id": "c", "prompt": "hi", "model": "llama3.2"}),
-    )
-    .await;
-    assert_eq!(status, 202);
-    let stream = TaskStream::read(&mut ws, body["task_id"].as_str().unwrap()).await;
-    assert_eq!(stream.find("llm_response").unwrap()["data"]["model"], "llama3.2");
+    use crate::llm::{reply_events, FakeLlm, Reply, KEY};
+    let fake = FakeLlm::start(vec![Reply::events(&reply_events())]).await;
+    let upstream = TestServer::builder()
+        .env("HERALD_LLM_BASE_URL", fake.base_url.clone())
+        .env("HERALD_LLM_API_KEY", KEY)
+        .spawn()
+        .await;
+    let echo = TestServer::spawn().await;
+    for (srv, reported) in [(&upstream, "llama3.2"), (&echo, "echo")] {
+        let (mut ws, _) = srv.connect("/ws/frame-stream/u1/", "u1").await;
+        let (status, body) = user_post(
+            srv,
+            "/api/chat/generate-response/",
+            &srv.token("u1"),
+            json!({"user_id": "u1", "chat_id": "c", "prompt": "hi", "model": "llama3.2"}),
+        )
+        .await;
+        assert_eq!(status, 202);
+        let stream = TaskStream::read(&mut ws, body["task_id"].as_str().unwrap()).await;
+        assert_eq!(stream.find("llm_response").unwrap()["data"]["model"], reported);
+    }
+    assert_eq!(fake.requests()[0].body["model"], "llama3.2");
 }
 
 #[tokio::test]

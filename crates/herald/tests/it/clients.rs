@@ -6,9 +6,10 @@
 //! The subprocess tests need tools outside Cargo: `node` with `clients/js/node_modules`
 //! (`npm ci`), a Python with the packages of `clients/python` (`HERALD_PYTHON`, else
 //! `~/.cache/herald-clients-venv/bin/python`), Debian's `chromium` and `redis-server`.
-//! `.ci/run` installs them and sets `HERALD_REQUIRE_CLIENTS=1`, which turns a missing
-//! tool into a failure; elsewhere a missing tool prints `SKIPPED: …` with the command
-//! that installs it, and the test passes.
+//! `.ci/run` installs them. A missing tool fails the test with the command that
+//! installs it: a skipped test that reports `ok` would hide that nothing ran. To skip
+//! these tests on purpose, set `HERALD_SKIP_CLIENTS=1` (then a missing tool prints
+//! `SKIPPED: …` and the test passes; `HERALD_REQUIRE_CLIENTS=1` overrides it).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -23,21 +24,22 @@ fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-fn required() -> bool {
-    std::env::var_os("HERALD_REQUIRE_CLIENTS").is_some_and(|v| v == "1")
+fn env_is_1(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| v == "1")
 }
 
-/// `Some(tool)` when it is there; otherwise fails under `HERALD_REQUIRE_CLIENTS=1`, or
-/// says loudly that the test is skipped.
+/// `Some(tool)` when it is there; otherwise fails, unless `HERALD_SKIP_CLIENTS=1` asks
+/// to skip (and `HERALD_REQUIRE_CLIENTS=1` does not forbid it).
 fn tool(what: &str, found: Option<PathBuf>, install: &str) -> Option<PathBuf> {
     if found.is_some() {
         return found;
     }
     assert!(
-        !required(),
-        "HERALD_REQUIRE_CLIENTS=1 but {what} is missing; install it with: {install}"
+        env_is_1("HERALD_SKIP_CLIENTS") && !env_is_1("HERALD_REQUIRE_CLIENTS"),
+        "{what} is missing, so this client test cannot run; install it with: {install} \
+         (or set HERALD_SKIP_CLIENTS=1 to skip the client tests)"
     );
-    eprintln!("SKIPPED: {what} is missing (install it with: {install}); this client test did not run");
+    eprintln!("SKIPPED (HERALD_SKIP_CLIENTS=1): {what} is missing (install it with: {install}); this client test did not run");
     None
 }
 

@@ -845,7 +845,7 @@ async fn echo_is_deterministic_and_echoes_the_model() {
                 prompt_tokens: 7,
                 completion_tokens: 5,
             }),
-            model: "my-model".to_owned(),
+            model: "echo".to_owned(),
         }),
     ];
     assert_eq!(first, expected);
@@ -859,7 +859,7 @@ async fn echo_is_deterministic_and_echoes_the_model() {
                 prompt_tokens: 4,
                 completion_tokens: 2
             }),
-            model: "gpt-4o-mini".to_owned(),
+            model: "echo".to_owned(),
         }))
     );
 }

@@ -585,17 +585,17 @@ fn host_of(url: &str) -> &str {
 }
 
 /// A fresh PostgreSQL database for one test run, dropped by [`TestDatabase::drop`].
-struct TestDatabase {
+pub(crate) struct TestDatabase {
     admin_url: String,
     name: String,
-    url: String,
+    pub(crate) url: String,
 }
 
 impl TestDatabase {
     /// Creates `herald_test_<random hex>` on the server named by
     /// `HERALD_TEST_DATABASE_URL` (default: local trust auth). `None` (with a skip line)
     /// when the server cannot be reached, unless `HERALD_REQUIRE_POSTGRES=1`.
-    async fn create() -> Option<TestDatabase> {
+    pub(crate) async fn create() -> Option<TestDatabase> {
         let admin_url = env_var("HERALD_TEST_DATABASE_URL")
             .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
         let mut admin = match tokio::time::timeout(WAIT, sqlx::PgConnection::connect(&admin_url)).await {
@@ -634,7 +634,7 @@ impl TestDatabase {
     }
 
     /// Drops the database, closing any connection still open to it.
-    async fn drop(&self) {
+    pub(crate) async fn drop(&self) {
         let mut admin = sqlx::PgConnection::connect(&self.admin_url)
             .await
             .expect("connect to drop the test database");

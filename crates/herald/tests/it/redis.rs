@@ -62,6 +62,23 @@ pub(crate) fn redis_server_on_path() -> bool {
     on_path
 }
 
+/// For a test that stops or restarts its Redis, which it cannot do to
+/// `HERALD_TEST_REDIS_URL`: prints the skip line, or fails when `HERALD_REQUIRE_REDIS=1`
+/// (or `also_required` names another `HERALD_REQUIRE_*` set to 1), so a required test
+/// never passes without running.
+pub(crate) fn skip_shared_redis(also_required: Option<&str>) {
+    let required = std::iter::once("HERALD_REQUIRE_REDIS")
+        .chain(also_required)
+        .find(|name| env(name).as_deref() == Some("1"));
+    if let Some(name) = required {
+        panic!(
+            "{name}=1 but this test stops its Redis, and HERALD_TEST_REDIS_URL is not ours to stop: \
+             unset HERALD_TEST_REDIS_URL so the test starts its own redis-server"
+        );
+    }
+    println!("skipped: HERALD_TEST_REDIS_URL is not ours to stop");
+}
+
 async fn start_server(port: u16) -> Child {
     start_server_with(port, &[]).await
 }
@@ -320,7 +337,7 @@ async fn losing_redis_makes_nodes_not_ready_and_they_recover() {
         return;
     };
     if !redis.owned() {
-        println!("skipped: HERALD_TEST_REDIS_URL is not ours to stop");
+        skip_shared_redis(None);
         return;
     }
     let (a, b) = (redis.node().await, redis.node().await);

@@ -10,9 +10,11 @@ fn a_channel_stream_delivers_in_order_and_finds_reused_offsets() {
     assert_eq!(listening.judge("e1", 2).0, Verdict::Deliver);
     // A gap is for the sessions to fill; it is still delivered.
     assert_eq!(listening.judge("e1", 5).0, Verdict::Deliver);
-    // The same epoch going back: Redis lost writes.
+    // The same epoch going back: Redis lost writes. Nothing more of that epoch is
+    // delivered, not even offsets beyond the highest seen.
     assert_eq!(listening.judge("e1", 5).0, Verdict::Reused);
-    assert_eq!(listening.judge("e1", 3).0, Verdict::Reused);
+    assert_eq!(listening.judge("e1", 3).0, Verdict::Stale);
+    assert_eq!(listening.judge("e1", 6).0, Verdict::Stale);
 }
 
 #[test]

@@ -1,4 +1,4 @@
-"""The seeds' broadcast helpers, as written for Django Channels + channels_redis.
+"""The original Django Channels app's broadcast helpers, as written for Django Channels + channels_redis.
 
 Consumers joined `user_{id}` (NotificationConsumer) and `org_{id}` (OrgEventConsumer);
 these helpers reach them from sync code (views, signals, Celery tasks) with

@@ -1,5 +1,5 @@
 """A Celery-style task: plain sync code in a worker thread, calling the helpers through
-async_to_sync, as the seeds' `@shared_task` bodies do (Celery itself is not needed to
+async_to_sync, as the original Django Channels app's `@shared_task` bodies do (Celery itself is not needed to
 exercise that path)."""
 
 from concurrent.futures import ThreadPoolExecutor

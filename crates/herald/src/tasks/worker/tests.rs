@@ -1,0 +1,98 @@
+//! Unit tests for `tasks::worker`: reading a stream back ([`Resume::observe`]) and
+//! comparing a retried answer with the text already sent ([`Replay`]).
+
+use serde_json::json;
+
+use super::*;
+
+fn frame(index: u64, delta: &str) -> Value {
+    json!({"type": "llm_frame", "frame": {"status": "streaming", "delta": delta, "index": index}})
+}
+
+fn status(status: &str) -> Value {
+    json!({"type": "llm_status", "status": status})
+}
+
+#[test]
+fn observe_follows_the_stream_and_a_restart_starts_the_text_again() {
+    let mut resume = Resume {
+        phase: Phase::Streaming,
+        text: "Hel".to_owned(),
+        next_index: 1,
+    };
+    // A frame already counted and one from the future change nothing.
+    resume.observe(&frame(0, "Hel"));
+    resume.observe(&frame(2, "!"));
+    resume.observe(&frame(1, "lo"));
+    assert_eq!((resume.text.as_str(), resume.next_index), ("Hello", 2));
+
+    resume.observe(&status("restarted"));
+    assert_eq!((resume.text.as_str(), resume.next_index), ("", 0));
+    assert_eq!(resume.phase, Phase::Streaming);
+    resume.observe(&frame(0, "Hi"));
+    resume.observe(&frame(1, " there"));
+    assert_eq!((resume.text.as_str(), resume.next_index), ("Hi there", 2));
+
+    resume.observe(&json!({"type": "llm_response", "data": {}}));
+    assert_eq!(resume.phase, Phase::Responded);
+    resume.observe(&status("completed"));
+    assert_eq!(resume.phase, Phase::Completed);
+}
+
+#[test]
+fn replay_drops_what_was_sent_however_the_new_answer_is_cut() {
+    let mut replay = Replay {
+        sent: "Echo: a b".to_owned(),
+        matched: 0,
+    };
+    assert_eq!(replay.fresh("Ec"), Ok(""));
+    assert_eq!(replay.fresh("ho: a"), Ok(""));
+    assert!(!replay.complete());
+    assert_eq!(replay.fresh(" b c"), Ok(" c"));
+    assert!(replay.complete());
+    assert_eq!(replay.fresh(" d"), Ok(" d"));
+}
+
+#[test]
+fn a_different_answer_is_noticed_and_restarts_from_its_own_beginning() {
+    let mut replay = Replay {
+        sent: "Hello wörld".to_owned(),
+        matched: 0,
+    };
+    assert_eq!(replay.fresh("Hello "), Ok(""));
+    assert_eq!(replay.fresh("there"), Err(()));
+    // The new answer so far: what matched, and the delta that differed.
+    assert_eq!(replay.restart("there"), "Hello there");
+    assert!(replay.complete());
+    assert_eq!(replay.fresh("wörld"), Ok("wörld"));
+
+    // A new answer that stops short of the text sent restarts too.
+    let mut short = Replay {
+        sent: "Hello world".to_owned(),
+        matched: 0,
+    };
+    assert_eq!(short.fresh("Hello"), Ok(""));
+    assert!(!short.complete());
+    assert_eq!(short.restart(""), "Hello");
+}
+
+#[test]
+fn progress_names_the_bytes_appended_since_the_last_save() {
+    let progress = Progress {
+        phase: Phase::Streaming,
+        text: "Hello wörld",
+        appended: " wörld".len(),
+        next_index: 2,
+        offset: 7,
+        restarted: false,
+    };
+    assert_eq!(progress.delta(), " wörld");
+    assert_eq!(
+        Progress {
+            appended: 0,
+            ..progress
+        }
+        .delta(),
+        ""
+    );
+}
