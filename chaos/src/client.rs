@@ -85,6 +85,8 @@ pub struct ClientRecord {
     pub dropped_as_seen: u64,
     /// Sockets the client killed.
     pub kills: u64,
+    /// Whether a welcomed socket was open when the clients were stopped.
+    pub open_at_end: bool,
 }
 
 /// Fleet-wide settings.
@@ -128,6 +130,7 @@ impl Fleet {
                         offset_gaps: 0,
                         dropped_as_seen: 0,
                         kills: 0,
+                        open_at_end: false,
                     },
                     spec,
                     nodes: Arc::clone(&nodes),
@@ -305,6 +308,9 @@ impl Client {
                 },
             }
         };
+        if matches!(end, End::Stop) {
+            self.record.open_at_end = self.welcome.is_some();
+        }
         if self.welcome.is_none() && !matches!(end, End::Stop) {
             let failure = match &end {
                 End::Closed(Some(code)) => format!("closed {code} before the welcome"),

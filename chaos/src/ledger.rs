@@ -47,6 +47,9 @@ pub struct Tally {
     /// Offsets skipped inside an epoch with no notice.
     pub offset_gaps: u64,
     pub socket_kills: u64,
+    /// A few clients with a silent loss, described (to find the cause).
+    #[serde(default)]
+    pub loss_examples: Vec<String>,
 }
 
 pub fn tally(publishes: &[Publish], clients: &[ClientRecord]) -> Tally {
@@ -123,10 +126,39 @@ pub fn tally(publishes: &[Publish], clients: &[ClientRecord]) -> Tally {
         tally.lost += lost_here;
         if lost_here > 0 {
             tally.clients_with_loss += 1;
+            if tally.loss_examples.len() < 3 {
+                tally
+                    .loss_examples
+                    .push(describe(client, lost_here, first_welcome));
+            }
         }
     }
     tally.offsets_reused = wire.values().map(|ids| ids.len().saturating_sub(1) as u64).sum();
     tally
+}
+
+/// One client's story in a line: what it lost, its sockets, its last message.
+fn describe(client: &ClientRecord, lost: u64, since: Instant) -> String {
+    let secs = |at: Instant| at.saturating_duration_since(since).as_secs_f64();
+    let failed: Vec<&str> = client
+        .handshakes
+        .iter()
+        .filter(|h| !h.ok)
+        .filter_map(|h| h.failure.as_deref())
+        .collect();
+    format!(
+        "{} on {}: {lost} lost; {} handshakes ({} failed{}); closes by the server: {:?}; last message at {:.1}s, last handshake at {:.1}s after its first welcome; {} frames dropped as already seen; socket open at the end: {}",
+        client.spec_user,
+        client.channel,
+        client.handshakes.len(),
+        failed.len(),
+        failed.last().map(|f| format!(", last: {f}")).unwrap_or_default(),
+        client.closes.iter().map(|(_, code)| *code).collect::<Vec<_>>(),
+        client.deliveries.last().map_or(0.0, |d| secs(d.at)),
+        client.handshakes.last().map_or(0.0, |h| secs(h.at)),
+        client.dropped_as_seen,
+        client.open_at_end,
+    )
 }
 
 /// Whether a notice reached `client` after `sent` and before any later message.
@@ -190,6 +222,7 @@ mod tests {
             offset_gaps: 0,
             dropped_as_seen: 0,
             kills: 0,
+            open_at_end: true,
         }
     }
 

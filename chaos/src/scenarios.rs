@@ -220,6 +220,7 @@ fn row_from(result: &LoadResult, finding: String) -> Row {
         t.untold_epoch_switches,
         t.offset_gaps
     ));
+    details.extend(t.loss_examples.iter().map(|e| format!("silent loss: {e}")));
     let failures: usize = result.publishes.iter().filter(|p| p.acked_at.is_none()).count();
     if failures > 0 {
         details.push(format!("{failures} publishes never got a 202"));
