@@ -121,7 +121,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::warn!("{note}");
     }
     // Nothing is written and nothing says "listening" until the port is bound and the
-    // database is open: a failed start leaves no generated secrets behind.
+    // database is open: a failed start leaves no generated secrets behind. Redis comes
+    // after: without it a node starts not ready and keeps trying.
     let prepared = crate::dev::prepare(&config)?;
     if prepared.dev.is_none() {
         for warning in config.production_warnings() {
@@ -137,11 +138,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         dev_jwt_secret: prepared.secrets.dev_jwt_secret.clone(),
         api_keys: prepared.secrets.api_keys.clone(),
     };
-    let built = crate::build_state(config, secrets, shutdown.clone()).await?;
+    let store = crate::open_store(&config).await?;
     prepared.save()?;
     let dev_path = prepared.dev.as_ref().map(|dev| dev.path.as_path());
-    print_banner(&built.0.config, &prepared.secrets, dev_path, addr);
-    tokio::spawn(signal_shutdown(shutdown));
+    print_banner(&config, &prepared.secrets, dev_path, addr);
+    tokio::spawn(signal_shutdown(shutdown.clone()));
+    let built = crate::build_state_with(config, secrets, store, shutdown).await?;
     crate::serve_state(built, listener).await?;
     tracing::info!("herald stopped");
     Ok(())

@@ -83,12 +83,29 @@ pub async fn build_state(
     secrets: Secrets,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(AppState, Option<Arc<MemoryBroker>>)> {
-    let store = Store::connect(&config.database_url).await.map_err(|err| {
+    let store = open_store(&config).await?;
+    build_state_with(config, secrets, store, shutdown).await
+}
+
+/// Opens (and migrates) the database of `HERALD_DATABASE_URL`.
+pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
+    Store::connect(&config.database_url).await.map_err(|err| {
         anyhow::anyhow!(
             "cannot open the database {}: {err}",
             redact_url(&config.database_url)
         )
-    })?;
+    })
+}
+
+/// [`build_state`] with the database already open: `herald serve` opens it before it
+/// says it listens, and connects to Redis after (a node whose Redis is away starts
+/// not ready and keeps trying).
+pub async fn build_state_with(
+    config: Config,
+    secrets: Secrets,
+    store: Store,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(AppState, Option<Arc<MemoryBroker>>)> {
     let auth = Authenticator::new(&config, secrets.dev_jwt_secret.as_ref())?;
     let membership = Membership::new(&config.membership, store.clone())?;
     let hub = Arc::new(Hub::default());
@@ -235,12 +252,7 @@ pub async fn work(config: Config, shutdown: CancellationToken) -> anyhow::Result
     if workers == 0 {
         anyhow::bail!("HERALD_WORKERS=0 leaves herald worker nothing to do; set it to 1 or more");
     }
-    let store = Store::connect(&config.database_url).await.map_err(|err| {
-        anyhow::anyhow!(
-            "cannot open the database {}: {err}",
-            redact_url(&config.database_url)
-        )
-    })?;
+    let store = open_store(&config).await?;
     let stopped = CancellationToken::new();
     // A worker holds no sockets: its hub stays empty and it subscribes to nothing.
     let (broker, _) = connect_broker(&config, Arc::new(Hub::default()), &stopped).await?;
