@@ -37,7 +37,14 @@ pub struct Ctx {
 
 impl Ctx {
     fn scratch(&self, name: &str) -> anyhow::Result<PathBuf> {
-        let dir = self.dir.join(name);
+        // A scenario run twice gets a second directory (a Cluster node refuses to join
+        // with an old nodes.conf).
+        let mut dir = self.dir.join(name);
+        let mut n = 1;
+        while dir.exists() {
+            n += 1;
+            dir = self.dir.join(format!("{name}-{n}"));
+        }
         std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         Ok(dir)
     }
