@@ -52,6 +52,8 @@ pub struct Delivery {
 #[derive(Debug, Clone)]
 pub struct Handshake {
     pub at: Instant,
+    /// The node it went to.
+    pub node: String,
     /// Welcome received.
     pub ok: bool,
     /// Why not: the close code before the welcome, or the connection error.
@@ -140,6 +142,7 @@ impl Fleet {
                     position: None,
                     welcome: None,
                     resuming: false,
+                    node: String::new(),
                 };
                 tokio::spawn(client.run(stop_rx.clone()))
             })
@@ -196,6 +199,8 @@ struct Client {
     /// The current connection's welcome position.
     welcome: Option<(String, u64)>,
     resuming: bool,
+    /// The node of the current connection.
+    node: String,
 }
 
 /// How a connection ended.
@@ -224,6 +229,7 @@ impl Client {
             }
             self.resuming = self.position.is_some();
             self.welcome = None;
+            self.node.clone_from(&node);
             let at = Instant::now();
             let opened = tokio::select! {
                 opened = tokio::time::timeout(Duration::from_secs(5), open(&node, &uri)) => opened,
@@ -234,6 +240,7 @@ impl Client {
                 Ok(Err((unreachable, err))) => {
                     self.record.handshakes.push(Handshake {
                         at,
+                        node: node.clone(),
                         ok: false,
                         failure: Some(format!("{err:#}")),
                         unreachable,
@@ -243,6 +250,7 @@ impl Client {
                 Err(_) => {
                     self.record.handshakes.push(Handshake {
                         at,
+                        node: node.clone(),
                         ok: false,
                         failure: Some("no upgrade within 5 s".to_owned()),
                         unreachable: false,
@@ -318,6 +326,7 @@ impl Client {
             };
             self.record.handshakes.push(Handshake {
                 at,
+                node: self.node.clone(),
                 ok: false,
                 failure: Some(failure),
                 unreachable: false,
@@ -348,6 +357,7 @@ impl Client {
                 }
                 self.record.handshakes.push(Handshake {
                     at,
+                    node: self.node.clone(),
                     ok: true,
                     failure: None,
                     unreachable: false,

@@ -147,7 +147,7 @@ fn describe(client: &ClientRecord, lost: u64, since: Instant) -> String {
         .filter_map(|h| h.failure.as_deref())
         .collect();
     format!(
-        "{} on {}: {lost} lost; {} handshakes ({} failed{}); closes by the server: {:?}; last message at {:.1}s, last handshake at {:.1}s after its first welcome; {} frames dropped as already seen; socket open at the end: {}",
+        "{} on {}: {lost} lost; {} handshakes ({} failed{}); closes by the server: {:?}; last message at {:.1}s, last handshake at {:.1}s after its first welcome (node {}); {} frames dropped as already seen; socket open at the end: {}",
         client.spec_user,
         client.channel,
         client.handshakes.len(),
@@ -156,6 +156,7 @@ fn describe(client: &ClientRecord, lost: u64, since: Instant) -> String {
         client.closes.iter().map(|(_, code)| *code).collect::<Vec<_>>(),
         client.deliveries.last().map_or(0.0, |d| secs(d.at)),
         client.handshakes.last().map_or(0.0, |h| secs(h.at)),
+        client.handshakes.last().map_or("-", |h| h.node.as_str()),
         client.dropped_as_seen,
         client.open_at_end,
     )
