@@ -258,6 +258,8 @@ async fn start_herald(running: &mut Running, programs: &Programs, options: &Opti
             .env("HERALD_JWT_SECRET", JWT_SECRET)
             .env("HERALD_API_KEYS", API_KEY)
             .env("HERALD_MEMBERSHIP", "claims")
+            // Every load client connects from 127.0.0.1, up to 256 handshakes at once.
+            .env("HERALD_MAX_PENDING_PER_IP", "1000000")
             .env(
                 "HERALD_DATABASE_URL",
                 format!("sqlite://{}/herald-{node}.db", running.dir.display()),

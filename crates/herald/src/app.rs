@@ -101,5 +101,6 @@ pub fn router(state: AppState) -> Router {
         .merge(dev)
         .layer(axum::middleware::from_fn(crate::http::limit_request_size))
         .layer(CatchPanicLayer::new())
+        .layer(axum::middleware::from_fn(crate::http::json_errors))
         .with_state(state)
 }

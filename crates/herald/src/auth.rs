@@ -48,6 +48,8 @@ pub enum AuthFailure {
     Missing,
     #[error("the token is not a well-formed JWT")]
     Malformed,
+    #[error("the token's header lists critical extensions (crit), which herald does not support")]
+    CriticalExtension,
     #[error("the token's signature does not verify")]
     BadSignature,
     #[error("the token's algorithm is not the one its key requires")]
@@ -76,6 +78,7 @@ impl AuthFailure {
         match self {
             Self::Missing => "missing",
             Self::Malformed => "malformed",
+            Self::CriticalExtension => "crit",
             Self::BadSignature => "bad_signature",
             Self::WrongAlgorithm => "wrong_algorithm",
             Self::Expired => "expired",
@@ -193,6 +196,11 @@ impl Authenticator {
     /// Verifies `token` and returns who it names.
     pub async fn authenticate(&self, token: &str) -> Result<Identity, AuthFailure> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthFailure::Malformed)?;
+        // RFC 7515 §4.1.11: a recipient that does not understand every extension
+        // named in `crit` must refuse the token; herald understands none.
+        if header.crit.is_some() {
+            return Err(AuthFailure::CriticalExtension);
+        }
         let (key, algorithm) = match &self.inner.keys {
             KeySource::Secret(key) => (key.clone(), Algorithm::HS256),
             KeySource::Jwks(jwks) => jwks.key_for(header.kid.as_deref(), header.alg).await?,

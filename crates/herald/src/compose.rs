@@ -34,7 +34,7 @@ pub fn notification(notification: Value) -> Result<Draft, Invalid> {
 /// (1 to 128 characters) and an optional `data` object; other fields are ignored.
 pub fn org_event(org_id: &OrgId, mut body: Map<String, Value>) -> Result<Draft, Invalid> {
     let event_type = match body.remove("event_type") {
-        Some(Value::String(t)) if !t.is_empty() && t.len() <= MAX_EVENT_TYPE_LEN => t,
+        Some(Value::String(t)) if !t.is_empty() && t.chars().count() <= MAX_EVENT_TYPE_LEN => t,
         _ => {
             return Err(Invalid(format!(
                 "event_type must be a non-empty string of at most {MAX_EVENT_TYPE_LEN} characters"

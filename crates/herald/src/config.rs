@@ -77,6 +77,9 @@ settings! {
     ENV_FRAME_COALESCE_MS = "HERALD_FRAME_COALESCE_MS", "0", false, "Join LLM deltas arriving within this many milliseconds.";
     ENV_SHUTDOWN_DRAIN = "HERALD_SHUTDOWN_DRAIN", "10", false, "Seconds over which sockets are closed on shutdown.";
     ENV_DJANGO_BRIDGE = "HERALD_DJANGO_BRIDGE", "", false, "Redis URL of a Django Channels layer to bridge.";
+    ENV_MAX_PENDING_PER_IP = "HERALD_MAX_PENDING_PER_IP", "64", false, "Connections from one peer address that have not finished their request or upgrade; more are closed at accept.";
+    ENV_MAX_CONNECTIONS = "HERALD_MAX_CONNECTIONS", "", false, "Open connections per node before upgrades are answered 503; the file-descriptor limit minus a reserve (5 % or 64, the larger) when empty.";
+    ENV_TRUSTED_PROXIES = "HERALD_TRUSTED_PROXIES", "", false, "Comma list of CIDRs of reverse proxies whose `X-Forwarded-For` names the client.";
 }
 
 /// A value that must never reach logs: its `Debug` is masked and it has no `Display`.
@@ -184,6 +187,79 @@ pub struct Config {
     /// `task_claim_idle_ms`: with Redis, how long a running task's worker may go
     /// unheard before another worker takes the task over.
     pub task_claim_idle: Duration,
+    /// `sse_keep_alive_ms`: the longest silence on a server-sent-events stream before
+    /// a comment line goes out, so proxies keep it open (SPEC §10: 15 s).
+    pub sse_keep_alive: Duration,
+    /// `request_head_timeout_ms`: from a request's first byte to the end of its head;
+    /// beyond it the connection is closed.
+    pub request_head_timeout: Duration,
+    /// `http_idle_timeout_ms`: how long an HTTP connection may wait for the first byte
+    /// of its next request (or of its first) before it is closed.
+    pub http_idle_timeout: Duration,
+    /// Connections from one peer address not done with their request or upgrade.
+    pub max_pending_per_ip: usize,
+    /// Open connections on this node before upgrades get 503; `None`: from the
+    /// file-descriptor limit ([`crate::http::server::default_max_connections`]).
+    pub max_connections: Option<usize>,
+    /// Reverse proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+/// Default of `request_head_timeout_ms`.
+pub const DEFAULT_REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default of `http_idle_timeout_ms`.
+pub const DEFAULT_HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// An address block such as `10.0.0.0/8` or `::1/128` (`HERALD_TRUSTED_PROXIES`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    network: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `addr/prefix` or a bare address (a block of one).
+    pub fn parse(text: &str) -> Result<Cidr, String> {
+        let bad =
+            || format!("{text:?} is not an address block; expected e.g. 10.0.0.0/8, 192.168.1.7 or fd00::/8");
+        let (addr, prefix) = match text.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (text, None),
+        };
+        let network: std::net::IpAddr = addr.trim().parse().map_err(|_| bad())?;
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(bad)?,
+            None => max,
+        };
+        Ok(Cidr { network, prefix })
+    }
+
+    /// Whether `ip` is inside the block (an IPv4-mapped IPv6 address counts as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.network, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
 }
 
 /// The shortest `HERALD_JWT_SECRET` accepted without a warning: HS256's key should be
@@ -355,6 +431,16 @@ pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
         llm_between_tokens_timeout: tuning
             .millis("llm_between_tokens_timeout_ms", Duration::from_secs(30))?,
         task_claim_idle: tuning.millis("task_claim_idle_ms", DEFAULT_TASK_CLAIM_IDLE)?,
+        sse_keep_alive: tuning.millis("sse_keep_alive_ms", DEFAULT_SSE_KEEP_ALIVE)?,
+        request_head_timeout: tuning.millis("request_head_timeout_ms", DEFAULT_REQUEST_HEAD_TIMEOUT)?,
+        http_idle_timeout: tuning.millis("http_idle_timeout_ms", DEFAULT_HTTP_IDLE_TIMEOUT)?,
+        max_pending_per_ip: values
+            .parse(ENV_MAX_PENDING_PER_IP, |v| parse_positive(v).map(|n| n as usize))?,
+        max_connections: values
+            .parse_optional(ENV_MAX_CONNECTIONS, |v| parse_positive(v).map(|n| n as usize))?,
+        trusted_proxies: values.parse(ENV_TRUSTED_PROXIES, |v| {
+            split_list(v).iter().map(|item| Cidr::parse(item)).collect()
+        })?,
     };
     Ok(config)
 }
@@ -469,7 +555,7 @@ impl Values {
 
 /// Tuning settings only the TOML file can set: operational knobs outside the
 /// documented `HERALD_*` environment contract.
-pub const TOML_ONLY_KEYS: [&str; 9] = [
+pub const TOML_ONLY_KEYS: [&str; 12] = [
     "outbox_max_bytes",
     "history_max_bytes",
     "handshakes_per_ip_per_second",
@@ -479,7 +565,13 @@ pub const TOML_ONLY_KEYS: [&str; 9] = [
     "llm_first_token_timeout_ms",
     "llm_between_tokens_timeout_ms",
     "task_claim_idle_ms",
+    "sse_keep_alive_ms",
+    "request_head_timeout_ms",
+    "http_idle_timeout_ms",
 ];
+
+/// Default of `sse_keep_alive_ms` (the documented 15 s).
+pub const DEFAULT_SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// Default of `task_claim_idle_ms`.
 pub const DEFAULT_TASK_CLAIM_IDLE: Duration = Duration::from_secs(15);

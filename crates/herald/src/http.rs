@@ -8,6 +8,11 @@ pub mod extract;
 pub mod members;
 pub mod ops;
 pub mod publish;
+pub mod server;
+pub mod sse;
+
+#[cfg(test)]
+mod fuzz;
 
 use axum::extract::Request;
 use axum::http::StatusCode;
@@ -25,6 +30,7 @@ pub fn router(origins: &AllowedOrigins) -> Router<AppState> {
     Router::new()
         .merge(publish::router())
         .merge(chat::router().layer(cors(origins)))
+        .merge(sse::router().layer(cors(origins)))
         .merge(members::router())
         .merge(ops::router())
         .merge(demo::router(cors(origins)))
@@ -75,4 +81,74 @@ pub async fn limit_request_size(request: Request, next: Next) -> Response {
         return (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, axum::Json(body)).into_response();
     }
     next.run(request).await
+}
+
+/// The largest plain-text error body carried over as the JSON `message`.
+const MAX_CARRIED_MESSAGE: usize = 1024;
+
+/// Makes every error answer JSON `{"error","message"}`, also those made below the
+/// handlers: extractor rejections (a path id that is not valid percent-encoded UTF-8,
+/// a repeated query parameter), 405 for a wrong method, a panic's 500. A plain-text
+/// client-error body becomes the message; a server error's never does.
+pub async fn json_errors(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/json"));
+    if is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let carried = if status.is_client_error() {
+        axum::body::to_bytes(body, MAX_CARRIED_MESSAGE)
+            .await
+            .ok()
+            .and_then(|bytes| String::from_utf8(bytes.to_vec()).ok())
+            .map(|text| text.trim().to_owned())
+            .filter(|text| !text.is_empty())
+    } else {
+        None
+    };
+    let (code, default) = error_code(status);
+    let message = carried.unwrap_or_else(|| default.to_owned());
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts.headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    let body = serde_json::json!({"error": code, "message": message}).to_string();
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
+/// The `error` code and a default message for a status no handler chose the body of.
+fn error_code(status: StatusCode) -> (&'static str, &'static str) {
+    match status {
+        StatusCode::BAD_REQUEST => ("bad_request", "the request is malformed"),
+        StatusCode::UNAUTHORIZED => ("unauthorized", "authentication is required"),
+        StatusCode::FORBIDDEN => ("forbidden", "this request is not allowed"),
+        StatusCode::NOT_FOUND => ("not_found", "no such endpoint"),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method_not_allowed",
+            "this endpoint does not take this method; see the Allow header",
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "the request body is larger than 64 KiB"),
+        StatusCode::URI_TOO_LONG => ("uri_too_long", "the request URL is longer than 8 KiB"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => (
+            "unsupported_media_type",
+            "the request body must be JSON (Content-Type: application/json)",
+        ),
+        StatusCode::TOO_MANY_REQUESTS => ("too_many_requests", "too many requests; retry with backoff"),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => {
+            ("headers_too_large", "the request headers are larger than 16 KiB")
+        }
+        StatusCode::SERVICE_UNAVAILABLE => ("unavailable", "the server cannot answer now; retry shortly"),
+        status if status.is_server_error() => ("internal", "internal error"),
+        _ => ("bad_request", "the request was refused"),
+    }
 }

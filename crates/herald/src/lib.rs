@@ -26,6 +26,8 @@
 //! - [`bridge`]: the Django Channels bridge: channels_redis `group_send` calls published
 //!   to herald channels.
 //! - [`idempotency`]: `Idempotency-Key` records, so a repeated publish publishes once.
+//! - [`follow`]: one LLM task's messages for an HTTP stream (SSE, the AI SDK's UI
+//!   message stream), on the sockets' channel, offsets and history.
 //! - [`control`]: actions every node must apply (member removal, webhook-cache forget).
 
 pub mod app;
@@ -39,6 +41,7 @@ pub mod compose;
 pub mod config;
 pub mod control;
 pub mod dev;
+pub mod follow;
 pub mod http;
 pub mod hub;
 pub mod idempotency;
@@ -306,7 +309,6 @@ pub async fn serve_state(
     let stopped = state.stopped.clone();
     let handshake_limiter = state.handshake_limiter.clone();
     let drain = state.config.shutdown_drain;
-    let metrics = state.metrics.clone();
     tracker.spawn({
         let shutdown = shutdown.clone();
         async move {
@@ -326,15 +328,17 @@ pub async fn serve_state(
             }
         }
     });
+    let limits = http::server::ServerLimits::from_config(&state.config);
+    let load = Arc::new(http::server::Load::new(
+        limits.max_connections,
+        limits.max_pending_per_ip,
+    ));
+    let metrics = state.metrics.clone();
     let app = app::router(state);
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
     // During the drain window HTTP keeps serving: /readyz answers 503 so load balancers
     // stop sending traffic, publishes still reach the sockets not closed yet, and new
     // socket handshakes are refused with 503. The listener closes when the window ends.
-    .with_graceful_shutdown({
+    http::server::run(listener, app, limits, load, metrics.clone(), {
         let shutdown = shutdown.clone();
         async move {
             shutdown.cancelled().await;
@@ -355,8 +359,7 @@ pub async fn serve_state(
             }
         }
     })
-    .await
-    .map_err(|err| anyhow::anyhow!("the HTTP server failed: {err}"))?;
+    .await;
     tracker.close();
     tracker.wait().await;
     stopped.cancel();

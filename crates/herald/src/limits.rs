@@ -4,7 +4,10 @@
 //! The per-user count is kept in this process, or with Redis across all nodes
 //! ([`shared`]).
 
+pub mod refusals;
 pub mod shared;
+
+pub use refusals::refusal_log;
 
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -128,6 +128,10 @@ pub enum LlmEvent {
         /// The model sent upstream ([`LlmRequest::model`]), not the possibly more
         /// specific name upstream answers with (SPEC §7).
         model: String,
+        /// Why upstream stopped: `stop`, `length` (the token limit cut the reply),
+        /// `content_filter`, …, as upstream spelled it; reported in `llm_response`. A
+        /// stream with no finish reason is [`LlmErrorKind::Interrupted`], never `Done`.
+        finish_reason: String,
     },
 }
 
@@ -164,8 +168,9 @@ pub enum LlmErrorKind {
     /// something that is not the wire format).
     #[error("upstream error")]
     Upstream,
-    /// The stream stopped before `[DONE]`: the connection was cut or closed early. SPEC
-    /// §7: a cut stream is a failure, not a short reply.
+    /// The stream stopped before `[DONE]` (the connection was cut or closed early), or
+    /// `[DONE]` came without a `finish_reason` (upstream aborted the generation). SPEC
+    /// §7, §10: a cut stream is a failure, not a short reply.
     #[error("stream interrupted")]
     Interrupted,
 }

@@ -270,6 +270,53 @@ async fn migrate_sqlite(pool: &AnyPool) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// One turn of a chat page, with its position in the chat (0 is the first turn).
+#[derive(Debug, Clone)]
+pub struct IndexedTurn {
+    pub index: i64,
+    pub turn: ChatTurn,
+}
+
+impl Store {
+    /// A page of a user's chat: the last `limit` turns whose index is below `before`
+    /// (all when `None`), oldest first. Only the page is read from the database.
+    pub async fn chat_page(
+        &self,
+        user_id: &str,
+        chat_id: &str,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<IndexedTurn>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT m.role, m.content, m.created_at, p.idx FROM \
+             (SELECT id, ROW_NUMBER() OVER (ORDER BY id) - 1 AS idx FROM chat_messages \
+              WHERE user_id = $1 AND chat_id = $2) p \
+             JOIN chat_messages m ON m.id = p.id WHERE p.idx < $3 ORDER BY p.idx DESC LIMIT $4",
+        )
+        .bind(user_id)
+        .bind(chat_id)
+        .bind(before.unwrap_or(i64::MAX))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut turns = rows
+            .iter()
+            .map(|row| {
+                Ok(IndexedTurn {
+                    index: row.try_get("idx")?,
+                    turn: ChatTurn {
+                        role: row.try_get("role")?,
+                        content: row.try_get("content")?,
+                        created_at: row.try_get("created_at")?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        turns.reverse();
+        Ok(turns)
+    }
+}
+
 fn unix_now_millis() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

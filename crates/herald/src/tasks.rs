@@ -34,6 +34,10 @@ pub const MAX_TASKS_IN_FLIGHT_PER_USER: usize = 3;
 /// How long an ended task stays queryable.
 pub const TASK_RETENTION: Duration = Duration::from_secs(3600);
 
+/// Ended tasks kept per user within [`TASK_RETENTION`]; the oldest is forgotten first
+/// (a submit-and-cancel loop cannot grow the registry).
+pub const MAX_ENDED_TASKS_PER_USER: usize = 200;
+
 /// Longest prompt accepted, in characters (documented: 400 beyond).
 pub const MAX_PROMPT_CHARS: usize = 32_000;
 

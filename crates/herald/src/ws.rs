@@ -14,6 +14,7 @@ pub mod session;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
@@ -30,6 +31,7 @@ use crate::auth::{find_token, offers_bearer_subprotocol, BEARER_SUBPROTOCOL};
 use crate::channel::{Channel, ChannelKind};
 use crate::close::{Close, CloseCode};
 use crate::http::error::ApiError;
+use crate::http::server::{ClientIp, Load};
 use crate::ids::UserId;
 use crate::limits::LimitRefusal;
 use session::{Plan, Resume};
@@ -108,16 +110,29 @@ async fn handshake(
     path_id: Option<String>,
     mut request: Request,
 ) -> Response {
-    let ip = request
-        .extensions()
-        .get::<axum::extract::ConnectInfo<SocketAddr>>()
-        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |info| info.0.ip());
+    let ip = client_ip(&request);
     if state.shutdown.is_cancelled() {
         return ApiError::Unavailable("the server is shutting down; reconnect shortly".to_owned())
             .into_response();
     }
+    if request
+        .extensions()
+        .get::<Arc<Load>>()
+        .is_some_and(|load| load.over_ceiling())
+    {
+        state.metrics.rate_limited("max_connections");
+        crate::limits::refusal_log(
+            "max_connections",
+            ip,
+            "handshake refused: the node holds HERALD_MAX_CONNECTIONS connections",
+        );
+        return ApiError::Unavailable(
+            "this node is at its connection limit (HERALD_MAX_CONNECTIONS); retry with backoff".to_owned(),
+        )
+        .into_response();
+    }
     if !state.handshake_limiter.allow(ip) {
-        tracing::warn!(%ip, endpoint = endpoint.label(), "handshake rate limited");
+        crate::limits::refusal_log("handshakes_per_ip", ip, "handshake rate limited");
         state.metrics.rate_limited("handshakes_per_ip");
         return ApiError::TooManyRequests(
             "too many connection attempts from this address; retry with backoff".to_owned(),
@@ -130,10 +145,15 @@ async fn handshake(
         )
         .into_response();
     };
+    if request.headers().get_all(header::ORIGIN).iter().nth(1).is_some() {
+        crate::limits::refusal_log("bad_origin", ip, "origin rejected: two Origin headers");
+        state.metrics.origin_rejected();
+        return ApiError::Forbidden("send one Origin header, not several".to_owned()).into_response();
+    }
     if let Some(origin) = request.headers().get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("");
         if !state.config.allowed_origins.allows(origin) {
-            tracing::warn!(origin, %ip, endpoint = endpoint.label(), "origin rejected: not in HERALD_ALLOWED_ORIGINS");
+            crate::limits::refusal_log("bad_origin", ip, "origin rejected: not in HERALD_ALLOWED_ORIGINS");
             state.metrics.origin_rejected();
             return ApiError::Forbidden(
                 "this Origin is not allowed; add it to HERALD_ALLOWED_ORIGINS".to_owned(),
@@ -187,6 +207,18 @@ async fn handshake(
         );
     }
     response
+}
+
+/// The client's address: from `X-Forwarded-For` behind a trusted proxy (set by
+/// `http::server`), else the peer's.
+fn client_ip(request: &Request) -> IpAddr {
+    let extensions = request.extensions();
+    if let Some(ClientIp(ip)) = extensions.get::<ClientIp>() {
+        return *ip;
+    }
+    extensions
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |info| info.0.ip())
 }
 
 /// Validates the upgrade request and computes `Sec-WebSocket-Accept` (RFC 6455 §4.2.2).
@@ -246,12 +278,7 @@ async fn decide(
     // 4001: a valid token.
     let Some((token, _source)) = find_token(headers, query.get("token").map(String::as_str)) else {
         state.metrics.auth_failed("missing");
-        tracing::warn!(
-            %ip,
-            endpoint = endpoint.label(),
-            reason = "missing",
-            "authentication failed"
-        );
+        crate::limits::refusal_log("missing_token", ip, "authentication failed: no token");
         return reject(
             CloseCode::Unauthorized,
             "no token: use the herald.bearer subprotocol, an Authorization header or ?token=".to_owned(),
@@ -261,12 +288,7 @@ async fn decide(
         Ok(identity) => identity,
         Err(failure) => {
             state.metrics.auth_failed(failure.reason());
-            tracing::warn!(
-                %ip,
-                endpoint = endpoint.label(),
-                reason = failure.reason(),
-                "authentication failed"
-            );
+            crate::limits::refusal_log(failure.reason(), ip, "authentication failed");
             return reject(CloseCode::Unauthorized, failure.to_string());
         }
     };
@@ -308,7 +330,7 @@ async fn decide(
     let slot = match state.connection_limits.acquire(identity.user_id.as_str()).await {
         Ok(slot) => slot,
         Err(LimitRefusal::TooMany) => {
-            tracing::warn!(%ip, user_id = %identity.user_id, "too many connections for this user");
+            crate::limits::refusal_log("connections_per_user", ip, "too many connections for this user");
             state.metrics.rate_limited("connections_per_user");
             return reject(
                 CloseCode::TooManyRequests,

@@ -186,3 +186,25 @@ fn token_sources_in_order() {
     assert_eq!(find_token(&HeaderMap::new(), None), None);
     assert_eq!(find_token(&HeaderMap::new(), Some("")), None);
 }
+
+#[tokio::test]
+async fn a_token_with_crit_in_its_header_is_refused() {
+    let config = config(&[("HERALD_JWT_SECRET", "k")]);
+    let auth = Authenticator::new(&config, None).unwrap();
+    let claims = json!({"sub": "u1", "exp": now() + 60});
+    let mut header = Header::new(Algorithm::HS256);
+    header.crit = Some(vec!["exp".to_owned()]);
+    let token = jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(b"k")).unwrap();
+    assert_eq!(
+        auth.authenticate(&token).await.err(),
+        Some(AuthFailure::CriticalExtension)
+    );
+    // The same token without crit passes.
+    let token = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(b"k"),
+    )
+    .unwrap();
+    assert!(auth.authenticate(&token).await.is_ok());
+}

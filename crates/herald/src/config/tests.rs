@@ -151,3 +151,45 @@ fn every_toml_only_key_loads_from_the_file() {
     let err = load(Some(bad.path()), &env(&[])).unwrap_err();
     assert!(err.to_string().starts_with("ping_interval_ms="), "{err}");
 }
+
+#[test]
+fn limits_against_hostile_clients_load_with_their_defaults_and_from_file_and_environment() {
+    let config = Config::defaults();
+    assert_eq!(config.request_head_timeout, Duration::from_secs(10));
+    assert_eq!(config.http_idle_timeout, Duration::from_secs(60));
+    assert_eq!(config.max_pending_per_ip, 64);
+    assert_eq!(config.max_connections, None);
+    assert!(config.trusted_proxies.is_empty());
+
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    writeln!(
+        file,
+        "request_head_timeout_ms = 2500\nhttp_idle_timeout_ms = 7000"
+    )
+    .unwrap();
+    let config = load(
+        Some(file.path()),
+        &env(&[
+            ("HERALD_MAX_PENDING_PER_IP", "8"),
+            ("HERALD_MAX_CONNECTIONS", "500"),
+            ("HERALD_TRUSTED_PROXIES", "10.0.0.0/8, ::1"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(config.request_head_timeout, Duration::from_millis(2500));
+    assert_eq!(config.http_idle_timeout, Duration::from_millis(7000));
+    assert_eq!(config.max_pending_per_ip, 8);
+    assert_eq!(config.max_connections, Some(500));
+    assert_eq!(config.trusted_proxies.len(), 2);
+    assert!(config.trusted_proxies[0].contains("10.1.2.3".parse().unwrap()));
+
+    for (name, value) in [
+        ("HERALD_TRUSTED_PROXIES", "10.0.0.0/40"),
+        ("HERALD_TRUSTED_PROXIES", "proxy.internal"),
+        ("HERALD_MAX_PENDING_PER_IP", "0"),
+        ("HERALD_MAX_CONNECTIONS", "lots"),
+    ] {
+        let err = load(None, &env(&[(name, value)])).unwrap_err().to_string();
+        assert!(err.contains(name), "{name}={value}: {err}");
+    }
+}

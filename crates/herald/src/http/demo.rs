@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{header, Extensions, StatusCode};
+use axum::http::{header, Extensions, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -122,15 +122,48 @@ fn require_loopback(peer: Option<ConnectInfo<SocketAddr>>) -> Result<(), ApiErro
     }
 }
 
+/// Refuses requests whose `Host` is not this machine by name (`localhost`, `127.0.0.1`
+/// or `[::1]`, any port): a page on another site that rebinds its DNS name to
+/// 127.0.0.1 reaches a loopback peer check, but keeps its own name in `Host`.
+fn require_local_host(headers: &HeaderMap) -> Result<(), ApiError> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host = match (hosts.next(), hosts.next()) {
+        (Some(host), None) => host.to_str().unwrap_or(""),
+        _ => "",
+    };
+    let name = if host.starts_with('[') {
+        host.find(']').map_or(host, |end| &host[..=end])
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        }
+    };
+    let local = ["localhost", "127.0.0.1", "[::1]"]
+        .iter()
+        .any(|allowed| name.eq_ignore_ascii_case(allowed));
+    if local {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(
+            "dev endpoints answer only requests for localhost, 127.0.0.1 or [::1] (the Host header); \
+             open the demo page at http://localhost:<port>/"
+                .to_owned(),
+        ))
+    }
+}
+
 /// `{"user_id","org_id"?}` → `200 {"token","user_id","org_id","expires_at"}`. With an
 /// `org_id`, the token names that org in its `orgs` claim and, with database
 /// membership, the user is made a member, so the page can open the org's events.
 async fn mint_token(
     State(state): State<AppState>,
     extensions: Extensions,
+    headers: HeaderMap,
     ApiJson(body): ApiJson,
 ) -> Result<Response, ApiError> {
     require_loopback(extensions.get::<ConnectInfo<SocketAddr>>().cloned())?;
+    require_local_host(&headers)?;
     let Some(secret) = &state.dev_jwt_secret else {
         return Err(ApiError::NotFound("no such endpoint".to_owned()));
     };
@@ -178,10 +211,12 @@ fn object_field(body: &Value, name: &str) -> Result<Option<Map<String, Value>>, 
 async fn notify_self(
     State(state): State<AppState>,
     extensions: Extensions,
+    headers: HeaderMap,
     User(identity): User,
     ApiJson(body): ApiJson,
 ) -> Result<Response, ApiError> {
     require_loopback(extensions.get::<ConnectInfo<SocketAddr>>().cloned())?;
+    require_local_host(&headers)?;
     let channel = Channel::new(ChannelKind::Notifications, identity.user_id.as_str())?;
     let notification = object_field(&body, "notification")?.unwrap_or_else(|| {
         let mut map = Map::new();
@@ -202,11 +237,13 @@ async fn notify_self(
 async fn org_event(
     State(state): State<AppState>,
     extensions: Extensions,
+    headers: HeaderMap,
     User(identity): User,
     Path(org_id): Path<String>,
     ApiJson(body): ApiJson,
 ) -> Result<Response, ApiError> {
     require_loopback(extensions.get::<ConnectInfo<SocketAddr>>().cloned())?;
+    require_local_host(&headers)?;
     let org_id = OrgId::parse(&org_id)?;
     if !state.membership.is_member(org_id.as_str(), &identity).await {
         return Err(ApiError::Forbidden(format!(

@@ -56,7 +56,7 @@ impl FromRequestParts<AppState> for ServiceKey {
         };
         if !state.api_keys.verify(key) {
             state.metrics.auth_failed("bad_api_key");
-            tracing::warn!(ip = %client_ip(parts), path = parts.uri.path(), "service API key refused");
+            crate::limits::refusal_log("bad_api_key", client_ip(parts), "service API key refused");
             return Err(ApiError::Unauthorized("the API key is not valid".to_owned()));
         }
         Ok(ServiceKey)
@@ -80,19 +80,19 @@ impl FromRequestParts<AppState> for User {
             Ok(identity) => Ok(User(identity)),
             Err(failure) => {
                 state.metrics.auth_failed(failure.reason());
-                tracing::warn!(
-                    path = parts.uri.path(),
-                    reason = failure.reason(),
-                    "user token refused"
-                );
+                crate::limits::refusal_log("bad_user_token", client_ip(parts), "user token refused");
                 Err(ApiError::Unauthorized(failure.to_string()))
             }
         }
     }
 }
 
-/// The client's address, for security logs (unspecified when unknown).
+/// The client's address, for security logs (unspecified when unknown): behind a
+/// trusted proxy the forwarded one (`http::server`).
 pub fn client_ip(parts: &Parts) -> std::net::IpAddr {
+    if let Some(crate::http::server::ClientIp(ip)) = parts.extensions.get() {
+        return *ip;
+    }
     parts
         .extensions
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
@@ -128,4 +128,21 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
             .map(|key| IdempotencyKey(Some(key)))
             .map_err(|err| ApiError::BadRequest(err.to_string()))
     }
+}
+
+/// A query string's parameters (percent-decoded, invalid UTF-8 replaced); 400 (JSON)
+/// when it names a parameter twice (which one would win is a guess).
+pub fn query_params(query: Option<&str>) -> Result<std::collections::HashMap<String, String>, ApiError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or(""))
+        .map_err(|_| ApiError::BadRequest("the query string is malformed".to_owned()))?;
+    let mut params = std::collections::HashMap::with_capacity(pairs.len());
+    for (name, value) in pairs {
+        if params.contains_key(&name) {
+            return Err(ApiError::BadRequest(format!(
+                "the query parameter {name} is given more than once; give it once"
+            )));
+        }
+        params.insert(name, value);
+    }
+    Ok(params)
 }

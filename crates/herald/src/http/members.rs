@@ -84,7 +84,7 @@ async fn role_from_body(request: Request) -> Result<String, ApiError> {
     };
     match body.get("role") {
         None | Some(Value::Null) => Ok(DEFAULT_ROLE.to_owned()),
-        Some(Value::String(role)) if !role.is_empty() && role.len() <= 64 => Ok(role.clone()),
+        Some(Value::String(role)) if !role.is_empty() && role.chars().count() <= 64 => Ok(role.clone()),
         Some(_) => Err(ApiError::BadRequest(
             "role must be a string of 1 to 64 characters".to_owned(),
         )),

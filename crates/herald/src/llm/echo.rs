@@ -23,6 +23,9 @@ pub const NAME: &str = "echo";
 /// hosted model, so the demo page looks like the real thing.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(20);
 
+/// The `finish_reason` of every echo reply: it always ends on its own.
+pub const FINISH_REASON: &str = "stop";
+
 /// What the reply says when the conversation has no user text.
 const EMPTY_PROMPT: &str = "(empty prompt)";
 
@@ -102,6 +105,7 @@ impl LlmProvider for EchoProvider {
         let done = LlmEvent::Done {
             usage: Some(usage(&request, deltas.len())),
             model: NAME.to_owned(),
+            finish_reason: FINISH_REASON.to_owned(),
         };
         let interval = self.interval;
         let start = Instant::now();

@@ -215,7 +215,7 @@ impl OpenAiProvider {
         let body = read_error_body(response, deadline).await;
         let detail = format!("HTTP {status}: {}", upstream_message(&body));
         Err(Refusal {
-            error: self.errors.error(kind_for_status(status), &detail),
+            error: self.errors.error(kind_for_refusal(status, &body), &detail),
             retryable: status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error(),
             retry_after,
         })
@@ -337,16 +337,60 @@ impl Refusal {
     }
 }
 
-/// What a refusal's status means to a user.
-fn kind_for_status(status: StatusCode) -> LlmErrorKind {
+/// What a refusal means to a user, from its status and its body (SPEC §10): an
+/// unknown model is [`LlmErrorKind::ModelUnavailable`] whether upstream says so with
+/// 404 (OpenAI's `model_not_found`, vLLM, Ollama) or with 400 (LiteLLM's
+/// `invalid_request_error` "Invalid model name").
+fn kind_for_refusal(status: StatusCode, body: &str) -> LlmErrorKind {
     match status.as_u16() {
         401 | 403 => LlmErrorKind::Unauthorized,
         404 => LlmErrorKind::ModelUnavailable,
         408 => LlmErrorKind::TimedOut,
         429 => LlmErrorKind::RateLimited,
+        400..=499 if is_model_error(body) => LlmErrorKind::ModelUnavailable,
         400..=499 => LlmErrorKind::Rejected,
         _ => LlmErrorKind::Upstream,
     }
+}
+
+/// Whether a refusal's body says the model is unknown: the error's `code` is
+/// `model_not_found`, or its message names the model as invalid, unknown or missing.
+/// Only the `error` object is read (or the whole body when it is not one), so the
+/// word "model" elsewhere, in a context-length message for one, does not count.
+fn is_model_error(body: &str) -> bool {
+    let parsed = serde_json::from_str::<serde_json::Value>(body).ok();
+    let error = parsed.as_ref().and_then(|value| value.get("error"));
+    let code = error
+        .and_then(|error| error.get("code"))
+        .and_then(serde_json::Value::as_str);
+    if code == Some("model_not_found") {
+        return true;
+    }
+    let message = match error {
+        Some(serde_json::Value::String(message)) => message.clone(),
+        Some(error) => error
+            .get("message")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+        // vLLM's `{"object":"error","message":…}`, or a body that is not JSON.
+        None => parsed
+            .as_ref()
+            .and_then(|value| value.get("message"))
+            .and_then(serde_json::Value::as_str)
+            .map_or_else(|| body.to_owned(), str::to_owned),
+    }
+    .to_lowercase();
+    const MODEL_MISSING: [&str; 7] = [
+        "invalid model",
+        "unknown model",
+        "model not found",
+        "model_not_found",
+        "no such model",
+        "does not exist",
+        "not found",
+    ];
+    message.contains("model") && MODEL_MISSING.iter().any(|phrase| message.contains(phrase))
 }
 
 /// The wait upstream asked for: `retry-after-ms` (OpenAI's, in milliseconds) or
@@ -431,6 +475,7 @@ where
         events: Some(body.eventsource().boxed()),
         model,
         usage: None,
+        finish_reason: None,
         first_token_deadline,
         between_tokens,
         started: false,
@@ -452,6 +497,9 @@ struct Decoder {
     model: String,
     /// The latest usage seen; OpenAI sends it in the chunk before `[DONE]`.
     usage: Option<Usage>,
+    /// The first choice's `finish_reason`, once a chunk carried one. `[DONE]` without it
+    /// means upstream aborted the generation (llama.cpp ends an interrupted stream so).
+    finish_reason: Option<String>,
     first_token_deadline: Instant,
     between_tokens: Duration,
     /// Whether a delta has been emitted, which switches to the between-tokens timeout.
@@ -499,14 +547,28 @@ impl Decoder {
             };
             match parse_event(&event, &self.errors) {
                 Ok(Parsed::Done) => {
+                    let Some(finish_reason) = self.finish_reason.take() else {
+                        break Err(self.errors.error(
+                            LlmErrorKind::Interrupted,
+                            "the stream ended with [DONE] but no finish_reason",
+                        ));
+                    };
                     break Ok(LlmEvent::Done {
                         usage: self.usage.take(),
                         model: self.model.clone(),
-                    })
+                        finish_reason,
+                    });
                 }
-                Ok(Parsed::Chunk { content, usage }) => {
+                Ok(Parsed::Chunk {
+                    content,
+                    usage,
+                    finish_reason,
+                }) => {
                     if usage.is_some() {
                         self.usage = usage;
+                    }
+                    if finish_reason.is_some() {
+                        self.finish_reason = finish_reason;
                     }
                     if let Some(content) = content {
                         self.started = true;
@@ -528,11 +590,13 @@ impl Decoder {
 enum Parsed {
     /// `data: [DONE]`: the generation is complete.
     Done,
-    /// A `chat.completion.chunk`: maybe text (never empty), maybe usage, maybe neither
-    /// (the role-only first chunk, the `finish_reason` chunk, an unknown event).
+    /// A `chat.completion.chunk`: maybe text (never empty), maybe usage, maybe the first
+    /// choice's `finish_reason`, maybe none of them (the role-only first chunk, an
+    /// unknown event).
     Chunk {
         content: Option<String>,
         usage: Option<Usage>,
+        finish_reason: Option<String>,
     },
 }
 
@@ -558,19 +622,26 @@ fn parse_event(event: &Event, errors: &Errors) -> Result<Parsed, LlmError> {
         };
         return Err(errors.error(kind, format!("error in the stream: {message}")));
     }
-    let content = chunk
+    let (content, finish_reason) = chunk
         .choices
         .unwrap_or_default()
         .into_iter()
         .find(|choice| choice.index == 0)
-        .and_then(|choice| choice.delta)
-        .and_then(|delta| delta.content)
-        .filter(|content| !content.is_empty());
+        .map_or((None, None), |choice| {
+            let content = choice.delta.and_then(|delta| delta.content);
+            (content, choice.finish_reason)
+        });
+    let content = content.filter(|content| !content.is_empty());
+    let finish_reason = finish_reason.filter(|reason| !reason.is_empty());
     let usage = chunk.usage.map(|usage| Usage {
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,
     });
-    Ok(Parsed::Chunk { content, usage })
+    Ok(Parsed::Chunk {
+        content,
+        usage,
+        finish_reason,
+    })
 }
 
 /// The request body. `stream_options.include_usage` asks for the usage chunk (SPEC §7).
@@ -587,8 +658,8 @@ struct StreamOptions {
     include_usage: bool,
 }
 
-/// The parts of a `chat.completion.chunk` herald reads; everything else (ids,
-/// `finish_reason`, tool calls, `obfuscation`, …) is ignored. Every field may be
+/// The parts of a `chat.completion.chunk` herald reads; everything else (ids, tool
+/// calls, `obfuscation`, …) is ignored. Every field may be
 /// absent or null.
 #[derive(Deserialize)]
 struct WireChunk {
@@ -606,6 +677,9 @@ struct WireChoice {
     index: u32,
     #[serde(default)]
     delta: Option<WireDelta>,
+    /// `stop`, `length`, `content_filter`, …: reported in `llm_response` (SPEC §10).
+    #[serde(default)]
+    finish_reason: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -622,5 +696,7 @@ struct WireUsage {
     completion_tokens: u64,
 }
 
+#[cfg(test)]
+mod fuzz;
 #[cfg(test)]
 mod tests;

@@ -14,7 +14,8 @@ use tokio_util::task::TaskTracker;
 use crate::ids::UserId;
 use crate::tasks::worker::{self, Checkpoint, Context, Job, Outcome, Progress};
 use crate::tasks::{
-    SubmitError, TaskRequest, TaskStatus, TaskView, MAX_TASKS_IN_FLIGHT_PER_USER, TASK_RETENTION,
+    SubmitError, TaskRequest, TaskStatus, TaskView, MAX_ENDED_TASKS_PER_USER, MAX_TASKS_IN_FLIGHT_PER_USER,
+    TASK_RETENTION,
 };
 
 /// The error of a task still queued when the node shut down.
@@ -46,6 +47,9 @@ struct Registry {
     queued: usize,
     /// Ended tasks, oldest first, forgotten after [`TASK_RETENTION`].
     ended: VecDeque<(Instant, String)>,
+    /// Each user's ended tasks still kept, oldest first: at most
+    /// [`MAX_ENDED_TASKS_PER_USER`].
+    ended_by_user: HashMap<UserId, VecDeque<String>>,
 }
 
 impl Registry {
@@ -55,9 +59,45 @@ impl Registry {
                 break;
             }
             if let Some((_, task_id)) = self.ended.pop_front() {
-                self.records.remove(&task_id);
+                if let Some(record) = self.records.remove(&task_id) {
+                    self.forget_ended_of(&record.user_id, &task_id);
+                }
             }
         }
+    }
+
+    /// Drops `task_id` from its user's ended list (it is the oldest there).
+    fn forget_ended_of(&mut self, user_id: &UserId, task_id: &str) {
+        if let Some(list) = self.ended_by_user.get_mut(user_id) {
+            if list.front().is_some_and(|id| id == task_id) {
+                list.pop_front();
+            } else {
+                list.retain(|id| id != task_id);
+            }
+            if list.is_empty() {
+                self.ended_by_user.remove(user_id);
+            }
+        }
+    }
+
+    /// Notes a task's end; beyond [`MAX_ENDED_TASKS_PER_USER`] the user's oldest ended
+    /// task is forgotten.
+    fn note_ended(&mut self, user_id: &UserId, task_id: &str, now: Instant) {
+        self.ended.push_back((now, task_id.to_owned()));
+        let list = self.ended_by_user.entry(user_id.clone()).or_default();
+        list.push_back(task_id.to_owned());
+        while list.len() > MAX_ENDED_TASKS_PER_USER {
+            if let Some(oldest) = list.pop_front() {
+                self.records.remove(&oldest);
+            }
+        }
+        // The global list's entries of forgotten tasks are skipped when they expire;
+        // compact it when they outnumber the tasks kept.
+        if self.ended.len() > 2 * self.records.len() + 1024 {
+            let records = &self.records;
+            self.ended.retain(|(_, id)| records.contains_key(id));
+        }
+        self.forget_expired(now);
     }
 }
 
@@ -200,15 +240,14 @@ impl LocalQueue {
             self.set_queue_depth(registry.queued);
         }
         if status.is_done() {
-            if let Some(n) = registry.in_flight.get_mut(&record.user_id) {
+            let user_id = record.user_id.clone();
+            if let Some(n) = registry.in_flight.get_mut(&user_id) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
-                    registry.in_flight.remove(&record.user_id);
+                    registry.in_flight.remove(&user_id);
                 }
             }
-            let now = Instant::now();
-            registry.ended.push_back((now, task_id.to_owned()));
-            registry.forget_expired(now);
+            registry.note_ended(&user_id, task_id, Instant::now());
             self.inner.ctx.publisher.metrics().task_ended(status.as_str());
         }
     }
@@ -265,5 +304,51 @@ impl Checkpoint for Registered<'_> {
             outcome.response.clone(),
             outcome.error.clone(),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(user: &UserId) -> Record {
+        Record {
+            user_id: user.clone(),
+            chat_id: "c".to_owned(),
+            status: TaskStatus::Cancelled,
+            response: None,
+            error: None,
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    #[test]
+    fn ended_tasks_are_capped_per_user_oldest_first_and_expire() {
+        let alice = UserId::parse("alice").unwrap();
+        let bob = UserId::parse("bob").unwrap();
+        let mut registry = Registry::default();
+        let t0 = Instant::now();
+        for (user, n) in [(&bob, 5), (&alice, MAX_ENDED_TASKS_PER_USER + 50)] {
+            for i in 0..n {
+                let id = format!("{user}-{i}");
+                registry.records.insert(id.clone(), record(user));
+                registry.note_ended(user, &id, t0);
+            }
+        }
+        assert_eq!(registry.records.len(), MAX_ENDED_TASKS_PER_USER + 5);
+        assert!(
+            !registry.records.contains_key("alice-49"),
+            "the oldest are dropped first"
+        );
+        assert!(registry.records.contains_key("alice-50"));
+        assert!(
+            registry.records.contains_key("bob-0"),
+            "another user's tasks are kept"
+        );
+        // An hour later everything is forgotten, bookkeeping included.
+        registry.forget_expired(t0 + TASK_RETENTION);
+        assert!(registry.records.is_empty());
+        assert!(registry.ended.is_empty());
+        assert!(registry.ended_by_user.is_empty());
     }
 }

@@ -11,6 +11,8 @@
 //!   after the task ends.
 //! - `herald:{tasks}:text:<id>`: the answer text sent so far (APPENDed per frame).
 //! - `herald:{tasks}:user:<user id>`: the user's tasks in flight (the 3-task limit).
+//! - `herald:{tasks}:ended:<user id>`: the user's ended tasks, oldest first; beyond
+//!   [`MAX_ENDED_TASKS_PER_USER`] the oldest one's record is deleted.
 //! - `herald:{tasks}:queued`: how many tasks wait for a worker (the queue-depth gauge).
 //!
 //! Every change of state is one Lua script, so a task is never half-submitted or
@@ -47,8 +49,8 @@ use crate::config::Config;
 use crate::ids::{ChatId, UserId};
 use crate::tasks::worker::{self, Checkpoint, Context, Job, Outcome, Phase, Progress, Resume};
 use crate::tasks::{
-    Parts, SubmitError, TaskRequest, TaskStatus, TaskView, Unavailable, MAX_TASKS_IN_FLIGHT_PER_USER,
-    TASK_RETENTION,
+    Parts, SubmitError, TaskRequest, TaskStatus, TaskView, Unavailable, MAX_ENDED_TASKS_PER_USER,
+    MAX_TASKS_IN_FLIGHT_PER_USER, TASK_RETENTION,
 };
 
 /// The consumer group every worker reads the queue with.
@@ -94,6 +96,33 @@ fn text_key(task_id: &str) -> String {
 
 fn user_key(user_id: &str) -> String {
     format!("herald:{{tasks}}:user:{user_id}")
+}
+
+/// The user's ended tasks still kept, oldest first (at most
+/// [`MAX_ENDED_TASKS_PER_USER`]; older ones' records are deleted).
+fn ended_key(user_id: &str) -> String {
+    format!("herald:{{tasks}}:ended:{user_id}")
+}
+
+/// Lua appended to the scripts that end a task: notes it in KEYS[E] (the user's ended
+/// list) and deletes the records of those beyond the cap. `E`, `ID`, `MAX`, `PREFIX`,
+/// `TTL` are replaced by the KEYS/ARGV positions of each script.
+const NOTE_ENDED_LUA: &str = r#"
+redis.call('RPUSH', KEYS[E], ARGV[ID])
+while redis.call('LLEN', KEYS[E]) > tonumber(ARGV[MAX]) do
+  redis.call('DEL', ARGV[PREFIX] .. redis.call('LPOP', KEYS[E]))
+end
+redis.call('PEXPIRE', KEYS[E], ARGV[TTL])
+"#;
+
+/// [`NOTE_ENDED_LUA`] with its positions filled in.
+fn note_ended_lua(e: usize, id: usize, max: usize, prefix: usize, ttl: usize) -> String {
+    NOTE_ENDED_LUA
+        .replace("KEYS[E]", &format!("KEYS[{e}]"))
+        .replace("ARGV[ID]", &format!("ARGV[{id}]"))
+        .replace("ARGV[MAX]", &format!("ARGV[{max}]"))
+        .replace("ARGV[PREFIX]", &format!("ARGV[{prefix}]"))
+        .replace("ARGV[TTL]", &format!("ARGV[{ttl}]"))
 }
 
 /// KEYS = task, user, queue, queued; ARGV = task id, user id, chat id, prompt, model,
@@ -217,8 +246,9 @@ end
 return 1
 "#;
 
-/// KEYS = task, user, queue, text; ARGV = group, entry, status, response, error,
-/// retention (ms), worker, task id. Ends the task unless another worker owns it now.
+/// KEYS = task, user, queue, text, ended; ARGV = group, entry, status, response, error,
+/// retention (ms), worker, task id, max ended, task key prefix. Ends the task unless
+/// another worker owns it now (the ended-list part is [`note_ended_lua`]).
 const END_SCRIPT: &str = r#"
 local f = redis.call('HMGET', KEYS[1], 'status', 'worker')
 local done = (not f[1]) or f[1] == 'completed' or f[1] == 'failed' or f[1] == 'cancelled'
@@ -240,7 +270,6 @@ end
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('DEL', KEYS[4])
 redis.call('SREM', KEYS[2], ARGV[8])
-return 1
 "#;
 
 /// KEYS = task, queue, queued; ARGV = group, entry, worker. Gives a running task back:
@@ -258,7 +287,8 @@ redis.call('XCLAIM', KEYS[2], ARGV[1], ARGV[3], 0, ARGV[2], 'IDLE', 3600000000, 
 return 1
 "#;
 
-/// KEYS = task, user, queued; ARGV = user id, retention (ms), task id.
+/// KEYS = task, user, queued, ended; ARGV = user id, retention (ms), task id, max
+/// ended, task key prefix (the ended-list part is [`note_ended_lua`]).
 /// Returns `{outcome, status, chat_id, response, error}` with outcome `none` (no such
 /// task of this user), `ended`, `was_queued` (now cancelled) or `running` (cancel
 /// flagged for its worker).
@@ -278,6 +308,10 @@ elseif f[1] == 'queued' then
   if tonumber(redis.call('GET', KEYS[3]) or '0') > 0 then
     redis.call('DECR', KEYS[3])
   end
+"#;
+
+/// The end of [`CANCEL_SCRIPT`], after the ended-list part.
+const CANCEL_SCRIPT_END: &str = r#"
 else
   redis.call('HSET', KEYS[1], 'cancel', '1')
 end
@@ -420,9 +454,15 @@ impl RedisQueue {
             heartbeat: Script::from_lua(HEARTBEAT_SCRIPT),
             checkpoint: Script::from_lua(CHECKPOINT_SCRIPT),
             rewrite: Script::from_lua(REWRITE_SCRIPT),
-            end: Script::from_lua(END_SCRIPT),
+            end: Script::from_lua(format!(
+                "{END_SCRIPT}{}return 1\n",
+                note_ended_lua(5, 8, 9, 10, 6)
+            )),
             hand_back: Script::from_lua(HAND_BACK_SCRIPT),
-            cancel: Script::from_lua(CANCEL_SCRIPT),
+            cancel: Script::from_lua(format!(
+                "{CANCEL_SCRIPT}{}{CANCEL_SCRIPT_END}",
+                note_ended_lua(4, 3, 4, 5, 2)
+            )),
         });
         let mut clients = vec![client];
         if workers > 0 {
@@ -546,11 +586,14 @@ impl RedisQueue {
                     task_key(task_id),
                     user_key(user_id.as_str()),
                     QUEUED_KEY.to_owned(),
+                    ended_key(user_id.as_str()),
                 ],
                 vec![
                     user_id.as_str().to_owned(),
                     ms(TASK_RETENTION),
                     task_id.to_owned(),
+                    MAX_ENDED_TASKS_PER_USER.to_string(),
+                    TASK_PREFIX.to_owned(),
                 ],
             )
             .await?
@@ -1016,6 +1059,7 @@ impl RedisQueue {
                     user_key(user_id),
                     QUEUE_KEY.to_owned(),
                     text_key(task_id),
+                    ended_key(user_id),
                 ],
                 vec![
                     GROUP.to_owned(),
@@ -1026,6 +1070,8 @@ impl RedisQueue {
                     ms(TASK_RETENTION),
                     self.node_id.clone(),
                     task_id.to_owned(),
+                    MAX_ENDED_TASKS_PER_USER.to_string(),
+                    TASK_PREFIX.to_owned(),
                 ],
             )
             .await;

@@ -634,7 +634,11 @@ pub async fn run(ctx: &Context, job: Job<'_>) -> Option<Outcome> {
                     flush_at.get_or_insert_with(|| Instant::now() + ctx.coalesce);
                 }
             }
-            Some(Some(Ok(LlmEvent::Done { usage, model }))) => {
+            Some(Some(Ok(LlmEvent::Done {
+                usage,
+                model,
+                finish_reason,
+            }))) => {
                 if !pending.is_empty() {
                     stream.frame(&response, pending.len(), index).await;
                 }
@@ -663,6 +667,11 @@ pub async fn run(ctx: &Context, job: Job<'_>) -> Option<Outcome> {
                 if cancel.is_cancelled() {
                     return finished(abandon, stream.cancelled().await);
                 }
+                // What `llm_response` reports of how upstream ended the answer.
+                let usage = Some(Ending {
+                    usage,
+                    finish_reason: &finish_reason,
+                });
                 let outcome = complete(&stream, ctx, request, response, &model, usage).await;
                 return finished(abandon, outcome);
             }
@@ -714,29 +723,39 @@ async fn next_event(
     }
 }
 
+/// How upstream ended an answer, as `llm_response` reports it.
+#[derive(Debug, Clone, Copy)]
+struct Ending<'a> {
+    usage: Option<Usage>,
+    /// Upstream's `finish_reason` (`stop`, `length`, …).
+    finish_reason: &'a str,
+}
+
+/// Sends `llm_response`. `usage` is `None` for an answer taken over after it was saved,
+/// whose usage and finish reason were not recorded: `usage` is then null and
+/// `finish_reason` absent.
 async fn send_response(
     stream: &Stream<'_>,
     request: &TaskRequest,
     response: &str,
     model: &str,
-    usage: Option<Usage>,
+    usage: Option<Ending<'_>>,
 ) -> Option<u64> {
     let user_id = request.user_id.as_str();
     let chat_id = request.chat_id.as_str();
-    stream
-        .send(
-            "llm_response",
-            json!({"data": {
-                "event": "response_generated",
-                "user_id": user_id,
-                "chat_id": chat_id,
-                "response": response,
-                "model": model,
-                "usage": usage,
-                "timestamp": now_rfc3339(),
-            }}),
-        )
-        .await
+    let mut data = json!({
+        "event": "response_generated",
+        "user_id": user_id,
+        "chat_id": chat_id,
+        "response": response,
+        "model": model,
+        "usage": usage.and_then(|ending| ending.usage),
+        "timestamp": now_rfc3339(),
+    });
+    if let Some(ending) = usage {
+        data["finish_reason"] = json!(ending.finish_reason);
+    }
+    stream.send("llm_response", json!({ "data": data })).await
 }
 
 async fn complete(
@@ -745,7 +764,8 @@ async fn complete(
     request: &TaskRequest,
     response: String,
     model: &str,
-    usage: Option<Usage>,
+    // Named `usage` like `send_response`'s: the usage and the finish reason.
+    usage: Option<Ending<'_>>,
 ) -> Outcome {
     // The exchange joins the chat's history only once it is complete, so a failed or
     // cancelled attempt never becomes context for the next prompt.

@@ -344,6 +344,29 @@ async fn js_client_against_real_herald() {
     .await;
 }
 
+/// The Vercel AI SDK's `Chat` and `DefaultChatTransport` (the `ai` package pinned in
+/// `clients/js/package-lock.json`), unchanged, stream and resume answers from herald.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ai_sdk_against_real_herald() {
+    let Some(node) = node_with_modules() else { return };
+    let srv = TestServer::spawn().await;
+    let mut cmd = Command::new(node);
+    cmd.args([
+        "--test",
+        "--test-reporter=spec",
+        "clients/js/test/ai-sdk.test.mjs",
+    ])
+    .env("HERALD_URL", srv.url(""))
+    .env("HERALD_JWT_SECRET", SECRET)
+    .env("HERALD_API_KEY", API_KEY);
+    run(
+        "node --test clients/js/test/ai-sdk.test.mjs",
+        cmd,
+        Duration::from_secs(120),
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_client_against_real_herald() {
     let Some(python) = python() else { return };

@@ -102,6 +102,7 @@ fn reply_expected() -> Vec<Result<LlmEvent, String>> {
             completion_tokens: 12,
         }),
         model: MODEL.to_owned(),
+        finish_reason: "stop".to_owned(),
     }));
     expected
 }
@@ -441,7 +442,8 @@ async fn openai_without_key_or_usage() {
             Ok(LlmEvent::Delta("Hi".to_owned())),
             Ok(LlmEvent::Done {
                 usage: None,
-                model: MODEL.to_owned()
+                model: MODEL.to_owned(),
+                finish_reason: "stop".to_owned(),
             })
         ]
     );
@@ -846,6 +848,7 @@ async fn echo_is_deterministic_and_echoes_the_model() {
                 completion_tokens: 5,
             }),
             model: "echo".to_owned(),
+            finish_reason: "stop".to_owned(),
         }),
     ];
     assert_eq!(first, expected);
@@ -860,6 +863,7 @@ async fn echo_is_deterministic_and_echoes_the_model() {
                 completion_tokens: 2
             }),
             model: "echo".to_owned(),
+            finish_reason: "stop".to_owned(),
         }))
     );
 }

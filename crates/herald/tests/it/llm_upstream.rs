@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::chat::{generate, TaskStream};
-use crate::llm::{reply_events, role_chunk, text_chunk, FakeLlm, Reply, DELTAS, KEY};
+use crate::chat::{generate, user_get, TaskStream};
+use crate::llm::{
+    chunk, reply_events, role_chunk, text_chunk, usage_chunk, FakeLlm, Reply, DELTAS, DONE, KEY,
+};
 use crate::support::*;
 
 const ANSWER: &str = "Hello! How can I help you today? 👋";
@@ -79,6 +81,7 @@ async fn normal_reply_with_usage() {
         data["model"], "gpt-4o-mini",
         "the model sent upstream, not the one it answered with"
     );
+    assert_eq!(data["finish_reason"], "stop");
     let request = &fake.requests()[0];
     assert_eq!(request.body["stream"], true);
     assert_eq!(request.body["stream_options"]["include_usage"], true);
@@ -158,6 +161,66 @@ async fn cut_mid_stream() {
     // A clean end without [DONE] is a cut too.
     let (stream, _) = run(vec![Reply::events(&[role_chunk(), text_chunk("Hi")])]).await;
     assert_failed(&stream, "stream interrupted");
+}
+
+/// llama.cpp interrupts a running generation when another request comes, and ends its
+/// stream with `[DONE]` and no `finish_reason`: the user is told the answer was cut,
+/// and the cut answer never becomes chat context (SPEC §10).
+#[tokio::test]
+async fn done_without_a_finish_reason_is_interrupted() {
+    let fake = FakeLlm::start(vec![Reply::events(&[
+        role_chunk(),
+        text_chunk("Hello"),
+        text_chunk("!"),
+        DONE.to_owned(),
+    ])])
+    .await;
+    let srv = herald_with(&fake).await;
+    let (mut ws, _) = srv.connect("/ws/frame-stream/u1/", "u1").await;
+    let task_id = generate(&srv, "u1", "c1", "Say hello").await;
+    let stream = TaskStream::read(&mut ws, &task_id).await;
+    assert_failed(&stream, "stream interrupted");
+    assert_eq!(stream.text(), "Hello!", "the deltas before the cut were streamed");
+    let (status, body) = user_get(&srv, "/api/chat/c1/messages", &srv.token("u1")).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["messages"], json!([]), "a cut answer is not chat context");
+    let (_, task) = user_get(&srv, &format!("/api/chat/tasks/{task_id}"), &srv.token("u1")).await;
+    assert_eq!(task["status"], "failed");
+}
+
+/// An answer cut by the token limit is a complete answer whose `finish_reason` says
+/// `length`, so a client can offer to continue it.
+#[tokio::test]
+async fn finish_reason_length_is_reported() {
+    let events = vec![
+        role_chunk(),
+        text_chunk("Hello"),
+        chunk(json!({"content": ", wor"}), Some("length")),
+        usage_chunk(9, 2),
+        DONE.to_owned(),
+    ];
+    let (stream, _) = run(vec![Reply::events(&events)]).await;
+    stream.assert_completed_order();
+    let data = &stream.find("llm_response").unwrap()["data"];
+    assert_eq!(data["response"], "Hello, wor");
+    assert_eq!(data["finish_reason"], "length");
+}
+
+/// An unknown model is "model unavailable" whether upstream says so with 400
+/// (LiteLLM) or 404 (OpenAI), and the error text is herald's, not upstream's.
+#[tokio::test]
+async fn unknown_model_is_model_unavailable_for_400_and_404() {
+    let litellm = r#"{"error":{"message":"litellm.BadRequestError: Invalid model name passed in model=gpt-9. Call `/v1/models` to view available models for your key.","type":"invalid_request_error","param":"model","code":"400"}}"#;
+    let openai = r#"{"error":{"message":"The model `gpt-9` does not exist or you do not have access to it.","type":"invalid_request_error","param":null,"code":"model_not_found"}}"#;
+    for (status, body) in [(400, litellm), (404, openai)] {
+        let (stream, fake) = run(vec![Reply::status(status, body)]).await;
+        assert_failed(&stream, "model unavailable");
+        assert_eq!(fake.requests().len(), 1, "{status}: not retried");
+    }
+    // A 400 about something else stays a rejected request.
+    let context = r#"{"error":{"message":"This model's maximum context length is 128000 tokens.","type":"invalid_request_error","code":"context_length_exceeded"}}"#;
+    let (stream, _) = run(vec![Reply::status(400, context)]).await;
+    assert_failed(&stream, "request rejected by the LLM provider");
 }
 
 #[tokio::test]

@@ -81,6 +81,9 @@ impl Builder {
             // Tests open many sockets per user and per address; the limit tests set
             // their own values.
             ("HERALD_MAX_CONNECTIONS_PER_USER".to_owned(), "100000".to_owned()),
+            // Tests open up to hundreds of handshakes at once from 127.0.0.1; the
+            // pending-connection tests set their own cap.
+            ("HERALD_MAX_PENDING_PER_IP".to_owned(), "100000".to_owned()),
         ]);
         for (k, v) in self.env {
             if v.is_empty() {

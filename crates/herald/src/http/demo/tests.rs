@@ -1,11 +1,13 @@
-//! Unit tests of the dev endpoints' loopback check (every integration test runs on
+//! Unit tests of the dev endpoints' loopback and `Host` checks (every integration test runs on
 //! loopback, so the refusal is only reachable here).
 
 use std::net::SocketAddr;
 
 use axum::extract::ConnectInfo;
 
-use super::require_loopback;
+use axum::http::{HeaderMap, HeaderValue};
+
+use super::{require_local_host, require_loopback};
 
 fn peer(addr: &str) -> Option<ConnectInfo<SocketAddr>> {
     Some(ConnectInfo(addr.parse().unwrap()))
@@ -26,4 +28,47 @@ fn only_loopback_peers_may_use_dev_endpoints() {
         assert!(err.to_string().contains("herald token"), "{outside}: {err}");
     }
     assert!(require_loopback(None).is_err(), "an unknown peer is refused");
+}
+
+fn host(values: &[&str]) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for v in values {
+        headers.append("host", HeaderValue::from_str(v).unwrap());
+    }
+    headers
+}
+
+#[test]
+fn only_local_host_names_may_use_dev_endpoints() {
+    for ok in [
+        "localhost",
+        "localhost:8000",
+        "LOCALHOST:1",
+        "127.0.0.1:8000",
+        "127.0.0.1",
+        "[::1]:8000",
+        "[::1]",
+    ] {
+        assert!(require_local_host(&host(&[ok])).is_ok(), "{ok}");
+    }
+    for bad in [
+        "evil.example:8000",
+        "localhost.evil.example",
+        "127.0.0.1.nip.io:8000",
+        "127.0.0.2:8000",
+        "[::2]:80",
+        "localhost:80x",
+        "",
+    ] {
+        let err = require_local_host(&host(&[bad])).unwrap_err();
+        assert!(err.to_string().contains("Host"), "{bad}: {err}");
+    }
+    assert!(
+        require_local_host(&HeaderMap::new()).is_err(),
+        "no Host is refused"
+    );
+    assert!(
+        require_local_host(&host(&["localhost", "evil.example"])).is_err(),
+        "two Hosts are refused"
+    );
 }

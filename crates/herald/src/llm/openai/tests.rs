@@ -22,12 +22,14 @@ fn text(content: &str) -> Result<Parsed, LlmErrorKind> {
     Ok(Parsed::Chunk {
         content: Some(content.to_owned()),
         usage: None,
+        finish_reason: None,
     })
 }
 
 const NOTHING: Result<Parsed, LlmErrorKind> = Ok(Parsed::Chunk {
     content: None,
     usage: None,
+    finish_reason: None,
 });
 
 #[test]
@@ -52,7 +54,21 @@ fn events_are_interpreted() {
     check_event(
         "message",
         r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
-        NOTHING,
+        Ok(Parsed::Chunk {
+            content: None,
+            usage: None,
+            finish_reason: Some("stop".to_owned()),
+        }),
+    );
+    // The last delta may come with its finish reason (llama.cpp, some proxies).
+    check_event(
+        "message",
+        r#"{"choices":[{"index":0,"delta":{"content":"!"},"finish_reason":"length"}]}"#,
+        Ok(Parsed::Chunk {
+            content: Some("!".to_owned()),
+            usage: None,
+            finish_reason: Some("length".to_owned()),
+        }),
     );
     check_event("message", r#"{"choices":[{"index":0}]}"#, NOTHING);
     check_event("message", r#"{"choices":null}"#, NOTHING);
@@ -72,6 +88,7 @@ fn events_are_interpreted() {
                 prompt_tokens: 9,
                 completion_tokens: 12,
             }),
+            finish_reason: None,
         }),
     );
     // Any event type other than `error` is read as data (`event: ping` with `{}`).
@@ -134,9 +151,79 @@ fn statuses_map_to_kinds() {
     ];
     for (status, kind) in cases {
         assert_eq!(
-            kind_for_status(StatusCode::from_u16(status).unwrap()),
+            kind_for_refusal(StatusCode::from_u16(status).unwrap(), "{}"),
             kind,
             "status {status}"
+        );
+    }
+}
+
+/// An unknown model reads the same whatever status upstream chose for it (SPEC §10);
+/// other refusals that mention a model stay what their status says.
+#[test]
+fn bodies_refine_the_status() {
+    let model_errors = [
+        // LiteLLM.
+        (
+            400,
+            r#"{"error":{"message":"Invalid model name passed in model=gpt-9. Call `/v1/models` to view available models for your key.","type":"invalid_request_error","param":"model","code":"400"}}"#,
+        ),
+        // OpenAI.
+        (
+            404,
+            r#"{"error":{"message":"The model `gpt-9` does not exist or you do not have access to it.","type":"invalid_request_error","param":null,"code":"model_not_found"}}"#,
+        ),
+        (
+            400,
+            r#"{"error":{"message":"no access","type":"invalid_request_error","code":"model_not_found"}}"#,
+        ),
+        // vLLM.
+        (
+            400,
+            r#"{"object":"error","message":"The model `gpt-9` does not exist.","type":"NotFoundError","param":null,"code":400}"#,
+        ),
+        // Ollama.
+        (
+            400,
+            r#"{"error":"model \"gpt-9\" not found, try pulling it first"}"#,
+        ),
+        (422, "Unknown model: gpt-9"),
+    ];
+    for (status, body) in model_errors {
+        assert_eq!(
+            kind_for_refusal(StatusCode::from_u16(status).unwrap(), body),
+            LlmErrorKind::ModelUnavailable,
+            "{status} {body}"
+        );
+    }
+    let others = [
+        (
+            400,
+            r#"{"error":{"message":"This model's maximum context length is 128000 tokens.","type":"invalid_request_error","code":"context_length_exceeded"}}"#,
+            LlmErrorKind::Rejected,
+        ),
+        (400, "Bad Request", LlmErrorKind::Rejected),
+        (
+            429,
+            r#"{"error":{"message":"Rate limit reached for model gpt-9"}}"#,
+            LlmErrorKind::RateLimited,
+        ),
+        (
+            401,
+            r#"{"error":{"message":"model not found","code":"model_not_found"}}"#,
+            LlmErrorKind::Unauthorized,
+        ),
+        (
+            500,
+            r#"{"error":{"message":"model not found"}}"#,
+            LlmErrorKind::Upstream,
+        ),
+    ];
+    for (status, body, kind) in others {
+        assert_eq!(
+            kind_for_refusal(StatusCode::from_u16(status).unwrap(), body),
+            kind,
+            "{status} {body}"
         );
     }
 }
@@ -236,6 +323,7 @@ fn expected() -> Vec<Result<LlmEvent, LlmErrorKind>> {
                 completion_tokens: 12,
             }),
             model: MODEL.to_owned(),
+            finish_reason: "stop".to_owned(),
         }),
     ]
 }
@@ -283,15 +371,34 @@ async fn decodes_crlf_line_ends() {
 
 #[tokio::test]
 async fn decodes_without_usage() {
-    let body = [chunk(r#"{"content":"Hi"}"#), "data: [DONE]\n\n".to_owned()].concat();
+    let body = [
+        chunk(r#"{"content":"Hi"}"#).replace("\"finish_reason\":null", "\"finish_reason\":\"length\""),
+        "data: [DONE]\n\n".to_owned(),
+    ]
+    .concat();
     assert_eq!(
         run(vec![ok(body.as_bytes())]).await,
         [
             Ok(LlmEvent::Delta("Hi".to_owned())),
             Ok(LlmEvent::Done {
                 usage: None,
-                model: MODEL.to_owned()
+                model: MODEL.to_owned(),
+                finish_reason: "length".to_owned(),
             })
+        ]
+    );
+}
+
+/// llama.cpp ends a generation it interrupts (another request arrived) with `[DONE]`
+/// and no `finish_reason`: a cut answer, not a complete one (SPEC §10).
+#[tokio::test]
+async fn done_without_a_finish_reason_is_interrupted() {
+    let body = [chunk(r#"{"content":"Hi"}"#), "data: [DONE]\n\n".to_owned()].concat();
+    assert_eq!(
+        run(vec![ok(body.as_bytes())]).await,
+        [
+            Ok(LlmEvent::Delta("Hi".to_owned())),
+            Err(LlmErrorKind::Interrupted)
         ]
     );
 }
