@@ -526,6 +526,8 @@ impl Herald {
             // One user may hold a socket on a node that was SIGKILLed (its count is
             // released only when the count's lease runs out) while reconnecting elsewhere.
             ("HERALD_MAX_CONNECTIONS_PER_USER".to_owned(), "10".to_owned()),
+            // Every client connects from 127.0.0.1, up to 200 handshakes at once.
+            ("HERALD_MAX_PENDING_PER_IP".to_owned(), "1000000".to_owned()),
         ];
         if let Some(address) = address {
             envs.push(("HERALD_LISTEN".to_owned(), address.to_owned()));
