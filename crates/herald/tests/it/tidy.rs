@@ -101,9 +101,9 @@ fn unquote(cell: &str) -> &str {
 
 #[test]
 fn every_source_file_starts_with_a_module_doc() {
-    // The benchmark crates (bench/) follow the same rule.
+    // The benchmark crates (bench/) and the chaos suite (chaos/) follow the same rule.
     let root = repo_root();
-    let missing: Vec<String> = ["crates/herald/src", "bench"]
+    let missing: Vec<String> = ["crates/herald/src", "bench", "chaos"]
         .into_iter()
         .flat_map(|dir| rust_files(&root.join(dir)))
         .filter(|path| !std::fs::read_to_string(path).unwrap().starts_with("//!"))
@@ -111,7 +111,7 @@ fn every_source_file_starts_with_a_module_doc() {
         .collect();
     assert!(
         missing.is_empty(),
-        "these files under crates/herald/src or bench/ do not start with a `//!` comment saying \
+        "these files under crates/herald/src, bench/ or chaos/ do not start with a `//!` comment saying \
          what the module owns; add one: {missing:?}"
     );
 }
