@@ -258,6 +258,10 @@ impl Cluster {
                 "1000",
                 "--cluster-replica-validity-factor",
                 "0",
+                // Healthy primaries keep serving their slots while another fails over
+                // (Redis's default refuses every command until all slots are covered).
+                "--cluster-require-full-coverage",
+                "no",
                 "--save",
                 "",
                 "--appendonly",

@@ -14,12 +14,14 @@
 //! publisher retries (safely, with an `Idempotency-Key`).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fred::prelude::{ClientLike, ClusterInterface, Config, Value};
+use fred::types::cluster::ClusterRouting;
 use fred::types::config::{Server, ServerConfig};
 use fred::types::scripts::Script;
+use tokio::time::Instant;
 
 use crate::broker::BrokerError;
 
@@ -34,7 +36,14 @@ pub struct Shards {
     /// The cluster URL's settings (password, timeouts), for each primary's connection.
     config: Config,
     nodes: Mutex<HashMap<Server, fred::prelude::Client>>,
+    /// The last slot map read from the cluster client, and when. fred may have no map
+    /// while it re-reads the cluster (a failover); the last one still routes every
+    /// healthy primary's slots, and a stale entry is corrected by `MOVED`.
+    routing: Mutex<Option<(Instant, Arc<ClusterRouting>)>>,
 }
+
+/// How often the slot map is copied from the cluster client.
+const ROUTING_REFRESH: Duration = Duration::from_millis(250);
 
 impl Shards {
     /// Routes by `cluster`'s slot map; `config` is the cluster URL's configuration.
@@ -43,12 +52,28 @@ impl Shards {
             cluster,
             config,
             nodes: Mutex::new(HashMap::new()),
+            routing: Mutex::new(None),
         }
+    }
+
+    /// The slot map: the cluster client's (copied at most every [`ROUTING_REFRESH`]),
+    /// or the last one it had.
+    fn routing(&self) -> Option<Arc<ClusterRouting>> {
+        let mut routing = super::lock(&self.routing);
+        let fresh = routing
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < ROUTING_REFRESH);
+        if !fresh {
+            if let Some(current) = self.cluster.cached_cluster_state() {
+                *routing = Some((Instant::now(), Arc::new(current)));
+            }
+        }
+        routing.as_ref().map(|(_, map)| map.clone())
     }
 
     /// The connection to the primary that owns `key`'s slot.
     fn client_for(&self, key: &str) -> Result<fred::prelude::Client, BrokerError> {
-        let routing = self.cluster.cached_cluster_state().ok_or_else(|| {
+        let routing = self.routing().ok_or_else(|| {
             BrokerError::Unavailable("the Redis Cluster's slot map is not known yet".into())
         })?;
         let slot = fred::util::redis_keyslot(key.as_bytes());
