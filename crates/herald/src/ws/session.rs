@@ -473,7 +473,7 @@ where
         if frame.is_ping() && self.ping_limiter.check().is_err() {
             // Each ping queues a pong; a client that floods pings and never reads would
             // otherwise grow that queue without bound.
-            tracing::warn!(ip = %self.plan.ip, user_id = %self.plan.identity.user_id, "protocol ping flood");
+            crate::limits::refusal_log("ping_flood", self.plan.ip, "protocol ping flood");
             self.state.metrics.rate_limited("client_messages");
             return Err(Exit::Close(Close::new(
                 CloseCode::TooManyRequests,
@@ -485,7 +485,7 @@ where
             return Ok(None);
         };
         if self.limiter.check().is_err() {
-            tracing::warn!(ip = %self.plan.ip, user_id = %self.plan.identity.user_id, "client message rate limited");
+            crate::limits::refusal_log("client_messages", self.plan.ip, "client message rate limited");
             self.state.metrics.rate_limited("client_messages");
             return Err(Exit::Close(Close::new(
                 CloseCode::TooManyRequests,
