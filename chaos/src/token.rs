@@ -1,39 +1,17 @@
-//! HS256 user tokens in the shape herald accepts with `HERALD_MEMBERSHIP=claims`: `sub`,
-//! `exp`, and `orgs` for the org events endpoint.
+//! User tokens for the suite's clients: herald's own dev-token signer
+//! (`herald::auth::mint_hs256`) with the secret the suite gives its nodes, in the shape
+//! `HERALD_MEMBERSHIP=claims` reads (`sub`, `exp`, `orgs`).
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context as _;
-use jsonwebtoken::{EncodingKey, Header};
-use serde::Serialize;
+use herald::config::Secret;
 
 use crate::procs::JWT_SECRET;
 
 /// Longer than any run.
-const TTL_SECONDS: u64 = 6 * 3600;
-
-#[derive(Debug, Serialize)]
-struct Claims<'a> {
-    sub: &'a str,
-    exp: u64,
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    orgs: &'a [String],
-}
+const TTL: Duration = Duration::from_secs(6 * 3600);
 
 pub fn mint(user: &str, orgs: &[String]) -> anyhow::Result<String> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .context("the clock is before 1970")?
-        .as_secs();
-    let claims = Claims {
-        sub: user,
-        exp: now + TTL_SECONDS,
-        orgs,
-    };
-    jsonwebtoken::encode(
-        &Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
-    )
-    .context("cannot sign a token")
+    herald::auth::mint_hs256(&Secret::new(JWT_SECRET), user, orgs, TTL).context("cannot sign a token")
 }

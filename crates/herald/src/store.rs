@@ -236,13 +236,7 @@ impl Store {
         .await?;
         let mut turns = rows
             .iter()
-            .map(|row| {
-                Ok(ChatTurn {
-                    role: row.try_get("role")?,
-                    content: row.try_get("content")?,
-                    created_at: row.try_get("created_at")?,
-                })
-            })
+            .map(ChatTurn::from_row)
             .collect::<Result<Vec<_>, sqlx::Error>>()?;
         turns.reverse();
         Ok(turns)
@@ -304,16 +298,23 @@ impl Store {
             .map(|row| {
                 Ok(IndexedTurn {
                     index: row.try_get("idx")?,
-                    turn: ChatTurn {
-                        role: row.try_get("role")?,
-                        content: row.try_get("content")?,
-                        created_at: row.try_get("created_at")?,
-                    },
+                    turn: ChatTurn::from_row(row)?,
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()?;
         turns.reverse();
         Ok(turns)
+    }
+}
+
+impl ChatTurn {
+    /// A turn from a row with `role`, `content` and `created_at`.
+    fn from_row(row: &sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            role: row.try_get("role")?,
+            content: row.try_get("content")?,
+            created_at: row.try_get("created_at")?,
+        })
     }
 }
 

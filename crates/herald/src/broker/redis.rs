@@ -219,6 +219,34 @@ pub(crate) fn may_send(client: &fred::prelude::Client) -> bool {
     client.is_connected()
 }
 
+/// Runs `script` within [`COMMAND_TIMEOUT`]: on a Cluster through `shards` (its slot's
+/// primary), else on `client`, failing at once while `client` is disconnected. A
+/// timeout after sending is [`BrokerError::OutcomeUnknown`].
+async fn run_script(
+    client: &fred::prelude::Client,
+    shards: Option<&Shards>,
+    script: &Script,
+    keys: Vec<String>,
+    args: Vec<Value>,
+) -> Result<Value, BrokerError> {
+    if let Some(shards) = shards {
+        return shards.eval(script, keys, args, COMMAND_TIMEOUT).await;
+    }
+    if !may_send(client) {
+        return Err(BrokerError::Unavailable("not connected to Redis".into()));
+    }
+    tokio::time::timeout(
+        COMMAND_TIMEOUT,
+        script.evalsha_with_reload::<Value, _, _>(client, keys, args),
+    )
+    .await
+    .map_err(|_| BrokerError::OutcomeUnknown {
+        reason: "Redis did not answer in time".into(),
+        id: None,
+    })?
+    .map_err(sent_but_failed)
+}
+
 fn unavailable(err: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(err.to_string())
 }
@@ -610,22 +638,7 @@ impl RedisBroker {
     /// Runs `script`, failing at once while disconnected (one Redis) and after
     /// [`COMMAND_TIMEOUT`].
     async fn eval(&self, script: &Script, keys: Vec<String>, args: Vec<Value>) -> Result<Value, BrokerError> {
-        if let Some(shards) = &self.shards {
-            return shards.eval(script, keys, args, COMMAND_TIMEOUT).await;
-        }
-        if !may_send(&self.client) {
-            return Err(BrokerError::Unavailable("not connected to Redis".into()));
-        }
-        tokio::time::timeout(
-            COMMAND_TIMEOUT,
-            script.evalsha_with_reload::<Value, _, _>(&self.client, keys, args),
-        )
-        .await
-        .map_err(|_| BrokerError::OutcomeUnknown {
-            reason: "Redis did not answer in time".into(),
-            id: None,
-        })?
-        .map_err(sent_but_failed)
+        run_script(&self.client, self.shards.as_deref(), script, keys, args).await
     }
 
     /// `{epoch, offset, entries}` from [`READ_SCRIPT`].
@@ -895,16 +908,7 @@ impl Subscriber {
         keys: Vec<String>,
         args: Vec<Value>,
     ) -> Result<Value, BrokerError> {
-        if let Some(shards) = &self.shards {
-            return shards.eval(script, keys, args, COMMAND_TIMEOUT).await;
-        }
-        tokio::time::timeout(
-            COMMAND_TIMEOUT,
-            script.evalsha_with_reload::<Value, _, _>(&self.commands, keys, args),
-        )
-        .await
-        .map_err(|_| BrokerError::Unavailable("Redis did not answer in time".into()))?
-        .map_err(unavailable)
+        run_script(&self.commands, self.shards.as_deref(), script, keys, args).await
     }
 
     /// Brings this node's sockets of `channels` up to date with Redis after the node
