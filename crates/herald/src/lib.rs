@@ -50,7 +50,9 @@ pub mod limits;
 pub mod llm;
 pub mod membership;
 pub mod metrics;
+pub mod redis;
 pub mod store;
+pub mod sync;
 pub mod tasks;
 pub mod telemetry;
 pub mod ws;
@@ -62,11 +64,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::app::{AppState, Secrets};
+use crate::app::AppState;
 use crate::auth::{ApiKeys, Authenticator};
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
-use crate::config::Config;
+pub use crate::config::redact_url;
+use crate::config::{Config, Secrets};
 use crate::hub::Hub;
 use crate::membership::Membership;
 use crate::store::Store;
@@ -116,7 +119,7 @@ pub async fn build_state_with(
     let stopped = CancellationToken::new();
     let (broker, memory) = connect_broker(&config, hub.clone(), &stopped).await?;
     let metrics = metrics::Metrics::new();
-    let publisher = app::Publisher::new(broker.clone(), metrics.clone());
+    let publisher = broker::Publisher::new(broker.clone(), metrics.clone());
     let tracker = TaskTracker::new();
     let broker: Arc<dyn broker::Broker> = match &config.django_bridge {
         Some(url) => {
@@ -267,7 +270,7 @@ pub async fn work(config: Config, shutdown: CancellationToken) -> anyhow::Result
     let tracker = TaskTracker::new();
     let parts = tasks::Parts {
         provider: llm::from_config(&config)?,
-        publisher: app::Publisher::new(broker.clone(), metrics),
+        publisher: broker::Publisher::new(broker.clone(), metrics),
         broker,
         store,
         tracker: tracker.clone(),
@@ -338,7 +341,7 @@ pub async fn serve_state(
         limits.max_pending_per_ip,
     ));
     let metrics = state.metrics.clone();
-    let app = app::router(state);
+    let app = router(state);
     // During the drain window HTTP keeps serving: /readyz answers 503 so load balancers
     // stop sending traffic, publishes still reach the sockets not closed yet, and new
     // socket handshakes are refused with 503. The listener closes when the window ends.
@@ -355,7 +358,7 @@ pub async fn serve_state(
                 tokio::select! {
                     () = &mut window => break,
                     _ = poll.tick() => {
-                        if ws::Endpoint::ALL.iter().all(|endpoint| metrics.open_connections(*endpoint) <= 0) {
+                        if metrics::Endpoint::ALL.iter().all(|endpoint| metrics.open_connections(*endpoint) <= 0) {
                             break;
                         }
                     }
@@ -370,13 +373,21 @@ pub async fn serve_state(
     Ok(())
 }
 
-/// A database URL with any password replaced, for messages.
-pub fn redact_url(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        _ => url.to_owned(),
-    }
+/// The router: every route and global layer in one place (read it next to
+/// docs/protocol.md).
+pub fn router(state: AppState) -> axum::Router {
+    use tower_http::catch_panic::CatchPanicLayer;
+    let dev = if state.dev_jwt_secret.is_some() {
+        crate::http::demo::dev_router()
+    } else {
+        axum::Router::new()
+    };
+    axum::Router::new()
+        .merge(crate::ws::router())
+        .merge(crate::http::router(&state.config.allowed_origins))
+        .merge(dev)
+        .layer(axum::middleware::from_fn(crate::http::limit_request_size))
+        .layer(CatchPanicLayer::new())
+        .layer(axum::middleware::from_fn(crate::http::json_errors))
+        .with_state(state)
 }

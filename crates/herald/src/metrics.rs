@@ -21,7 +21,6 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::auth::AuthFailure;
 use crate::channel::ChannelKind;
 use crate::close::CloseCode;
-use crate::ws::Endpoint;
 
 /// Client message types, as labelled (see `ws::protocol::ClientMessage::label`).
 pub const CLIENT_MESSAGE_LABELS: [&str; 5] = ["ping", "heartbeat", "refresh", "unsupported", "invalid_json"];
@@ -42,6 +41,26 @@ pub const BRIDGE_LAYERS: [&str; 2] = ["core", "pubsub"];
 /// could not be read (`undecodable`), did not map to a herald message (`unmappable`), or
 /// could not be published (`failed`, pub/sub layer only; the core layer retries).
 pub const BRIDGE_OUTCOMES: [&str; 4] = ["published", "unmappable", "undecodable", "failed"];
+
+/// The WebSocket endpoint a socket connected to; a bounded label for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    Notifications,
+    Events,
+    FrameStream,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 3] = [Self::Notifications, Self::Events, Self::FrameStream];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Notifications => "notifications",
+            Self::Events => "events",
+            Self::FrameStream => "frame_stream",
+        }
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EndpointLabel {

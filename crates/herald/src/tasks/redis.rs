@@ -32,7 +32,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -47,6 +47,8 @@ use tokio_util::task::TaskTracker;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::ids::{ChatId, UserId};
+use crate::redis::{build_client, connect_and_wait, quit_on, COMMAND_TIMEOUT, SECONDARY_CONNECT_WAIT};
+use crate::sync::lock;
 use crate::tasks::worker::{self, Checkpoint, Context, Job, Outcome, Phase, Progress, Resume};
 use crate::tasks::{
     Parts, SubmitError, TaskRequest, TaskStatus, TaskView, Unavailable, MAX_ENDED_TASKS_PER_USER,
@@ -66,9 +68,6 @@ pub const GAVE_UP: &str = "LLM processing failed: the task was interrupted 3 tim
 /// How long a task's record lives while it is in flight (a bound for records nobody
 /// will ever end, e.g. after every worker was removed).
 const IN_FLIGHT_TTL: Duration = Duration::from_secs(24 * 3600);
-
-/// The longest a command may take before the queue reports Redis unavailable.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How long one `XREADGROUP` waits for a new entry.
 const READ_BLOCK: Duration = Duration::from_secs(1);
@@ -326,10 +325,6 @@ fn unavailable(err: impl std::fmt::Display) -> Unavailable {
     Unavailable(err.to_string())
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 fn text(value: Option<&Value>) -> String {
     value.and_then(Value::as_string).unwrap_or_default()
 }
@@ -425,17 +420,13 @@ impl RedisQueue {
         node_id: &str,
         stop: &CancellationToken,
     ) -> Result<Arc<Self>, Unavailable> {
-        let client = crate::broker::redis::build_client(url).map_err(unavailable)?;
-        client.connect();
-        if tokio::time::timeout(
-            crate::broker::redis::SECONDARY_CONNECT_WAIT,
-            client.wait_for_connect(),
+        let client = build_client(url).map_err(unavailable)?;
+        connect_and_wait(
+            &client,
+            SECONDARY_CONNECT_WAIT,
+            "the task queue's Redis is not reachable yet: starting not-ready, retrying",
         )
-        .await
-        .is_err()
-        {
-            tracing::warn!("the task queue's Redis is not reachable yet: starting not-ready, retrying");
-        }
+        .await;
         let queue = Arc::new(Self {
             client: client.clone(),
             ctx,
@@ -467,21 +458,13 @@ impl RedisQueue {
         let mut clients = vec![client];
         if workers > 0 {
             // XREADGROUP blocks its connection, so the consumer has one of its own.
-            let reader = crate::broker::redis::build_client(url).map_err(unavailable)?;
+            let reader = build_client(url).map_err(unavailable)?;
             reader.connect();
             clients.push(reader.clone());
             tokio::spawn(queue.clone().consume(reader));
             tokio::spawn(queue.clone().renew_claims(stop.clone()));
         }
-        tokio::spawn({
-            let stop = stop.clone();
-            async move {
-                stop.cancelled().await;
-                for client in clients {
-                    let _ = client.quit().await;
-                }
-            }
-        });
+        quit_on(stop, clients);
         Ok(queue)
     }
 

@@ -29,7 +29,7 @@ use serde_json::{json, Map, Value};
 use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::Publisher;
+use crate::broker::Publisher;
 use crate::channel::{now_rfc3339, Channel, ChannelKind, Draft};
 use crate::llm::{ChatMessage, LlmError, LlmEvent, LlmProvider, LlmRequest, Usage};
 use crate::store::Store;
