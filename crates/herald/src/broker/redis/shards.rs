@@ -91,7 +91,7 @@ impl Shards {
         }
         let mut config = self.config.clone();
         config.server = ServerConfig::new_centralized(server.host.to_string(), server.port);
-        let client = super::build_client_from(config)?;
+        let client = crate::redis::build_client_from(config)?;
         client.connect();
         nodes.insert(server, client.clone());
         Ok(client)
