@@ -64,7 +64,7 @@ use crate::channel::{Channel, Draft};
 // Moved to `config::django` (issue 16); kept here while parallel branches merge.
 pub use crate::config::django::BridgeOptions;
 use crate::hub::Hub;
-use crate::metrics::Metrics;
+use crate::metrics::{BridgeLayer as Layer, BridgeOutcome, Metrics};
 use crate::redis::{build_client, FIRST_CONNECT_WAIT};
 use crate::sync::lock;
 
@@ -77,22 +77,6 @@ const MAX_WARNED_GROUPS: usize = 10_000;
 pub enum BridgeError {
     #[error("cannot set up the Redis client: {0}")]
     Client(crate::redis::ClientError),
-}
-
-/// The channels_redis layer a message came from, as labelled in metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Layer {
-    Core,
-    PubSub,
-}
-
-impl Layer {
-    fn label(self) -> &'static str {
-        match self {
-            Self::Core => "core",
-            Self::PubSub => "pubsub",
-        }
-    }
 }
 
 /// What happened to one message.
@@ -250,7 +234,7 @@ impl Bridge {
         };
         match self.publisher.publish(&channel, &draft).await {
             Ok(_) => {
-                self.metrics.bridge_message(layer.label(), "published");
+                self.metrics.bridge_message(layer, BridgeOutcome::Published);
                 Handled::Done
             }
             Err(err) => match layer {
@@ -259,7 +243,7 @@ impl Bridge {
                     Handled::Retry
                 }
                 Layer::PubSub => {
-                    self.metrics.bridge_message(layer.label(), "failed");
+                    self.metrics.bridge_message(layer, BridgeOutcome::Failed);
                     tracing::warn!(%channel, error = %err, "django bridge: publish failed; pub/sub message lost");
                     Handled::Done
                 }
@@ -274,7 +258,7 @@ impl Bridge {
     }
 
     fn unmappable(&self, layer: Layer, group: &str, reason: &str) -> Handled {
-        self.metrics.bridge_message(layer.label(), "unmappable");
+        self.metrics.bridge_message(layer, BridgeOutcome::Unmappable);
         if self.first_warning(group) {
             tracing::warn!(
                 layer = layer.label(),
@@ -287,7 +271,7 @@ impl Bridge {
     }
 
     fn undecodable(&self, layer: Layer, group: Option<&str>, err: &Undecodable) -> Handled {
-        self.metrics.bridge_message(layer.label(), "undecodable");
+        self.metrics.bridge_message(layer, BridgeOutcome::Undecodable);
         let group = group.unwrap_or("?");
         if self.first_warning(group) {
             tracing::warn!(

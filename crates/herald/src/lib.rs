@@ -3,9 +3,15 @@
 //!
 //! # Layout
 //!
+//! Imports only point down, in the layers ARCHITECTURE.md lists (checked by
+//! `tests/it/tidy/layers.rs`); this file is near the top: it builds the state and
+//! assembles the [`router`].
+//!
 //! - [`config`]: the typed configuration, loaded from defaults < TOML < environment.
 //! - [`cli`]: `herald serve | worker | token | listen`; thin, calls [`serve`] or [`work`].
-//! - [`app`]: `AppState` and the router listing every route.
+//! - [`app`]: `AppState`, what every handler and session shares.
+//! - [`redis`]: every Redis client (reconnects, timeouts, the wait at start).
+//! - [`sync`]: the poison-ignoring lock helper.
 //! - [`ws`]: the three WebSocket endpoints; [`ws::session`] runs one socket.
 //! - [`http`]: the service API (publish, members, stats) and operations endpoints.
 //! - [`auth`]: user tokens (HS256, JWKS, OIDC discovery) and service API keys.
@@ -22,7 +28,7 @@
 //! - [`tasks`]: LLM generation tasks: the in-process queue or the shared one on Redis
 //!   Streams, and the worker that streams an answer to the user's frame stream.
 //! - [`compose`]: the message each kind of publish produces, shared by the HTTP API and
-//!   the bridge.
+//!   the bridge, and the typed `llm_*` messages of a frame stream.
 //! - [`bridge`]: the Django Channels bridge: channels_redis `group_send` calls published
 //!   to herald channels.
 //! - [`idempotency`]: `Idempotency-Key` records, so a repeated publish publishes once.
