@@ -287,3 +287,52 @@ fn every_django_table_key_is_documented() {
          must list exactly herald::config::django::KEYS (crates/herald/src/config/django.rs), in order"
     );
 }
+
+#[test]
+fn the_python_client_sends_the_workers_status_texts() {
+    use herald::compose::llm::{LlmStatus, THINKING_MESSAGE};
+    let file = "clients/python/src/herald_client/_client.py";
+    let source = read(file);
+    let python_string = |line: &str| {
+        let start = line.find('"')? + 1;
+        let end = start + line[start..].find('"')?;
+        Some(line[start..end].to_owned())
+    };
+    let thinking = source
+        .lines()
+        .find(|line| line.starts_with("THINKING_MESSAGE = "))
+        .and_then(python_string);
+    assert_eq!(
+        thinking.as_deref(),
+        Some(THINKING_MESSAGE),
+        "{file}: THINKING_MESSAGE must be herald's (herald::compose::llm::THINKING_MESSAGE)"
+    );
+    let start = source
+        .find("STATUS_MESSAGES = {")
+        .unwrap_or_else(|| panic!("{file} has no STATUS_MESSAGES dict"));
+    let body = &source[start..start + source[start..].find('}').unwrap()];
+    let mut entries = 0;
+    for line in body.lines().skip(1) {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let key = key.trim().trim_matches('"');
+        let status = LlmStatus::parse(key)
+            .unwrap_or_else(|| panic!("{file}: STATUS_MESSAGES has {key:?}, which is no llm_status status"));
+        let text = match value.trim().trim_end_matches(',') {
+            "THINKING_MESSAGE" => THINKING_MESSAGE.to_owned(),
+            other => python_string(other).unwrap_or_default(),
+        };
+        assert_eq!(
+            text,
+            status.message(),
+            "{file}: STATUS_MESSAGES[{key:?}] must be the text herald's workers send \
+             (herald::compose::llm::LlmStatus::message)"
+        );
+        entries += 1;
+    }
+    assert!(
+        entries >= 5,
+        "{file}: read only {entries} STATUS_MESSAGES entries"
+    );
+}
