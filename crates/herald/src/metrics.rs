@@ -165,22 +165,6 @@ pub struct Metrics {
     bridge_reading: Gauge,
 }
 
-/// Every user-token failure reason, for pre-creating the label values.
-const AUTH_FAILURES: [AuthFailure; 12] = [
-    AuthFailure::Missing,
-    AuthFailure::Malformed,
-    AuthFailure::BadSignature,
-    AuthFailure::WrongAlgorithm,
-    AuthFailure::Expired,
-    AuthFailure::NotYetValid,
-    AuthFailure::MissingExpiry,
-    AuthFailure::WrongIssuer,
-    AuthFailure::WrongAudience,
-    AuthFailure::UnknownKey,
-    AuthFailure::KeysUnavailable,
-    AuthFailure::BadUser,
-];
-
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -232,7 +216,7 @@ impl Metrics {
         for r#type in CLIENT_MESSAGE_LABELS {
             let _ = this.client_messages.get_or_create(&TypeLabel { r#type });
         }
-        for failure in AUTH_FAILURES {
+        for failure in AuthFailure::ALL {
             let _ = this.auth_failures.get_or_create(&ReasonLabel {
                 reason: failure.reason(),
             });
@@ -477,7 +461,7 @@ impl Metrics {
     }
 
     pub fn auth_failures_total(&self) -> u64 {
-        AUTH_FAILURES
+        AuthFailure::ALL
             .iter()
             .map(|f| f.reason())
             .chain(API_KEY_FAILURES)

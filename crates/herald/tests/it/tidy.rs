@@ -336,3 +336,30 @@ fn the_python_client_sends_the_workers_status_texts() {
         "{file}: read only {entries} STATUS_MESSAGES entries"
     );
 }
+
+#[test]
+fn client_message_labels_are_the_parsers() {
+    use herald::metrics::CLIENT_MESSAGE_LABELS;
+    use herald::ws::protocol::ClientMessage;
+    // One text per kind of client message; metrics creates a series for each label at
+    // start, so the two lists must be the same set.
+    let samples = [
+        r#"{"type":"ping"}"#,
+        r#"{"type":"heartbeat"}"#,
+        r#"{"type":"refresh","token":"t"}"#,
+        r#"{"type":"nope"}"#,
+        "not json",
+    ];
+    let mut labels: Vec<&str> = samples
+        .iter()
+        .map(|text| ClientMessage::parse(text).label())
+        .collect();
+    let mut expected = CLIENT_MESSAGE_LABELS.to_vec();
+    labels.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(
+        labels, expected,
+        "herald::metrics::CLIENT_MESSAGE_LABELS must hold exactly the labels of \
+         ws::protocol::ClientMessage; add the new label there (and a sample here)"
+    );
+}
