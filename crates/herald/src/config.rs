@@ -6,6 +6,7 @@
 //! read only through the [`Env`] trait so tests can pass a map instead of mutating the
 //! process environment.
 
+pub mod django;
 mod env;
 
 use std::collections::BTreeMap;
@@ -80,6 +81,24 @@ settings! {
     ENV_MAX_PENDING_PER_IP = "HERALD_MAX_PENDING_PER_IP", "64", false, "Connections from one peer address that have not finished their request or upgrade; more are closed at accept.";
     ENV_MAX_CONNECTIONS = "HERALD_MAX_CONNECTIONS", "", false, "Open connections per node before upgrades are answered 503; the file-descriptor limit minus a reserve (5 % or 64, the larger) when empty.";
     ENV_TRUSTED_PROXIES = "HERALD_TRUSTED_PROXIES", "", false, "Comma list of CIDRs of reverse proxies whose `X-Forwarded-For` names the client.";
+}
+
+/// The secrets a node runs with, after dev-mode generation.
+pub struct Secrets {
+    /// The HS256 secret when no other key source is configured.
+    pub dev_jwt_secret: Option<Secret>,
+    pub api_keys: Vec<Secret>,
+}
+
+/// A URL (database, Redis) with any password replaced, for messages.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
 }
 
 /// A value that must never reach logs: its `Debug` is masked and it has no `Display`.
@@ -160,7 +179,7 @@ pub struct Config {
     pub shutdown_drain: Duration,
     pub django_bridge: Option<String>,
     /// The `[django]` table: channels_redis settings and group mappings for the bridge.
-    pub django: crate::bridge::BridgeOptions,
+    pub django: django::BridgeOptions,
     /// Bytes a socket's outbox may hold before the client counts as too slow (close
     /// 1008). Not an environment setting; TOML key `outbox_max_bytes`.
     pub outbox_max_bytes: usize,
@@ -313,7 +332,7 @@ pub const DJANGO_TABLE: &str = "django";
 pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
     let mut raw: BTreeMap<&'static str, String> = BTreeMap::new();
     let mut tuning = Tuning::default();
-    let mut django = crate::bridge::BridgeOptions::default();
+    let mut django = django::BridgeOptions::default();
     if let Some(path) = file {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
             path: path.to_owned(),
@@ -328,7 +347,7 @@ pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
         for (key, value) in table {
             if key == DJANGO_TABLE {
                 django = match value {
-                    toml::Value::Table(_) => crate::bridge::BridgeOptions::from_toml(value),
+                    toml::Value::Table(_) => django::BridgeOptions::from_toml(value),
                     _ => Err("must be a table: write `[django]` followed by its keys".to_owned()),
                 }
                 .map_err(|reason| ConfigError::Table {
@@ -534,7 +553,7 @@ impl Values {
             } else {
                 // A URL's password (e.g. in a Redis URL, or in a list of them) is
                 // never echoed.
-                let redacted: Vec<String> = value.split(',').map(crate::redact_url).collect();
+                let redacted: Vec<String> = value.split(',').map(redact_url).collect();
                 format!("{:?}", redacted.join(","))
             },
             reason,

@@ -39,12 +39,12 @@
 //! and subscribes again to every channel whose slot changed owner; clients fill what
 //! was missed meanwhile from history.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use fred::prelude::{Builder, ClientLike, Config, ReconnectPolicy, Value};
+use fred::prelude::{ClientLike, Config, Value};
 use fred::types::scripts::Script;
 use fred::types::{ClusterHash, CustomCommand};
 use tokio::time::Instant;
@@ -59,32 +59,14 @@ use subscriber::{Parts, Subscriber};
 use crate::broker::{Broker, BrokerError, History, Position, Published};
 use crate::channel::{new_id, now_rfc3339, Channel, Draft, Message};
 use crate::hub::Hub;
+use crate::redis::{build_client, COMMAND_TIMEOUT, FIRST_CONNECT_WAIT};
+use crate::sync::lock;
 
 /// How long after its history the epoch and offset of an idle channel are kept.
 pub const META_GRACE: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// The longest a command may take before the broker reports Redis unavailable.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// How long `connect` waits for the first connection before starting not-ready.
-const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(5);
-
-/// How long each of a node's other Redis connections (task queue, connection counts,
-/// control, idempotency) waits for its first connection at start. The broker's wait
-/// ([`FIRST_CONNECT_WAIT`]) already tells whether Redis is there; with Redis down, a
-/// longer wait each would only hold back the start (they add up), and every one of
-/// them keeps connecting in the background.
-pub const SECONDARY_CONNECT_WAIT: Duration = Duration::from_secs(1);
-
 /// Channels read at once when catching up after a reconnect.
 const CATCH_UP_CONCURRENCY: usize = 16;
-
-/// Pub/sub messages buffered between the connection and the subscriber task.
-const MESSAGE_BUFFER: usize = 16_384;
-
-/// Reconnect backoff: from 100 ms, doubling, up to 2 s, forever.
-const RECONNECT_MIN_MS: u32 = 100;
-const RECONNECT_MAX_MS: u32 = 2_000;
 
 /// On a Cluster, how often the subscriber refreshes the slot map to find channels whose
 /// slot moved to another primary (and so lost their shard subscription). This bounds
@@ -267,10 +249,6 @@ fn unix_ms() -> u64 {
         .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// Splits `"{number} {rest}"`.
 fn split_number(bytes: &[u8]) -> Option<(u64, &[u8])> {
     let space = bytes.iter().position(|&b| b == b' ')?;
@@ -384,10 +362,6 @@ async fn check_deployment(client: &fred::prelude::Client, fanout: Fanout) -> Res
     Ok(())
 }
 
-pub(crate) fn build_client(url: &str) -> Result<fred::prelude::Client, BrokerError> {
-    build_client_from(Config::from_url(url).map_err(unavailable)?)
-}
-
 /// The Cluster's per-primary command connections, when `client` is a Cluster client.
 pub(crate) fn shards_for(
     url: &str,
@@ -398,35 +372,6 @@ pub(crate) fn shards_for(
     }
     let config = Config::from_url(url).map_err(unavailable)?;
     Ok(Some(Arc::new(Shards::new(client.clone(), config))))
-}
-
-/// A client for `config` with herald's reconnect policy and timeouts.
-pub(crate) fn build_client_from(mut config: Config) -> Result<fred::prelude::Client, BrokerError> {
-    // Retry the first connection too: a node started before Redis waits, not-ready.
-    config.fail_fast = false;
-    Builder::from_config(config)
-        .set_policy(ReconnectPolicy::new_exponential(
-            0,
-            RECONNECT_MIN_MS,
-            RECONNECT_MAX_MS,
-            2,
-        ))
-        .with_connection_config(|connection| {
-            connection.connection_timeout = COMMAND_TIMEOUT;
-            connection.internal_command_timeout = COMMAND_TIMEOUT;
-            // A command cut off with its connection is not sent again after the
-            // reconnect: it may already have run, and a publish that runs twice is a
-            // duplicate no client can detect. The caller learns the outcome is unknown
-            // and retries with its Idempotency-Key.
-            connection.max_command_attempts = 1;
-        })
-        .with_performance_config(|performance| {
-            // Pub/sub messages wait here for the subscriber task; fred's default of 32
-            // would drop messages (clients then refill from history) on short bursts.
-            performance.broadcast_channel_capacity = MESSAGE_BUFFER;
-        })
-        .build()
-        .map_err(unavailable)
 }
 
 impl RedisBroker {
