@@ -20,24 +20,23 @@
 //! step, so offsets grow by exactly 1, a message is in history before any node receives
 //! it, and every node receives a channel's messages in offset order.
 //!
-//! Each node holds two connections: one for commands and one, owned by the subscriber
-//! task ([`Subscriber`]), that subscribes once per channel with a socket on this node.
-//! Both reconnect with backoff; after the subscriber reconnects it subscribes again to
-//! every channel the node still has. Messages published while a node was cut off are
-//! not replayed by the node: its clients fill the gap from history (on the next live
-//! message, or when they reconnect with `since`).
+//! Each node holds a connection for commands and the subscriber's pub/sub connection
+//! ([`Subscriber`], in `subscriber.rs`), which subscribes once per channel with a socket
+//! on this node. Both reconnect with backoff; after the subscriber reconnects it
+//! subscribes again to every channel the node still has and catches each one up from
+//! history, so nothing published while it was cut off is left unsent.
 //!
 //! On one Redis (`redis://`) messages go through plain pub/sub (PUBLISH, SUBSCRIBE),
 //! which any Redis version has. On a Redis Cluster (`redis-cluster://`) they go through
 //! sharded pub/sub (SPUBLISH, SSUBSCRIBE; Redis 7.0 or later): a message is only sent
 //! to the primary that owns its channel's slot, instead of to every node of the
 //! cluster. The pub/sub channel carries the channel's hash tag, so the publish script
-//! and the shard channel are in one slot, and each SSUBSCRIBE goes to the primary
-//! holding that slot. Redis drops shard subscriptions when their slot moves to another
-//! primary (resharding, failover) without a message the client library passes on, so on
-//! a Cluster the subscriber also refreshes the slot map every [`SLOT_CHECK_INTERVAL`]
-//! and subscribes again to every channel whose slot changed owner; clients fill what
-//! was missed meanwhile from history.
+//! and the shard channel are in one slot. On a Cluster, scripts ([`Shards`]) and shard
+//! subscriptions (the subscriber) each use one connection per primary, so a failing
+//! primary stops only its own channels; the subscriber checks the slot map and each
+//! primary's count of its subscriptions every [`SLOT_CHECK_INTERVAL`] (Redis drops a
+//! slot's subscriptions when the slot leaves a primary, without a message the client
+//! library passes on).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
