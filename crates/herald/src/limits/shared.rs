@@ -211,10 +211,7 @@ impl SharedCounts {
     /// Logs (at most once per [`DEGRADED_LOG_INTERVAL`]) that sockets are being counted
     /// on this node alone.
     pub fn note_degraded(&self, reason: &str) {
-        let mut last = self
-            .degraded_logged
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut last = crate::sync::lock(&self.degraded_logged);
         if last.is_none_or(|at| at.elapsed() >= DEGRADED_LOG_INTERVAL) {
             *last = Some(tokio::time::Instant::now());
             tracing::warn!(
