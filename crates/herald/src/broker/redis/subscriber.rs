@@ -71,6 +71,8 @@ pub struct Subscriber {
     reconnects: AtomicU64,
     /// Stops the per-primary tasks with the subscriber.
     stop: CancellationToken,
+    /// Primaries whose failover is being followed ([`Subscriber::follow_failover`]).
+    failing: Mutex<std::collections::HashSet<Server>>,
 }
 
 /// Where the subscriptions live.
@@ -144,6 +146,7 @@ impl Subscriber {
             checking: tokio::sync::Mutex::new(()),
             reconnects: AtomicU64::new(0),
             stop: parts.stop,
+            failing: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -403,10 +406,22 @@ impl Subscriber {
     ) {
         let mut messages = client.message_rx();
         let mut reconnects = client.reconnect_rx();
+        let mut errors = client.error_rx();
+        let mut errors_open = server.is_some();
         let mut connected_before = std::collections::HashSet::new();
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
+                error = errors.recv(), if errors_open => match (error, &server) {
+                    (Err(tokio::sync::broadcast::error::RecvError::Closed), _) | (_, None) => errors_open = false,
+                    // The primary may be failing over: find its replacement promptly,
+                    // before new writes there hide the offsets it lost.
+                    (_, Some(server)) => {
+                        let this = self.clone();
+                        let server = server.clone();
+                        tokio::spawn(async move { this.follow_failover(server).await });
+                    }
+                },
                 message = messages.recv() => match message {
                     Ok(message) => self.deliver(&message),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {

@@ -6,6 +6,11 @@ use super::*;
 /// How long a subscribe waits for a primary's pub/sub connection that is not up yet.
 const PRIMARY_CONNECT_WAIT: Duration = Duration::from_millis(500);
 
+/// How often the slot map is read while a primary's connection is failing, and for how
+/// many rounds at most (the regular slot check takes over after).
+const FAILOVER_CHECK_INTERVAL: Duration = Duration::from_millis(200);
+const FAILOVER_CHECK_ROUNDS: u32 = 75;
+
 /// How long the slot check waits for a primary's count of this node's subscriptions.
 const VERIFY_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -181,5 +186,34 @@ impl Subscriber {
             }
             keep
         });
+    }
+
+    /// After an error on `server`'s connection: reads the slot map every
+    /// [`FAILOVER_CHECK_INTERVAL`] until no channel of this node is subscribed there or
+    /// the connection is back, so channels move to a promoted replica within a fraction
+    /// of a second of its promotion. One such loop per primary at a time.
+    pub(super) async fn follow_failover(self: &Arc<Self>, server: Server) {
+        let PubSub::Sharded { shards, .. } = &self.pubsub else {
+            return;
+        };
+        if !lock(&self.failing).insert(server.clone()) {
+            return;
+        }
+        for _ in 0..FAILOVER_CHECK_ROUNDS {
+            tokio::time::sleep(FAILOVER_CHECK_INTERVAL).await;
+            let back = self
+                .primary_if_any(&server)
+                .is_some_and(|client| client.is_connected());
+            let used = lock(&self.channels)
+                .values()
+                .any(|listening| listening.shard.as_ref() == Some(&server));
+            if back || !used {
+                break;
+            }
+            if tokio::time::timeout(COMMAND_TIMEOUT, shards.sync()).await.is_ok() {
+                self.resync(Resync::SlotCheck).await;
+            }
+        }
+        lock(&self.failing).remove(&server);
     }
 }
