@@ -717,7 +717,7 @@ async fn stats_and_metrics_count_ws_sockets() {
 /// channels gets what is published on A; a new tab on A resumes one of them with
 /// `since`; removing the user from the org through A ends only that subscription on B,
 /// within a second.
-pub(crate) async fn check_across_nodes(url: &str) {
+pub(crate) async fn check_across_nodes(url: &str, u: &str, org: &str) {
     let dir = tempfile::tempdir().unwrap();
     let node = || {
         TestServer::builder()
@@ -731,14 +731,13 @@ pub(crate) async fn check_across_nodes(url: &str) {
     let a = node().await;
     assert_eq!(a.get("/healthz").await.0, 200);
     let b = node().await;
-    let (u, org) = (user("multi"), user("org"));
-    assert_eq!(a.put(&member_path(&org, &u)).await.0, 204);
+    assert_eq!(a.put(&member_path(org, u)).await.0, 204);
     let channels = [
         format!("notifications:{u}"),
         format!("frames:{u}"),
         format!("org:{org}"),
     ];
-    let (mut on_b, _) = b.connect(WS, &u).await;
+    let (mut on_b, _) = b.connect(WS, u).await;
     let mut epochs = Vec::new();
     for channel in &channels {
         epochs.push(subscribe(&mut on_b, channel, channel).await["epoch"].clone());
@@ -758,7 +757,7 @@ pub(crate) async fn check_across_nodes(url: &str) {
     }
 
     // A second tab on the other node resumes one channel after offset 1.
-    let (mut on_a, _) = a.connect(WS, &u).await;
+    let (mut on_a, _) = a.connect(WS, u).await;
     send_subscribe(
         &mut on_a,
         &channels[2],
@@ -777,7 +776,7 @@ pub(crate) async fn check_across_nodes(url: &str) {
     );
 
     let started = Instant::now();
-    assert_eq!(a.delete(&member_path(&org, &u)).await.0, 204);
+    assert_eq!(a.delete(&member_path(org, u)).await.0, 204);
     for ws in [&mut on_b, &mut on_a] {
         let ended = tokio::time::timeout(Duration::from_secs(5), ws.next_json())
             .await
@@ -801,7 +800,7 @@ async fn subscriptions_recovery_and_removal_across_two_nodes() {
     let Some(redis) = Redis::start().await else {
         return;
     };
-    check_across_nodes(&redis.url()).await;
+    check_across_nodes(&redis.url(), &user("multi"), &user("org")).await;
 }
 
 /// However many sockets and subscriptions a node has on a channel, it subscribes to
