@@ -70,9 +70,7 @@ impl ConnectionLimits {
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, u32>> {
         // Critical sections are single map updates; a poisoned lock is still consistent.
-        self.counts
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.counts)
     }
 
     /// Takes a slot for `user_id`, or refuses if the user is at the limit.

@@ -36,6 +36,8 @@ use crate::http::error::ApiError;
 use crate::http::server::{ClientIp, Load};
 use crate::ids::UserId;
 use crate::limits::LimitRefusal;
+// `Endpoint` is a metrics label and lives in `metrics` since issue 16.
+pub use crate::metrics::Endpoint;
 use session::{Plan, Resume};
 
 /// Client messages larger than this close the socket with 1009 (docs/protocol.md).
@@ -43,34 +45,6 @@ pub const MAX_CLIENT_MESSAGE: usize = 4 * 1024;
 
 /// The longest `epoch` a client may send back (herald's are 32 characters).
 const MAX_EPOCH_LEN: usize = 64;
-
-/// The endpoint a socket connected to; a bounded label for metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Endpoint {
-    Notifications,
-    Events,
-    FrameStream,
-    /// `/ws/`: any number of channels, subscribed by messages.
-    Multiplexed,
-}
-
-impl Endpoint {
-    pub const ALL: [Endpoint; 4] = [
-        Self::Notifications,
-        Self::Events,
-        Self::FrameStream,
-        Self::Multiplexed,
-    ];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Notifications => "notifications",
-            Self::Events => "events",
-            Self::FrameStream => "frame_stream",
-            Self::Multiplexed => "ws",
-        }
-    }
-}
 
 pub fn router() -> Router<AppState> {
     Router::new()

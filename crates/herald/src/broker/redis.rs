@@ -20,31 +20,30 @@
 //! step, so offsets grow by exactly 1, a message is in history before any node receives
 //! it, and every node receives a channel's messages in offset order.
 //!
-//! Each node holds two connections: one for commands and one, owned by the subscriber
-//! task ([`Subscriber`]), that subscribes once per channel with a socket on this node.
-//! Both reconnect with backoff; after the subscriber reconnects it subscribes again to
-//! every channel the node still has. Messages published while a node was cut off are
-//! not replayed by the node: its clients fill the gap from history (on the next live
-//! message, or when they reconnect with `since`).
+//! Each node holds a connection for commands and the subscriber's pub/sub connection
+//! ([`Subscriber`], in `subscriber.rs`), which subscribes once per channel with a socket
+//! on this node. Both reconnect with backoff; after the subscriber reconnects it
+//! subscribes again to every channel the node still has and catches each one up from
+//! history, so nothing published while it was cut off is left unsent.
 //!
 //! On one Redis (`redis://`) messages go through plain pub/sub (PUBLISH, SUBSCRIBE),
 //! which any Redis version has. On a Redis Cluster (`redis-cluster://`) they go through
 //! sharded pub/sub (SPUBLISH, SSUBSCRIBE; Redis 7.0 or later): a message is only sent
 //! to the primary that owns its channel's slot, instead of to every node of the
 //! cluster. The pub/sub channel carries the channel's hash tag, so the publish script
-//! and the shard channel are in one slot, and each SSUBSCRIBE goes to the primary
-//! holding that slot. Redis drops shard subscriptions when their slot moves to another
-//! primary (resharding, failover) without a message the client library passes on, so on
-//! a Cluster the subscriber also refreshes the slot map every [`SLOT_CHECK_INTERVAL`]
-//! and subscribes again to every channel whose slot changed owner; clients fill what
-//! was missed meanwhile from history.
+//! and the shard channel are in one slot. On a Cluster, scripts ([`Shards`]) and shard
+//! subscriptions (the subscriber) each use one connection per primary, so a failing
+//! primary stops only its own channels; the subscriber checks the slot map and each
+//! primary's count of its subscriptions every [`SLOT_CHECK_INTERVAL`] (Redis drops a
+//! slot's subscriptions when the slot leaves a primary, without a message the client
+//! library passes on).
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use fred::prelude::{Builder, ClientLike, Config, ReconnectPolicy, Value};
+use fred::prelude::{ClientLike, Config, Value};
 use fred::types::scripts::Script;
 use fred::types::{ClusterHash, CustomCommand};
 use tokio::time::Instant;
@@ -59,32 +58,14 @@ use subscriber::{Parts, Subscriber};
 use crate::broker::{Broker, BrokerError, History, Position, Published};
 use crate::channel::{new_id, now_rfc3339, Channel, Draft, Message};
 use crate::hub::Hub;
+use crate::redis::{build_client, COMMAND_TIMEOUT, FIRST_CONNECT_WAIT};
+use crate::sync::lock;
 
 /// How long after its history the epoch and offset of an idle channel are kept.
 pub const META_GRACE: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// The longest a command may take before the broker reports Redis unavailable.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// How long `connect` waits for the first connection before starting not-ready.
-const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(5);
-
-/// How long each of a node's other Redis connections (task queue, connection counts,
-/// control, idempotency) waits for its first connection at start. The broker's wait
-/// ([`FIRST_CONNECT_WAIT`]) already tells whether Redis is there; with Redis down, a
-/// longer wait each would only hold back the start (they add up), and every one of
-/// them keeps connecting in the background.
-pub const SECONDARY_CONNECT_WAIT: Duration = Duration::from_secs(1);
-
 /// Channels read at once when catching up after a reconnect.
 const CATCH_UP_CONCURRENCY: usize = 16;
-
-/// Pub/sub messages buffered between the connection and the subscriber task.
-const MESSAGE_BUFFER: usize = 16_384;
-
-/// Reconnect backoff: from 100 ms, doubling, up to 2 s, forever.
-const RECONNECT_MIN_MS: u32 = 100;
-const RECONNECT_MAX_MS: u32 = 2_000;
 
 /// On a Cluster, how often the subscriber refreshes the slot map to find channels whose
 /// slot moved to another primary (and so lost their shard subscription). This bounds
@@ -267,10 +248,6 @@ fn unix_ms() -> u64 {
         .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// Splits `"{number} {rest}"`.
 fn split_number(bytes: &[u8]) -> Option<(u64, &[u8])> {
     let space = bytes.iter().position(|&b| b == b' ')?;
@@ -384,10 +361,6 @@ async fn check_deployment(client: &fred::prelude::Client, fanout: Fanout) -> Res
     Ok(())
 }
 
-pub(crate) fn build_client(url: &str) -> Result<fred::prelude::Client, BrokerError> {
-    build_client_from(Config::from_url(url).map_err(unavailable)?)
-}
-
 /// The Cluster's per-primary command connections, when `client` is a Cluster client.
 pub(crate) fn shards_for(
     url: &str,
@@ -398,35 +371,6 @@ pub(crate) fn shards_for(
     }
     let config = Config::from_url(url).map_err(unavailable)?;
     Ok(Some(Arc::new(Shards::new(client.clone(), config))))
-}
-
-/// A client for `config` with herald's reconnect policy and timeouts.
-pub(crate) fn build_client_from(mut config: Config) -> Result<fred::prelude::Client, BrokerError> {
-    // Retry the first connection too: a node started before Redis waits, not-ready.
-    config.fail_fast = false;
-    Builder::from_config(config)
-        .set_policy(ReconnectPolicy::new_exponential(
-            0,
-            RECONNECT_MIN_MS,
-            RECONNECT_MAX_MS,
-            2,
-        ))
-        .with_connection_config(|connection| {
-            connection.connection_timeout = COMMAND_TIMEOUT;
-            connection.internal_command_timeout = COMMAND_TIMEOUT;
-            // A command cut off with its connection is not sent again after the
-            // reconnect: it may already have run, and a publish that runs twice is a
-            // duplicate no client can detect. The caller learns the outcome is unknown
-            // and retries with its Idempotency-Key.
-            connection.max_command_attempts = 1;
-        })
-        .with_performance_config(|performance| {
-            // Pub/sub messages wait here for the subscriber task; fred's default of 32
-            // would drop messages (clients then refill from history) on short bursts.
-            performance.broadcast_channel_capacity = MESSAGE_BUFFER;
-        })
-        .build()
-        .map_err(unavailable)
 }
 
 impl RedisBroker {

@@ -23,8 +23,9 @@ use fred::types::scripts::Script;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::redis::{build_client, may_send, shards_for, Shards, SECONDARY_CONNECT_WAIT};
+use crate::broker::redis::{may_send, shards_for, Shards};
 use crate::broker::BrokerError;
+use crate::redis::{build_client, SECONDARY_CONNECT_WAIT};
 
 /// A node whose heartbeat is older than this no longer counts.
 pub const NODE_TTL: Duration = Duration::from_secs(15);
@@ -126,7 +127,7 @@ impl SharedCounts {
         let client = build_client(url)?;
         let shards = shards_for(url, &client)?;
         client.connect();
-        let _ = tokio::time::timeout(SECONDARY_CONNECT_WAIT, client.wait_for_connect()).await;
+        crate::redis::wait_connected(&client, SECONDARY_CONNECT_WAIT).await;
         tokio::spawn({
             let client = client.clone();
             let stop = shutdown.clone();
@@ -210,10 +211,7 @@ impl SharedCounts {
     /// Logs (at most once per [`DEGRADED_LOG_INTERVAL`]) that sockets are being counted
     /// on this node alone.
     pub fn note_degraded(&self, reason: &str) {
-        let mut last = self
-            .degraded_logged
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut last = crate::sync::lock(&self.degraded_logged);
         if last.is_none_or(|at| at.elapsed() >= DEGRADED_LOG_INTERVAL) {
             *last = Some(tokio::time::Instant::now());
             tracing::warn!(

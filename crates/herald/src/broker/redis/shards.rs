@@ -112,7 +112,7 @@ impl Shards {
     pub(super) fn connection_to(&self, server: &Server) -> Result<fred::prelude::Client, BrokerError> {
         let mut config = self.config.clone();
         config.server = ServerConfig::new_centralized(server.host.to_string(), server.port);
-        super::build_client_from(config)
+        Ok(crate::redis::build_client_from(config)?)
     }
 
     /// How many shard subscriptions the connection `id` holds on `server` (`ssub` in

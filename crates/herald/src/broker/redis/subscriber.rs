@@ -222,7 +222,7 @@ impl Subscriber {
                 primaries: Mutex::new(HashMap::new()),
             },
             _ => {
-                let client = super::build_client(&parts.url)?;
+                let client = crate::redis::build_client(&parts.url)?;
                 client.connect();
                 PubSub::Plain(client)
             }
