@@ -12,7 +12,8 @@
 //! - [`app`]: `AppState`, what every handler and session shares.
 //! - [`redis`]: every Redis client (reconnects, timeouts, the wait at start).
 //! - [`sync`]: the poison-ignoring lock helper.
-//! - [`ws`]: the three WebSocket endpoints; [`ws::session`] runs one socket.
+//! - [`ws`]: the WebSocket endpoints (three single-channel ones and `/ws/`);
+//!   [`ws::session`] runs one socket.
 //! - [`http`]: the service API (publish, members, stats) and operations endpoints.
 //! - [`auth`]: user tokens (HS256, JWKS, OIDC discovery) and service API keys.
 //! - [`membership`]: who may join an org channel (database, claims or webhook).

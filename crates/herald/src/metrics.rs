@@ -23,7 +23,15 @@ use crate::channel::ChannelKind;
 use crate::close::CloseCode;
 
 /// Client message types, as labelled (see `ws::protocol::ClientMessage::label`).
-pub const CLIENT_MESSAGE_LABELS: [&str; 5] = ["ping", "heartbeat", "refresh", "unsupported", "invalid_json"];
+pub const CLIENT_MESSAGE_LABELS: [&str; 7] = [
+    "subscribe",
+    "unsubscribe",
+    "ping",
+    "heartbeat",
+    "refresh",
+    "unsupported",
+    "invalid_json",
+];
 
 /// Auth failures on the service API, besides the user-token reasons of `AuthFailure`.
 pub const API_KEY_FAILURES: [&str; 2] = ["missing_api_key", "bad_api_key"];
@@ -82,16 +90,24 @@ pub enum Endpoint {
     Notifications,
     Events,
     FrameStream,
+    /// `/ws/`: any number of channels, subscribed by messages.
+    Multiplexed,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 3] = [Self::Notifications, Self::Events, Self::FrameStream];
+    pub const ALL: [Endpoint; 4] = [
+        Self::Notifications,
+        Self::Events,
+        Self::FrameStream,
+        Self::Multiplexed,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
             Self::Notifications => "notifications",
             Self::Events => "events",
             Self::FrameStream => "frame_stream",
+            Self::Multiplexed => "ws",
         }
     }
 }
@@ -558,6 +574,8 @@ mod tests {
         for name in [
             "herald_connections_open{endpoint=\"notifications\"} 0",
             "herald_connections_open{endpoint=\"frame_stream\"} 0",
+            "herald_connections_open{endpoint=\"ws\"} 0",
+            "herald_client_messages_total{type=\"subscribe\"} 0",
             "herald_connections_per_user_count 0",
             "herald_connection_duration_seconds_count 0",
             "herald_messages_published_total{kind=\"org\"} 0",

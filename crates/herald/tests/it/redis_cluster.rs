@@ -475,6 +475,34 @@ async fn removing_a_member_closes_their_org_sockets_on_every_node_of_a_cluster()
     crate::control::check_member_removal_across_nodes(&cluster.url).await;
 }
 
+/// SPEC §11 on a Cluster: one `/ws/` socket's three channels live on three different
+/// masters, yet it gets them all, resumes them and loses one on a membership removal,
+/// as on one Redis.
+#[tokio::test]
+async fn a_ws_socket_gets_channels_from_every_master_of_a_cluster() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    let owner = |channel: String| {
+        let key = format!("herald:{{{channel}}}:messages");
+        let cluster = &cluster;
+        async move { cluster.owner(slot_of(&key)).await }
+    };
+    let (u, org) = loop {
+        let (u, org) = (user("multi"), user("org"));
+        let owners: std::collections::BTreeSet<u16> = [
+            owner(format!("notifications:{u}")).await,
+            owner(format!("frames:{u}")).await,
+            owner(format!("org:{org}")).await,
+        ]
+        .into();
+        if owners.len() == 3 {
+            break (u, org);
+        }
+    };
+    crate::multiplexed::check_across_nodes(&cluster.url, &u, &org).await;
+}
+
 #[tokio::test]
 async fn a_plain_redis_url_naming_a_cluster_node_is_refused() {
     let Some(cluster) = Cluster::start().await else {
