@@ -1057,12 +1057,15 @@ export class HeraldClient extends Connection {
 
   /**
    * Resolves with the welcome once the socket is open (at once if it is); rejects if the
-   * client stops for good first (close(), or a close code after which it does not
-   * reconnect). Call connect() to open it.
+   * client is closed, or stops for good first (close(), or a close code after which it
+   * does not reconnect). Call connect() to open it.
    * @returns {Promise<ClientWelcomeMessage>}
    */
   connected() {
     if (this.state === "open" && this.welcome) return Promise.resolve(this.welcome);
+    if (this.state === "closed") {
+      return Promise.reject(new HeraldError("the client is closed: call connect() first", { code: 1000 }));
+    }
     return new Promise((resolve, reject) => this._waiters.push({ resolve, reject }));
   }
 
