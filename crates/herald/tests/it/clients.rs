@@ -289,6 +289,31 @@ async fn dev_mode_mints_tokens_and_sends_test_messages() {
     let (status, _) = dev_post(&srv, "/dev/token", None, json!({})).await;
     assert_eq!(status, 400);
 
+    // Several orgs at once (the demo page's two): the token names both, and the user is
+    // made a member of each.
+    let (status, minted) = dev_post(
+        &srv,
+        "/dev/token",
+        None,
+        json!({"user_id": "bob", "org_id": "acme", "org_ids": ["globex", "acme"]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{minted}");
+    assert_eq!(minted["org_id"], "acme");
+    assert_eq!(minted["org_ids"], json!(["acme", "globex"]));
+    let bob = minted["token"].as_str().unwrap().to_owned();
+    for org in ["acme", "globex"] {
+        let (_, welcome) = WsClient::connect(&srv, &format!("/ws/events/{org}/"))
+            .token(&bob)
+            .connected()
+            .await;
+        assert_eq!(welcome["org_id"], org);
+    }
+    for bad in [json!({"user_id": "bob", "org_ids": "acme"}), json!({"user_id": "bob", "org_ids": [""]}), json!({"user_id": "bob", "org_ids": ["bad org"]})] {
+        let (status, body) = dev_post(&srv, "/dev/token", None, bad.clone()).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+
     // The dev token is an ordinary token of this herald: the user API takes it too.
     let response = srv
         .http
