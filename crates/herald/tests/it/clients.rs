@@ -309,7 +309,11 @@ async fn dev_mode_mints_tokens_and_sends_test_messages() {
             .await;
         assert_eq!(welcome["org_id"], org);
     }
-    for bad in [json!({"user_id": "bob", "org_ids": "acme"}), json!({"user_id": "bob", "org_ids": [""]}), json!({"user_id": "bob", "org_ids": ["bad org"]})] {
+    for bad in [
+        json!({"user_id": "bob", "org_ids": "acme"}),
+        json!({"user_id": "bob", "org_ids": [""]}),
+        json!({"user_id": "bob", "org_ids": ["bad org"]}),
+    ] {
         let (status, body) = dev_post(&srv, "/dev/token", None, bad.clone()).await;
         assert_eq!(status, 400, "{bad}: {body}");
     }
@@ -521,7 +525,7 @@ async fn herald_listen_follows_several_channels_over_one_socket() {
         )
         .await;
     assert_eq!(status, 202);
-    let mut published = vec![next().await, next().await];
+    let mut published = [next().await, next().await];
     published.sort_by_key(|m| m["channel"].as_str().unwrap_or("").to_owned());
     assert_eq!(published[0]["channel"], "notifications:lena");
     assert_eq!(published[0]["notification"]["title"], "one socket");
