@@ -66,6 +66,7 @@ settings! {
     ENV_LLM_API_KEY = "HERALD_LLM_API_KEY", "", true, "Bearer key for the LLM API.";
     ENV_LLM_MODEL = "HERALD_LLM_MODEL", "gpt-4o-mini", false, "Model name sent to the LLM.";
     ENV_MAX_CONNECTIONS_PER_USER = "HERALD_MAX_CONNECTIONS_PER_USER", "3", false, "Concurrent sockets per user, all endpoints, all nodes.";
+    ENV_MAX_SUBSCRIPTIONS_PER_CONNECTION = "HERALD_MAX_SUBSCRIPTIONS_PER_CONNECTION", "128", false, "Channels one `/ws/` socket may subscribe to at once.";
     ENV_MAX_CONNECTION_AGE = "HERALD_MAX_CONNECTION_AGE", "7200", false, "Seconds before the server closes a socket.";
     ENV_CLIENT_MESSAGES_PER_MINUTE = "HERALD_CLIENT_MESSAGES_PER_MINUTE", "60", false, "Client-to-server messages allowed per socket per minute.";
     ENV_LOG = "HERALD_LOG", "info", false, "Log filter, `RUST_LOG` syntax.";
@@ -147,6 +148,7 @@ pub struct Config {
     pub llm_api_key: Option<Secret>,
     pub llm_model: String,
     pub max_connections_per_user: u32,
+    pub max_subscriptions_per_connection: u32,
     pub max_connection_age: Duration,
     pub client_messages_per_minute: u32,
     pub log: String,
@@ -399,6 +401,8 @@ pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
         llm_api_key: values.optional(ENV_LLM_API_KEY).map(Secret::new),
         llm_model: values.get(ENV_LLM_MODEL),
         max_connections_per_user: values.parse(ENV_MAX_CONNECTIONS_PER_USER, parse_positive)?,
+        max_subscriptions_per_connection: values
+            .parse(ENV_MAX_SUBSCRIPTIONS_PER_CONNECTION, parse_positive)?,
         max_connection_age: values.parse(ENV_MAX_CONNECTION_AGE, parse_seconds)?,
         client_messages_per_minute: values.parse(ENV_CLIENT_MESSAGES_PER_MINUTE, parse_positive)?,
         log: values.get(ENV_LOG),

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use crate::app::AppState;
 use crate::channel::{Channel, ChannelKind, Message};
-use crate::hub::{Drained, Outbox};
+use crate::hub::{Batch, Drained, Outbox, SOLE};
 use crate::ids::UserId;
 use crate::tasks::TaskStatus;
 
@@ -108,7 +108,7 @@ pub fn follow(
             Arc::from(user_id.as_str()),
             state.config.outbox_max_bytes,
         ));
-        if state.hub.subscribe(&channel, outbox.clone()) {
+        if state.hub.subscribe(&channel, outbox.clone(), SOLE) {
             if let Err(err) = state.broker.subscribe(&channel).await {
                 tracing::warn!(%channel, error = %err, "broker subscribe failed");
             }
@@ -128,7 +128,7 @@ pub fn follow(
         if let Err(Stop::Lost(why)) = result {
             let _ = follower.tx.send(Followed::Lost(why)).await;
         }
-        if state.hub.unsubscribe(&channel, &outbox) {
+        if state.hub.unsubscribe(&channel, &outbox, SOLE) {
             state.broker.unsubscribe(&channel).await;
         }
     });
@@ -244,7 +244,7 @@ impl Follower<'_> {
         }
         let grace = tokio::time::sleep_until(Instant::now() + ENDED_GRACE);
         tokio::pin!(grace);
-        let mut batch = Vec::new();
+        let mut batch = Batch::default();
         loop {
             tokio::select! {
                 () = self.outbox.wait() => {}
@@ -259,7 +259,7 @@ impl Follower<'_> {
                     "the client read too slowly; resume with Last-Event-ID",
                 ));
             }
-            for message in batch.drain(..) {
+            for (_, message) in batch.messages.drain(..) {
                 if self.forward(message).await? {
                     return Ok(());
                 }

@@ -1,5 +1,10 @@
 //! This node's fan-out: channel name → the outboxes of the sockets subscribed to it here.
 //!
+//! A socket has one outbox whatever its number of channels: a `/ws/` socket subscribed
+//! to three channels appears in three channels' lists, each time with the
+//! [`SubscriptionId`] its session gave that subscription, and every message is queued
+//! with it, so the session knows which channel a message is for without parsing it.
+//!
 //! **Invariant:** no publisher ever waits on a client. Delivery pushes the message's
 //! shared bytes into each outbox without blocking; an outbox that overflows asks its
 //! session to close with 1008 and is dropped from the channel.
@@ -13,13 +18,19 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::channel::{Channel, Message};
 use crate::close::Close;
-pub use outbox::{Drained, Outbox, Overflow};
+pub use outbox::{Batch, Drained, Outbox, Overflow, SubscriptionId, SOLE};
 
 /// Channels are spread over this many independently locked maps so that publishes and
 /// subscribes to different channels rarely contend.
 const SHARDS: usize = 64;
 
-type Subscribers = HashMap<Arc<str>, Vec<Arc<Outbox>>>;
+type Subscribers = HashMap<Arc<str>, Vec<Subscriber>>;
+
+/// One socket's subscription to a channel.
+struct Subscriber {
+    outbox: Arc<Outbox>,
+    sub: SubscriptionId,
+}
 
 pub struct Hub {
     shards: Box<[Mutex<Subscribers>]>,
@@ -30,7 +41,7 @@ pub struct Hub {
     slow: AtomicU64,
     /// Calls to [`Hub::disconnect_user`]. A session reads it before its membership
     /// check and again after subscribing: if it moved, a removal may have run in
-    /// between, found no socket to close, and the membership must be checked again.
+    /// between, found no subscription to end, and the membership must be checked again.
     revocations: AtomicU64,
 }
 
@@ -72,23 +83,23 @@ impl Hub {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Adds `outbox` to `channel`. Returns true if it is the channel's first subscriber
-    /// on this node (the broker then starts listening for it).
-    pub fn subscribe(&self, channel: &Channel, outbox: Arc<Outbox>) -> bool {
+    /// Adds `outbox` to `channel` as its subscription `sub`. Returns true if it is the
+    /// channel's first subscriber on this node (the broker then starts listening for it).
+    pub fn subscribe(&self, channel: &Channel, outbox: Arc<Outbox>, sub: SubscriptionId) -> bool {
         let mut shard = self.shard(channel.name());
         let subscribers = shard.entry(Arc::from(channel.name())).or_default();
-        subscribers.push(outbox);
+        subscribers.push(Subscriber { outbox, sub });
         subscribers.len() == 1
     }
 
-    /// Removes `outbox` from `channel`. Returns true if the channel has no subscriber
-    /// left on this node.
-    pub fn unsubscribe(&self, channel: &Channel, outbox: &Arc<Outbox>) -> bool {
+    /// Removes subscription `sub` of `outbox` from `channel`. Returns true if the channel
+    /// has no subscriber left on this node.
+    pub fn unsubscribe(&self, channel: &Channel, outbox: &Arc<Outbox>, sub: SubscriptionId) -> bool {
         let mut shard = self.shard(channel.name());
         let Some(subscribers) = shard.get_mut(channel.name()) else {
             return true;
         };
-        subscribers.retain(|o| !Arc::ptr_eq(o, outbox));
+        subscribers.retain(|s| !(Arc::ptr_eq(&s.outbox, outbox) && s.sub == sub));
         if subscribers.is_empty() {
             shard.remove(channel.name());
             true
@@ -105,7 +116,7 @@ impl Hub {
             return Delivery::default();
         };
         let mut delivery = Delivery::default();
-        subscribers.retain(|outbox| match outbox.push(message) {
+        subscribers.retain(|s| match s.outbox.push(s.sub, message) {
             Ok(()) => {
                 delivery.queued += 1;
                 true
@@ -139,7 +150,9 @@ impl Hub {
         }
     }
 
-    /// Asks every socket of `user_id` on `channel` to close. Returns how many.
+    /// Ends every subscription of `user_id` to `channel`: a single-channel socket is
+    /// closed with `close`, a `/ws/` subscription ends and its socket is told in band.
+    /// Returns how many.
     pub fn disconnect_user(&self, channel: &Channel, user_id: &str, close: &Close) -> usize {
         let shard = self.shard(channel.name());
         // Counted under the shard lock: a session that subscribes after this scan sees
@@ -149,21 +162,22 @@ impl Hub {
             return 0;
         };
         let mut n = 0;
-        for outbox in subscribers.iter().filter(|o| o.user_id() == user_id) {
-            outbox.request_close(close.clone());
+        for s in subscribers.iter().filter(|s| s.outbox.user_id() == user_id) {
+            s.outbox.end(s.sub, close.clone());
             n += 1;
         }
         n
     }
 
-    /// Asks every socket on the channel named `channel` to close. Returns how many.
+    /// Asks every socket on the channel named `channel` to close (a `/ws/` socket with
+    /// its other subscriptions: each resumes with `since`). Returns how many.
     pub fn disconnect_channel(&self, channel: &str, close: &Close) -> usize {
         let shard = self.shard(channel);
         let Some(subscribers) = shard.get(channel) else {
             return 0;
         };
-        for outbox in subscribers.iter() {
-            outbox.request_close(close.clone());
+        for s in subscribers.iter() {
+            s.outbox.request_close(close.clone());
         }
         subscribers.len()
     }
@@ -187,7 +201,7 @@ impl Hub {
             for (channel, subscribers) in shard.iter().filter(|(channel, _)| channel.starts_with(prefix)) {
                 let users = subscribers
                     .iter()
-                    .map(|outbox| outbox.user_id().to_owned())
+                    .map(|s| s.outbox.user_id().to_owned())
                     .collect();
                 found.push((channel.to_string(), users));
             }

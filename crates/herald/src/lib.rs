@@ -6,7 +6,8 @@
 //! - [`config`]: the typed configuration, loaded from defaults < TOML < environment.
 //! - [`cli`]: `herald serve | worker | token | listen`; thin, calls [`serve`] or [`work`].
 //! - [`app`]: `AppState` and the router listing every route.
-//! - [`ws`]: the three WebSocket endpoints; [`ws::session`] runs one socket.
+//! - [`ws`]: the WebSocket endpoints (three single-channel ones and `/ws/`);
+//!   [`ws::session`] runs one socket.
 //! - [`http`]: the service API (publish, members, stats) and operations endpoints.
 //! - [`auth`]: user tokens (HS256, JWKS, OIDC discovery) and service API keys.
 //! - [`membership`]: who may join an org channel (database, claims or webhook).

@@ -24,7 +24,15 @@ use crate::close::CloseCode;
 use crate::ws::Endpoint;
 
 /// Client message types, as labelled (see `ws::protocol::ClientMessage::label`).
-pub const CLIENT_MESSAGE_LABELS: [&str; 5] = ["ping", "heartbeat", "refresh", "unsupported", "invalid_json"];
+pub const CLIENT_MESSAGE_LABELS: [&str; 7] = [
+    "subscribe",
+    "unsubscribe",
+    "ping",
+    "heartbeat",
+    "refresh",
+    "unsupported",
+    "invalid_json",
+];
 
 /// Auth failures on the service API, besides the user-token reasons of `AuthFailure`.
 pub const API_KEY_FAILURES: [&str; 2] = ["missing_api_key", "bad_api_key"];
@@ -534,6 +542,8 @@ mod tests {
         for name in [
             "herald_connections_open{endpoint=\"notifications\"} 0",
             "herald_connections_open{endpoint=\"frame_stream\"} 0",
+            "herald_connections_open{endpoint=\"ws\"} 0",
+            "herald_client_messages_total{type=\"subscribe\"} 0",
             "herald_connections_per_user_count 0",
             "herald_connection_duration_seconds_count 0",
             "herald_messages_published_total{kind=\"org\"} 0",

@@ -1,4 +1,6 @@
-//! The three WebSocket endpoints and their handshake (docs/protocol.md).
+//! The WebSocket endpoints and their handshake (docs/protocol.md): the three
+//! single-channel endpoints, and `/ws/`, one socket for many channels, whose client
+//! subscribes after the handshake (`session`).
 //!
 //! Handshake order: the `Origin` check answers 403 without upgrading; every other check
 //! (path id, `since`/`epoch`, token, membership) is decided before the `101` is sent,
@@ -48,22 +50,32 @@ pub enum Endpoint {
     Notifications,
     Events,
     FrameStream,
+    /// `/ws/`: any number of channels, subscribed by messages.
+    Multiplexed,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 3] = [Self::Notifications, Self::Events, Self::FrameStream];
+    pub const ALL: [Endpoint; 4] = [
+        Self::Notifications,
+        Self::Events,
+        Self::FrameStream,
+        Self::Multiplexed,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
             Self::Notifications => "notifications",
             Self::Events => "events",
             Self::FrameStream => "frame_stream",
+            Self::Multiplexed => "ws",
         }
     }
 }
 
 pub fn router() -> Router<AppState> {
     Router::new()
+        .route("/ws", get(multiplexed))
+        .route("/ws/", get(multiplexed))
         .route("/ws/notifications", get(notifications))
         .route("/ws/notifications/", get(notifications))
         .route("/ws/events/{org_id}", get(events))
@@ -74,6 +86,10 @@ pub fn router() -> Router<AppState> {
 
 async fn notifications(State(state): State<AppState>, request: Request) -> Response {
     handshake(state, Endpoint::Notifications, None, request).await
+}
+
+async fn multiplexed(State(state): State<AppState>, request: Request) -> Response {
+    handshake(state, Endpoint::Multiplexed, None, request).await
 }
 
 /// The path id, or one that fails the identifier rule when the path segment is not
@@ -271,6 +287,12 @@ async fn decide(
         Err(err) => return reject(CloseCode::BadRequest, err.to_string()),
     };
     let resume = match parse_resume(&query) {
+        Ok(Some(_)) if endpoint == Endpoint::Multiplexed => {
+            return reject(
+                CloseCode::BadRequest,
+                "on /ws/, send since and epoch in each subscribe message".to_owned(),
+            );
+        }
         Ok(resume) => resume,
         Err(reason) => return reject(CloseCode::BadRequest, reason.to_owned()),
     };
@@ -296,9 +318,11 @@ async fn decide(
     // 4003: permission for the channel.
     let revocations = state.hub.revocations();
     let (channel, org_id) = match (endpoint, path_channel) {
+        // Each subscription is authorized on its own (`session`).
+        (Endpoint::Multiplexed, _) => (None, None),
         (Endpoint::Notifications, _) => {
             match Channel::new(ChannelKind::Notifications, identity.user_id.as_str()) {
-                Ok(channel) => (channel, None),
+                Ok(channel) => (Some(channel), None),
                 Err(err) => return reject(CloseCode::Unauthorized, err.to_string()),
             }
         }
@@ -311,7 +335,7 @@ async fn decide(
                 );
             }
             let org_id = channel.id().to_owned();
-            (channel, Some(org_id))
+            (Some(channel), Some(org_id))
         }
         (Endpoint::FrameStream, Some(channel)) => {
             if UserId::parse(channel.id()).ok().as_ref() != Some(&identity.user_id) {
@@ -321,12 +345,13 @@ async fn decide(
                     "this stream belongs to another user".to_owned(),
                 );
             }
-            (channel, None)
+            (Some(channel), None)
         }
         (_, None) => return reject(CloseCode::BadRequest, "missing path id".to_owned()),
     };
 
-    // 4429: the user's connection limit, counted over every endpoint.
+    // 4429: the user's connection limit, counted over every endpoint: a `/ws/` socket
+    // with many subscriptions is one connection.
     let slot = match state.connection_limits.acquire(identity.user_id.as_str()).await {
         Ok(slot) => slot,
         Err(LimitRefusal::TooMany) => {
@@ -358,19 +383,20 @@ async fn decide(
     }))
 }
 
+/// Whether `epoch` can be an epoch a client was given: short, `[A-Za-z0-9_-]`.
+pub fn valid_epoch(epoch: &str) -> bool {
+    epoch.len() <= MAX_EPOCH_LEN
+        && epoch
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// `since` must be a non-negative integer; `epoch` a short token. `epoch` alone is an
 /// error; `since` alone resumes from whatever epoch the channel has.
 fn parse_resume(query: &HashMap<String, String>) -> Result<Option<Resume>, &'static str> {
     let epoch = match query.get("epoch").map(String::as_str) {
         None | Some("") => None,
-        Some(epoch)
-            if epoch.len() <= MAX_EPOCH_LEN
-                && epoch
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
-        {
-            Some(epoch.to_owned())
-        }
+        Some(epoch) if valid_epoch(epoch) => Some(epoch.to_owned()),
         Some(_) => return Err("epoch is not a valid epoch"),
     };
     match query.get("since") {

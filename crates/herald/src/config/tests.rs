@@ -19,6 +19,7 @@ fn defaults_load() {
     assert_eq!(config.database_url, "sqlite://herald.db");
     assert_eq!(config.membership, MembershipMode::Database);
     assert_eq!(config.max_connections_per_user, 3);
+    assert_eq!(config.max_subscriptions_per_connection, 128);
     assert_eq!(config.max_connection_age, Duration::from_secs(7200));
     assert_eq!(config.client_messages_per_minute, 60);
     assert_eq!(config.history_size, 1000);
@@ -70,6 +71,7 @@ fn check_invalid(name: &str, value: &str, expected: &str) {
 fn bad_values_name_the_variable() {
     check_invalid("HERALD_LISTEN", "localhost", "expected host:port");
     check_invalid("HERALD_MAX_CONNECTIONS_PER_USER", "0", "1 or more");
+    check_invalid("HERALD_MAX_SUBSCRIPTIONS_PER_CONNECTION", "0", "1 or more");
     check_invalid("HERALD_MAX_CONNECTION_AGE", "soon", "seconds");
     check_invalid("HERALD_LOG_FORMAT", "xml", "text or json");
     check_invalid("HERALD_MEMBERSHIP", "ldap", "database, claims or webhook");

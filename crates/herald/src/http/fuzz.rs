@@ -190,6 +190,12 @@ proptest! {
                 prop_assert_eq!(kind, Some("refresh"));
                 prop_assert!(!token.is_empty());
             }
+            ClientMessage::Subscribe(subscribe) => {
+                prop_assert_eq!(kind, Some("subscribe"));
+                prop_assert!(subscribe.channel.is_null() || subscribe.channel.is_string());
+                prop_assert!(matches!(subscribe.id, Value::Null | Value::String(_) | Value::Number(_)));
+            }
+            ClientMessage::Unsubscribe { .. } => prop_assert_eq!(kind, Some("unsubscribe")),
             ClientMessage::Unsupported => {}
             ClientMessage::InvalidJson => prop_assert!(false, "valid JSON called invalid: {}", text),
         }

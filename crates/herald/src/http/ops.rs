@@ -75,6 +75,7 @@ async fn stats(State(state): State<AppState>, _key: ServiceKey) -> Response {
             "notifications": open(Endpoint::Notifications),
             "events": open(Endpoint::Events),
             "frame_stream": open(Endpoint::FrameStream),
+            "ws": open(Endpoint::Multiplexed),
             "auth_failures_total": metrics.auth_failures_total(),
         },
         "messages": {

@@ -5,6 +5,11 @@
 //! with 1008: a client that cannot keep up is disconnected rather than silently skipped,
 //! because offsets promise no gaps.
 //!
+//! One outbox serves every channel of its socket: each queued message carries the
+//! [`SubscriptionId`] it was delivered for, so a `/ws/` socket with many subscriptions
+//! still has one queue, one bound and one wake-up. Ending one subscription (membership
+//! lost) is queued beside the messages; closing the socket ends them all.
+//!
 //! An idle outbox holds no heap memory: the queue allocates on first use and is given
 //! back after a large burst.
 
@@ -20,6 +25,14 @@ use crate::close::Close;
 /// pin memory for the life of the socket.
 const SHRINK_ABOVE: usize = 64;
 
+/// Which of a socket's subscriptions a queued message is for: [`SOLE`] on the
+/// single-channel endpoints, 1, 2, 3, … for the subscriptions of a `/ws/` socket.
+pub type SubscriptionId = u32;
+
+/// The subscription of a single-channel socket: its channel is the whole socket, so
+/// ending it closes the socket.
+pub const SOLE: SubscriptionId = 0;
+
 pub struct Outbox {
     /// The user this socket belongs to, for closing a user's sockets on a channel.
     user_id: Arc<str>,
@@ -32,10 +45,22 @@ pub struct Outbox {
 
 #[derive(Default)]
 struct State {
-    queue: VecDeque<Message>,
+    queue: VecDeque<(SubscriptionId, Message)>,
     bytes: usize,
     /// Set once; the session closes the socket with it.
     close: Option<Close>,
+    /// Subscriptions to end (not the socket), with the reason the client is told.
+    ended: Vec<(SubscriptionId, Close)>,
+}
+
+/// What a session takes out of its outbox at once.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Queued messages in delivery order, each with the subscription it is for.
+    pub messages: Vec<(SubscriptionId, Message)>,
+    /// Subscriptions ended since the last drain. They take effect before the messages
+    /// of the same batch: nothing of an ended subscription is sent after it ended.
+    pub ended: Vec<(SubscriptionId, Close)>,
 }
 
 /// What a session gets when it drains its outbox.
@@ -69,9 +94,10 @@ impl Outbox {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Queues `message` without waiting. On overflow, asks the session to close with
-    /// 1008 and returns [`Overflow`]; messages after a close request are dropped.
-    pub fn push(&self, message: &Message) -> Result<(), Overflow> {
+    /// Queues `message` for subscription `sub` without waiting. On overflow, asks the
+    /// session to close with 1008 and returns [`Overflow`]; messages after a close
+    /// request are dropped.
+    pub fn push(&self, sub: SubscriptionId, message: &Message) -> Result<(), Overflow> {
         let mut state = self.lock();
         if state.close.is_some() {
             return Ok(());
@@ -86,7 +112,7 @@ impl Outbox {
             return Err(Overflow);
         }
         state.bytes += len;
-        state.queue.push_back(message.clone());
+        state.queue.push_back((sub, message.clone()));
         drop(state);
         self.notify.notify_one();
         Ok(())
@@ -102,6 +128,21 @@ impl Outbox {
         self.notify.notify_one();
     }
 
+    /// Ends subscription `sub` with `close` (its code and reason are told in band);
+    /// ending [`SOLE`] closes the socket.
+    pub fn end(&self, sub: SubscriptionId, close: Close) {
+        if sub == SOLE {
+            self.request_close(close);
+            return;
+        }
+        let mut state = self.lock();
+        if state.close.is_none() {
+            state.ended.push((sub, close));
+        }
+        drop(state);
+        self.notify.notify_one();
+    }
+
     /// The pending close request, if any, leaving queued messages in place.
     pub fn close_requested(&self) -> Option<Close> {
         self.lock().close.clone()
@@ -112,13 +153,18 @@ impl Outbox {
         self.notify.notified().await;
     }
 
-    /// Moves every queued message into `out` (in order), or returns the close request.
-    pub fn drain(&self, out: &mut Vec<Message>) -> Drained {
+    /// Moves every queued message and ended subscription into `out` (in order), or
+    /// returns the close request.
+    pub fn drain(&self, out: &mut Batch) -> Drained {
         let mut state = self.lock();
         if let Some(close) = state.close.clone() {
             return Drained::Close(close);
         }
-        out.extend(state.queue.drain(..));
+        out.messages.extend(state.queue.drain(..));
+        if !state.ended.is_empty() {
+            // Taken, not copied: an outbox keeps no memory for a rare event.
+            out.ended.extend(std::mem::take(&mut state.ended));
+        }
         state.bytes = 0;
         if state.queue.capacity() > SHRINK_ABOVE {
             state.queue = VecDeque::new();

@@ -15,7 +15,11 @@ fn message(offset: u64, len: usize) -> Message {
 }
 
 fn drain(outbox: &Outbox) -> Result<Vec<Message>, Close> {
-    let mut out = Vec::new();
+    drain_batch(outbox).map(|batch| batch.messages.into_iter().map(|(_, m)| m).collect())
+}
+
+fn drain_batch(outbox: &Outbox) -> Result<Batch, Close> {
+    let mut out = Batch::default();
     match outbox.drain(&mut out) {
         Drained::Messages => Ok(out),
         Drained::Close(close) => Err(close),
@@ -32,7 +36,7 @@ fn fanout_shares_one_buffer() {
         .map(|i| Arc::new(Outbox::new(Arc::from(format!("u{i}")), 1 << 20)))
         .collect();
     for outbox in &outboxes {
-        hub.subscribe(&channel, outbox.clone());
+        hub.subscribe(&channel, outbox.clone(), SOLE);
     }
     let msg = message(1, 300);
     let delivery = hub.deliver(channel.name(), &msg);
@@ -56,8 +60,8 @@ fn overflow_closes_only_the_slow_outbox() {
     let channel = Channel::parse("org:acme").unwrap();
     let slow = Arc::new(Outbox::new(Arc::from("slow"), 1000));
     let fast = Arc::new(Outbox::new(Arc::from("fast"), 1000));
-    hub.subscribe(&channel, slow.clone());
-    hub.subscribe(&channel, fast.clone());
+    hub.subscribe(&channel, slow.clone(), SOLE);
+    hub.subscribe(&channel, fast.clone(), SOLE);
     let mut fast_got = Vec::new();
     let mut slow_seen = 0;
     for offset in 1..=10 {
@@ -76,8 +80,8 @@ fn overflow_closes_only_the_slow_outbox() {
 #[test]
 fn a_single_large_message_is_accepted_into_an_empty_outbox() {
     let outbox = Outbox::new(Arc::from("u"), 10);
-    assert_eq!(outbox.push(&message(1, 50)), Ok(()));
-    assert_eq!(outbox.push(&message(2, 1)), Err(Overflow));
+    assert_eq!(outbox.push(SOLE, &message(1, 50)), Ok(()));
+    assert_eq!(outbox.push(SOLE, &message(2, 1)), Err(Overflow));
 }
 
 #[test]
@@ -88,15 +92,47 @@ fn disconnect_user_targets_only_that_user() {
     let a2 = Arc::new(Outbox::new(Arc::from("a"), 100));
     let b = Arc::new(Outbox::new(Arc::from("b"), 100));
     for o in [&a1, &a2, &b] {
-        hub.subscribe(&channel, (*o).clone());
+        hub.subscribe(&channel, (*o).clone(), SOLE);
     }
     let n = hub.disconnect_user(&channel, "a", &CloseCode::Forbidden.into());
     assert_eq!(n, 2);
     assert_eq!(drain(&a1).unwrap_err().code, CloseCode::Forbidden);
     assert_eq!(drain(&a2).unwrap_err().code, CloseCode::Forbidden);
     assert!(drain(&b).unwrap().is_empty());
-    assert!(!hub.unsubscribe(&channel, &a1));
-    assert!(!hub.unsubscribe(&channel, &a2));
-    assert!(hub.unsubscribe(&channel, &b));
+    assert!(!hub.unsubscribe(&channel, &a1, SOLE));
+    assert!(!hub.unsubscribe(&channel, &a2, SOLE));
+    assert!(hub.unsubscribe(&channel, &b, SOLE));
     assert!(!hub.has_subscribers(channel.name()));
+}
+
+/// Issue 17: one outbox in several channels. Each message is queued with the
+/// subscription it was delivered for, and a membership removal ends only that user's
+/// subscription to that channel, not the socket.
+#[test]
+fn one_outbox_serves_several_subscriptions() {
+    let hub = Hub::default();
+    let org = Channel::parse("org:acme").unwrap();
+    let notes = Channel::parse("notifications:a").unwrap();
+    let outbox = Arc::new(Outbox::new(Arc::from("a"), 1 << 20));
+    assert!(hub.subscribe(&org, outbox.clone(), 1));
+    assert!(hub.subscribe(&notes, outbox.clone(), 2));
+    hub.deliver(org.name(), &message(1, 10));
+    hub.deliver(notes.name(), &message(1, 10));
+    let batch = drain_batch(&outbox).unwrap();
+    let subs: Vec<SubscriptionId> = batch.messages.iter().map(|(sub, _)| *sub).collect();
+    assert_eq!(subs, [1, 2]);
+    assert_eq!(hub.subscription_count(), 2);
+
+    assert_eq!(hub.disconnect_user(&org, "a", &CloseCode::Forbidden.into()), 1);
+    hub.deliver(notes.name(), &message(2, 10));
+    let batch = drain_batch(&outbox).expect("the socket stays open");
+    assert_eq!(batch.ended.len(), 1);
+    assert_eq!(batch.ended[0].0, 1);
+    assert_eq!(batch.ended[0].1.code, CloseCode::Forbidden);
+    assert_eq!(batch.messages.len(), 1);
+    assert!(hub.unsubscribe(&org, &outbox, 1));
+    assert!(!hub.has_subscribers(org.name()));
+    // Unsubscribing another subscription id of the same outbox leaves this one.
+    assert!(!hub.unsubscribe(&notes, &outbox, 1));
+    assert!(hub.unsubscribe(&notes, &outbox, 2));
 }

@@ -4,9 +4,12 @@
 use serde_json::{json, Value};
 
 use crate::channel::now_rfc3339;
+use crate::ws::session::Resume;
 
 /// Client message types herald understands, in the order of the documented table.
-pub const CLIENT_MESSAGE_TYPES: [&str; 3] = ["ping", "heartbeat", "refresh"];
+/// `subscribe` and `unsubscribe` are for `/ws/` only; the single-channel endpoints answer
+/// them as unsupported.
+pub const CLIENT_MESSAGE_TYPES: [&str; 5] = ["subscribe", "unsubscribe", "ping", "heartbeat", "refresh"];
 
 /// A parsed client text frame.
 #[derive(Debug, PartialEq, Eq)]
@@ -15,6 +18,11 @@ pub enum ClientMessage {
     Heartbeat,
     Refresh {
         token: String,
+    },
+    Subscribe(Subscribe),
+    Unsubscribe {
+        channel: String,
+        id: Value,
     },
     /// Valid JSON, but not a message herald accepts.
     Unsupported,
@@ -36,6 +44,14 @@ impl ClientMessage {
                 },
                 _ => ClientMessage::Unsupported,
             },
+            Some("subscribe") => ClientMessage::Subscribe(Subscribe::parse(&value)),
+            Some("unsubscribe") => match value.get("channel").and_then(Value::as_str) {
+                Some(channel) => ClientMessage::Unsubscribe {
+                    channel: channel.to_owned(),
+                    id: request_id(&value),
+                },
+                None => ClientMessage::Unsupported,
+            },
             _ => ClientMessage::Unsupported,
         }
     }
@@ -46,9 +62,66 @@ impl ClientMessage {
             ClientMessage::Ping => "ping",
             ClientMessage::Heartbeat => "heartbeat",
             ClientMessage::Refresh { .. } => "refresh",
+            ClientMessage::Subscribe(_) => "subscribe",
+            ClientMessage::Unsubscribe { .. } => "unsubscribe",
             ClientMessage::Unsupported => "unsupported",
             ClientMessage::InvalidJson => "invalid_json",
         }
+    }
+}
+
+/// `{"type":"subscribe","channel","id","since"?,"epoch"?,"presence"?}`, as sent; the
+/// session checks the channel and the user's right to it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Subscribe {
+    /// The channel name as sent, echoed in the answer (`null` when it is not a string).
+    pub channel: Value,
+    /// The client's id for this request, echoed in the answer.
+    pub id: Value,
+    /// `since`/`epoch`, or why they are malformed (a 4000 refusal).
+    pub resume: Result<Option<Resume>, &'static str>,
+}
+
+impl Subscribe {
+    fn parse(value: &Value) -> Self {
+        let channel = match value.get("channel") {
+            Some(channel @ Value::String(_)) => channel.clone(),
+            _ => Value::Null,
+        };
+        // `presence` (SPEC §12) is accepted and not acted on yet.
+        let since = match value.get("since") {
+            None | Some(Value::Null) => Ok(None),
+            Some(since) => since
+                .as_u64()
+                .map(Some)
+                .ok_or("since must be a non-negative integer"),
+        };
+        let epoch = match value.get("epoch") {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(epoch)) if epoch.is_empty() => Ok(None),
+            Some(Value::String(epoch)) if crate::ws::valid_epoch(epoch) => Ok(Some(epoch.clone())),
+            Some(_) => Err("epoch is not a valid epoch"),
+        };
+        let resume = match (since, epoch) {
+            (Err(reason), _) | (_, Err(reason)) => Err(reason),
+            (Ok(None), Ok(Some(_))) => Err("epoch needs since"),
+            (Ok(None), Ok(None)) => Ok(None),
+            (Ok(Some(since)), Ok(epoch)) => Ok(Some(Resume { since, epoch })),
+        };
+        Self {
+            channel,
+            id: request_id(value),
+            resume,
+        }
+    }
+}
+
+/// The `id` a client gave a request, echoed in the answer: a string or a number, else
+/// `null`.
+fn request_id(value: &Value) -> Value {
+    match value.get("id") {
+        Some(id @ (Value::String(_) | Value::Number(_))) => id.clone(),
+        _ => Value::Null,
     }
 }
 
@@ -76,11 +149,66 @@ pub fn invalid_json() -> String {
     )
 }
 
-pub fn unsupported_message() -> String {
+/// The answer to a message herald does not take; on `/ws/` it names subscribe and
+/// unsubscribe too.
+pub fn unsupported_message(multiplexed: bool) -> String {
     error(
         "unsupported_message",
-        "clients may send only ping, heartbeat and refresh messages",
+        if multiplexed {
+            "clients may send only subscribe, unsubscribe, ping, heartbeat and refresh messages"
+        } else {
+            "clients may send only ping, heartbeat and refresh messages"
+        },
     )
+}
+
+/// The welcome of a `/ws/` socket, which has no channel yet.
+pub fn multiplexed_welcome(connection_id: &str, user_id: &str) -> String {
+    json!({
+        "type": "system",
+        "status": "connected",
+        "connection_id": connection_id,
+        "user_id": user_id,
+        "timestamp": now_rfc3339(),
+    })
+    .to_string()
+}
+
+/// A subscription took effect: the channel stands at `epoch`/`offset`. `read_offset`
+/// is the user's read position (SPEC §12), 0 while herald keeps no read state.
+pub fn subscribed(channel: &str, id: &Value, epoch: &str, offset: u64, read_offset: u64) -> String {
+    json!({
+        "type": "subscribed",
+        "channel": channel,
+        "id": id,
+        "epoch": epoch,
+        "offset": offset,
+        "read_offset": read_offset,
+    })
+    .to_string()
+}
+
+/// A subscription was refused; the socket stays open. `code` is 4000, 4003 or 4429.
+pub fn subscribe_error(channel: &Value, id: &Value, code: u16, error: &str, message: &str) -> String {
+    json!({
+        "type": "subscribe_error",
+        "channel": channel,
+        "id": id,
+        "code": code,
+        "error": error,
+        "message": message,
+    })
+    .to_string()
+}
+
+/// The answer to `unsubscribe`.
+pub fn unsubscribed(channel: &str, id: &Value) -> String {
+    json!({"type": "unsubscribed", "channel": channel, "id": id}).to_string()
+}
+
+/// A subscription ended by the server (membership lost); the socket stays open.
+pub fn subscription_ended(channel: &str, code: u16, reason: &str) -> String {
+    json!({"type": "unsubscribed", "channel": channel, "code": code, "reason": reason}).to_string()
 }
 
 /// The first message of every accepted socket.
@@ -155,5 +283,64 @@ mod tests {
         );
         assert_eq!(ClientMessage::parse("[1,2]"), ClientMessage::Unsupported);
         assert_eq!(ClientMessage::parse("hello"), ClientMessage::InvalidJson);
+        assert_eq!(
+            ClientMessage::parse(r#"{"type":"unsubscribe","channel":"org:a","id":"s1"}"#),
+            ClientMessage::Unsubscribe {
+                channel: "org:a".to_owned(),
+                id: json!("s1")
+            }
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"type":"unsubscribe","id":"s1"}"#),
+            ClientMessage::Unsupported
+        );
+    }
+
+    fn subscribe(text: &str) -> Subscribe {
+        match ClientMessage::parse(text) {
+            ClientMessage::Subscribe(subscribe) => subscribe,
+            other => panic!("{text} parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_subscribe() {
+        let s = subscribe(
+            r#"{"type":"subscribe","channel":"org:acme","id":"s1","since":41,"epoch":"abc","presence":true}"#,
+        );
+        assert_eq!(s.channel, json!("org:acme"));
+        assert_eq!(s.id, json!("s1"));
+        assert_eq!(
+            s.resume,
+            Ok(Some(Resume {
+                since: 41,
+                epoch: Some("abc".to_owned())
+            }))
+        );
+        let s = subscribe(r#"{"type":"subscribe","channel":"org:acme","id":7}"#);
+        assert_eq!((s.id, s.resume), (json!(7), Ok(None)));
+        let s = subscribe(r#"{"type":"subscribe","channel":"org:acme","since":0}"#);
+        assert_eq!(s.id, Value::Null);
+        assert_eq!(
+            s.resume,
+            Ok(Some(Resume {
+                since: 0,
+                epoch: None
+            }))
+        );
+        assert_eq!(
+            subscribe(r#"{"type":"subscribe","channel":3}"#).channel,
+            Value::Null
+        );
+        for bad in [
+            r#"{"type":"subscribe","channel":"org:a","since":-1}"#,
+            r#"{"type":"subscribe","channel":"org:a","since":1.5}"#,
+            r#"{"type":"subscribe","channel":"org:a","since":"4"}"#,
+            r#"{"type":"subscribe","channel":"org:a","since":1,"epoch":"a b"}"#,
+            r#"{"type":"subscribe","channel":"org:a","since":1,"epoch":5}"#,
+            r#"{"type":"subscribe","channel":"org:a","epoch":"abc"}"#,
+        ] {
+            assert!(subscribe(bad).resume.is_err(), "{bad}");
+        }
     }
 }

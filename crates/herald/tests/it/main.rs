@@ -31,6 +31,7 @@ mod llm_upstream;
 mod members;
 mod metrics;
 mod migrations;
+mod multiplexed;
 mod process;
 mod readme;
 mod recovery;
