@@ -73,6 +73,12 @@ impl Fleet {
         })
     }
 
+    /// The next [`Fleet::connect`] hands out users from `u0` again, to the same workers,
+    /// so one user can hold sockets on several endpoints.
+    pub fn reuse_users(&mut self) {
+        self.next_user = 0;
+    }
+
     /// Workers needed for `sockets` sockets (at least two, so the load generator can use
     /// both cores like the server).
     pub fn workers_for(sockets: usize) -> usize {

@@ -38,6 +38,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the scenarios against every server and write results, plot and BENCHMARKS.md.
@@ -46,6 +48,10 @@ enum Command {
     Report {
         /// A `bench/results/<date>.json`.
         results: PathBuf,
+        /// Print only this scenario's section to stdout (for a run of one scenario,
+        /// whose section goes into the BENCHMARKS.md of the last full run).
+        #[arg(long, value_enum)]
+        section: Option<Scenario>,
     },
     /// A load-generator worker (started by `all`; reads commands on stdin).
     Worker,
@@ -61,6 +67,7 @@ enum Scenario {
     Max,
     Capacity,
     Cluster,
+    Multiplex,
 }
 
 #[derive(Debug, clap::Args)]
@@ -101,6 +108,9 @@ struct AllArgs {
     /// the bare baseline).
     #[arg(long)]
     fanout_rate: Option<f64>,
+    /// Override the plan: users of the multiplex scenario.
+    #[arg(long)]
+    multiplex_users: Option<usize>,
     /// Override the plan: concurrent tasks of the stream scenario (every server).
     #[arg(long)]
     stream_tasks: Option<usize>,
@@ -129,6 +139,9 @@ pub struct Plan {
     pub capacity_sockets: usize,
     pub cluster_nodes: usize,
     pub cluster_sockets: usize,
+    /// Users of `multiplex`, each with three channels.
+    #[serde(default)]
+    pub multiplex_users: usize,
 }
 
 impl Plan {
@@ -155,6 +168,7 @@ impl Plan {
                 capacity_sockets: 5_000,
                 cluster_nodes: 3,
                 cluster_sockets: 3_000,
+                multiplex_users: 1_000,
             }
         } else {
             Self {
@@ -178,6 +192,7 @@ impl Plan {
                 capacity_sockets: 19_000,
                 cluster_nodes: 6,
                 cluster_sockets: 100_000,
+                multiplex_users: 5_000,
             }
         }
     }
@@ -200,6 +215,8 @@ pub struct Results {
     pub max: Vec<scenarios::MaxResult>,
     pub capacity: Option<scenarios::IdleResult>,
     pub cluster: Option<scenarios::ClusterResult>,
+    #[serde(default)]
+    pub multiplex: Option<scenarios::MultiplexResult>,
     /// Scenarios that failed, with why.
     pub errors: Vec<String>,
     /// Servers that were not measured, with why.
@@ -210,12 +227,24 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Worker => worker::run(),
-        Command::Report { results } => {
+        Command::Report { results, section } => {
             let text = std::fs::read_to_string(&results)
                 .with_context(|| format!("cannot read {}", results.display()))?;
             let parsed: Results = serde_json::from_str(&text).context("bad results file")?;
-            let repo = repo_root()?;
-            report::write_all(&repo, &parsed, &results, &default_venv())
+            match section {
+                Some(Scenario::Multiplex) => {
+                    #[allow(clippy::print_stdout)]
+                    {
+                        print!("{}", report::multiplex_section(&parsed));
+                    }
+                    Ok(())
+                }
+                Some(other) => anyhow::bail!("--section supports multiplex only, not {other:?}"),
+                None => {
+                    let repo = repo_root()?;
+                    report::write_all(&repo, &parsed, &results, &default_venv())
+                }
+            }
         }
         Command::All(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -280,6 +309,9 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     if let Some(sockets) = args.idle_sockets {
         plan.idle_sockets = sockets;
     }
+    if let Some(users) = args.multiplex_users {
+        plan.multiplex_users = users;
+    }
     if !args.fanout_sizes.is_empty() {
         plan.fanout_sizes = args.fanout_sizes;
     }
@@ -299,6 +331,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
             Scenario::Max,
             Scenario::Capacity,
             Scenario::Cluster,
+            Scenario::Multiplex,
         ]
     } else {
         args.scenarios
@@ -457,6 +490,31 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
                     match scenarios::capacity(&ctx, plan.capacity_sockets).await {
                         Ok(result) => results.capacity = Some(result),
                         Err(err) => record_error(&mut results, "capacity on herald".to_owned(), err),
+                    }
+                }
+            }
+            Scenario::Multiplex => {
+                if kinds.contains(&Kind::Herald) {
+                    eprintln!(
+                        "== multiplex: {} users, one /ws/ socket with 3 subscriptions against 3 single-channel sockets",
+                        plan.multiplex_users
+                    );
+                    let pace = Pace {
+                        deliveries_per_s: plan.fanout_deliveries_per_s,
+                        seconds: plan.fanout_round_seconds,
+                        min_events: 10,
+                    };
+                    match scenarios::multiplex(
+                        &ctx,
+                        plan.multiplex_users,
+                        pace,
+                        plan.unicast_rate,
+                        plan.unicast_seconds,
+                    )
+                    .await
+                    {
+                        Ok(result) => results.multiplex = Some(result),
+                        Err(err) => record_error(&mut results, "multiplex on herald".to_owned(), err),
                     }
                 }
             }

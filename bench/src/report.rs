@@ -8,7 +8,7 @@ use std::path::Path;
 
 use anyhow::Context as _;
 
-use crate::scenarios::{FanoutResult, IdleResult, MaxResult, RoundResult, StreamResult};
+use crate::scenarios::{FanoutResult, IdleResult, MaxResult, MultiplexVariant, RoundResult, StreamResult};
 use crate::Results;
 
 pub fn write_all(repo: &Path, results: &Results, json_path: &Path, venv: &Path) -> anyhow::Result<()> {
@@ -630,12 +630,72 @@ fn render(results: &Results, json_name: &str, png: Option<&str>, notes: &str) ->
         }
     }
     let _ = writeln!(md);
+    md.push_str(&multiplex_section(results));
     if !notes.is_empty() {
         md.push_str(notes);
         if !notes.ends_with('\n') {
             md.push('\n');
         }
     }
+    md
+}
+
+/// The `multiplex` scenario: one `/ws/` socket with three subscriptions per user against
+/// three single-channel sockets (empty when it did not run).
+pub fn multiplex_section(results: &Results) -> String {
+    let mut md = String::new();
+    let Some(multiplex) = &results.multiplex else {
+        return md;
+    };
+    let of = |name: &str| multiplex.variants.iter().find(|v| v.variant == name);
+    let _ = writeln!(md, "## One socket, many channels (`multiplex`)\n");
+    let _ = writeln!(
+        md,
+        "Each user's `notifications:`, `frames:` and `org:` channels, over one `/ws/` socket with three subscriptions or over three single-channel sockets, each side on a fresh `herald serve`. RSS is the growth over connecting (handshakes and subscribes) divided by the users; CPU per delivery is over an org fan-out round (every user gets each event) and a unicast round (notifications to random users).\n"
+    );
+    let _ = writeln!(
+        md,
+        "| channels over | users | sockets | subscriptions | RSS per user | CPU to connect a user | fan-out: deliveries/s | fan-out: CPU per delivery | fan-out p99 | unicast: deliveries/s | unicast: CPU per delivery | lost | closed |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let row = |md: &mut String, label: &str, v: &MultiplexVariant| {
+        let fanout = v.fanout.clone().unwrap_or_default();
+        let unicast = v.unicast.clone().unwrap_or_default();
+        let _ = writeln!(
+            md,
+            "| {label} | {} | {} | {} | {} | {:.0} µs | {:.0} | {:.2} µs | {} | {:.0} | {:.2} µs | {} | {} |",
+            count(v.users),
+            count(v.sockets),
+            count(v.subscriptions),
+            kb(v.rss_per_user),
+            v.cpu_us_per_user_connect,
+            fanout.deliveries_per_s,
+            fanout.cpu_us_per_delivery,
+            ms(fanout.p99_us),
+            unicast.deliveries_per_s,
+            unicast.cpu_us_per_delivery,
+            fanout.lost + unicast.lost,
+            fanout.closed + unicast.closed,
+        );
+    };
+    let ws = of("ws");
+    let single = of("single");
+    if let Some(v) = ws {
+        row(&mut md, "one `/ws/` socket", v);
+    }
+    if let Some(v) = single {
+        row(&mut md, "three single-channel sockets", v);
+    }
+    if let (Some(ws), Some(single)) = (ws, single) {
+        let cpu = |v: &MultiplexVariant| v.fanout.as_ref().map_or(0.0, |r| r.cpu_us_per_delivery);
+        let _ = writeln!(
+            md,
+            "\n`/ws/` against three sockets: RSS per user {}, CPU per fan-out delivery {}.",
+            ratio(ws.rss_per_user, single.rss_per_user),
+            ratio(cpu(ws), cpu(single)),
+        );
+    }
+    let _ = writeln!(md);
     md
 }
 

@@ -1,7 +1,8 @@
 //! The scenarios of issue 8, each against a server in a fresh process: `idle`, `fanout`
 //! (a sweep over the number of subscribers), `unicast`, `stream`, `max` (fan-out at a
 //! rising rate until loss or p99 > 1 s), `capacity` (the most idle sockets one herald
-//! holds) and `cluster` (herald nodes sharing one Redis).
+//! holds), `cluster` (herald nodes sharing one Redis) and `multiplex` (one `/ws/` socket
+//! with three subscriptions per user against three single-channel sockets).
 //!
 //! Every loop is bounded in count and in time: rounds wait for their deliveries at most
 //! [`DRAIN_TIMEOUT`] after the last publish, and give up sooner when nothing arrives.
@@ -143,6 +144,32 @@ pub struct ClusterResult {
     pub connect: ConnectSummary,
     pub rss_per_socket: f64,
     pub round: Option<RoundResult>,
+}
+
+/// One side of `multiplex`: every user's three channels over one `/ws/` socket, or over
+/// three single-channel sockets.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MultiplexVariant {
+    /// `ws` or `single`.
+    pub variant: String,
+    pub users: u64,
+    pub sockets: u64,
+    pub subscriptions: u64,
+    pub connect: Vec<ConnectSummary>,
+    pub rss_before: u64,
+    pub rss_after: u64,
+    pub rss_per_user: f64,
+    /// Server CPU over the connect phase (handshakes and subscribes), per user.
+    pub cpu_us_per_user_connect: f64,
+    /// Org events to every user (one delivery per user per event).
+    pub fanout: Option<RoundResult>,
+    /// Notifications to random users.
+    pub unicast: Option<RoundResult>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MultiplexResult {
+    pub variants: Vec<MultiplexVariant>,
 }
 
 /// A round's shape.
@@ -634,4 +661,133 @@ pub async fn cluster(ctx: &Ctx, nodes: usize, sockets: usize, events: u64) -> an
     .await;
     running.stop().await;
     result
+}
+
+/// Issue 17: the cost of a subscription. Each of `users` users gets their
+/// `notifications:`, `frames:` and `org:` channels over one `/ws/` socket with three
+/// subscriptions, then (on a fresh herald) over three single-channel sockets; each side
+/// is measured for RSS per user after connecting and for CPU per delivery in an org
+/// fan-out round and a unicast notification round.
+pub async fn multiplex(
+    ctx: &Ctx,
+    users: usize,
+    pace: Pace,
+    unicast_rate: f64,
+    unicast_seconds: f64,
+) -> anyhow::Result<MultiplexResult> {
+    let mut result = MultiplexResult::default();
+    for multiplexed in [true, false] {
+        let running = servers::start(Kind::Herald, &ctx.programs, &Options::default()).await?;
+        let variant = multiplex_on(
+            ctx,
+            &running,
+            multiplexed,
+            users,
+            pace,
+            unicast_rate,
+            unicast_seconds,
+        )
+        .await;
+        running.stop().await;
+        result.variants.push(variant?);
+    }
+    Ok(result)
+}
+
+async fn multiplex_on(
+    ctx: &Ctx,
+    running: &Running,
+    multiplexed: bool,
+    users: usize,
+    pace: Pace,
+    unicast_rate: f64,
+    unicast_seconds: f64,
+) -> anyhow::Result<MultiplexVariant> {
+    let org = Endpoint::Events { org: ORG.to_owned() };
+    let endpoints = if multiplexed {
+        vec![Endpoint::Multiplexed { org: ORG.to_owned() }]
+    } else {
+        vec![Endpoint::Notifications, org, Endpoint::FrameStream]
+    };
+    let sockets = users * endpoints.len();
+    eprintln!(
+        "  -- {users} users, {} socket(s) each ({})",
+        endpoints.len(),
+        if multiplexed {
+            "/ws/ with 3 subscriptions"
+        } else {
+            "single-channel"
+        }
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before = rss(running);
+    let mut fleet = Fleet::start(Fleet::workers_for(sockets))?;
+    let (cpu_before, _) = cpu(ctx, running);
+    let mut connect = Vec::new();
+    for endpoint in &endpoints {
+        fleet.reuse_users();
+        let summary = fleet.connect(&running.addresses, endpoint, users).await?;
+        check_connected(&summary, users, "multiplex")?;
+        connect.push(summary);
+    }
+    let (cpu_after, _) = cpu(ctx, running);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_after = rss(running);
+    #[allow(clippy::cast_precision_loss)]
+    let (rss_per_user, cpu_us_per_user_connect) = (
+        rss_after.saturating_sub(rss_before) as f64 / users.max(1) as f64,
+        (cpu_after - cpu_before) * 1e6 / users.max(1) as f64,
+    );
+    eprintln!(
+        "    RSS {:.1} MB → {:.1} MB: {:.2} KB a user; {cpu_us_per_user_connect:.0} µs of server CPU a user to connect",
+        mb(rss_before),
+        mb(rss_after),
+        rss_per_user / 1000.0
+    );
+    let (rate, events) = pace.for_subscribers(users);
+    let fanout = run_round(
+        ctx,
+        running,
+        &mut fleet,
+        &RoundSpec {
+            round: 1,
+            target: Target::Org(ORG.to_owned()),
+            fanout: u64::try_from(users).unwrap_or(u64::MAX),
+            events,
+            rate,
+        },
+    )
+    .await?;
+    log_round(&fanout);
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let unicast_events = (unicast_rate * unicast_seconds).ceil().max(1.0) as u64;
+    let unicast = run_round(
+        ctx,
+        running,
+        &mut fleet,
+        &RoundSpec {
+            round: 2,
+            target: Target::Users(users),
+            fanout: 1,
+            events: unicast_events,
+            rate: unicast_rate,
+        },
+    )
+    .await?;
+    log_round(&unicast);
+    fleet.stop().await;
+    let users = u64::try_from(users).unwrap_or(u64::MAX);
+    Ok(MultiplexVariant {
+        variant: if multiplexed { "ws" } else { "single" }.to_owned(),
+        users,
+        sockets: u64::try_from(sockets).unwrap_or(u64::MAX),
+        subscriptions: users * 3,
+        connect,
+        rss_before,
+        rss_after,
+        rss_per_user,
+        cpu_us_per_user_connect,
+        fanout: Some(fanout),
+        unicast: Some(unicast),
+    })
 }

@@ -18,6 +18,10 @@ pub enum Endpoint {
     Events { org: String },
     /// `/ws/frame-stream/{user}/`.
     FrameStream,
+    /// `/ws/`, subscribed to the user's `notifications:` and `frames:` channels and to
+    /// `org:{org}`; the token carries `orgs: [org]`. Connected once all three are
+    /// `subscribed`.
+    Multiplexed { org: String },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

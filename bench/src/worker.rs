@@ -11,12 +11,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
-use futures_util::StreamExt as _;
+use futures_util::{SinkExt as _, StreamExt as _};
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
-use tokio_websockets::{ClientBuilder, MaybeTlsStream, WebSocketStream};
+use tokio_websockets::{ClientBuilder, MaybeTlsStream, Message, WebSocketStream};
 
 use crate::histogram::Recorder;
 use crate::token::{mint, now_us};
@@ -232,6 +232,15 @@ async fn connect_all(
             Endpoint::Notifications => ("/ws/notifications/".to_owned(), Vec::new()),
             Endpoint::Events { org } => (format!("/ws/events/{org}/"), vec![org.clone()]),
             Endpoint::FrameStream => (format!("/ws/frame-stream/{user}/"), Vec::new()),
+            Endpoint::Multiplexed { org } => ("/ws/".to_owned(), vec![org.clone()]),
+        };
+        let channels = match &spec.endpoint {
+            Endpoint::Multiplexed { org } => vec![
+                format!("notifications:{user}"),
+                format!("frames:{user}"),
+                format!("org:{org}"),
+            ],
+            _ => Vec::new(),
         };
         let token = match mint(&spec.secret, &user, &orgs) {
             Ok(token) => token,
@@ -249,7 +258,12 @@ async fn connect_all(
         handles.push(tokio::spawn(async move {
             let permit = semaphore.acquire_owned().await;
             let uri = format!("ws://{server}{path}?token={token}");
-            let opened = tokio::time::timeout(timeout, open(&server, &uri, source)).await;
+            let opened = tokio::time::timeout(timeout, async {
+                let mut socket = open(&server, &uri, source).await?;
+                subscribe(&mut socket, &channels).await?;
+                anyhow::Ok(socket)
+            })
+            .await;
             drop(permit);
             let socket = match opened {
                 Ok(Ok(socket)) => socket,
@@ -306,6 +320,35 @@ async fn open(server: &str, uri: &str, source: Ipv4Addr) -> anyhow::Result<Socke
         Some(Err(err)) => Err(anyhow!(err).context("reading the welcome")),
         None => Err(anyhow!("closed before the welcome")),
     }
+}
+
+/// Subscribes a `/ws/` socket to `channels` and waits until each is `subscribed`.
+async fn subscribe(socket: &mut Socket, channels: &[String]) -> anyhow::Result<()> {
+    for (id, channel) in channels.iter().enumerate() {
+        let request = serde_json::json!({"type": "subscribe", "channel": channel, "id": id});
+        socket
+            .send(Message::text(request.to_string()))
+            .await
+            .context("sending subscribe")?;
+    }
+    let mut pending = channels.len();
+    while pending > 0 {
+        let message = match socket.next().await {
+            Some(Ok(message)) => message,
+            Some(Err(err)) => return Err(anyhow!(err).context("reading subscribed")),
+            None => return Err(anyhow!("closed before subscribed")),
+        };
+        let Some(text) = message.as_text() else {
+            continue;
+        };
+        let answer: serde_json::Value = serde_json::from_str(text).context("answer is not JSON")?;
+        match answer["type"].as_str() {
+            Some("subscribed") => pending -= 1,
+            Some("subscribe_error") => return Err(anyhow!("subscribe refused: {answer}")),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Deserialize)]

@@ -619,7 +619,7 @@ where
             crate::limits::refusal_log(
                 "subscribe_forbidden",
                 self.plan.ip,
-                "subscription refused: not the user's channel",
+                "subscription refused: another user's channel, or not a member of the org",
             );
             return self.queue_text(refuse(CloseCode::Forbidden, forbidden_reason(&channel)));
         }
