@@ -1,11 +1,14 @@
 // The demo page in headless Chromium (Debian's `chromium`, driven by playwright-core),
 // against real `herald serve` processes:
 //
-// 1. dev mode: the page mints a token for a typed user name and connects its three
-//    sockets; a notification and an org event published over HTTP appear, and so do
-//    the page's own test notification and test event;
+// 1. dev mode: the page mints a token for a typed user name and two orgs and opens one
+//    socket to /ws/ with four subscriptions (notifications, both orgs' events, the LLM
+//    stream); a notification and events of both orgs published over HTTP appear, and so
+//    do the page's own test notification and test events;
 // 2. a prompt typed in the chat box streams token by token, and the final answer is
 //    the echo provider's;
+// 2b. a second tab as the same user, with the default HERALD_MAX_CONNECTIONS_PER_USER
+//    of 3: both tabs receive a notification, an org event and a streamed answer;
 // 3. a rolling restart: two nodes share a private Redis. The page and its sockets are on
 //    node A; its chat call goes to node B (the test routes it there, as a load balancer
 //    in front of an API tier would; herald's task queue is still per node). Mid-answer,
@@ -13,7 +16,9 @@
 //    the same port; the client reconnects, resumes with since/epoch from the shared
 //    history, and completes the answer with every token exactly once;
 // 4. the README's browser snippet runs as written on the page's origin;
-// 5. with configured secrets, the page takes a pasted token and /dev/… is 404;
+// 5. with configured secrets, the page takes a pasted token and /dev/… is 404; while
+//    the user's connection slots are all taken, the page's socket is refused (4429)
+//    and Send stays disabled until a slot frees and the LLM stream is subscribed;
 // 6. cross-origin: a page served by another server (another port, so another origin,
 //    listed in HERALD_ALLOWED_ORIGINS) imports the client from herald and streams an
 //    answer with SecureLLMWebSocket.generate(), whose POST needs a CORS preflight.
@@ -32,6 +37,7 @@ import { fileURLToPath } from "node:url";
 import assert from "node:assert/strict";
 
 import { chromium } from "playwright-core";
+import WebSocket from "ws";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const repo = resolve(here, "../../..");
@@ -125,7 +131,7 @@ function serve(name, port) {
     HERALD_MEMBERSHIP: "claims",
     HERALD_ALLOWED_ORIGINS: originA,
     HERALD_SHUTDOWN_DRAIN: "1",
-    HERALD_MAX_CONNECTIONS_PER_USER: "10",
+    // HERALD_MAX_CONNECTIONS_PER_USER is left at its default (3): a tab holds one socket.
     HERALD_LOG: "info",
   };
   const proc = start(name, HERALD_BIN, ["serve"], { cwd: dir, env });
@@ -143,6 +149,15 @@ async function listening(proc) {
     `${proc.name} to print its banner`,
     30000,
   );
+}
+
+/** Waits until the page's socket is open and its subscriptions are all subscribed. */
+async function subscribedAll(p, timeout = 15000) {
+  await p.waitForFunction(() => document.getElementById("state-socket").textContent === "open", null, { timeout });
+  for (const name of ["notifications", "events", "events2", "frames"]) {
+    await p.waitForFunction((id) => document.getElementById(id).textContent === "subscribed", `state-${name}`, { timeout });
+  }
+  assert.equal(await p.isDisabled("#send"), false, "Send is enabled once the LLM stream is subscribed");
 }
 
 let browser;
@@ -198,11 +213,10 @@ try {
   const user = `alice${Date.now() % 100000}`;
   await page.fill("#user", user);
   await page.fill("#org", "acme");
+  await page.fill("#org2", "globex");
   await page.click("#mint");
-  for (const name of ["notifications", "events", "frames"]) {
-    await page.waitForFunction((id) => document.getElementById(id).textContent === "open", `state-${name}`, { timeout: 15000 });
-  }
-  step(`page connected as ${user}`);
+  await subscribedAll(page);
+  step(`page connected as ${user}: one socket, four subscriptions`);
 
   await api(originA, `/api/v1/notifications/${user}`, { title: "From curl", body: "published over HTTP" });
   await page.waitForFunction(() => document.getElementById("notifications").textContent.includes("From curl"), null, { timeout: 10000 });
@@ -212,7 +226,11 @@ try {
   await page.waitForFunction(() => document.getElementById("events").textContent.includes("resource.created"), null, { timeout: 10000 });
   await page.click("#test-event");
   await page.waitForFunction(() => document.getElementById("events").textContent.includes("demo.ping"), null, { timeout: 10000 });
-  step("notifications and org events appear");
+  await api(originA, "/api/v1/orgs/globex/events", { event_type: "invoice.paid", data: { invoice: "i1" } });
+  await page.waitForFunction(() => document.getElementById("events").textContent.includes("invoice.paid"), null, { timeout: 10000 });
+  await page.click("#test-event2");
+  await page.waitForFunction(() => window.heraldDemo.events.some((e) => e.org_id === "globex" && e.event_type === "demo.ping"), null, { timeout: 10000 });
+  step("notifications and both orgs' events appear");
 
   // 2. A prompt streams token by token.
   const prompt = "Hello from the browser test";
@@ -235,6 +253,52 @@ try {
   assert.deepEqual(answer1.statuses, ["started", "thinking", "streaming", "completed"]);
   step(`answer streamed in ${answer1.tokens.length} tokens`);
 
+  // 2b. A second tab as the same user: one socket each, so the default limit of 3 holds.
+  const tab2 = await context.newPage();
+  tab2.on("console", (message) => consoleLines.push(`tab2: ${message.text()}`));
+  tab2.on("pageerror", (err) => consoleLines.push(`pageerror: tab2: ${err.message}`));
+  await tab2.goto(`${originA}/`);
+  await tab2.fill("#user", user);
+  await tab2.fill("#org", "acme");
+  await tab2.fill("#org2", "globex");
+  await tab2.click("#mint");
+  await subscribedAll(tab2);
+  const tabs = [page, tab2];
+  const before = await Promise.all(tabs.map((p) => p.evaluate(() => ({ n: window.heraldDemo.notifications.length, e: window.heraldDemo.events.length }))));
+  await api(originA, `/api/v1/notifications/${user}`, { title: "Both tabs", body: "to every tab" });
+  await api(originA, "/api/v1/orgs/globex/events", { event_type: "both.tabs", data: {} });
+  for (const [i, p] of tabs.entries()) {
+    await p.waitForFunction(([n, e]) => {
+      const demo = window.heraldDemo;
+      return demo.notifications.slice(n).some((m) => m.notification.title === "Both tabs") && demo.events.slice(e).some((m) => m.event_type === "both.tabs");
+    }, [before[i].n, before[i].e], { timeout: 10000 });
+  }
+  const twoTabPrompt = "Hello from the second tab";
+  await tab2.fill("#prompt", twoTabPrompt);
+  await tab2.press("#prompt", "Enter");
+  const tab2Task = await (await tab2.waitForFunction((previous) => {
+    const demo = window.heraldDemo;
+    return demo.lastTask && demo.lastTask !== previous ? demo.lastTask : null;
+  }, firstTask, { timeout: 15000 })).jsonValue();
+  for (const p of tabs) {
+    const done = await p.waitForFunction((id) => {
+      const answer = window.heraldDemo.answers[id];
+      return answer && answer.response !== null && answer.statuses.includes("completed")
+        ? { response: answer.response, text: answer.el.querySelector(".text").textContent, indexes: answer.tokens.map((t) => t.index) }
+        : null;
+    }, tab2Task, { timeout: 15000 });
+    const seen = await done.jsonValue();
+    assert.equal(seen.response, `Echo: ${twoTabPrompt}`);
+    assert.equal(seen.text, seen.response, "each tab shows the streamed answer");
+    assert.deepEqual(seen.indexes, seen.indexes.map((_, i) => i));
+  }
+  const closes = await Promise.all(tabs.map((p) => p.evaluate(() => window.heraldDemo.closes.length)));
+  assert.deepEqual(closes, [0, 0], "neither tab's socket was refused or closed");
+  const stats = await (await fetch(`${originA}/api/v1/stats`, { headers: { Authorization: `Bearer ${apiKey}` } })).json();
+  assert.equal(stats.nodes[0].connections.open, 2, `one socket per tab on node A: ${JSON.stringify(stats.nodes[0].connections)}`);
+  await tab2.close();
+  step("a second tab as the same user: both tabs got the notification, the org event and the streamed answer");
+
   // 3. Rolling restart of node A mid-answer.
   await page.route("**/api/chat/generate-response/", async (route) => {
     const response = await route.fetch({ url: `${originB}/api/chat/generate-response/` });
@@ -255,16 +319,16 @@ try {
   nodeA.child.kill("SIGTERM");
   const cut = await page.waitForFunction(([before, id]) => {
     const demo = window.heraldDemo;
-    const close = demo.closes.slice(before).find((c) => c.socket === "frames");
+    const close = demo.closes.slice(before).find((c) => c.socket === "socket");
     if (!close) return null;
     const answer = demo.answers[id];
     return { code: close.code, willReconnect: close.willReconnect, tokens: answer.tokens.length, complete: answer.response !== null };
   }, [closesBefore, longTask], { timeout: 10000 });
   const atCut = await cut.jsonValue();
-  assert.equal(atCut.code, 1001, `node A closed the frame stream with 1001 (got ${JSON.stringify(atCut)})`);
+  assert.equal(atCut.code, 1001, `node A closed the socket with 1001 (got ${JSON.stringify(atCut)})`);
   assert.equal(atCut.willReconnect, true);
   assert.equal(atCut.complete, false, "the socket was closed mid-answer");
-  step(`frame stream closed with 1001 after ${atCut.tokens} tokens`);
+  step(`the socket closed with 1001 after ${atCut.tokens} tokens`);
   await waitFor(() => nodeA.exited, "node A to finish draining and exit", 15000);
   assert.equal(nodeA.exited.code, 0, `node A exits 0 after draining; stderr:\n${nodeA.stderr}`);
   nodeA = serve("herald node A (restarted)", portA);
@@ -288,9 +352,7 @@ try {
   const frameOffsets = answer2.tokens.map((t) => t.offset);
   assert.deepEqual(frameOffsets, [...frameOffsets].sort((a, b) => a - b));
   assert.equal(new Set(frameOffsets).size, frameOffsets.length);
-  for (const name of ["notifications", "events", "frames"]) {
-    await page.waitForFunction((id) => document.getElementById(id).textContent === "open", `state-${name}`, { timeout: 30000 });
-  }
+  await subscribedAll(page, 30000);
   await api(originA, `/api/v1/notifications/${user}`, { title: "After restart", body: "through the restarted node" });
   await page.waitForFunction(() => document.getElementById("notifications").textContent.includes("After restart"), null, { timeout: 10000 });
   step(`answer completed across the restart: ${answer2.tokens.length} tokens, each once`);
@@ -313,14 +375,23 @@ try {
   await page2.evaluate((u) => {
     // The app's own token endpoint; here herald's dev endpoint stands in for it.
     window.fetchTokenFromYourBackend = async () => {
-      const response = await fetch("/dev/token", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ user_id: u }) });
+      const response = await fetch("/dev/token", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ user_id: u, org_id: "acme" }) });
       return (await response.json()).token;
     };
   }, snippetUser);
   await page2.addScriptTag({ type: "module", content: snippet.replaceAll("127.0.0.1:8000", `127.0.0.1:${portA}`) });
   await waitFor(() => snippetConsole.some((line) => line.includes("herald: open")), "the snippet's socket to open", 15000);
-  await api(originA, `/api/v1/notifications/${snippetUser}`, { title: "Hello", body: "from herald" });
-  await waitFor(() => snippetConsole.some((line) => line.startsWith("notification") && line.includes("from herald")), "the snippet to log the notification", 10000);
+  // The snippet subscribes once connected: publish until its subscriptions are in place.
+  async function publishUntilLogged(path, body, logged, what) {
+    const deadline = Date.now() + 10000;
+    while (!snippetConsole.some(logged)) {
+      if (Date.now() > deadline) throw new Error(`the snippet did not log ${what}; console:\n${snippetConsole.join("\n")}`);
+      await api(originA, path, body);
+      await sleep(300);
+    }
+  }
+  await publishUntilLogged(`/api/v1/notifications/${snippetUser}`, { title: "Hello", body: "from herald" }, (line) => line.startsWith("notification") && line.includes("from herald"), "the notification");
+  await publishUntilLogged("/api/v1/orgs/acme/events", { event_type: "snippet.event", data: { ok: true } }, (line) => line.startsWith("org event snippet.event"), "the org event");
   assert.ok(!snippetConsole.some((line) => line.startsWith("pageerror")), snippetConsole.join("\n"));
   step("README browser snippet ran as written");
 
@@ -350,11 +421,29 @@ try {
   assert.equal(await page3.isVisible("#test-notification"), false);
   const devStatus = await page3.evaluate(async () => (await fetch("/dev/token", { method: "POST", headers: { "Content-Type": "application/json" }, body: "{\"user_id\":\"x\"}" })).status);
   assert.equal(devStatus, 404, "the dev endpoints do not exist with configured secrets");
-  await page3.fill("#token", minted.lines[0].trim());
-  await page3.click("#connect");
-  for (const name of ["notifications", "frames"]) {
-    await page3.waitForFunction((id) => document.getElementById(id).textContent === "open", `state-${name}`, { timeout: 15000 });
+  // Every connection slot of the user is taken (the default 3), so the page's socket is
+  // refused with 4429 and retries: Send must stay disabled meanwhile.
+  const pastedToken = minted.lines[0].trim();
+  const held = [];
+  for (let i = 0; i < 3; i += 1) {
+    const ws = new WebSocket(`ws://127.0.0.1:${portC}/ws/notifications/`, ["herald.bearer", pastedToken]);
+    await new Promise((resolveOpen, reject) => {
+      ws.once("message", resolveOpen);
+      ws.once("error", reject);
+    });
+    held.push(ws);
   }
+  await page3.fill("#token", pastedToken);
+  await page3.click("#connect");
+  await page3.waitForFunction(() => window.heraldDemo.closes.some((c) => c.code === 4429), null, { timeout: 15000 });
+  assert.equal(await page3.isDisabled("#send"), true, "a refused socket leaves Send disabled");
+  await sleep(300);
+  assert.equal(await page3.isDisabled("#send"), true, "still disabled while it retries");
+  for (const ws of held) ws.close();
+  for (const name of ["notifications", "frames"]) {
+    await page3.waitForFunction((id) => document.getElementById(id).textContent === "subscribed", `state-${name}`, { timeout: 45000 });
+  }
+  assert.equal(await page3.isDisabled("#send"), false, "Send is enabled once the LLM stream is subscribed");
   const response = await fetch(`${originC}/api/v1/notifications/pasted`, {
     method: "POST",
     headers: { Authorization: "Bearer browser-test-key", "Content-Type": "application/json" },
@@ -362,7 +451,7 @@ try {
   });
   assert.equal(response.status, 202);
   await page3.waitForFunction(() => document.getElementById("notifications").textContent.includes("token from herald token"), null, { timeout: 10000 });
-  step("without dev mode the page connects with a pasted token");
+  step("without dev mode the page connects with a pasted token, and Send waited for a slot");
 
   // 6. Another origin: an app's page imports the client from herald and streams an answer.
   const mintedApp = start("herald token", HERALD_BIN, ["token", "--sub", "crossorigin"], { cwd: dir, env: configured });

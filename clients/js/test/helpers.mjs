@@ -64,14 +64,18 @@ export async function waitFor(predicate, what, timeoutMs = 10000) {
   }
 }
 
-/** The `ws` WebSocket, counting constructions and recording every text message received. */
+/** The `ws` WebSocket, counting constructions and recording every text message received and sent. */
 export function spyWebSocket() {
-  const spy = { opened: 0, received: [] };
+  const spy = { opened: 0, received: [], sent: [] };
   spy.WebSocket = class extends WebSocket {
     constructor(...args) {
       super(...args);
       spy.opened += 1;
       this.addEventListener("message", (event) => spy.received.push(String(event.data)));
+    }
+    send(data, ...rest) {
+      spy.sent.push(String(data));
+      return super.send(data, ...rest);
     }
   };
   return spy;

@@ -2,7 +2,11 @@
 // accept the documented uses and reject wrong ones (the @ts-expect-error lines fail
 // the build if they stop being errors).
 import {
+  HeraldClient,
   HeraldSocket,
+  type ChannelMessage,
+  type Subscription,
+  type SubscriptionState,
   SecureLLMWebSocket,
   backoffDelay,
   BEARER_SUBPROTOCOL,
@@ -61,3 +65,40 @@ new SecureLLMWebSocket({ baseUrl: "http://x" });
 const delay: number = backoffDelay(3, { initialMs: 100, maxMs: 1000, factor: 2 });
 const protocol: "herald.bearer" = BEARER_SUBPROTOCOL;
 void [delay, protocol];
+
+// One socket, many channels.
+const herald = new HeraldClient("wss://herald.example.com/ws/", { getToken: () => "t" });
+herald.on("state", (state) => void state.toUpperCase());
+herald.on("message", (message: ChannelMessage, subscription: Subscription) => void [message.type, subscription.channel]);
+// @ts-expect-error not an event of HeraldClient
+herald.on("frame", () => {});
+// @ts-expect-error a close listener gets CloseInfo, not a string
+herald.on("close", (info: string) => void info);
+void herald.connect().connected().then((welcome) => welcome.user_id.toUpperCase());
+const org: Subscription = herald.subscribe("org:acme", {
+  since: 41,
+  epoch: "e",
+  onMessage: (message) => {
+    if (message.type === "org_event") void message.data["resource_id"];
+  },
+  onUnsubscribed: ({ code, reason }) => void [code + 1, reason.length],
+});
+const state: SubscriptionState = org.state;
+// @ts-expect-error since is a number
+herald.subscribe("org:other", { since: "41" });
+org.on("recovered", (message) => void message.recovered);
+org.on("error", (error) => void error.code);
+org.unsubscribe();
+herald.send({ type: "subscribe", channel: "org:acme", id: "s9", since: 3 });
+// @ts-expect-error subscribe needs an id
+herald.send({ type: "subscribe", channel: "org:acme" });
+async function readAll(): Promise<number> {
+  let n = 0;
+  for await (const message of herald) n += message.channel.length;
+  for await (const message of org) n += message.type.length;
+  return n;
+}
+void [state, readAll];
+const shared = new SecureLLMWebSocket({ client: herald, userId: "alice", onToken: (delta) => void delta });
+const sharedSocket: HeraldSocket | null = shared.socket;
+void [shared.connect().subscription?.state, sharedSocket];

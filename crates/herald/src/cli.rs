@@ -52,9 +52,22 @@ pub enum Command {
     },
     /// Connect to a herald WebSocket endpoint and print every message as a line of
     /// JSON (a debugging client).
+    ///
+    /// With --channel, follow several channels over one socket to herald's /ws/
+    /// endpoint: `herald listen ws://127.0.0.1:8000/ws/ --channel notifications:alice
+    /// --channel org:acme`.
     Listen {
-        /// The endpoint URL, e.g. ws://127.0.0.1:8000/ws/notifications/
+        /// The endpoint URL, e.g. ws://127.0.0.1:8000/ws/notifications/, or with
+        /// --channel herald's /ws/ endpoint (a URL with no path gets /ws/).
         url: String,
+        /// A channel to subscribe to on the /ws/ endpoint (notifications:USER,
+        /// org:ORG or frames:USER); repeat for several, all over one socket.
+        #[arg(long = "channel", value_name = "CHANNEL")]
+        channels: Vec<String>,
+        /// With --channel: start each channel after this offset (0 replays its
+        /// history, then herald says `recovered`).
+        #[arg(long, requires = "channels")]
+        since: Option<u64>,
         /// The user token, sent with the herald.bearer subprotocol. Other users of this
         /// machine can read it in the process list: prefer --token-file or HERALD_TOKEN.
         #[arg(long, env = "HERALD_TOKEN", hide_env_values = true)]
@@ -78,6 +91,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token { sub, orgs, ttl } => token(&config, &sub, &orgs, ttl),
         Command::Listen {
             url,
+            channels,
+            since,
             token,
             token_file,
             count,
@@ -92,7 +107,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     "herald listen needs a token: --token-file FILE, the HERALD_TOKEN environment variable, or --token TOKEN"
                 ),
             };
-            listen(&url, &token, count).await
+            let follow = Follow { channels, since };
+            listen(&url, &token, &follow, count).await
         }
     }
 }
@@ -246,11 +262,50 @@ fn token(config: &Config, sub: &str, orgs: &[String], ttl: u64) -> anyhow::Resul
     Ok(())
 }
 
-async fn listen(url: &str, token: &str, count: Option<u64>) -> anyhow::Result<()> {
-    use futures_util::StreamExt;
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|err| anyhow::anyhow!("{url} is not a valid ws:// URL: {err}"))?;
+/// The channels `herald listen --channel` follows on the `/ws/` endpoint.
+struct Follow {
+    channels: Vec<String>,
+    since: Option<u64>,
+}
+
+impl Follow {
+    /// The URL to connect to: with channels, a URL with no path gets `/ws/`.
+    fn endpoint(&self, url: &str) -> anyhow::Result<http::Uri> {
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|err| anyhow::anyhow!("{url} is not a valid ws:// URL: {err}"))?;
+        if self.channels.is_empty() || !matches!(uri.path(), "" | "/") {
+            return Ok(uri);
+        }
+        let mut parts = uri.into_parts();
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/ws/"));
+        http::Uri::from_parts(parts).map_err(|err| anyhow::anyhow!("{url} is not a valid ws:// URL: {err}"))
+    }
+
+    /// The `subscribe` messages to send once herald welcomes the socket, with ids
+    /// `s1`, `s2`, … in the order of the flags.
+    fn subscribe_messages(&self) -> Vec<String> {
+        self.channels
+            .iter()
+            .enumerate()
+            .map(|(idx, channel)| {
+                let mut message = serde_json::json!({
+                    "type": "subscribe",
+                    "channel": channel,
+                    "id": format!("s{}", idx + 1),
+                });
+                if let Some(since) = self.since {
+                    message["since"] = serde_json::json!(since);
+                }
+                message.to_string()
+            })
+            .collect()
+    }
+}
+
+async fn listen(url: &str, token: &str, follow: &Follow, count: Option<u64>) -> anyhow::Result<()> {
+    use futures_util::{SinkExt, StreamExt};
+    let uri = follow.endpoint(url)?;
     let protocol = format!("{}, {token}", crate::auth::BEARER_SUBPROTOCOL);
     let (mut ws, _) = tokio_websockets::ClientBuilder::from_uri(uri)
         .add_header(
@@ -263,10 +318,28 @@ async fn listen(url: &str, token: &str, count: Option<u64>) -> anyhow::Result<()
         .await
         .map_err(|err| anyhow::anyhow!("cannot connect to {url}: {err}"))?;
     let mut seen = 0;
+    let mut subscribed = follow.channels.is_empty();
     while let Some(message) = ws.next().await {
         let message = message.map_err(|err| anyhow::anyhow!("connection failed: {err}"))?;
         if let Some(text) = message.as_text() {
             println!("{text}");
+            let parsed: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
+            if parsed["type"] == "subscribe_error" {
+                eprintln!(
+                    "herald refused the subscription to {}: {} ({})",
+                    parsed["channel"].as_str().unwrap_or("?"),
+                    parsed["message"].as_str().unwrap_or(""),
+                    parsed["code"]
+                );
+            }
+            if !subscribed && parsed["type"] == "system" && parsed["status"] == "connected" {
+                subscribed = true;
+                for subscribe in follow.subscribe_messages() {
+                    ws.send(tokio_websockets::Message::text(subscribe))
+                        .await
+                        .map_err(|err| anyhow::anyhow!("cannot subscribe: {err}"))?;
+                }
+            }
             seen += 1;
             if count.is_some_and(|count| seen >= count) {
                 return Ok(());
@@ -294,5 +367,44 @@ mod tests {
     #[test]
     fn cli_definition_is_valid() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn listen_subscribes_to_each_channel_in_order() {
+        let follow = Follow {
+            channels: vec!["notifications:alice".to_owned(), "org:acme".to_owned()],
+            since: Some(0),
+        };
+        let sent: Vec<serde_json::Value> = follow
+            .subscribe_messages()
+            .iter()
+            .map(|text| serde_json::from_str(text).unwrap())
+            .collect();
+        assert_eq!(
+            sent,
+            vec![
+                serde_json::json!({"type": "subscribe", "channel": "notifications:alice", "id": "s1", "since": 0}),
+                serde_json::json!({"type": "subscribe", "channel": "org:acme", "id": "s2", "since": 0}),
+            ]
+        );
+        assert_eq!(
+            follow.endpoint("ws://127.0.0.1:8000").unwrap().to_string(),
+            "ws://127.0.0.1:8000/ws/"
+        );
+        assert_eq!(
+            follow.endpoint("ws://127.0.0.1:8000/ws").unwrap().to_string(),
+            "ws://127.0.0.1:8000/ws"
+        );
+        let single = Follow {
+            channels: Vec::new(),
+            since: None,
+        };
+        assert!(single.subscribe_messages().is_empty());
+        assert_eq!(
+            single.endpoint("ws://127.0.0.1:8000/").unwrap().path(),
+            "/",
+            "without channels the URL is used as given"
+        );
+        assert!(Cli::try_parse_from(["herald", "listen", "ws://x/ws/", "--since", "0"]).is_err());
     }
 }

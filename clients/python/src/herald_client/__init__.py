@@ -16,6 +16,13 @@ Sync::
 
 Async: the same names on ``AsyncHeraldClient`` and ``AsyncFrameStreamer``, awaited.
 
+Following channels (with ``pip install 'herald-client[ws]'``): ``HeraldListener`` and
+``AsyncHeraldListener`` hold one socket to herald's ``/ws/`` endpoint for several
+channels, reconnect, and resume each channel where it left off::
+
+    for message in listen("ws://127.0.0.1:8000/ws/", token, ["notifications:alice", "org:acme"]):
+        print(message["type"], message.get("channel"))
+
 The module-level functions use a default client configured from the environment:
 ``HERALD_URL`` (default ``http://127.0.0.1:8000``) and ``HERALD_API_KEY``, or from
 ``configure(base_url=..., api_key=...)``.
@@ -32,6 +39,7 @@ from ._client import (
     default_client,
     publish,
 )
+from ._listen import AsyncHeraldListener, HeraldListener, HeraldSocketError, listen
 from ._errors import (
     AuthenticationError,
     BadRequestError,
@@ -49,6 +57,7 @@ from ._errors import (
 __all__ = [
     "AsyncFrameStreamer",
     "AsyncHeraldClient",
+    "AsyncHeraldListener",
     "AuthenticationError",
     "BadRequestError",
     "ConfigurationError",
@@ -57,6 +66,8 @@ __all__ = [
     "HeraldClient",
     "HeraldConnectionError",
     "HeraldError",
+    "HeraldListener",
+    "HeraldSocketError",
     "NotFoundError",
     "PayloadTooLargeError",
     "RateLimitError",
@@ -66,5 +77,6 @@ __all__ = [
     "broadcast_org_event",
     "configure",
     "default_client",
+    "listen",
     "publish",
 ]

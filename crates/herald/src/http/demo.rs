@@ -153,9 +153,10 @@ fn require_local_host(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// `{"user_id","org_id"?}` → `200 {"token","user_id","org_id","expires_at"}`. With an
-/// `org_id`, the token names that org in its `orgs` claim and, with database
-/// membership, the user is made a member, so the page can open the org's events.
+/// `{"user_id","org_id"?,"org_ids"?}` → `200 {"token","user_id","org_id","org_ids","expires_at"}`.
+/// The token names every org given (`org_id`, then `org_ids`) in its `orgs` claim and,
+/// with database membership, the user is made a member of each, so the page can follow
+/// their events.
 async fn mint_token(
     State(state): State<AppState>,
     extensions: Extensions,
@@ -172,18 +173,15 @@ async fn mint_token(
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::BadRequest("user_id is required and must be a string".to_owned()))?;
     let user_id = UserId::parse(user)?;
-    let org_id = match body.get("org_id") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(org)) if org.is_empty() => None,
-        Some(Value::String(org)) => Some(OrgId::parse(org)?),
-        Some(_) => return Err(ApiError::BadRequest("org_id must be a string".to_owned())),
-    };
-    let orgs: Vec<String> = org_id.iter().map(|org| org.as_str().to_owned()).collect();
-    if let (Some(org), MembershipMode::Database) = (&org_id, &state.config.membership) {
-        state
-            .store
-            .put_member(org.as_str(), user_id.as_str(), "member")
-            .await?;
+    let org_ids = requested_orgs(&body)?;
+    let orgs: Vec<String> = org_ids.iter().map(|org| org.as_str().to_owned()).collect();
+    if let MembershipMode::Database = &state.config.membership {
+        for org in &org_ids {
+            state
+                .store
+                .put_member(org.as_str(), user_id.as_str(), "member")
+                .await?;
+        }
     }
     let token = crate::auth::mint_hs256(secret, user_id.as_str(), &orgs, DEV_TOKEN_TTL)
         .map_err(|err| ApiError::Internal(anyhow::anyhow!("cannot sign a dev token: {err}")))?;
@@ -192,10 +190,51 @@ async fn mint_token(
     Ok(Json(json!({
         "token": token,
         "user_id": user_id.as_str(),
-        "org_id": org_id.as_ref().map(OrgId::as_str),
+        "org_id": org_ids.first().map(OrgId::as_str),
+        "org_ids": orgs,
         "expires_at": unix_to_rfc3339(expires_at),
     }))
     .into_response())
+}
+
+/// The orgs a `/dev/token` body names: `org_id` (a string; empty or null means none),
+/// then each of `org_ids` (an array of strings), without repeats.
+fn requested_orgs(body: &Value) -> Result<Vec<OrgId>, ApiError> {
+    let mut names: Vec<&str> = Vec::new();
+    match body.get("org_id") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(org)) if org.is_empty() => {}
+        Some(Value::String(org)) => names.push(org),
+        Some(_) => return Err(ApiError::BadRequest("org_id must be a string".to_owned())),
+    }
+    match body.get("org_ids") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(items)) => {
+            for item in items {
+                match item {
+                    Value::String(org) if !org.is_empty() => names.push(org),
+                    _ => {
+                        return Err(ApiError::BadRequest(
+                            "org_ids must be an array of non-empty strings".to_owned(),
+                        ))
+                    }
+                }
+            }
+        }
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "org_ids must be an array of non-empty strings".to_owned(),
+            ))
+        }
+    }
+    let mut orgs: Vec<OrgId> = Vec::new();
+    for name in names {
+        let org = OrgId::parse(name)?;
+        if !orgs.contains(&org) {
+            orgs.push(org);
+        }
+    }
+    Ok(orgs)
 }
 
 fn object_field(body: &Value, name: &str) -> Result<Option<Map<String, Value>>, ApiError> {

@@ -289,6 +289,35 @@ async fn dev_mode_mints_tokens_and_sends_test_messages() {
     let (status, _) = dev_post(&srv, "/dev/token", None, json!({})).await;
     assert_eq!(status, 400);
 
+    // Several orgs at once (the demo page's two): the token names both, and the user is
+    // made a member of each.
+    let (status, minted) = dev_post(
+        &srv,
+        "/dev/token",
+        None,
+        json!({"user_id": "bob", "org_id": "acme", "org_ids": ["globex", "acme"]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{minted}");
+    assert_eq!(minted["org_id"], "acme");
+    assert_eq!(minted["org_ids"], json!(["acme", "globex"]));
+    let bob = minted["token"].as_str().unwrap().to_owned();
+    for org in ["acme", "globex"] {
+        let (_, welcome) = WsClient::connect(&srv, &format!("/ws/events/{org}/"))
+            .token(&bob)
+            .connected()
+            .await;
+        assert_eq!(welcome["org_id"], org);
+    }
+    for bad in [
+        json!({"user_id": "bob", "org_ids": "acme"}),
+        json!({"user_id": "bob", "org_ids": [""]}),
+        json!({"user_id": "bob", "org_ids": ["bad org"]}),
+    ] {
+        let (status, body) = dev_post(&srv, "/dev/token", None, bad.clone()).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+
     // The dev token is an ordinary token of this herald: the user API takes it too.
     let response = srv
         .http
@@ -300,16 +329,17 @@ async fn dev_mode_mints_tokens_and_sends_test_messages() {
     assert_eq!(response.status(), 200);
 }
 
+/// `herald.d.ts` accepts the documented uses (`test/types-check.ts`), and `herald.js`
+/// itself type-checks against it (checkJs), every export assignable to its declaration
+/// (`test/impl-check.ts`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typescript_declarations_compile() {
     let Some(node) = node_with_modules() else { return };
-    let mut cmd = Command::new(node);
-    cmd.args([
-        "clients/js/node_modules/typescript/bin/tsc",
-        "-p",
-        "clients/js/tsconfig.json",
-    ]);
-    run("tsc -p clients/js", cmd, Duration::from_secs(120)).await;
+    for config in ["clients/js/tsconfig.json", "clients/js/tsconfig.checkjs.json"] {
+        let mut cmd = Command::new(&node);
+        cmd.args(["clients/js/node_modules/typescript/bin/tsc", "-p", config]);
+        run(&format!("tsc -p {config}"), cmd, Duration::from_secs(120)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -331,13 +361,15 @@ async fn js_client_against_real_herald() {
         "--test-reporter=spec",
         "clients/js/test/socket.test.mjs",
         "clients/js/test/connecting.test.mjs",
+        "clients/js/test/client.test.mjs",
+        "clients/js/test/client-protocol.test.mjs",
     ])
     .env("HERALD_URL", srv.url(""))
     .env("HERALD_AGE_URL", aging.url(""))
     .env("HERALD_JWT_SECRET", SECRET)
     .env("HERALD_API_KEY", API_KEY);
     run(
-        "node --test clients/js/test/{socket,connecting}.test.mjs",
+        "node --test clients/js/test/{socket,connecting,client,client-protocol}.test.mjs",
         cmd,
         Duration::from_secs(180),
     )
@@ -371,6 +403,11 @@ async fn ai_sdk_against_real_herald() {
 async fn python_client_against_real_herald() {
     let Some(python) = python() else { return };
     let srv = TestServer::spawn().await;
+    // Every socket is closed by the server after about a second (listener resume).
+    let aging = TestServer::builder()
+        .env("HERALD_MAX_CONNECTION_AGE", "1")
+        .spawn()
+        .await;
     let mut cmd = Command::new(python);
     cmd.args([
         "-m",
@@ -381,7 +418,9 @@ async fn python_client_against_real_herald() {
         "no:cacheprovider",
     ])
     .env("HERALD_URL", srv.url(""))
+    .env("HERALD_AGE_URL", aging.url(""))
     .env("HERALD_API_KEY", API_KEY)
+    .env("HERALD_JWT_SECRET", SECRET)
     .env("PYTHONPATH", repo_root().join("clients/python/src"))
     .env("PYTHONDONTWRITEBYTECODE", "1");
     let out = run("pytest clients/python/tests", cmd, Duration::from_secs(180)).await;
@@ -422,4 +461,79 @@ async fn demo_page_in_chromium() {
     let shot = artifacts.join("demo-page.png");
     assert!(shot.is_file(), "no screenshot at {}", shot.display());
     eprintln!("screenshot of the demo page: {}", shot.display());
+}
+
+/// `herald listen --channel … --channel …` follows several channels over one socket to
+/// `/ws/`: the welcome, one `subscribed` per channel, then each channel's messages.
+#[tokio::test]
+async fn herald_listen_follows_several_channels_over_one_socket() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let srv = TestServer::spawn().await;
+    let (status, _) = srv.put("/api/v1/orgs/acme-listen/members/lena").await;
+    assert_eq!(status, 204);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args([
+            "listen",
+            &srv.url("").replacen("http", "ws", 1),
+            "--channel",
+            "notifications:lena",
+            "--channel",
+            "org:acme-listen",
+            "--count",
+            "5",
+        ])
+        .env("HERALD_TOKEN", srv.token("lena"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("herald listen starts");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let mut seen: Vec<Value> = Vec::new();
+    let mut next = async || -> Value {
+        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("herald listen printed a line in time")
+            .expect("stdout readable")
+            .expect("herald listen printed a line before exiting");
+        serde_json::from_str(&line).expect("each line is JSON")
+    };
+    for _ in 0..3 {
+        seen.push(next().await);
+    }
+    assert_eq!(seen[0]["status"], "connected", "{seen:?}");
+    let mut subscribed: Vec<&str> = seen[1..]
+        .iter()
+        .map(|m| {
+            assert_eq!(m["type"], "subscribed", "{m}");
+            m["channel"].as_str().unwrap()
+        })
+        .collect();
+    subscribed.sort_unstable();
+    assert_eq!(subscribed, ["notifications:lena", "org:acme-listen"]);
+    let (status, _) = srv
+        .post("/api/v1/notifications/lena", json!({"title": "one socket"}))
+        .await;
+    assert_eq!(status, 202);
+    let (status, _) = srv
+        .post(
+            "/api/v1/orgs/acme-listen/events",
+            json!({"event_type": "listen.works", "data": {}}),
+        )
+        .await;
+    assert_eq!(status, 202);
+    let mut published = [next().await, next().await];
+    published.sort_by_key(|m| m["channel"].as_str().unwrap_or("").to_owned());
+    assert_eq!(published[0]["channel"], "notifications:lena");
+    assert_eq!(published[0]["notification"]["title"], "one socket");
+    assert_eq!(published[1]["channel"], "org:acme-listen");
+    assert_eq!(published[1]["event_type"], "listen.works");
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("herald listen exits after --count messages")
+        .unwrap();
+    assert!(status.success(), "herald listen exited with {status}");
 }
