@@ -6,8 +6,9 @@
 //! it in `CloseEvent.code`.
 //!
 //! The upgrade is done here on hyper's upgraded connection with tokio-websockets, which
-//! keeps no per-socket write buffer beyond the frames in flight and reads into a small
-//! fixed buffer (see ARCHITECTURE.md for the measurements behind the choice).
+//! keeps no per-socket write buffer beyond the frames in flight, and (patched, see
+//! vendor/tokio-websockets/PATCHES.md) holds a read buffer only while a frame arrives
+//! (see ARCHITECTURE.md for the measurements behind the choice).
 
 pub mod protocol;
 pub mod session;
@@ -24,7 +25,7 @@ use axum::routing::get;
 use axum::Router;
 use base64::Engine;
 use hyper_util::rt::TokioIo;
-use tokio_websockets::{Limits, ServerBuilder};
+use tokio_websockets::{Config, Limits, ServerBuilder};
 
 use crate::app::AppState;
 use crate::auth::{find_token, offers_bearer_subprotocol, BEARER_SUBPROTOCOL};
@@ -184,8 +185,10 @@ async fn handshake(
                 return;
             }
         };
-        let limits = Limits::default().max_payload_len(Some(MAX_CLIENT_MESSAGE));
-        let mut ws = ServerBuilder::new().limits(limits).serve(TokioIo::new(upgraded));
+        let mut ws = ServerBuilder::new()
+            .config(socket_config())
+            .limits(socket_limits())
+            .serve(TokioIo::new(upgraded));
         match outcome {
             Outcome::Accept(plan) => session::run(state, ws, *plan).await,
             Outcome::Reject(close) => session::close_socket(&mut ws, Some(&close)).await,
@@ -207,6 +210,18 @@ async fn handshake(
         );
     }
     response
+}
+
+/// The WebSocket layer's settings for every socket: no read buffer while nothing
+/// arrives (the buffer is allocated for a frame and given back once it is read), so an
+/// idle socket holds none (BENCHMARKS.md, idle memory; vendor/tokio-websockets).
+fn socket_config() -> Config {
+    Config::default().read_buffer_size(0)
+}
+
+/// Client messages over [`MAX_CLIENT_MESSAGE`] are refused by the layer (1009).
+fn socket_limits() -> Limits {
+    Limits::default().max_payload_len(Some(MAX_CLIENT_MESSAGE))
 }
 
 /// The client's address: from `X-Forwarded-For` behind a trusted proxy (set by

@@ -215,7 +215,11 @@ where
     #[cfg(any(feature = "client", feature = "server"))]
     pub(crate) fn from_raw_stream(stream: T, role: Role, config: Config, limits: Limits) -> Self {
         Self {
-            inner: FramedRead::new(stream, WebSocketProtocol::new(role, limits)),
+            inner: FramedRead::with_capacity(
+                stream,
+                WebSocketProtocol::new(role, limits),
+                config.read_buffer_size,
+            ),
             config,
             state: StreamState::Active,
             partial_payload: BytesMut::new(),
@@ -314,7 +318,15 @@ where
             ))?;
         }
 
-        let frame = match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
+        let next = ready!(Pin::new(&mut self.inner).poll_next(cx));
+        if self.config.read_buffer_size == 0 && self.inner.read_buffer().is_empty() {
+            // Every frame read so far has been returned: give the buffer back so
+            // that an idle connection does not hold it (see
+            // `Config::read_buffer_size`). The frame just decoded shares the
+            // allocation and keeps it only as long as it lives.
+            *self.inner.read_buffer_mut() = BytesMut::new();
+        }
+        let frame = match next {
             Some(Ok(frame)) => frame,
             Some(Err(e)) => {
                 if matches!(e, Error::Io(_)) || self.state == StreamState::ClosedByUs {

@@ -568,6 +568,9 @@ pub struct Config {
     /// Threshold of queued up bytes after which the underlying I/O is flushed
     /// before the sink is declared ready. The default is 8 KiB.
     pub(super) flush_threshold: usize,
+    /// Initial capacity of the read buffer; with `0`, the buffer is also given
+    /// back whenever it has been drained. The default is 8 KiB.
+    pub(super) read_buffer_size: usize,
 }
 
 impl Config {
@@ -595,6 +598,21 @@ impl Config {
 
         self
     }
+
+    /// Sets the initial capacity of the read buffer. The default is 8 KiB.
+    ///
+    /// With `0`, the stream holds a read buffer only while a frame is
+    /// arriving: the buffer starts empty, grows to the frame being read, and
+    /// is given back once every frame in it has been returned. An idle
+    /// connection then holds no read buffer (a few bytes at most), at the cost
+    /// of a few more reads per frame. This suits servers holding many
+    /// connections that rarely receive anything.
+    #[must_use]
+    pub fn read_buffer_size(mut self, size: usize) -> Self {
+        self.read_buffer_size = size;
+
+        self
+    }
 }
 
 impl Default for Config {
@@ -602,6 +620,7 @@ impl Default for Config {
         Self {
             frame_size: 4 * 1024 * 1024,
             flush_threshold: 8 * 1024,
+            read_buffer_size: 8 * 1024,
         }
     }
 }
