@@ -223,23 +223,64 @@ struct Stream<'a> {
     request: &'a TaskRequest,
     abandon: &'a CancellationToken,
     checkpoint: &'a dyn Checkpoint,
+    frames: FrameTemplate,
+}
+
+/// The streaming `llm_frame`s of one task, serialized without building a JSON value
+/// per token: what surrounds `delta` and `index` is written once per task. The bytes
+/// are exactly those [`Draft::from_object`] makes of the same message (its keys are
+/// sorted), which a unit test checks.
+struct FrameTemplate {
+    /// `{"chat_id":…,"frame":{"delta":`
+    head: Vec<u8>,
+    /// `,"status":"streaming"},"task_id":…,"type":"llm_frame","user_id":…}`
+    tail: Vec<u8>,
+}
+
+impl FrameTemplate {
+    fn new(request: &TaskRequest, task_id: &str) -> Self {
+        let mut head = b"{\"chat_id\":".to_vec();
+        write_json_string(&mut head, request.chat_id.as_str());
+        head.extend_from_slice(b",\"frame\":{\"delta\":");
+        let mut tail = b",\"status\":\"streaming\"},\"task_id\":".to_vec();
+        write_json_string(&mut tail, task_id);
+        tail.extend_from_slice(b",\"type\":\"llm_frame\",\"user_id\":");
+        write_json_string(&mut tail, request.user_id.as_str());
+        tail.push(b'}');
+        Self { head, tail }
+    }
+
+    /// The streaming frame `index` carrying `delta`.
+    fn draft(&self, delta: &str, index: u64) -> Option<Draft> {
+        use std::io::Write as _;
+        let mut body = Vec::with_capacity(self.head.len() + delta.len() + 40 + self.tail.len());
+        body.extend_from_slice(&self.head);
+        write_json_string(&mut body, delta);
+        // Writing to a Vec cannot fail.
+        let _ = write!(body, ",\"index\":{index}");
+        body.extend_from_slice(&self.tail);
+        Draft::from_serialized(body)
+    }
+}
+
+/// Appends `text` as a JSON string, escaped as serde_json escapes it everywhere else.
+fn write_json_string(out: &mut Vec<u8>, text: &str) {
+    // Serializing a str into a Vec cannot fail.
+    let _ = serde_json::to_writer(out, text);
 }
 
 impl Stream<'_> {
     /// Sends one message; returns its offset. Sends nothing once the task is abandoned:
     /// another worker owns the stream from then on.
     async fn send(&self, kind: &str, fields: Value) -> Option<u64> {
-        if self.abandon.is_cancelled() {
+        if !self.may_send() {
             return None;
         }
-        if !self.checkpoint.may_send() {
-            tracing::warn!(
-                task_id = self.task_id,
-                "this worker's claim on the task has lapsed; stopping it so the worker that takes it over is the only one sending"
-            );
-            self.abandon.cancel();
-            return None;
-        }
+        self.publish(&self.message(kind, fields)).await
+    }
+
+    /// The message `kind` with `fields` and the task's ids.
+    fn message(&self, kind: &str, fields: Value) -> Draft {
         let mut message = Map::new();
         message.insert("type".to_owned(), json!(kind));
         if let Value::Object(fields) = fields {
@@ -248,12 +289,27 @@ impl Stream<'_> {
         message.insert("user_id".to_owned(), json!(self.request.user_id.as_str()));
         message.insert("chat_id".to_owned(), json!(self.request.chat_id.as_str()));
         message.insert("task_id".to_owned(), json!(self.task_id));
-        match self
-            .ctx
-            .publisher
-            .publish(&self.channel, &Draft::from_object(message))
-            .await
-        {
+        Draft::from_object(message)
+    }
+
+    /// Whether this worker may still send on the task's stream (see [`Stream::send`]).
+    fn may_send(&self) -> bool {
+        if self.abandon.is_cancelled() {
+            return false;
+        }
+        if !self.checkpoint.may_send() {
+            tracing::warn!(
+                task_id = self.task_id,
+                "this worker's claim on the task has lapsed; stopping it so the worker that takes it over is the only one sending"
+            );
+            self.abandon.cancel();
+            return false;
+        }
+        true
+    }
+
+    async fn publish(&self, draft: &Draft) -> Option<u64> {
+        match self.ctx.publisher.publish(&self.channel, draft).await {
             Ok(published) => Some(published.offset),
             Err(err) => {
                 // The stream goes on: the client learns of the gap on resume.
@@ -302,12 +358,18 @@ impl Stream<'_> {
         let delta = text
             .get(text.len().saturating_sub(delta_len)..)
             .unwrap_or_default();
-        let offset = self
-            .send(
-                "llm_frame",
-                json!({"frame": {"status": "streaming", "delta": delta, "index": index}}),
-            )
-            .await;
+        let offset = if self.may_send() {
+            // The hot path: one frame per token, serialized from the task's template.
+            let draft = self.frames.draft(delta, index).unwrap_or_else(|| {
+                self.message(
+                    "llm_frame",
+                    json!({"frame": {"status": "streaming", "delta": delta, "index": index}}),
+                )
+            });
+            self.publish(&draft).await
+        } else {
+            None
+        };
         self.record(Progress {
             phase: Phase::Streaming,
             text,
@@ -406,6 +468,7 @@ pub async fn publish_unstarted_end(
         request,
         abandon: &never,
         checkpoint,
+        frames: FrameTemplate::new(request, task_id),
     };
     match status {
         TaskStatus::Cancelled => {
@@ -484,6 +547,7 @@ pub async fn run(ctx: &Context, job: Job<'_>) -> Option<Outcome> {
         request,
         abandon,
         checkpoint,
+        frames: FrameTemplate::new(request, task_id),
     };
     // A resumed task that had already finished its answer only sends what is missing.
     if resume.phase >= Phase::Saved {
