@@ -313,6 +313,7 @@ pub async fn serve_state(
     let stopped = state.stopped.clone();
     let handshake_limiter = state.handshake_limiter.clone();
     let drain = state.config.shutdown_drain;
+    limits::calibrate_clock();
     tracker.spawn({
         let shutdown = shutdown.clone();
         async move {
