@@ -96,7 +96,7 @@ pub fn router(state: AppState) -> Router {
         Router::new()
     };
     Router::new()
-        .merge(crate::ws::router())
+        .merge(crate::ws::router(&state))
         .merge(crate::http::router(&state.config.allowed_origins))
         .merge(dev)
         .layer(axum::middleware::from_fn(crate::http::limit_request_size))

@@ -18,11 +18,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Request};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
+use axum::{Extension, Router};
 use base64::Engine;
 use hyper_util::rt::TokioIo;
 use tokio_websockets::{Config, Limits, ServerBuilder};
@@ -63,7 +63,10 @@ impl Endpoint {
     }
 }
 
-pub fn router() -> Router<AppState> {
+/// The WebSocket routes. Their handlers share one `Arc` of the state rather than each
+/// taking a copy: every socket's task holds the state for the socket's life, and a
+/// copy of `AppState` is most of a kilobyte (issue 19, idle memory).
+pub fn router(state: &AppState) -> Router<AppState> {
     Router::new()
         .route("/ws/notifications", get(notifications))
         .route("/ws/notifications/", get(notifications))
@@ -71,9 +74,13 @@ pub fn router() -> Router<AppState> {
         .route("/ws/events/{org_id}/", get(events))
         .route("/ws/frame-stream/{user_id}", get(frame_stream))
         .route("/ws/frame-stream/{user_id}/", get(frame_stream))
+        .layer(Extension(Arc::new(state.clone())))
 }
 
-async fn notifications(State(state): State<AppState>, request: Request) -> Response {
+/// The state every socket shares.
+type Shared = Extension<Arc<AppState>>;
+
+async fn notifications(Extension(state): Shared, request: Request) -> Response {
     handshake(state, Endpoint::Notifications, None, request).await
 }
 
@@ -84,7 +91,7 @@ fn path_id(path: Result<Path<String>, PathRejection>) -> String {
 }
 
 async fn events(
-    State(state): State<AppState>,
+    Extension(state): Shared,
     org_id: Result<Path<String>, PathRejection>,
     request: Request,
 ) -> Response {
@@ -92,7 +99,7 @@ async fn events(
 }
 
 async fn frame_stream(
-    State(state): State<AppState>,
+    Extension(state): Shared,
     user_id: Result<Path<String>, PathRejection>,
     request: Request,
 ) -> Response {
@@ -106,7 +113,7 @@ enum Outcome {
 }
 
 async fn handshake(
-    state: AppState,
+    state: Arc<AppState>,
     endpoint: Endpoint,
     path_id: Option<String>,
     mut request: Request,
@@ -190,7 +197,7 @@ async fn handshake(
             .limits(socket_limits())
             .serve(TokioIo::new(upgraded));
         match outcome {
-            Outcome::Accept(plan) => session::run(state, ws, *plan).await,
+            Outcome::Accept(plan) => session::run(&state, ws, plan).await,
             Outcome::Reject(close) => session::close_socket(&mut ws, Some(&close)).await,
         }
     });
@@ -407,6 +414,23 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    fn output_size<A, B, C, F>(_: impl FnOnce(A, B, C) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every idle socket holds its session's future for its whole life (issue 19).
+    #[test]
+    fn session_future_size() {
+        type Io = tokio::io::DuplexStream;
+        let session = output_size(session::run::<Io>);
+        println!(
+            "session::run future {session} B; AppState {} B; WebSocketStream {} B; Plan {} B",
+            std::mem::size_of::<AppState>(),
+            std::mem::size_of::<tokio_websockets::WebSocketStream<Io>>(),
+            std::mem::size_of::<Plan>(),
+        );
     }
 
     #[test]
