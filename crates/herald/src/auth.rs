@@ -185,7 +185,11 @@ impl Authenticator {
                 "no key source for user tokens: set HERALD_JWT_SECRET, HERALD_JWT_JWKS_URL or HERALD_JWT_ISSUER"
             );
         };
-        let hs256 = validation(Algorithm::HS256, config.jwt_issuer.as_deref(), &config.jwt_audience);
+        let hs256 = validation(
+            Algorithm::HS256,
+            config.jwt_issuer.as_deref(),
+            &config.jwt_audience,
+        );
         Ok(Self {
             inner: Arc::new(Inner {
                 keys,

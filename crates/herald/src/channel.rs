@@ -147,8 +147,9 @@ impl Draft {
     /// publish does: the bytes returned are what every subscriber receives.
     pub fn seal(&self, channel: &str, id: &str, offset: u64, epoch: &str, timestamp: &str) -> Bytes {
         // The fields' keys and punctuation are 58 bytes, an offset at most 20.
-        let mut out =
-            Vec::with_capacity(self.body.len() + channel.len() + id.len() + epoch.len() + timestamp.len() + 80);
+        let mut out = Vec::with_capacity(
+            self.body.len() + channel.len() + id.len() + epoch.len() + timestamp.len() + 80,
+        );
         out.extend_from_slice(&self.body[..self.body.len() - 1]);
         if self.body.len() > 2 {
             out.push(b',');
@@ -233,9 +234,7 @@ pub fn now_rfc3339() -> String {
 }
 
 fn rfc3339_millis(time: std::time::SystemTime) -> String {
-    let since = time
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    let since = time.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs().min(MAX_RFC3339_SECS);
     let millis = since.subsec_millis();
     let days = secs / 86_400;
@@ -264,7 +263,15 @@ fn rfc3339_millis(time: std::time::SystemTime) -> String {
     put(14, 2, of_day / 60 % 60);
     put(17, 2, of_day % 60);
     put(20, 3, u64::from(millis));
-    for (idx, sep) in [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':'), (19, b'.'), (23, b'Z')] {
+    for (idx, sep) in [
+        (4, b'-'),
+        (7, b'-'),
+        (10, b'T'),
+        (13, b':'),
+        (16, b':'),
+        (19, b'.'),
+        (23, b'Z'),
+    ] {
         out[idx] = sep;
     }
     out.iter().map(|&b| char::from(b)).collect()

@@ -43,10 +43,18 @@ fn open_idle_socket(addr: SocketAddr, token: &str) -> TcpStream {
     // The welcome is a JSON text frame naming the channel; wait until it is in.
     while !String::from_utf8_lossy(&seen).contains("\"connection_id\"") {
         let n = stream.read(&mut buf).unwrap();
-        assert!(n > 0, "the server closed the socket: {}", String::from_utf8_lossy(&seen));
+        assert!(
+            n > 0,
+            "the server closed the socket: {}",
+            String::from_utf8_lossy(&seen)
+        );
         seen.extend_from_slice(&buf[..n]);
     }
-    assert!(seen.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&seen));
+    assert!(
+        seen.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
     stream
 }
 
@@ -81,16 +89,27 @@ fn an_idle_socket_holds_a_few_kilobytes_and_no_read_buffer() {
         .collect();
     // Warm up: the first sockets create the server's lazily built state (metrics,
     // maps, the timer wheel's levels).
-    let warm: Vec<TcpStream> = tokens.iter().take(20).map(|t| open_idle_socket(addr, t)).collect();
+    let warm: Vec<TcpStream> = tokens
+        .iter()
+        .take(20)
+        .map(|t| open_idle_socket(addr, t))
+        .collect();
 
     std::thread::sleep(Duration::from_millis(200));
     let before = ALLOCATOR.allocated();
-    let sockets: Vec<TcpStream> = tokens.iter().skip(20).map(|t| open_idle_socket(addr, t)).collect();
+    let sockets: Vec<TcpStream> = tokens
+        .iter()
+        .skip(20)
+        .map(|t| open_idle_socket(addr, t))
+        .collect();
     // Let the handshakes' transient buffers go.
     std::thread::sleep(Duration::from_millis(500));
     let held = ALLOCATOR.allocated().saturating_sub(before);
     let per_socket = held / sockets.len();
-    println!("idle sockets={} heap held={held} per socket={per_socket}", sockets.len());
+    println!(
+        "idle sockets={} heap held={held} per socket={per_socket}",
+        sockets.len()
+    );
     assert!(
         per_socket <= MAX_BYTES_PER_SOCKET,
         "an idle socket holds {per_socket} heap bytes, more than {MAX_BYTES_PER_SOCKET}"
