@@ -1,17 +1,21 @@
-//! `AppState`, built once at start, and `router`, the one place that lists every route
-//! and global layer (read it next to docs/protocol.md).
+//! `AppState`, built once at start (`crate::build_state`) and shared by every request
+//! handler and socket session.
 
 use std::sync::Arc;
 
-use axum::Router;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{ApiKeys, Authenticator};
 use crate::broker::{Broker, BrokerError, Published};
+// `Publisher` and `Secrets` lived here until issue 16; kept while parallel branches merge.
+pub use crate::broker::Publisher;
 use crate::channel::{Channel, Draft};
+pub use crate::config::Secrets;
 use crate::config::{Config, Secret};
+use crate::control::Control;
 use crate::hub::Hub;
+use crate::idempotency::Idempotency;
 use crate::limits::{ConnectionLimits, HandshakeLimiter};
 use crate::membership::Membership;
 use crate::metrics::Metrics;
@@ -29,9 +33,9 @@ pub struct AppState {
     pub store: Store,
     pub membership: Arc<Membership>,
     /// `Idempotency-Key` records of publish calls (in process, or shared in Redis).
-    pub idempotency: Arc<crate::idempotency::Idempotency>,
+    pub idempotency: Arc<Idempotency>,
     /// Member removals and webhook-cache forgets, applied on every node.
-    pub control: Arc<crate::control::Control>,
+    pub control: Arc<Control>,
     pub publisher: Publisher,
     pub tasks: Tasks,
     pub metrics: Metrics,
@@ -51,56 +55,9 @@ pub struct AppState {
     pub dev_jwt_secret: Option<Secret>,
 }
 
-/// The secrets a node runs with, after dev-mode generation.
-pub struct Secrets {
-    /// The HS256 secret when no other key source is configured.
-    pub dev_jwt_secret: Option<Secret>,
-    pub api_keys: Vec<Secret>,
-}
-
 impl AppState {
     /// Publishes through the broker and counts it.
     pub async fn publish(&self, channel: &Channel, draft: &Draft) -> Result<Published, BrokerError> {
         self.publisher.publish(channel, draft).await
     }
-}
-
-/// The one publish path (HTTP API, LLM workers, bridges): the broker, counted.
-#[derive(Clone)]
-pub struct Publisher {
-    broker: Arc<dyn Broker>,
-    metrics: Metrics,
-}
-
-impl Publisher {
-    pub fn new(broker: Arc<dyn Broker>, metrics: Metrics) -> Self {
-        Self { broker, metrics }
-    }
-
-    pub async fn publish(&self, channel: &Channel, draft: &Draft) -> Result<Published, BrokerError> {
-        let published = self.broker.publish(channel, draft).await?;
-        self.metrics.published(channel.kind());
-        Ok(published)
-    }
-
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
-    }
-}
-
-pub fn router(state: AppState) -> Router {
-    use tower_http::catch_panic::CatchPanicLayer;
-    let dev = if state.dev_jwt_secret.is_some() {
-        crate::http::demo::dev_router()
-    } else {
-        Router::new()
-    };
-    Router::new()
-        .merge(crate::ws::router(&state))
-        .merge(crate::http::router(&state.config.allowed_origins))
-        .merge(dev)
-        .layer(axum::middleware::from_fn(crate::http::limit_request_size))
-        .layer(CatchPanicLayer::new())
-        .layer(axum::middleware::from_fn(crate::http::json_errors))
-        .with_state(state)
 }

@@ -73,6 +73,23 @@ pub enum AuthFailure {
 }
 
 impl AuthFailure {
+    /// Every reason, so metrics can create each label at start.
+    pub const ALL: [AuthFailure; 13] = [
+        Self::Missing,
+        Self::Malformed,
+        Self::CriticalExtension,
+        Self::BadSignature,
+        Self::WrongAlgorithm,
+        Self::Expired,
+        Self::NotYetValid,
+        Self::MissingExpiry,
+        Self::WrongIssuer,
+        Self::WrongAudience,
+        Self::UnknownKey,
+        Self::KeysUnavailable,
+        Self::BadUser,
+    ];
+
     /// A bounded label for metrics and logs.
     pub fn reason(self) -> &'static str {
         match self {

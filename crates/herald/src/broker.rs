@@ -18,7 +18,10 @@ pub mod redis;
 
 use async_trait::async_trait;
 
+use std::sync::Arc;
+
 use crate::channel::{Channel, Draft, Message};
+use crate::metrics::Metrics;
 
 /// Where a channel stands: its epoch and the offset of its last message (0 if none).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +50,17 @@ pub struct History {
     pub complete: bool,
 }
 
+/// A snapshot of a broker's history memory use and evictions (the memory broker's;
+/// Redis keeps its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryStats {
+    pub channels: usize,
+    pub history_bytes: usize,
+    pub history_max_bytes: usize,
+    pub history_evictions: u64,
+    pub idle_evictions: u64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     /// Nothing was done: the broker was not reachable, or refused the command.
@@ -57,6 +71,12 @@ pub enum BrokerError {
     /// message has if it was stored.
     #[error("the broker did not confirm in time: {reason}")]
     OutcomeUnknown { reason: String, id: Option<String> },
+}
+
+impl From<crate::redis::ClientError> for BrokerError {
+    fn from(err: crate::redis::ClientError) -> Self {
+        Self::Unavailable(err.0)
+    }
 }
 
 impl BrokerError {
@@ -102,12 +122,35 @@ pub trait Broker: Send + Sync + 'static {
     async fn ready(&self) -> bool;
 
     /// History memory use and evictions on this node, for stats and metrics.
-    fn memory_stats(&self) -> Option<memory::MemoryStats> {
+    fn memory_stats(&self) -> Option<MemoryStats> {
         None
     }
 
     /// Reconnections to the backing service since start (0 for the memory broker).
     fn reconnects(&self) -> u64 {
         0
+    }
+}
+
+/// The one publish path (HTTP API, LLM workers, bridges): the broker, counted.
+#[derive(Clone)]
+pub struct Publisher {
+    broker: Arc<dyn Broker>,
+    metrics: Metrics,
+}
+
+impl Publisher {
+    pub fn new(broker: Arc<dyn Broker>, metrics: Metrics) -> Self {
+        Self { broker, metrics }
+    }
+
+    pub async fn publish(&self, channel: &Channel, draft: &Draft) -> Result<Published, BrokerError> {
+        let published = self.broker.publish(channel, draft).await?;
+        self.metrics.published(channel.kind());
+        Ok(published)
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 }

@@ -134,7 +134,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .map_err(|err| anyhow::anyhow!("cannot listen on {} (HERALD_LISTEN): {err}", config.listen))?;
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
-    let secrets = crate::app::Secrets {
+    let secrets = crate::config::Secrets {
         dev_jwt_secret: prepared.secrets.dev_jwt_secret.clone(),
         api_keys: prepared.secrets.api_keys.clone(),
     };
@@ -160,7 +160,7 @@ async fn worker(config: Config) -> anyhow::Result<()> {
 
 fn print_banner(
     config: &Config,
-    secrets: &crate::app::Secrets,
+    secrets: &crate::config::Secrets,
     dev_path: Option<&std::path::Path>,
     addr: std::net::SocketAddr,
 ) {

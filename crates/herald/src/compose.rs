@@ -3,13 +3,21 @@
 //! used by both the HTTP publish API (`http::publish`) and the Django bridge (`bridge`),
 //! so a message reaches a socket in the same form whichever way it came in.
 
+pub mod llm;
+
 use serde_json::{json, Map, Value};
 
 use crate::channel::{Channel, Draft};
 use crate::ids::{ChatId, OrgId};
+use llm::LlmKind;
 
 /// `type`s an external worker may publish to a frame stream (docs/protocol.md).
-pub const FRAME_MESSAGE_TYPES: [&str; 4] = ["llm_status", "llm_frame", "llm_response", "llm_error"];
+pub const FRAME_MESSAGE_TYPES: [&str; 4] = [
+    LlmKind::Status.as_str(),
+    LlmKind::Frame.as_str(),
+    LlmKind::Response.as_str(),
+    LlmKind::Error.as_str(),
+];
 
 /// Longest `event_type` of an organization event.
 pub const MAX_EVENT_TYPE_LEN: usize = 128;

@@ -6,7 +6,9 @@
 //! read only through the [`Env`] trait so tests can pass a map instead of mutating the
 //! process environment.
 
+pub mod django;
 mod env;
+mod parse;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -15,6 +17,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use env::{Env, ProcessEnv};
+pub use parse::normalize_origin;
+use parse::{
+    parse_bridge_url, parse_count, parse_http_url, parse_membership, parse_origins, parse_positive,
+    parse_scheme, parse_seconds, split_list, toml_to_text, MAX_SECONDS,
+};
 
 /// One configuration setting, as documented in docs/protocol.md.
 #[derive(Debug, Clone, Copy)]
@@ -80,6 +87,24 @@ settings! {
     ENV_MAX_PENDING_PER_IP = "HERALD_MAX_PENDING_PER_IP", "64", false, "Connections from one peer address that have not finished their request or upgrade; more are closed at accept.";
     ENV_MAX_CONNECTIONS = "HERALD_MAX_CONNECTIONS", "", false, "Open connections per node before upgrades are answered 503; the file-descriptor limit minus a reserve (5 % or 64, the larger) when empty.";
     ENV_TRUSTED_PROXIES = "HERALD_TRUSTED_PROXIES", "", false, "Comma list of CIDRs of reverse proxies whose `X-Forwarded-For` names the client.";
+}
+
+/// The secrets a node runs with, after dev-mode generation.
+pub struct Secrets {
+    /// The HS256 secret when no other key source is configured.
+    pub dev_jwt_secret: Option<Secret>,
+    pub api_keys: Vec<Secret>,
+}
+
+/// A URL (database, Redis) with any password replaced, for messages.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
 }
 
 /// A value that must never reach logs: its `Debug` is masked and it has no `Display`.
@@ -160,7 +185,7 @@ pub struct Config {
     pub shutdown_drain: Duration,
     pub django_bridge: Option<String>,
     /// The `[django]` table: channels_redis settings and group mappings for the bridge.
-    pub django: crate::bridge::BridgeOptions,
+    pub django: django::BridgeOptions,
     /// Bytes a socket's outbox may hold before the client counts as too slow (close
     /// 1008). Not an environment setting; TOML key `outbox_max_bytes`.
     pub outbox_max_bytes: usize,
@@ -313,7 +338,7 @@ pub const DJANGO_TABLE: &str = "django";
 pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
     let mut raw: BTreeMap<&'static str, String> = BTreeMap::new();
     let mut tuning = Tuning::default();
-    let mut django = crate::bridge::BridgeOptions::default();
+    let mut django = django::BridgeOptions::default();
     if let Some(path) = file {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
             path: path.to_owned(),
@@ -328,7 +353,7 @@ pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
         for (key, value) in table {
             if key == DJANGO_TABLE {
                 django = match value {
-                    toml::Value::Table(_) => crate::bridge::BridgeOptions::from_toml(value),
+                    toml::Value::Table(_) => django::BridgeOptions::from_toml(value),
                     _ => Err("must be a table: write `[django]` followed by its keys".to_owned()),
                 }
                 .map_err(|reason| ConfigError::Table {
@@ -534,7 +559,7 @@ impl Values {
             } else {
                 // A URL's password (e.g. in a Redis URL, or in a list of them) is
                 // never echoed.
-                let redacted: Vec<String> = value.split(',').map(crate::redact_url).collect();
+                let redacted: Vec<String> = value.split(',').map(redact_url).collect();
                 format!("{:?}", redacted.join(","))
             },
             reason,
@@ -600,157 +625,6 @@ impl Tuning {
         match self.count(name, 0)? {
             0 => Ok(default),
             ms => Ok(Duration::from_millis((ms as u64).min(MAX_SECONDS * 1000))),
-        }
-    }
-}
-
-fn toml_to_text(value: &toml::Value) -> String {
-    match value {
-        toml::Value::String(s) => s.clone(),
-        toml::Value::Array(items) => items.iter().map(toml_to_text).collect::<Vec<_>>().join(","),
-        other => other.to_string(),
-    }
-}
-
-fn split_list(value: &str) -> Vec<String> {
-    value
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect()
-}
-
-fn parse_count(value: &str) -> Result<usize, String> {
-    value
-        .parse::<usize>()
-        .map_err(|_| "expected a whole number, 0 or more".to_owned())
-}
-
-fn parse_positive(value: &str) -> Result<u32, String> {
-    match value.parse::<u32>() {
-        Ok(n) if n > 0 => Ok(n),
-        _ => Err("expected a whole number, 1 or more".to_owned()),
-    }
-}
-
-/// The longest duration setting accepted (a year): anything longer is a typo, and
-/// deadlines computed from it must not overflow.
-const MAX_SECONDS: u64 = 365 * 24 * 3600;
-
-fn parse_seconds(value: &str) -> Result<Duration, String> {
-    match value.parse::<u64>() {
-        Ok(n) if n > 0 && n <= MAX_SECONDS => Ok(Duration::from_secs(n)),
-        _ => Err(format!(
-            "expected a whole number of seconds, from 1 to {MAX_SECONDS}"
-        )),
-    }
-}
-
-fn parse_scheme(value: &str, schemes: &[&str]) -> Result<String, String> {
-    let ok = value
-        .split_once("://")
-        .is_some_and(|(scheme, _)| schemes.contains(&scheme));
-    if ok {
-        Ok(value.to_owned())
-    } else {
-        Err(format!(
-            "expected a URL starting with {}://",
-            schemes.join(":// or ")
-        ))
-    }
-}
-
-/// One `redis://` or `rediss://` URL: the Redis of the channels_redis layer (its
-/// `hosts` entry). Sharded layers (several hosts) are refused.
-fn parse_bridge_url(value: &str) -> Result<String, String> {
-    if value.contains(',') || value.contains(char::is_whitespace) {
-        return Err(
-            "expected one Redis URL; herald bridges a channels_redis layer with one host, not a sharded \
-             (several hosts) one: give the host the layer uses, or use one host"
-                .to_owned(),
-        );
-    }
-    let url = parse_scheme(value, &["redis", "rediss"])?;
-    reqwest::Url::parse(&url)
-        .map(|_| url)
-        .map_err(|err| format!("not a valid URL ({err})"))
-}
-
-fn parse_http_url(value: &str) -> Result<String, String> {
-    parse_scheme(value, &["http", "https"]).and_then(|url| {
-        reqwest::Url::parse(&url)
-            .map(|_| url)
-            .map_err(|err| format!("not a valid URL ({err})"))
-    })
-}
-
-fn parse_membership(value: &str) -> Result<MembershipMode, String> {
-    match value {
-        "database" => Ok(MembershipMode::Database),
-        "claims" => Ok(MembershipMode::Claims),
-        other => match other.strip_prefix("webhook:") {
-            Some(url) => parse_http_url(url).map(MembershipMode::Webhook),
-            None => Err("expected database, claims or webhook:<http(s) url>".to_owned()),
-        },
-    }
-}
-
-fn parse_origins(value: &str) -> Result<AllowedOrigins, String> {
-    let items = split_list(value);
-    if items.iter().any(|item| item == "*") {
-        return Ok(AllowedOrigins::Any);
-    }
-    items
-        .iter()
-        .map(|item| {
-            normalize_origin(item).ok_or_else(|| {
-                format!(
-                    "{item:?} is not an origin; expected scheme://host[:port], e.g. https://app.example.com"
-                )
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map(AllowedOrigins::List)
-}
-
-/// Normalizes an origin for exact comparison: lowercase scheme and host, default ports
-/// dropped, trailing `/` removed. Returns `None` for anything that is not
-/// `scheme://host[:port]` (including the literal `null`).
-pub fn normalize_origin(origin: &str) -> Option<String> {
-    let origin = origin.trim().trim_end_matches('/');
-    let (scheme, rest) = origin.split_once("://")?;
-    let scheme = scheme.to_ascii_lowercase();
-    if scheme.is_empty()
-        || !scheme
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
-    {
-        return None;
-    }
-    if rest.is_empty() || rest.contains(['/', '?', '#', '@', ' ']) {
-        return None;
-    }
-    let rest = rest.to_ascii_lowercase();
-    let rest = match (scheme.as_str(), rest.rsplit_once(':')) {
-        ("http", Some((host, "80"))) | ("https", Some((host, "443")))
-            if !host.ends_with(']') || host.starts_with('[') =>
-        {
-            host.to_owned()
-        }
-        _ => rest,
-    };
-    Some(format!("{scheme}://{rest}"))
-}
-
-impl AllowedOrigins {
-    /// Whether a browser `Origin` header value is allowed.
-    pub fn allows(&self, origin: &str) -> bool {
-        match self {
-            AllowedOrigins::Any => true,
-            AllowedOrigins::List(list) => {
-                normalize_origin(origin).is_some_and(|origin| list.contains(&origin))
-            }
         }
     }
 }

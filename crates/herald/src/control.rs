@@ -23,12 +23,12 @@ use fred::prelude::{ClientLike, EventInterface, PubsubInterface};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::redis::{build_client, SECONDARY_CONNECT_WAIT};
 use crate::broker::BrokerError;
 use crate::channel::{Channel, ChannelKind};
 use crate::close::{Close, CloseCode};
 use crate::hub::Hub;
 use crate::membership::Membership;
+use crate::redis::{build_client, connect_and_wait, quit_on, wait_connected, SECONDARY_CONNECT_WAIT};
 
 /// The pub/sub channel control actions travel on.
 pub const CONTROL_CHANNEL: &str = "herald:control";
@@ -44,23 +44,13 @@ pub async fn command_client(
     stopped: &CancellationToken,
 ) -> Result<fred::prelude::Client, BrokerError> {
     let client = build_client(url)?;
-    client.connect();
-    if tokio::time::timeout(SECONDARY_CONNECT_WAIT, client.wait_for_connect())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "Redis is not reachable yet: publishes with an Idempotency-Key and control actions wait for it"
-        );
-    }
-    tokio::spawn({
-        let client = client.clone();
-        let stopped = stopped.clone();
-        async move {
-            stopped.cancelled().await;
-            let _ = client.quit().await;
-        }
-    });
+    connect_and_wait(
+        &client,
+        SECONDARY_CONNECT_WAIT,
+        "Redis is not reachable yet: publishes with an Idempotency-Key and control actions wait for it",
+    )
+    .await;
+    quit_on(stopped, vec![client.clone()]);
     Ok(client)
 }
 
@@ -122,10 +112,7 @@ impl Control {
         });
         let stop = stopped.child_token();
         tokio::spawn(control.clone().listen(subscriber.clone(), stop));
-        if tokio::time::timeout(SECONDARY_CONNECT_WAIT, subscriber.wait_for_connect())
-            .await
-            .is_err()
-        {
+        if !wait_connected(&subscriber, SECONDARY_CONNECT_WAIT).await {
             tracing::warn!("Redis is not reachable yet: control actions from other nodes wait for it");
         }
         Ok(control)

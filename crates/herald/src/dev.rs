@@ -8,7 +8,7 @@ use base64::Engine;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
-use crate::app::Secrets;
+use crate::config::Secrets;
 use crate::config::{Config, Secret};
 
 /// The file name of the saved dev secrets.

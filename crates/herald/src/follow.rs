@@ -26,6 +26,7 @@ use tokio::time::Instant;
 
 use crate::app::AppState;
 use crate::channel::{Channel, ChannelKind, Message};
+use crate::compose::llm::{LlmKind, LlmStatus};
 use crate::hub::{Drained, Outbox};
 use crate::ids::UserId;
 use crate::tasks::TaskStatus;
@@ -73,6 +74,14 @@ struct Head<'a> {
 impl<'a> Head<'a> {
     fn parse(bytes: &'a [u8]) -> Option<Self> {
         serde_json::from_slice(bytes).ok()
+    }
+
+    /// The status of an `llm_status` message.
+    fn llm_status(&self) -> Option<LlmStatus> {
+        if self.kind.as_deref()? != LlmKind::Status.as_str() {
+            return None;
+        }
+        LlmStatus::parse(self.status.as_deref()?)
     }
 }
 
@@ -215,10 +224,7 @@ impl Follower<'_> {
                 match first {
                     Some(first) => {
                         let head = Head::parse(&history.messages[first].bytes);
-                        let is_start = head.is_some_and(|head| {
-                            head.kind.as_deref() == Some("llm_status")
-                                && head.status.as_deref() == Some("started")
-                        });
+                        let is_start = head.is_some_and(|head| head.llm_status() == Some(LlmStatus::Started));
                         if !history.complete && !is_start {
                             return Err(Stop::Lost(
                                 "the task's first messages left history; reload the task",
@@ -279,8 +285,7 @@ impl Follower<'_> {
             message.offset <= self.after
                 && Head::parse(&message.bytes).is_some_and(|head| {
                     head.task_id.as_deref() == Some(self.task_id.as_str())
-                        && head.kind.as_deref() == Some("llm_status")
-                        && matches!(head.status.as_deref(), Some("completed" | "failed" | "cancelled"))
+                        && head.llm_status().is_some_and(LlmStatus::is_final)
                 })
         }))
     }
@@ -361,8 +366,7 @@ impl Follower<'_> {
             return Ok(false);
         }
         let kind = head.kind.as_deref().unwrap_or_default().to_owned();
-        let is_final = kind == "llm_status"
-            && matches!(head.status.as_deref(), Some("completed" | "failed" | "cancelled"));
+        let is_final = head.llm_status().is_some_and(LlmStatus::is_final);
         let followed = Followed::Message(TaskMessage {
             offset: message.offset,
             kind,

@@ -40,6 +40,8 @@ use tokio::time::Instant;
 use crate::broker::redis::Shards;
 use crate::broker::BrokerError;
 use crate::channel::{new_id, Channel};
+use crate::redis::COMMAND_TIMEOUT;
+use crate::sync::lock;
 
 /// The most characters (Unicode scalar values) an `Idempotency-Key` may have.
 pub const MAX_KEY_CHARS: usize = 128;
@@ -49,9 +51,6 @@ pub const MAX_WAIT: Duration = Duration::from_secs(10);
 
 /// Records kept by one node in memory mode.
 pub const MEMORY_MAX_RECORDS: usize = 100_000;
-
-/// How long one Redis command for a record may take.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How long a request may own a key: a base plus a share per item, beyond any publish
 /// timeout, so an owner that is still working is never taken for a dead one.
@@ -423,7 +422,7 @@ impl Idempotency {
     ) -> Result<Result<(), Option<String>>, BrokerError> {
         match &self.backend {
             Backend::Memory(records) => {
-                let mut records = records.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let mut records = lock(records);
                 let now = Instant::now();
                 let current = records
                     .get(storage)

@@ -3,9 +3,15 @@
 //!
 //! # Layout
 //!
+//! Imports only point down, in the layers ARCHITECTURE.md lists (checked by
+//! `tests/it/tidy/layers.rs`); this file is near the top: it builds the state and
+//! assembles the [`router`].
+//!
 //! - [`config`]: the typed configuration, loaded from defaults < TOML < environment.
 //! - [`cli`]: `herald serve | worker | token | listen`; thin, calls [`serve`] or [`work`].
-//! - [`app`]: `AppState` and the router listing every route.
+//! - [`app`]: `AppState`, what every handler and session shares.
+//! - [`redis`]: every Redis client (reconnects, timeouts, the wait at start).
+//! - [`sync`]: the poison-ignoring lock helper.
 //! - [`ws`]: the three WebSocket endpoints; [`ws::session`] runs one socket.
 //! - [`http`]: the service API (publish, members, stats) and operations endpoints.
 //! - [`auth`]: user tokens (HS256, JWKS, OIDC discovery) and service API keys.
@@ -22,7 +28,7 @@
 //! - [`tasks`]: LLM generation tasks: the in-process queue or the shared one on Redis
 //!   Streams, and the worker that streams an answer to the user's frame stream.
 //! - [`compose`]: the message each kind of publish produces, shared by the HTTP API and
-//!   the bridge.
+//!   the bridge, and the typed `llm_*` messages of a frame stream.
 //! - [`bridge`]: the Django Channels bridge: channels_redis `group_send` calls published
 //!   to herald channels.
 //! - [`idempotency`]: `Idempotency-Key` records, so a repeated publish publishes once.
@@ -50,7 +56,9 @@ pub mod limits;
 pub mod llm;
 pub mod membership;
 pub mod metrics;
+pub mod redis;
 pub mod store;
+pub mod sync;
 pub mod tasks;
 pub mod telemetry;
 pub mod ws;
@@ -62,11 +70,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::app::{AppState, Secrets};
+use crate::app::AppState;
 use crate::auth::{ApiKeys, Authenticator};
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
-use crate::config::Config;
+pub use crate::config::redact_url;
+use crate::config::{Config, Secrets};
 use crate::hub::Hub;
 use crate::membership::Membership;
 use crate::store::Store;
@@ -116,7 +125,7 @@ pub async fn build_state_with(
     let stopped = CancellationToken::new();
     let (broker, memory) = connect_broker(&config, hub.clone(), &stopped).await?;
     let metrics = metrics::Metrics::new();
-    let publisher = app::Publisher::new(broker.clone(), metrics.clone());
+    let publisher = broker::Publisher::new(broker.clone(), metrics.clone());
     let tracker = TaskTracker::new();
     let broker: Arc<dyn broker::Broker> = match &config.django_bridge {
         Some(url) => {
@@ -267,7 +276,7 @@ pub async fn work(config: Config, shutdown: CancellationToken) -> anyhow::Result
     let tracker = TaskTracker::new();
     let parts = tasks::Parts {
         provider: llm::from_config(&config)?,
-        publisher: app::Publisher::new(broker.clone(), metrics),
+        publisher: broker::Publisher::new(broker.clone(), metrics),
         broker,
         store,
         tracker: tracker.clone(),
@@ -339,7 +348,7 @@ pub async fn serve_state(
         limits.max_pending_per_ip,
     ));
     let metrics = state.metrics.clone();
-    let app = app::router(state);
+    let app = router(state);
     // During the drain window HTTP keeps serving: /readyz answers 503 so load balancers
     // stop sending traffic, publishes still reach the sockets not closed yet, and new
     // socket handshakes are refused with 503. The listener closes when the window ends.
@@ -356,7 +365,7 @@ pub async fn serve_state(
                 tokio::select! {
                     () = &mut window => break,
                     _ = poll.tick() => {
-                        if ws::Endpoint::ALL.iter().all(|endpoint| metrics.open_connections(*endpoint) <= 0) {
+                        if metrics::Endpoint::ALL.iter().all(|endpoint| metrics.open_connections(*endpoint) <= 0) {
                             break;
                         }
                     }
@@ -371,13 +380,21 @@ pub async fn serve_state(
     Ok(())
 }
 
-/// A database URL with any password replaced, for messages.
-pub fn redact_url(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        _ => url.to_owned(),
-    }
+/// The router: every route and global layer in one place (read it next to
+/// docs/protocol.md).
+pub fn router(state: AppState) -> axum::Router {
+    use tower_http::catch_panic::CatchPanicLayer;
+    let dev = if state.dev_jwt_secret.is_some() {
+        crate::http::demo::dev_router()
+    } else {
+        axum::Router::new()
+    };
+    axum::Router::new()
+        .merge(crate::ws::router(&state))
+        .merge(crate::http::router(&state.config.allowed_origins))
+        .merge(dev)
+        .layer(axum::middleware::from_fn(crate::http::limit_request_size))
+        .layer(CatchPanicLayer::new())
+        .layer(axum::middleware::from_fn(crate::http::json_errors))
+        .with_state(state)
 }

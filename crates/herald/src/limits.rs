@@ -40,6 +40,8 @@ pub enum LimitRefusal {
 pub struct ConnectionSlot {
     limits: Arc<ConnectionLimits>,
     user_id: String,
+    /// Counted in Redis (`true`), or on this node alone.
+    shared: bool,
     /// The user's open sockets, this one included, when it was admitted.
     pub count: u32,
 }
@@ -68,9 +70,7 @@ impl ConnectionLimits {
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, u32>> {
         // Critical sections are single map updates; a poisoned lock is still consistent.
-        self.counts
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.counts)
     }
 
     /// Takes a slot for `user_id`, or refuses if the user is at the limit.
@@ -80,9 +80,23 @@ impl ConnectionLimits {
                 Ok(Some(count)) => Ok(ConnectionSlot {
                     limits: self.clone(),
                     user_id: user_id.to_owned(),
+                    shared: true,
                     count,
                 }),
                 Ok(None) => Err(LimitRefusal::TooMany),
+                // On a Cluster the counts live on one primary; while it fails over,
+                // the other shards' channels keep accepting sockets (SPEC 8: a partial
+                // outage stays partial), counted on this node alone meanwhile.
+                Err(err) if shared.on_cluster() => {
+                    if let crate::broker::BrokerError::OutcomeUnknown { .. } = err {
+                        // The count may have been taken: give it back once the primary
+                        // answers, as the socket is counted here instead.
+                        shared.release(user_id);
+                    }
+                    shared.note_degraded(&err.to_string());
+                    self.acquire_local(user_id)
+                        .map_err(|TooManyConnections| LimitRefusal::TooMany)
+                }
                 Err(err) => Err(LimitRefusal::Unavailable(err.to_string())),
             };
         }
@@ -100,17 +114,19 @@ impl ConnectionLimits {
         Ok(ConnectionSlot {
             limits: self.clone(),
             user_id: user_id.to_owned(),
+            shared: false,
             count: *count,
         })
     }
 
-    /// The user's open sockets on this node.
-    /// Whether sockets can be counted: always for local counts; with Redis, while its
-    /// connection is up (a node that cannot count refuses sockets, so it is not ready).
+    /// Whether sockets can be counted: always for local counts; with one Redis, while
+    /// its connection is up (a node that cannot count refuses sockets, so it is not
+    /// ready); on a Cluster, always (counted locally while the counts' primary is down).
     pub fn ready(&self) -> bool {
         self.shared.as_ref().is_none_or(shared::SharedCounts::ready)
     }
 
+    /// The user's open sockets counted on this node alone.
     pub fn count(&self, user_id: &str) -> u32 {
         self.lock().get(user_id).copied().unwrap_or(0)
     }
@@ -118,7 +134,7 @@ impl ConnectionLimits {
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        if let Some(shared) = &self.limits.shared {
+        if let Some(shared) = self.limits.shared.as_ref().filter(|_| self.shared) {
             shared.release(&self.user_id);
             return;
         }

@@ -113,7 +113,7 @@ impl Webhook {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), (bool, Instant)>> {
-        self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.cache)
     }
 
     fn cached(&self, key: &(String, String)) -> Option<bool> {

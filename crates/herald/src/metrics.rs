@@ -21,7 +21,6 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::auth::AuthFailure;
 use crate::channel::ChannelKind;
 use crate::close::CloseCode;
-use crate::ws::Endpoint;
 
 /// Client message types, as labelled (see `ws::protocol::ClientMessage::label`).
 pub const CLIENT_MESSAGE_LABELS: [&str; 5] = ["ping", "heartbeat", "refresh", "unsupported", "invalid_json"];
@@ -35,13 +34,67 @@ pub const LIMITS: [&str; 3] = ["connections_per_user", "client_messages", "hands
 /// How an LLM task ended.
 pub const TASK_OUTCOMES: [&str; 3] = ["completed", "failed", "cancelled"];
 
-/// The channels_redis layers the Django bridge reads.
-pub const BRIDGE_LAYERS: [&str; 2] = ["core", "pubsub"];
+/// The channels_redis layer a Django bridge message came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BridgeLayer {
+    Core,
+    PubSub,
+}
+
+impl BridgeLayer {
+    pub const ALL: [BridgeLayer; 2] = [Self::Core, Self::PubSub];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Core => "core",
+            Self::PubSub => "pubsub",
+        }
+    }
+}
 
 /// What the Django bridge did with a message: published it, or dropped it because it
 /// could not be read (`undecodable`), did not map to a herald message (`unmappable`), or
 /// could not be published (`failed`, pub/sub layer only; the core layer retries).
-pub const BRIDGE_OUTCOMES: [&str; 4] = ["published", "unmappable", "undecodable", "failed"];
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BridgeOutcome {
+    Published,
+    Unmappable,
+    Undecodable,
+    Failed,
+}
+
+impl BridgeOutcome {
+    pub const ALL: [BridgeOutcome; 4] = [Self::Published, Self::Unmappable, Self::Undecodable, Self::Failed];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Published => "published",
+            Self::Unmappable => "unmappable",
+            Self::Undecodable => "undecodable",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// The WebSocket endpoint a socket connected to; a bounded label for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    Notifications,
+    Events,
+    FrameStream,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 3] = [Self::Notifications, Self::Events, Self::FrameStream];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Notifications => "notifications",
+            Self::Events => "events",
+            Self::FrameStream => "frame_stream",
+        }
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EndpointLabel {
@@ -65,7 +118,8 @@ struct ReasonLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabel {
-    code: &'static str,
+    /// The close code's number, straight from `CloseCode::code`.
+    code: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -124,36 +178,6 @@ fn kind_idx(kind: ChannelKind) -> usize {
     }
 }
 
-fn code_label(code: CloseCode) -> &'static str {
-    match code {
-        CloseCode::Normal => "1000",
-        CloseCode::GoingAway => "1001",
-        CloseCode::UnsupportedData => "1003",
-        CloseCode::SlowConsumer => "1008",
-        CloseCode::MessageTooBig => "1009",
-        CloseCode::BadRequest => "4000",
-        CloseCode::Unauthorized => "4001",
-        CloseCode::Forbidden => "4003",
-        CloseCode::TooManyRequests => "4429",
-    }
-}
-
-/// Every user-token failure reason, for pre-creating the label values.
-const AUTH_FAILURES: [AuthFailure; 12] = [
-    AuthFailure::Missing,
-    AuthFailure::Malformed,
-    AuthFailure::BadSignature,
-    AuthFailure::WrongAlgorithm,
-    AuthFailure::Expired,
-    AuthFailure::NotYetValid,
-    AuthFailure::MissingExpiry,
-    AuthFailure::WrongIssuer,
-    AuthFailure::WrongAudience,
-    AuthFailure::UnknownKey,
-    AuthFailure::KeysUnavailable,
-    AuthFailure::BadUser,
-];
-
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -209,7 +233,7 @@ impl Metrics {
         for r#type in CLIENT_MESSAGE_LABELS {
             let _ = this.client_messages.get_or_create(&TypeLabel { r#type });
         }
-        for failure in AUTH_FAILURES {
+        for failure in AuthFailure::ALL {
             let _ = this.auth_failures.get_or_create(&ReasonLabel {
                 reason: failure.reason(),
             });
@@ -218,9 +242,7 @@ impl Metrics {
             let _ = this.auth_failures.get_or_create(&ReasonLabel { reason });
         }
         for code in CloseCode::ALL {
-            let _ = this.close_codes.get_or_create(&CodeLabel {
-                code: code_label(code),
-            });
+            let _ = this.close_codes.get_or_create(&CodeLabel { code: code.code() });
         }
         for limit in LIMITS {
             let _ = this.rate_limited.get_or_create(&LimitLabel { limit });
@@ -228,11 +250,12 @@ impl Metrics {
         for outcome in TASK_OUTCOMES {
             let _ = this.task_outcomes.get_or_create(&OutcomeLabel { outcome });
         }
-        for layer in BRIDGE_LAYERS {
-            for outcome in BRIDGE_OUTCOMES {
-                let _ = this
-                    .bridge_messages
-                    .get_or_create(&BridgeLabel { layer, outcome });
+        for layer in BridgeLayer::ALL {
+            for outcome in BridgeOutcome::ALL {
+                let _ = this.bridge_messages.get_or_create(&BridgeLabel {
+                    layer: layer.label(),
+                    outcome: outcome.label(),
+                });
             }
         }
 
@@ -389,17 +412,13 @@ impl Metrics {
 
     pub fn close_sent(&self, code: CloseCode) {
         self.close_codes
-            .get_or_create(&CodeLabel {
-                code: code_label(code),
-            })
+            .get_or_create(&CodeLabel { code: code.code() })
             .inc();
     }
 
     pub fn closes_sent(&self, code: CloseCode) -> u64 {
         self.close_codes
-            .get_or_create(&CodeLabel {
-                code: code_label(code),
-            })
+            .get_or_create(&CodeLabel { code: code.code() })
             .get()
     }
 
@@ -455,7 +474,7 @@ impl Metrics {
     }
 
     pub fn auth_failures_total(&self) -> u64 {
-        AUTH_FAILURES
+        AuthFailure::ALL
             .iter()
             .map(|f| f.reason())
             .chain(API_KEY_FAILURES)
@@ -515,16 +534,21 @@ impl Metrics {
 
     // === Django bridge ===
 
-    /// `layer` is one of [`BRIDGE_LAYERS`], `outcome` one of [`BRIDGE_OUTCOMES`].
-    pub fn bridge_message(&self, layer: &'static str, outcome: &'static str) {
+    pub fn bridge_message(&self, layer: BridgeLayer, outcome: BridgeOutcome) {
         self.bridge_messages
-            .get_or_create(&BridgeLabel { layer, outcome })
+            .get_or_create(&BridgeLabel {
+                layer: layer.label(),
+                outcome: outcome.label(),
+            })
             .inc();
     }
 
-    pub fn bridge_messages(&self, layer: &'static str, outcome: &'static str) -> u64 {
+    pub fn bridge_messages(&self, layer: BridgeLayer, outcome: BridgeOutcome) -> u64 {
         self.bridge_messages
-            .get_or_create(&BridgeLabel { layer, outcome })
+            .get_or_create(&BridgeLabel {
+                layer: layer.label(),
+                outcome: outcome.label(),
+            })
             .get()
     }
 

@@ -21,8 +21,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::app::Publisher;
-use crate::broker::Broker;
+use crate::broker::{Broker, Publisher};
 use crate::config::Config;
 use crate::ids::{ChatId, UserId};
 use crate::llm::LlmProvider;

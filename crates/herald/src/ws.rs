@@ -35,6 +35,8 @@ use crate::http::error::ApiError;
 use crate::http::server::{ClientIp, Load};
 use crate::ids::UserId;
 use crate::limits::LimitRefusal;
+// `Endpoint` is a metrics label and lives in `metrics` since issue 16.
+pub use crate::metrics::Endpoint;
 use session::{Plan, Resume};
 
 /// Client messages larger than this close the socket with 1009 (docs/protocol.md).
@@ -42,26 +44,6 @@ pub const MAX_CLIENT_MESSAGE: usize = 4 * 1024;
 
 /// The longest `epoch` a client may send back (herald's are 32 characters).
 const MAX_EPOCH_LEN: usize = 64;
-
-/// The endpoint a socket connected to; a bounded label for metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Endpoint {
-    Notifications,
-    Events,
-    FrameStream,
-}
-
-impl Endpoint {
-    pub const ALL: [Endpoint; 3] = [Self::Notifications, Self::Events, Self::FrameStream];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Notifications => "notifications",
-            Self::Events => "events",
-            Self::FrameStream => "frame_stream",
-        }
-    }
-}
 
 /// The WebSocket routes. Their handlers share one `Arc` of the state rather than each
 /// taking a copy: every socket's task holds the state for the socket's life, and a

@@ -75,10 +75,7 @@ impl JwksKeys {
 
     fn snapshot(&self) -> Arc<KeySet> {
         // Writers only swap the Arc, so a poisoned lock still holds a whole key set.
-        self.keys
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        crate::sync::read(&self.keys).clone()
     }
 
     /// The key and algorithm that must verify a token with this header.
@@ -131,7 +128,7 @@ impl JwksKeys {
                     keys,
                     fetched_at: Some(Instant::now()),
                 });
-                *self.keys.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = set;
+                *crate::sync::write(&self.keys) = set;
             }
             Err(reason) => {
                 tracing::warn!(%reason, "jwks fetch failed; keeping the keys already known");

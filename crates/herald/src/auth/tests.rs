@@ -208,3 +208,31 @@ async fn a_token_with_crit_in_its_header_is_refused() {
     .unwrap();
     assert!(auth.authenticate(&token).await.is_ok());
 }
+
+#[test]
+fn all_lists_every_failure_once() {
+    // A new variant fails to compile here until it has a place in ALL (metrics creates
+    // a label for each entry of ALL at start).
+    let place = |failure: AuthFailure| match failure {
+        AuthFailure::Missing => 0,
+        AuthFailure::Malformed => 1,
+        AuthFailure::CriticalExtension => 2,
+        AuthFailure::BadSignature => 3,
+        AuthFailure::WrongAlgorithm => 4,
+        AuthFailure::Expired => 5,
+        AuthFailure::NotYetValid => 6,
+        AuthFailure::MissingExpiry => 7,
+        AuthFailure::WrongIssuer => 8,
+        AuthFailure::WrongAudience => 9,
+        AuthFailure::UnknownKey => 10,
+        AuthFailure::KeysUnavailable => 11,
+        AuthFailure::BadUser => 12,
+    };
+    for (idx, failure) in AuthFailure::ALL.into_iter().enumerate() {
+        assert_eq!(
+            place(failure),
+            idx,
+            "{failure:?} is out of place in AuthFailure::ALL"
+        );
+    }
+}

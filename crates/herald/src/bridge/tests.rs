@@ -3,11 +3,11 @@
 use serde_json::{json, Map, Value};
 
 use super::fernet::{Fernet, FernetError};
-use super::mapping::{compose, GroupRule, MessageKind, Rules};
-use super::options::{BridgeOptions, Layers};
+use super::mapping::compose;
 use super::wire::{self, Decoder, Undecodable};
 use super::Names;
 use crate::channel::{Channel, ChannelKind};
+use crate::config::django::{BridgeOptions, GroupRule, Layers, MessageKind, Rules};
 use crate::config::Secret;
 
 fn dict(value: Value) -> Map<String, Value> {

@@ -20,15 +20,19 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::time::Instant;
 
+pub use crate::broker::MemoryStats;
 use crate::broker::{Broker, BrokerError, History, Position, Published};
 use crate::channel::{new_id, now_rfc3339, Channel, Draft, Message};
 use crate::hub::Hub;
+// Every critical section leaves the state consistent before it can panic (offsets are
+// assigned and stored in one step), so a poisoned lock is still usable.
+use crate::sync::lock;
 
 const SHARDS: usize = 64;
 
@@ -64,16 +68,6 @@ struct Counters {
     idle_evictions: AtomicU64,
 }
 
-/// A snapshot of the broker's memory use and evictions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MemoryStats {
-    pub channels: usize,
-    pub history_bytes: usize,
-    pub history_max_bytes: usize,
-    pub history_evictions: u64,
-    pub idle_evictions: u64,
-}
-
 type ChannelMap = HashMap<Arc<str>, Arc<Mutex<ChannelState>>>;
 
 struct ChannelState {
@@ -90,12 +84,6 @@ struct ChannelState {
 /// A history entry; its age is the message's `published_at`.
 struct Stored {
     message: Message,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section leaves the state consistent before it can panic (offsets
-    // are assigned and stored in one step), so a poisoned lock is still usable.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn cost(message: &Message) -> usize {

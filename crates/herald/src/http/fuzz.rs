@@ -114,13 +114,13 @@ fn router_parts() -> &'static (tokio::runtime::Runtime, axum::Router) {
             config.database_url = "sqlite::memory:".to_owned();
             config.jwt_secret = Some(Secret::new(SECRET));
             config.membership = crate::config::MembershipMode::Claims;
-            let secrets = crate::app::Secrets {
+            let secrets = crate::config::Secrets {
                 dev_jwt_secret: None,
                 api_keys: vec![Secret::new(API_KEY)],
             };
             let shutdown = tokio_util::sync::CancellationToken::new();
             let (state, _) = crate::build_state(config, secrets, shutdown).await.unwrap();
-            crate::app::router(state)
+            crate::router(state)
         });
         (runtime, router)
     })

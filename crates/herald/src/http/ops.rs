@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::app::AppState;
 use crate::http::extract::ServiceKey;
-use crate::ws::Endpoint;
+use crate::metrics::Endpoint;
 
 pub fn router() -> Router<AppState> {
     Router::new()

@@ -24,6 +24,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::app::AppState;
+use crate::compose::llm::{LlmKind, LlmStatus};
 use crate::follow::{follow, latest_task_of_chat, Followed, Start, TaskMessage};
 use crate::http::chat::{model_of, not_found, string_field};
 use crate::http::error::ApiError;
@@ -275,25 +276,26 @@ impl UiStream {
     fn chunks_of(&mut self, message: &TaskMessage, value: &Value) -> Vec<String> {
         let str_at = |pointer: &str| value.pointer(pointer).and_then(Value::as_str);
         let mut chunks = Vec::new();
-        match (message.kind.as_str(), str_at("/status")) {
-            ("llm_frame", _) if str_at("/frame/status") == Some("streaming") => {
+        let status = str_at("/status").and_then(LlmStatus::parse);
+        match (LlmKind::parse(&message.kind), status) {
+            (Some(LlmKind::Frame), _) if str_at("/frame/status") == Some(LlmStatus::Streaming.as_str()) => {
                 if let Some(delta) = str_at("/frame/delta").filter(|delta| !delta.is_empty()) {
                     chunks.extend(self.delta(delta));
                 }
             }
-            ("llm_response", _) if !self.sent_text => {
+            (Some(LlmKind::Response), _) if !self.sent_text => {
                 if let Some(response) = str_at("/data/response").filter(|text| !text.is_empty()) {
                     chunks.extend(self.delta(response));
                 }
             }
-            ("llm_error", _) => self.error = str_at("/error").map(str::to_owned),
-            ("llm_status", Some("restarted")) => chunks.extend(self.end_text()),
-            ("llm_status", Some("completed" | "cancelled")) => {
+            (Some(LlmKind::Error), _) => self.error = str_at("/error").map(str::to_owned),
+            (Some(LlmKind::Status), Some(LlmStatus::Restarted)) => chunks.extend(self.end_text()),
+            (Some(LlmKind::Status), Some(LlmStatus::Completed | LlmStatus::Cancelled)) => {
                 chunks.extend(self.end_text());
                 chunks.push(json!({"type": "finish"}).to_string());
                 chunks.push("[DONE]".to_owned());
             }
-            ("llm_status", Some("failed")) => {
+            (Some(LlmKind::Status), Some(LlmStatus::Failed)) => {
                 chunks.extend(self.end_text());
                 let text = self
                     .error

@@ -12,7 +12,8 @@
 //! dies without releasing its slots frees them within [`NODE_TTL`]. Every key a script
 //! touches is declared in its KEYS. The cost of the one slot: on a Cluster, every
 //! handshake and close of every user goes to the primary holding it (one short script
-//! each).
+//! each). While that primary is down, handshakes on a Cluster are counted on each node
+//! alone (`ConnectionLimits::acquire`), so they fail only with their channel's shard.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,8 +23,9 @@ use fred::types::scripts::Script;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::redis::{build_client, may_send, shards_for, Shards, SECONDARY_CONNECT_WAIT};
+use crate::broker::redis::{may_send, shards_for, Shards};
 use crate::broker::BrokerError;
+use crate::redis::{build_client, SECONDARY_CONNECT_WAIT};
 
 /// A node whose heartbeat is older than this no longer counts.
 pub const NODE_TTL: Duration = Duration::from_secs(15);
@@ -33,6 +35,10 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How long a count change may take before the handshake gives up.
 const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// On a Cluster, how long a handshake waits for the count before counting on this node
+/// alone: a primary that just died holds commands until the client notices.
+const CLUSTER_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How often a failed release is retried (while Redis is down), at most.
 const RELEASE_RETRIES: u32 = 120;
@@ -107,7 +113,12 @@ pub struct SharedCounts {
     acquire: Script,
     /// Releases are queued to a task, because a slot is released from `Drop`.
     releases: mpsc::UnboundedSender<String>,
+    /// When the fallback to local counts was last logged.
+    degraded_logged: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
+
+/// How often the fallback to local counts is logged, at most.
+const DEGRADED_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 impl SharedCounts {
     /// Connects to `url` and starts the heartbeat and release tasks, which stop on
@@ -116,7 +127,7 @@ impl SharedCounts {
         let client = build_client(url)?;
         let shards = shards_for(url, &client)?;
         client.connect();
-        let _ = tokio::time::timeout(SECONDARY_CONNECT_WAIT, client.wait_for_connect()).await;
+        crate::redis::wait_connected(&client, SECONDARY_CONNECT_WAIT).await;
         tokio::spawn({
             let client = client.clone();
             let stop = shutdown.clone();
@@ -181,16 +192,37 @@ impl SharedCounts {
             node_id: node_id.to_owned(),
             acquire: Script::from_lua(ACQUIRE),
             releases,
+            degraded_logged: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Whether the counts can be read (the connection to Redis is up); on a Cluster
+    /// always, as handshakes fall back to counting on this node while the primary of
+    /// `{conns}` is down.
+    pub fn ready(&self) -> bool {
+        self.shards.is_some() || self.client.is_connected()
+    }
+
+    /// Whether the counts are on a Redis Cluster.
+    pub fn on_cluster(&self) -> bool {
+        self.shards.is_some()
+    }
+
+    /// Logs (at most once per [`DEGRADED_LOG_INTERVAL`]) that sockets are being counted
+    /// on this node alone.
+    pub fn note_degraded(&self, reason: &str) {
+        let mut last = crate::sync::lock(&self.degraded_logged);
+        if last.is_none_or(|at| at.elapsed() >= DEGRADED_LOG_INTERVAL) {
+            *last = Some(tokio::time::Instant::now());
+            tracing::warn!(
+                reason,
+                "the shared per-user connection count is unreachable: counting this node's sockets alone until its Redis Cluster primary is back"
+            );
+        }
     }
 
     /// Takes a slot: `Ok(Some(count))` with the user's count including it, `Ok(None)`
     /// when the user is at `max` across all nodes.
-    /// Whether the counts can be read (the connection to Redis is up).
-    pub fn ready(&self) -> bool {
-        self.client.is_connected()
-    }
-
     pub async fn acquire(&self, user_id: &str, max: u32) -> Result<Option<u32>, BrokerError> {
         let keys = vec![user_key(user_id), NODES_KEY.to_owned()];
         let args = vec![
@@ -199,7 +231,9 @@ impl SharedCounts {
             Value::from(node_ttl_ms()),
         ];
         if let Some(shards) = &self.shards {
-            let reply = shards.eval(&self.acquire, keys, args, TIMEOUT).await?;
+            let reply = shards
+                .eval(&self.acquire, keys, args, CLUSTER_ACQUIRE_TIMEOUT)
+                .await?;
             return Ok(reply.as_i64().and_then(|n| u32::try_from(n).ok()));
         }
         if !may_send(&self.client) {

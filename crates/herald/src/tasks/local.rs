@@ -128,10 +128,7 @@ impl LocalQueue {
     fn lock(&self) -> MutexGuard<'_, Registry> {
         // Critical sections are short map and counter updates; a poisoned lock is still
         // consistent.
-        self.inner
-            .registry
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.inner.registry)
     }
 
     /// Queues a task and returns its id.

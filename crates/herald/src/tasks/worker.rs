@@ -19,24 +19,26 @@
 //! from `index` 0, and the final `llm_response` is the new answer, the one the user
 //! saw.
 
-use std::borrow::Cow;
+mod run;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures_util::StreamExt;
-use serde_json::{json, Map, Value};
-use tokio::time::{timeout_at, Instant};
+use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::Publisher;
-use crate::channel::{now_rfc3339, Channel, ChannelKind, Draft};
-use crate::llm::{ChatMessage, LlmError, LlmEvent, LlmProvider, LlmRequest, Usage};
+use crate::broker::Publisher;
+use crate::channel::{Channel, ChannelKind, Draft};
+// The texts live with the messages since issue 16.
+use crate::compose::llm::{LlmHead, LlmMessage, LlmStatus};
+pub use crate::compose::llm::{RESTARTED_MESSAGE, THINKING_MESSAGE};
+use crate::llm::{LlmError, LlmProvider};
 use crate::store::Store;
 use crate::tasks::{TaskRequest, TaskStatus};
-
-/// The thinking frame, exactly as the Django stack sent it.
-pub const THINKING_MESSAGE: &str = "LLM is generating response...";
+pub use run::run;
+#[cfg(test)]
+use run::Replay;
 
 /// What a worker needs, shared by every task of a node.
 pub struct Context {
@@ -56,10 +58,6 @@ pub struct Context {
     /// stops it without a word so another worker of the shared queue resumes it.
     pub hand_back_on_shutdown: bool,
 }
-
-/// The `message` of `llm_status restarted`: a task taken over from a stopped worker got
-/// a different answer, which replaces the one streamed so far.
-pub const RESTARTED_MESSAGE: &str = "The answer was interrupted and starts again";
 
 /// How far a task's stream got, as the messages sent so far show it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -111,33 +109,25 @@ pub struct Resume {
 impl Resume {
     /// Folds in one message of this task read back from the frame stream's history.
     pub fn observe(&mut self, message: &Value) {
-        let kind = message.get("type").and_then(Value::as_str).unwrap_or_default();
-        let status = message.get("status").and_then(Value::as_str).unwrap_or_default();
-        let phase = match (kind, status) {
-            ("llm_status", "started" | "thinking") => Phase::Started,
-            ("llm_status", "streaming") => Phase::Streaming,
+        let phase = match LlmHead::read(message) {
+            Some(LlmHead::Status(LlmStatus::Started | LlmStatus::Thinking)) => Phase::Started,
+            Some(LlmHead::Status(LlmStatus::Streaming)) => Phase::Streaming,
             // The answer started again: frames from index 0 replace what came before.
-            ("llm_status", "restarted") => {
+            Some(LlmHead::Status(LlmStatus::Restarted)) => {
                 self.text.clear();
                 self.next_index = 0;
                 Phase::Streaming
             }
-            ("llm_response", _) => Phase::Responded,
-            ("llm_status", "completed") => Phase::Completed,
-            ("llm_frame", _) => {
-                let frame = message.get("frame");
-                let index = frame.and_then(|f| f.get("index")).and_then(Value::as_u64);
-                let delta = frame.and_then(|f| f.get("delta")).and_then(Value::as_str);
-                if let (Some(index), Some(delta)) = (index, delta) {
-                    if index == self.next_index {
-                        self.text.push_str(delta);
-                        self.next_index = index + 1;
-                    }
-                    Phase::Streaming
-                } else {
-                    Phase::Started
+            Some(LlmHead::Response) => Phase::Responded,
+            Some(LlmHead::Status(LlmStatus::Completed)) => Phase::Completed,
+            Some(LlmHead::Frame { delta, index }) => {
+                if index == self.next_index {
+                    self.text.push_str(delta);
+                    self.next_index = index + 1;
                 }
+                Phase::Streaming
             }
+            Some(LlmHead::OtherFrame) => Phase::Started,
             _ => Phase::New,
         };
         self.phase = self.phase.max(phase);
@@ -272,20 +262,22 @@ fn write_json_string(out: &mut Vec<u8>, text: &str) {
 impl Stream<'_> {
     /// Sends one message; returns its offset. Sends nothing once the task is abandoned:
     /// another worker owns the stream from then on.
-    async fn send(&self, kind: &str, fields: Value) -> Option<u64> {
+    async fn send(&self, message: LlmMessage<'_>) -> Option<u64> {
         if !self.may_send() {
             return None;
         }
-        self.publish(&self.message(kind, fields)).await
+        let draft = match &message {
+            // The hot path: one frame per token, serialized from the task's template.
+            LlmMessage::Frame { delta, index } => self.frames.draft(delta, *index),
+            _ => None,
+        };
+        let draft = draft.unwrap_or_else(|| self.message(message));
+        self.publish(&draft).await
     }
 
-    /// The message `kind` with `fields` and the task's ids.
-    fn message(&self, kind: &str, fields: Value) -> Draft {
-        let mut message = Map::new();
-        message.insert("type".to_owned(), json!(kind));
-        if let Value::Object(fields) = fields {
-            message.extend(fields);
-        }
+    /// `message` with the task's ids.
+    fn message(&self, message: LlmMessage<'_>) -> Draft {
+        let mut message = message.into_object();
         message.insert("user_id".to_owned(), json!(self.request.user_id.as_str()));
         message.insert("chat_id".to_owned(), json!(self.request.chat_id.as_str()));
         message.insert("task_id".to_owned(), json!(self.task_id));
@@ -339,17 +331,17 @@ impl Stream<'_> {
     }
 
     /// Records the end, then sends the final `llm_status`.
-    async fn end(&self, outcome: Outcome, status: &str, message: &str) -> Outcome {
+    async fn end(&self, outcome: Outcome, status: LlmStatus) -> Outcome {
         if !self.abandon.is_cancelled() {
             self.checkpoint.finish(&outcome).await;
         }
-        self.status(status, message).await;
+        self.status(status).await;
         outcome
     }
 
-    async fn status(&self, status: &str, message: &str) -> Option<u64> {
-        self.send("llm_status", json!({"status": status, "message": message}))
-            .await
+    /// Sends `llm_status` with the status's usual message.
+    async fn status(&self, status: LlmStatus) -> Option<u64> {
+        self.send(LlmMessage::status(status)).await
     }
 
     /// Sends the frame `index` with the last `delta_len` bytes of `text`, the answer so
@@ -358,18 +350,7 @@ impl Stream<'_> {
         let delta = text
             .get(text.len().saturating_sub(delta_len)..)
             .unwrap_or_default();
-        let offset = if self.may_send() {
-            // The hot path: one frame per token, serialized from the task's template.
-            let draft = self.frames.draft(delta, index).unwrap_or_else(|| {
-                self.message(
-                    "llm_frame",
-                    json!({"frame": {"status": "streaming", "delta": delta, "index": index}}),
-                )
-            });
-            self.publish(&draft).await
-        } else {
-            None
-        };
+        let offset = self.send(LlmMessage::Frame { delta, index }).await;
         self.record(Progress {
             phase: Phase::Streaming,
             text,
@@ -384,7 +365,7 @@ impl Stream<'_> {
     /// The retried answer differs from the one sent so far: tells the user it starts
     /// again, and records that nothing of the new answer was sent yet.
     async fn restart(&self) {
-        let offset = self.status("restarted", RESTARTED_MESSAGE).await;
+        let offset = self.status(LlmStatus::Restarted).await;
         self.record(Progress {
             phase: Phase::Streaming,
             text: "",
@@ -397,13 +378,13 @@ impl Stream<'_> {
     }
 
     async fn fail_with(&self, text: String) -> Outcome {
-        self.send("llm_error", json!({"error": text})).await;
+        self.send(LlmMessage::Error { error: &text }).await;
         let outcome = Outcome {
             status: TaskStatus::Failed,
             response: None,
             error: Some(text),
         };
-        self.end(outcome, "failed", "Task failed").await
+        self.end(outcome, LlmStatus::Failed).await
     }
 
     async fn failed(&self, error: &LlmError) -> Outcome {
@@ -429,7 +410,7 @@ impl Stream<'_> {
             response: None,
             error: None,
         };
-        self.end(outcome, "cancelled", "Task cancelled").await
+        self.end(outcome, LlmStatus::Cancelled).await
     }
 }
 
@@ -479,381 +460,6 @@ pub async fn publish_unstarted_end(
             stream.fail_with(text.to_owned()).await;
         }
     }
-}
-
-/// The deltas of a retried answer that the user already has are dropped; what is left
-/// goes out. A retried answer that differs from the text already sent is noticed, and
-/// restarts the answer.
-struct Replay {
-    sent: String,
-    matched: usize,
-}
-
-impl Replay {
-    /// The part of `delta` the user does not have yet, or `Err` if it contradicts what
-    /// was sent.
-    fn fresh<'d>(&mut self, delta: &'d str) -> Result<&'d str, ()> {
-        let pending = &self.sent.as_bytes()[self.matched..];
-        if pending.is_empty() {
-            return Ok(delta);
-        }
-        let overlap = pending.len().min(delta.len());
-        if pending[..overlap] != delta.as_bytes()[..overlap] {
-            return Err(());
-        }
-        self.matched += overlap;
-        delta.get(overlap..).ok_or(())
-    }
-
-    fn complete(&self) -> bool {
-        self.matched == self.sent.len()
-    }
-
-    /// The retried answer so far, `delta` being its last piece, once it was found to
-    /// differ from the text sent; from then on every delta is fresh.
-    fn restart(&mut self, delta: &str) -> String {
-        let mut answer = self.sent.get(..self.matched).unwrap_or_default().to_owned();
-        answer.push_str(delta);
-        self.sent.clear();
-        self.matched = 0;
-        answer
-    }
-}
-
-/// Runs a task to its end. `None`: the task was abandoned (lost to another worker or
-/// handed back at shutdown) and did not end here.
-pub async fn run(ctx: &Context, job: Job<'_>) -> Option<Outcome> {
-    let Job {
-        task_id,
-        request,
-        cancel,
-        abandon,
-        resume,
-        checkpoint,
-    } = job;
-    let Some(channel) = frames_channel(request) else {
-        let outcome = Outcome {
-            status: TaskStatus::Failed,
-            response: None,
-            error: Some("invalid user id".to_owned()),
-        };
-        checkpoint.finish(&outcome).await;
-        return Some(outcome);
-    };
-    let stream = Stream {
-        ctx,
-        channel,
-        task_id,
-        request,
-        abandon,
-        checkpoint,
-        frames: FrameTemplate::new(request, task_id),
-    };
-    // A resumed task that had already finished its answer only sends what is missing.
-    if resume.phase >= Phase::Saved {
-        if resume.phase < Phase::Responded {
-            let offset = send_response(&stream, request, &resume.text, &request.model, None).await;
-            stream.reached(Phase::Responded, resume.next_index, offset).await;
-        }
-        let outcome = completed(resume.text);
-        if resume.phase < Phase::Completed {
-            return finished(
-                abandon,
-                stream.end(outcome, "completed", "Response completed").await,
-            );
-        }
-        stream.checkpoint.finish(&outcome).await;
-        return finished(abandon, outcome);
-    }
-
-    let started = Instant::now();
-    if resume.phase < Phase::Started {
-        stream.status("started", "Task started").await;
-        stream.status("thinking", THINKING_MESSAGE).await;
-        let offset = stream
-            .send(
-                "llm_frame",
-                json!({"frame": {"status": "thinking", "message": THINKING_MESSAGE, "progress": "indeterminate"}}),
-            )
-            .await;
-        stream.reached(Phase::Started, 0, offset).await;
-    }
-
-    let mut messages: Vec<ChatMessage> = match ctx
-        .store
-        .chat_turns(
-            request.user_id.as_str(),
-            request.chat_id.as_str(),
-            ctx.context_messages,
-        )
-        .await
-    {
-        Ok(turns) => turns
-            .into_iter()
-            .map(|turn| match turn.role.as_str() {
-                "assistant" => ChatMessage::assistant(turn.content),
-                _ => ChatMessage::user(turn.content),
-            })
-            .collect(),
-        Err(err) => {
-            tracing::warn!(task_id, error = %err, "chat history unavailable; answering without it");
-            Vec::new()
-        }
-    };
-    messages.push(ChatMessage::user(request.prompt.clone()));
-    let llm_request = LlmRequest {
-        model: request.model.clone(),
-        messages,
-    };
-
-    // At shutdown a running task gets the drain window to finish; then it is ended, or
-    // handed back to the shared queue.
-    let shutdown_deadline = async {
-        ctx.shutdown.cancelled().await;
-        tokio::time::sleep(ctx.drain).await;
-    };
-    tokio::pin!(shutdown_deadline);
-
-    let mut events = tokio::select! {
-        result = ctx.provider.stream(llm_request) => match result {
-            Ok(events) => events,
-            Err(err) => {
-                tracing::warn!(task_id, kind = err.kind().label(), detail = err.detail(), "llm request failed");
-                return finished(abandon, stream.failed(&err).await);
-            }
-        },
-        () = cancel.cancelled() => return finished(abandon, stream.cancelled().await),
-        () = abandon.cancelled() => return None,
-        () = &mut shutdown_deadline => return stream.shut_down().await,
-    };
-
-    let mut streaming = resume.phase >= Phase::Streaming;
-    let mut replay = Replay {
-        sent: resume.text.clone(),
-        matched: 0,
-    };
-    let mut response = resume.text;
-    let mut index = resume.next_index;
-    let mut n_deltas = 0u64;
-    let mut pending = String::new();
-    let mut first_token_at: Option<Instant> = None;
-    let mut flush_at: Option<Instant> = None;
-    loop {
-        let next = tokio::select! {
-            next = next_event(&mut events, flush_at) => next,
-            () = cancel.cancelled() => {
-                drop(events);
-                return finished(abandon, stream.cancelled().await);
-            }
-            () = abandon.cancelled() => return None,
-            () = &mut shutdown_deadline => {
-                drop(events);
-                return stream.shut_down().await;
-            }
-        };
-        match next {
-            // The coalescing window closed: send what was joined.
-            None => {
-                stream.frame(&response, pending.len(), index).await;
-                index += 1;
-                pending.clear();
-                flush_at = None;
-            }
-            Some(Some(Ok(LlmEvent::Delta(delta)))) => {
-                if first_token_at.is_none() {
-                    let now = Instant::now();
-                    first_token_at = Some(now);
-                    ctx.publisher.metrics().llm_first_token(now - started);
-                }
-                n_deltas += 1;
-                let fresh = match replay.fresh(&delta) {
-                    Ok(fresh) => Cow::Borrowed(fresh),
-                    Err(()) => {
-                        // Only a retried answer is compared, and only until it has
-                        // passed the text sent before: nothing new was sent yet.
-                        tracing::info!(
-                            task_id,
-                            "the retried answer differs from the text already sent; restarting it"
-                        );
-                        stream.restart().await;
-                        response.clear();
-                        index = 0;
-                        Cow::Owned(replay.restart(&delta))
-                    }
-                };
-                if fresh.is_empty() {
-                    continue;
-                }
-                if !streaming {
-                    streaming = true;
-                    let offset = stream.status("streaming", "Streaming response").await;
-                    stream.reached(Phase::Streaming, index, offset).await;
-                }
-                response.push_str(&fresh);
-                if ctx.coalesce.is_zero() {
-                    stream.frame(&response, fresh.len(), index).await;
-                    index += 1;
-                } else {
-                    pending.push_str(&fresh);
-                    flush_at.get_or_insert_with(|| Instant::now() + ctx.coalesce);
-                }
-            }
-            Some(Some(Ok(LlmEvent::Done {
-                usage,
-                model,
-                finish_reason,
-            }))) => {
-                if !pending.is_empty() {
-                    stream.frame(&response, pending.len(), index).await;
-                }
-                if !replay.complete() {
-                    tracing::info!(
-                        task_id,
-                        "the retried answer is shorter than the text already sent; restarting it"
-                    );
-                    stream.restart().await;
-                    response = replay.restart("");
-                    if !response.is_empty() {
-                        stream.frame(&response, response.len(), 0).await;
-                    }
-                }
-                if let Some(first) = first_token_at {
-                    let secs = first.elapsed().as_secs_f64();
-                    let tokens = usage.map_or(n_deltas, |u| u.completion_tokens);
-                    if secs > 0.0 {
-                        ctx.publisher
-                            .metrics()
-                            .llm_tokens_per_second(tokens as f64 / secs);
-                    }
-                }
-                // A cancel that arrived as the answer finished still wins: the caller
-                // was told the stream ends with `cancelled`.
-                if cancel.is_cancelled() {
-                    return finished(abandon, stream.cancelled().await);
-                }
-                // What `llm_response` reports of how upstream ended the answer.
-                let usage = Some(Ending {
-                    usage,
-                    finish_reason: &finish_reason,
-                });
-                let outcome = complete(&stream, ctx, request, response, &model, usage).await;
-                return finished(abandon, outcome);
-            }
-            Some(Some(Err(err))) => {
-                tracing::warn!(
-                    task_id,
-                    kind = err.kind().label(),
-                    detail = err.detail(),
-                    "llm stream failed"
-                );
-                if !pending.is_empty() {
-                    stream.frame(&response, pending.len(), index).await;
-                }
-                return finished(abandon, stream.failed(&err).await);
-            }
-            Some(None) => {
-                let err = LlmError::new(
-                    crate::llm::LlmErrorKind::Interrupted,
-                    "the stream ended without Done",
-                );
-                return finished(abandon, stream.failed(&err).await);
-            }
-        }
-    }
-}
-
-/// The outcome, unless the task was abandoned on the way (then what was sent is the
-/// new owner's to finish).
-fn finished(abandon: &CancellationToken, outcome: Outcome) -> Option<Outcome> {
-    (!abandon.is_cancelled()).then_some(outcome)
-}
-
-fn completed(response: String) -> Outcome {
-    Outcome {
-        status: TaskStatus::Completed,
-        response: Some(response),
-        error: None,
-    }
-}
-
-/// The next event, or `None` when the coalescing deadline passes first.
-async fn next_event(
-    events: &mut crate::llm::LlmStream,
-    flush_at: Option<Instant>,
-) -> Option<Option<Result<LlmEvent, LlmError>>> {
-    match flush_at {
-        Some(deadline) => timeout_at(deadline, events.next()).await.ok(),
-        None => Some(events.next().await),
-    }
-}
-
-/// How upstream ended an answer, as `llm_response` reports it.
-#[derive(Debug, Clone, Copy)]
-struct Ending<'a> {
-    usage: Option<Usage>,
-    /// Upstream's `finish_reason` (`stop`, `length`, …).
-    finish_reason: &'a str,
-}
-
-/// Sends `llm_response`. `usage` is `None` for an answer taken over after it was saved,
-/// whose usage and finish reason were not recorded: `usage` is then null and
-/// `finish_reason` absent.
-async fn send_response(
-    stream: &Stream<'_>,
-    request: &TaskRequest,
-    response: &str,
-    model: &str,
-    usage: Option<Ending<'_>>,
-) -> Option<u64> {
-    let user_id = request.user_id.as_str();
-    let chat_id = request.chat_id.as_str();
-    let mut data = json!({
-        "event": "response_generated",
-        "user_id": user_id,
-        "chat_id": chat_id,
-        "response": response,
-        "model": model,
-        "usage": usage.and_then(|ending| ending.usage),
-        "timestamp": now_rfc3339(),
-    });
-    if let Some(ending) = usage {
-        data["finish_reason"] = json!(ending.finish_reason);
-    }
-    stream.send("llm_response", json!({ "data": data })).await
-}
-
-async fn complete(
-    stream: &Stream<'_>,
-    ctx: &Context,
-    request: &TaskRequest,
-    response: String,
-    model: &str,
-    // Named `usage` like `send_response`'s: the usage and the finish reason.
-    usage: Option<Ending<'_>>,
-) -> Outcome {
-    // The exchange joins the chat's history only once it is complete, so a failed or
-    // cancelled attempt never becomes context for the next prompt.
-    if stream.abandon.is_cancelled() {
-        return completed(response);
-    }
-    if let Err(err) = ctx
-        .store
-        .add_chat_exchange(
-            request.user_id.as_str(),
-            request.chat_id.as_str(),
-            &request.prompt,
-            &response,
-        )
-        .await
-    {
-        tracing::warn!(task_id = stream.task_id, error = %err, "saving the chat exchange failed");
-    }
-    stream.reached(Phase::Saved, 0, None).await;
-    let offset = send_response(stream, request, &response, model, usage).await;
-    stream.reached(Phase::Responded, 0, offset).await;
-    stream
-        .end(completed(response), "completed", "Response completed")
-        .await
 }
 
 #[cfg(test)]

@@ -182,153 +182,157 @@ async fn check_revocation(srv: &TestServer) {
 
 #[tokio::test]
 async fn database_member_rows() {
-    let srv = TestServer::spawn().await;
-    check_member_rows(&srv).await;
+    for (engine, srv, _redis) in engines().await {
+        eprintln!("engine: {engine}");
+        check_member_rows(&srv).await;
+    }
 }
 
 #[tokio::test]
 async fn database_delete_closes_the_users_org_sockets_with_4003() {
-    let srv = TestServer::builder()
-        .env("HERALD_MAX_CONNECTIONS_PER_USER", "10")
-        .spawn()
-        .await;
-    check_revocation(&srv).await;
+    for (engine, srv, _redis) in
+        engines_with(|builder| builder.env("HERALD_MAX_CONNECTIONS_PER_USER", "10")).await
+    {
+        eprintln!("engine: {engine}");
+        check_revocation(&srv).await;
+    }
 }
 
 #[tokio::test]
 async fn members_api_errors() {
-    let srv = TestServer::spawn().await;
-    let long = "x".repeat(129);
+    for (engine, srv, _redis) in engines().await {
+        eprintln!("engine: {engine}");
+        let long = "x".repeat(129);
 
-    // 400: malformed ids, on every call.
-    for path in [
-        member_path("bad%20id", "u1"),
-        member_path("acme", "bad%20id"),
-        member_path("acme", "a%2Fb"),
-        member_path("acme", &long),
-    ] {
-        let (status, body) = srv.put(&path).await;
+        // 400: malformed ids, on every call.
+        for path in [
+            member_path("bad%20id", "u1"),
+            member_path("acme", "bad%20id"),
+            member_path("acme", "a%2Fb"),
+            member_path("acme", &long),
+        ] {
+            let (status, body) = srv.put(&path).await;
+            assert_eq!(
+                (status, body["error"].as_str()),
+                (400, Some("bad_request")),
+                "PUT {path}"
+            );
+            assert_eq!(srv.delete(&path).await.0, 400, "DELETE {path}");
+        }
+        assert_eq!(srv.get(&members_path("bad%20id")).await.0, 400);
+
+        // 401: no key, wrong key.
+        let path = member_path("acme", "u1");
+        for request in [
+            srv.http.put(srv.url(&path)),
+            srv.http.delete(srv.url(&path)),
+            srv.http.get(srv.url(&members_path("acme"))),
+            srv.http.put(srv.url(&path)).bearer_auth("wrong"),
+            srv.http.get(srv.url(&members_path("acme"))).bearer_auth("wrong"),
+        ] {
+            let (status, body) = read(request.send().await.unwrap()).await;
+            assert_eq!((status, body["error"].as_str()), (401, Some("unauthorized")));
+            assert!(body["message"].is_string());
+        }
+
+        // 415: a body that is not JSON, with or without a content type.
+        for request in [
+            srv.http
+                .put(srv.url(&path))
+                .header(header::CONTENT_TYPE, "text/plain")
+                .body("admin"),
+            srv.http.put(srv.url(&path)).body("admin"),
+        ] {
+            let (status, body) = read(request.bearer_auth(API_KEY).send().await.unwrap()).await;
+            assert_eq!(
+                (status, body["error"].as_str()),
+                (415, Some("unsupported_media_type"))
+            );
+        }
+
+        // 400: a JSON body that is not an object with an optional string role.
+        for bad in [
+            json!({"role": 5}),
+            json!({"role": ""}),
+            json!({"role": ["admin"]}),
+            json!({"role": "x".repeat(65)}),
+            json!(["admin"]),
+            json!("admin"),
+            json!(5),
+        ] {
+            let (status, body) = srv.put_json(&path, bad.clone()).await;
+            assert_eq!(
+                (status, body["error"].as_str()),
+                (400, Some("bad_request")),
+                "{bad}"
+            );
+        }
+        let (status, _) = read(
+            srv.http
+                .put(srv.url(&path))
+                .bearer_auth(API_KEY)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body("{not json")
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 400);
+
+        // None of those wrote a row.
         assert_eq!(
-            (status, body["error"].as_str()),
-            (400, Some("bad_request")),
-            "PUT {path}"
-        );
-        assert_eq!(srv.delete(&path).await.0, 400, "DELETE {path}");
-    }
-    assert_eq!(srv.get(&members_path("bad%20id")).await.0, 400);
-
-    // 401: no key, wrong key.
-    let path = member_path("acme", "u1");
-    for request in [
-        srv.http.put(srv.url(&path)),
-        srv.http.delete(srv.url(&path)),
-        srv.http.get(srv.url(&members_path("acme"))),
-        srv.http.put(srv.url(&path)).bearer_auth("wrong"),
-        srv.http.get(srv.url(&members_path("acme"))).bearer_auth("wrong"),
-    ] {
-        let (status, body) = read(request.send().await.unwrap()).await;
-        assert_eq!((status, body["error"].as_str()), (401, Some("unauthorized")));
-        assert!(body["message"].is_string());
-    }
-
-    // 415: a body that is not JSON, with or without a content type.
-    for request in [
-        srv.http
-            .put(srv.url(&path))
-            .header(header::CONTENT_TYPE, "text/plain")
-            .body("admin"),
-        srv.http.put(srv.url(&path)).body("admin"),
-    ] {
-        let (status, body) = read(request.bearer_auth(API_KEY).send().await.unwrap()).await;
-        assert_eq!(
-            (status, body["error"].as_str()),
-            (415, Some("unsupported_media_type"))
+            srv.get(&members_path("acme")).await,
+            (200, json!({"members": []}))
         );
     }
-
-    // 400: a JSON body that is not an object with an optional string role.
-    for bad in [
-        json!({"role": 5}),
-        json!({"role": ""}),
-        json!({"role": ["admin"]}),
-        json!({"role": "x".repeat(65)}),
-        json!(["admin"]),
-        json!("admin"),
-        json!(5),
-    ] {
-        let (status, body) = srv.put_json(&path, bad.clone()).await;
-        assert_eq!(
-            (status, body["error"].as_str()),
-            (400, Some("bad_request")),
-            "{bad}"
-        );
-    }
-    let (status, _) = read(
-        srv.http
-            .put(srv.url(&path))
-            .bearer_auth(API_KEY)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body("{not json")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(status, 400);
-
-    // None of those wrote a row.
-    assert_eq!(
-        srv.get(&members_path("acme")).await,
-        (200, json!({"members": []}))
-    );
 }
 
 #[tokio::test]
 async fn claims_orgs_and_keycloak_organization() {
-    let srv = TestServer::builder()
-        .env("HERALD_MEMBERSHIP", "claims")
-        .spawn()
-        .await;
-    let join = |token: String, org: &str| WsClient::connect(&srv, &events(org)).token(&token);
-    let joined = |token: String, org: &'static str| {
-        let connect = join(token, org);
-        async move {
-            let mut ws = connect.open().await.expect("upgrade");
-            let welcome = ws.next_json().await;
-            assert_eq!(welcome["status"], "connected", "{welcome}");
-            assert_eq!(welcome["org_id"], org, "{welcome}");
-            ws
-        }
-    };
+    for (engine, srv, _redis) in engines_with(|builder| builder.env("HERALD_MEMBERSHIP", "claims")).await {
+        eprintln!("engine: {engine}");
+        let join = |token: String, org: &str| WsClient::connect(&srv, &events(org)).token(&token);
+        let joined = |token: String, org: &'static str| {
+            let connect = join(token, org);
+            async move {
+                let mut ws = connect.open().await.expect("upgrade");
+                let welcome = ws.next_json().await;
+                assert_eq!(welcome["status"], "connected", "{welcome}");
+                assert_eq!(welcome["org_id"], org, "{welcome}");
+                ws
+            }
+        };
 
-    // `orgs`: an array of strings.
-    let orgs = token_with("u1", json!({"orgs": ["acme", "globex"]}));
-    joined(orgs.clone(), "acme").await;
-    joined(orgs.clone(), "globex").await;
-    expect_refused_with(join(orgs, "initech"), 4003).await;
+        // `orgs`: an array of strings.
+        let orgs = token_with("u1", json!({"orgs": ["acme", "globex"]}));
+        joined(orgs.clone(), "acme").await;
+        joined(orgs.clone(), "globex").await;
+        expect_refused_with(join(orgs, "initech"), 4003).await;
 
-    // Keycloak `organization` as an object keyed by org (its values do not matter).
-    let keycloak = token_with(
-        "u2",
-        json!({"organization": {"acme": {"id": "42a9"}, "globex": {}}}),
-    );
-    joined(keycloak.clone(), "acme").await;
-    joined(keycloak.clone(), "globex").await;
-    expect_refused_with(join(keycloak, "initech"), 4003).await;
+        // Keycloak `organization` as an object keyed by org (its values do not matter).
+        let keycloak = token_with(
+            "u2",
+            json!({"organization": {"acme": {"id": "42a9"}, "globex": {}}}),
+        );
+        joined(keycloak.clone(), "acme").await;
+        joined(keycloak.clone(), "globex").await;
+        expect_refused_with(join(keycloak, "initech"), 4003).await;
 
-    // Keycloak `organization` as an array of names.
-    let keycloak = token_with("u3", json!({"organization": ["acme"]}));
-    joined(keycloak.clone(), "acme").await;
-    expect_refused_with(join(keycloak, "globex"), 4003).await;
+        // Keycloak `organization` as an array of names.
+        let keycloak = token_with("u3", json!({"organization": ["acme"]}));
+        joined(keycloak.clone(), "acme").await;
+        expect_refused_with(join(keycloak, "globex"), 4003).await;
 
-    // No claim, or an empty one: member of nothing.
-    expect_refused_with(join(srv.token("u4"), "acme"), 4003).await;
-    expect_refused_with(join(token_with("u4", json!({"orgs": []})), "acme"), 4003).await;
-    expect_refused_with(join(token_with("u4", json!({"organization": {}})), "acme"), 4003).await;
+        // No claim, or an empty one: member of nothing.
+        expect_refused_with(join(srv.token("u4"), "acme"), 4003).await;
+        expect_refused_with(join(token_with("u4", json!({"orgs": []})), "acme"), 4003).await;
+        expect_refused_with(join(token_with("u4", json!({"organization": {}})), "acme"), 4003).await;
 
-    // In claims mode a database row grants nothing.
-    assert_eq!(srv.put(&member_path("acme", "u4")).await.0, 204);
-    expect_refused_with(join(srv.token("u4"), "acme"), 4003).await;
+        // In claims mode a database row grants nothing.
+        assert_eq!(srv.put(&member_path("acme", "u4")).await.0, 204);
+        expect_refused_with(join(srv.token("u4"), "acme"), 4003).await;
+    }
 }
 
 /// A membership webhook on 127.0.0.1:0 that records each request and answers with
@@ -689,23 +693,24 @@ async fn postgres_memberships() {
 /// 200 rounds left the socket open for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_during_the_handshake_still_closes_the_socket() {
-    let srv = TestServer::builder()
-        .env("HERALD_MAX_CONNECTIONS_PER_USER", "1000")
-        .spawn()
-        .await;
-    for round in 0..200_u64 {
-        let user = format!("u{round}");
-        let path = member_path("acme", &user);
-        assert_eq!(srv.put(&path).await.0, 204);
-        let connect = WsClient::connect(&srv, &events("acme")).token(&srv.token(&user));
-        let delay = std::time::Duration::from_micros((round % 20) * 100);
-        let (ws, (status, _)) = tokio::join!(connect.open(), async {
-            tokio::time::sleep(delay).await;
-            srv.delete(&path).await
-        });
-        assert_eq!(status, 204);
-        // Refused at once, or admitted and then closed: never left open.
-        let (code, reason) = ws.expect("upgrade").expect_close().await;
-        assert_eq!(code, 4003, "round {round}: {reason}");
+    for (engine, srv, _redis) in
+        engines_with(|builder| builder.env("HERALD_MAX_CONNECTIONS_PER_USER", "1000")).await
+    {
+        eprintln!("engine: {engine}");
+        for round in 0..200_u64 {
+            let user = format!("u{round}");
+            let path = member_path("acme", &user);
+            assert_eq!(srv.put(&path).await.0, 204);
+            let connect = WsClient::connect(&srv, &events("acme")).token(&srv.token(&user));
+            let delay = std::time::Duration::from_micros((round % 20) * 100);
+            let (ws, (status, _)) = tokio::join!(connect.open(), async {
+                tokio::time::sleep(delay).await;
+                srv.delete(&path).await
+            });
+            assert_eq!(status, 204);
+            // Refused at once, or admitted and then closed: never left open.
+            let (code, reason) = ws.expect("upgrade").expect_close().await;
+            assert_eq!(code, 4003, "round {round}: {reason}");
+        }
     }
 }

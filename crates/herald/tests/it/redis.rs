@@ -62,8 +62,8 @@ pub(crate) fn redis_server_on_path() -> bool {
     on_path
 }
 
-/// For a test that stops or restarts its Redis, which it cannot do to
-/// `HERALD_TEST_REDIS_URL`: prints the skip line, or fails when `HERALD_REQUIRE_REDIS=1`
+/// For a test that stops, restarts or otherwise disturbs its Redis (kills clients,
+/// deletes keys), which it cannot do to `HERALD_TEST_REDIS_URL`: prints the skip line, or fails when `HERALD_REQUIRE_REDIS=1`
 /// (or `also_required` names another `HERALD_REQUIRE_*` set to 1), so a required test
 /// never passes without running.
 pub(crate) fn skip_shared_redis(also_required: Option<&str>) {
@@ -72,7 +72,7 @@ pub(crate) fn skip_shared_redis(also_required: Option<&str>) {
         .find(|name| env(name).as_deref() == Some("1"));
     if let Some(name) = required {
         panic!(
-            "{name}=1 but this test stops its Redis, and HERALD_TEST_REDIS_URL is not ours to stop: \
+            "{name}=1 but this test disturbs its Redis, and HERALD_TEST_REDIS_URL is not ours to disturb: \
              unset HERALD_TEST_REDIS_URL so the test starts its own redis-server"
         );
     }

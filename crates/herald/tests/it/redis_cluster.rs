@@ -115,6 +115,10 @@ impl Cluster {
                 node_dir.join("nodes.conf").to_str().unwrap(),
                 "--cluster-node-timeout",
                 "2000",
+                // As docs/protocol.md recommends: a failed primary stops only its own
+                // slots.
+                "--cluster-require-full-coverage",
+                "no",
                 "--dir",
                 node_dir.to_str().unwrap(),
             ]
@@ -415,6 +419,46 @@ async fn subscriptions_follow_a_slot_moved_to_another_master() {
     }
 }
 
+/// A slot that leaves its master and comes back before the next slot check leaves the
+/// slot map as it was, but Redis has dropped the master's shard subscriptions of that
+/// slot (and fred does not pass the `sunsubscribe` on). The subscriber finds the drop by
+/// counting its subscriptions on each master, subscribes again and delivers what was
+/// published meanwhile, without waiting for another message.
+#[tokio::test]
+async fn shard_subscriptions_dropped_by_redis_are_restored_and_caught_up() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    let (a, b) = (cluster.node().await, cluster.node().await);
+    let u = user("dropped");
+    let channel = notifications_pubsub(&u);
+    let slot = slot_of(&channel).to_string();
+    let owner = cluster.owner(slot_of(&channel)).await;
+
+    let (mut on_b, welcome) = b.connect("/ws/notifications/", &u).await;
+    a.notify(&u, json!({"n": 1})).await;
+    assert_eq!(on_b.next_json().await["offset"], 1);
+    assert_eq!(cluster.shard_subscribers(owner, &channel).await, 1);
+
+    // The slot leaves the master and comes back at once: same owner, no subscription.
+    cli(owner, &["cluster", "delslots", slot.as_str()]).await;
+    cli(owner, &["cluster", "addslots", slot.as_str()]).await;
+    assert_eq!(cluster.shard_subscribers(owner, &channel).await, 0);
+    cluster.wait_consistent().await;
+
+    // Published while node B holds no subscription; the only message, so no later one
+    // reveals the gap: B must find the lost subscription and catch up by itself.
+    a.notify(&u, json!({"n": 2})).await;
+    let message = tokio::time::timeout(Duration::from_secs(15), on_b.next_json())
+        .await
+        .expect("the message published while Redis had dropped the subscription arrives");
+    assert_eq!(message["offset"], 2, "{message}");
+    assert_eq!(message["epoch"], welcome["epoch"]);
+    assert_eq!(cluster.shard_subscribers(owner, &channel).await, 1);
+    a.notify(&u, json!({"n": 3})).await;
+    assert_eq!(on_b.next_json().await["offset"], 3);
+}
+
 #[tokio::test]
 async fn connection_limit_holds_across_nodes_on_a_cluster() {
     let Some(cluster) = Cluster::start().await else {
@@ -598,4 +642,55 @@ async fn a_partial_outage_fails_only_the_shard_that_is_down() {
         .post(&format!("/api/v1/notifications/{broken}"), json!({"n": 1}))
         .await;
     assert_eq!(status, 503, "{body}");
+}
+
+/// The per-user connection counts live on one primary; while it is down, sockets of
+/// channels on the other primaries are still accepted (counted on each node alone) and
+/// the per-user limit still holds on each node.
+#[tokio::test]
+async fn handshakes_go_on_while_the_primary_of_the_connection_counts_is_down() {
+    let Some(mut cluster) = Cluster::start().await else {
+        return;
+    };
+    let node = || {
+        TestServer::builder()
+            .env("HERALD_REDIS_URL", cluster.url.clone())
+            .env("HERALD_MAX_CONNECTIONS_PER_USER", "3")
+            .spawn()
+    };
+    let (a, b) = (node().await, node().await);
+    let counts = cluster.owner(slot_of("herald:{conns}:nodes")).await;
+    let u = loop {
+        let u = user("counts");
+        if cluster.owner(slot_of(&notifications_pubsub(&u))).await != counts {
+            break u;
+        }
+    };
+    let path = "/ws/notifications/";
+    let (_before, _) = b.connect(path, &u).await;
+
+    cluster
+        .masters
+        .iter_mut()
+        .find(|m| m.port == counts)
+        .unwrap()
+        .kill()
+        .await;
+    // Promptly, on both nodes, while the counts' primary fails over.
+    let started = tokio::time::Instant::now();
+    let (mut on_b, welcome) = b.connect(path, &u).await;
+    assert_eq!(welcome["status"], "connected", "{welcome}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    a.notify(&u, json!({"n": 1})).await;
+    assert_eq!(on_b.next_json().await["notification"]["n"], 1);
+    // The limit (3) still holds on each node: three sockets on A, the fourth refused.
+    let mut on_a = Vec::new();
+    for _ in 0..3 {
+        on_a.push(a.connect(path, &u).await.0);
+    }
+    expect_refused_with(WsClient::connect(&a, path).token(&a.token(&u)), 4429).await;
 }

@@ -3,7 +3,9 @@
 //! `docs/protocol.md` is the user-facing contract; its close-code, client-message and
 //! configuration tables are compared with `CloseCode::ALL`, `CLIENT_MESSAGE_TYPES` and
 //! `config::SETTINGS`, so a change on one side without the other fails here with a
-//! message saying what to update.
+//! message saying what to update. `layers` checks that imports only point down.
+
+mod layers;
 
 use std::path::{Path, PathBuf};
 
@@ -18,9 +20,9 @@ const WORKERS_DEFAULT_IN_DOC: &str = "64 (serve), 256 (worker)";
 /// The rows of the client-message table that are not message types.
 const CLIENT_TABLE_EXTRA_ROWS: [&str; 2] = ["not JSON", "any other JSON"];
 
-/// Files outside the HTTP/WebSocket boundary that may still name axum: the router
-/// assembly and `serve`.
-const AXUM_ALLOWED: [&str; 4] = ["app.rs", "lib.rs", "http.rs", "ws.rs"];
+/// Files outside the HTTP/WebSocket boundary that may still name axum: the crate root,
+/// which assembles the router and serves it.
+const AXUM_ALLOWED: [&str; 3] = ["lib.rs", "http.rs", "ws.rs"];
 const AXUM_ALLOWED_DIRS: [&str; 2] = ["http", "ws"];
 
 fn repo_root() -> PathBuf {
@@ -268,7 +270,7 @@ fn only_the_http_and_websocket_boundary_imports_axum() {
         .collect();
     assert!(
         offenders.is_empty(),
-        "only http, ws, app::router and serve may use axum (ARCHITECTURE.md, codemap `ws`); these \
+        "only http, ws and the crate root (router, serve) may use axum (ARCHITECTURE.md, codemap `ws`); these \
          files do: {offenders:?}. Move the axum-specific part into http/ or ws/"
     );
 }
@@ -280,8 +282,84 @@ fn every_django_table_key_is_documented() {
     let documented: Vec<&str> = rows.iter().map(|row| unquote(&row[0])).collect();
     assert_eq!(
         documented,
-        herald::bridge::options::KEYS,
+        herald::config::django::KEYS,
         "the `| key | meaning | default |` table of the Django bridge section in docs/protocol.md \
-         must list exactly herald::bridge::options::KEYS (crates/herald/src/bridge/options.rs), in order"
+         must list exactly herald::config::django::KEYS (crates/herald/src/config/django.rs), in order"
+    );
+}
+
+#[test]
+fn the_python_client_sends_the_workers_status_texts() {
+    use herald::compose::llm::{LlmStatus, THINKING_MESSAGE};
+    let file = "clients/python/src/herald_client/_client.py";
+    let source = read(file);
+    let python_string = |line: &str| {
+        let start = line.find('"')? + 1;
+        let end = start + line[start..].find('"')?;
+        Some(line[start..end].to_owned())
+    };
+    let thinking = source
+        .lines()
+        .find(|line| line.starts_with("THINKING_MESSAGE = "))
+        .and_then(python_string);
+    assert_eq!(
+        thinking.as_deref(),
+        Some(THINKING_MESSAGE),
+        "{file}: THINKING_MESSAGE must be herald's (herald::compose::llm::THINKING_MESSAGE)"
+    );
+    let start = source
+        .find("STATUS_MESSAGES = {")
+        .unwrap_or_else(|| panic!("{file} has no STATUS_MESSAGES dict"));
+    let body = &source[start..start + source[start..].find('}').unwrap()];
+    let mut entries = 0;
+    for line in body.lines().skip(1) {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let key = key.trim().trim_matches('"');
+        let status = LlmStatus::parse(key)
+            .unwrap_or_else(|| panic!("{file}: STATUS_MESSAGES has {key:?}, which is no llm_status status"));
+        let text = match value.trim().trim_end_matches(',') {
+            "THINKING_MESSAGE" => THINKING_MESSAGE.to_owned(),
+            other => python_string(other).unwrap_or_default(),
+        };
+        assert_eq!(
+            text,
+            status.message(),
+            "{file}: STATUS_MESSAGES[{key:?}] must be the text herald's workers send \
+             (herald::compose::llm::LlmStatus::message)"
+        );
+        entries += 1;
+    }
+    assert!(
+        entries >= 5,
+        "{file}: read only {entries} STATUS_MESSAGES entries"
+    );
+}
+
+#[test]
+fn client_message_labels_are_the_parsers() {
+    use herald::metrics::CLIENT_MESSAGE_LABELS;
+    use herald::ws::protocol::ClientMessage;
+    // One text per kind of client message; metrics creates a series for each label at
+    // start, so the two lists must be the same set.
+    let samples = [
+        r#"{"type":"ping"}"#,
+        r#"{"type":"heartbeat"}"#,
+        r#"{"type":"refresh","token":"t"}"#,
+        r#"{"type":"nope"}"#,
+        "not json",
+    ];
+    let mut labels: Vec<&str> = samples
+        .iter()
+        .map(|text| ClientMessage::parse(text).label())
+        .collect();
+    let mut expected = CLIENT_MESSAGE_LABELS.to_vec();
+    labels.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(
+        labels, expected,
+        "herald::metrics::CLIENT_MESSAGE_LABELS must hold exactly the labels of \
+         ws::protocol::ClientMessage; add the new label there (and a sample here)"
     );
 }

@@ -58,7 +58,7 @@ impl Shards {
 
     /// The slot map: the cluster client's (copied at most every [`ROUTING_REFRESH`]),
     /// or the last one it had.
-    fn routing(&self) -> Option<Arc<ClusterRouting>> {
+    pub(super) fn routing(&self) -> Option<Arc<ClusterRouting>> {
         let mut routing = super::lock(&self.routing);
         let fresh = routing
             .as_ref()
@@ -83,15 +83,62 @@ impl Shards {
         self.client_at(server)
     }
 
+    /// Re-reads the cluster's slot map now, and routes by it from the next call.
+    pub(super) async fn sync(&self) -> Result<(), fred::error::Error> {
+        let synced = self.cluster.sync_cluster().await;
+        self.invalidate();
+        synced
+    }
+
+    /// Re-reads the slot map in the background (after a `MOVED`).
+    pub(super) fn refresh(&self) {
+        let cluster = self.cluster.clone();
+        self.invalidate();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(super::COMMAND_TIMEOUT, cluster.sync_cluster()).await;
+        });
+    }
+
+    /// Makes the next call copy the cluster client's map again (keeping this one if it
+    /// has none).
+    fn invalidate(&self) {
+        if let Some((at, _)) = super::lock(&self.routing).as_mut() {
+            *at = at.checked_sub(ROUTING_REFRESH).unwrap_or(*at);
+        }
+    }
+
+    /// A new connection to `server` (not connected yet), with the cluster URL's
+    /// settings: for the subscriber's pub/sub connection to each primary.
+    pub(super) fn connection_to(&self, server: &Server) -> Result<fred::prelude::Client, BrokerError> {
+        let mut config = self.config.clone();
+        config.server = ServerConfig::new_centralized(server.host.to_string(), server.port);
+        Ok(crate::redis::build_client_from(config)?)
+    }
+
+    /// How many shard subscriptions the connection `id` holds on `server` (`ssub` in
+    /// `CLIENT LIST`, Redis 7.0.3 or later); `None` when that cannot be read.
+    pub(super) async fn shard_subscriptions_of(&self, server: &Server, id: i64) -> Option<usize> {
+        let client = self.client_at(server.clone()).ok()?;
+        if !client.is_connected() {
+            return None;
+        }
+        let listed: Value = client
+            .custom(
+                fred::types::CustomCommand::new_static("CLIENT", fred::types::ClusterHash::FirstKey, false),
+                vec![Value::from("LIST"), Value::from("ID"), Value::from(id)],
+            )
+            .await
+            .ok()?;
+        ssub_of(std::str::from_utf8(listed.as_bytes()?).ok()?)
+    }
+
     /// The connection to `server`, made on first use.
     fn client_at(&self, server: Server) -> Result<fred::prelude::Client, BrokerError> {
         let mut nodes = super::lock(&self.nodes);
         if let Some(client) = nodes.get(&server) {
             return Ok(client.clone());
         }
-        let mut config = self.config.clone();
-        config.server = ServerConfig::new_centralized(server.host.to_string(), server.port);
-        let client = super::build_client_from(config)?;
+        let client = self.connection_to(&server)?;
         client.connect();
         nodes.insert(server, client.clone());
         Ok(client)
@@ -120,10 +167,7 @@ impl Shards {
         let Some((asking, server)) = redirection(err.details()) else {
             return Err(super::sent_but_failed(err));
         };
-        let cluster = self.cluster.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(timeout, cluster.sync_cluster()).await;
-        });
+        self.refresh();
         let client = self.client_at(server)?;
         run(&client, script, keys, args, timeout, asking)
             .await?
@@ -193,4 +237,13 @@ pub(super) fn redirection(details: &str) -> Option<(bool, Server)> {
     let _slot = words.next()?;
     let (host, port) = words.next()?.rsplit_once(':')?;
     Some((asking, Server::new(host, port.parse().ok()?)))
+}
+
+/// The `ssub=` count of a `CLIENT LIST` line: the connection's shard subscriptions.
+pub(super) fn ssub_of(listed: &str) -> Option<usize> {
+    listed
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("ssub="))?
+        .parse()
+        .ok()
 }

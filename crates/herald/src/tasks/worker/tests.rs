@@ -114,7 +114,7 @@ fn a_frame_from_the_template_is_the_frame_the_json_path_makes() {
         ("", u64::MAX),
         (" 😀</script>", 7),
     ] {
-        let mut message = Map::new();
+        let mut message = serde_json::Map::new();
         message.insert("type".to_owned(), json!("llm_frame"));
         message.insert(
             "frame".to_owned(),

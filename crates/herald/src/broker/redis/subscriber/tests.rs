@@ -64,13 +64,25 @@ fn a_channel_remembers_a_few_left_epochs() {
 fn cluster_redirections_name_their_server() {
     use fred::types::config::Server;
     assert_eq!(
-        shards::redirection("MOVED 2119 127.0.0.1:46139"),
+        super::super::shards::redirection("MOVED 2119 127.0.0.1:46139"),
         Some((false, Server::new("127.0.0.1", 46139)))
     );
     assert_eq!(
-        shards::redirection("Cluster Error: ASK 7 10.0.0.1:7000"),
+        super::super::shards::redirection("Cluster Error: ASK 7 10.0.0.1:7000"),
         Some((true, Server::new("10.0.0.1", 7000)))
     );
-    assert_eq!(shards::redirection("NOSCRIPT No matching script"), None);
-    assert_eq!(shards::redirection("MOVED 1 nohostport"), None);
+    assert_eq!(
+        super::super::shards::redirection("NOSCRIPT No matching script"),
+        None
+    );
+    assert_eq!(super::super::shards::redirection("MOVED 1 nohostport"), None);
+}
+
+#[test]
+fn the_shard_subscription_count_is_read_from_a_client_list_line() {
+    use super::super::shards::ssub_of;
+    let line = "id=7 addr=127.0.0.1:5000 laddr=127.0.0.1:7000 fd=9 name= age=3 idle=0 flags=P db=0 sub=0 psub=0 ssub=12 multi=-1 qbuf=0\n";
+    assert_eq!(ssub_of(line), Some(12));
+    // Redis before 7.0.3 has no `ssub`: unknown, never taken for zero.
+    assert_eq!(ssub_of("id=7 addr=127.0.0.1:5000 sub=0 psub=0 multi=-1"), None);
 }

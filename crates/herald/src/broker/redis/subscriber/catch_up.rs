@@ -1,0 +1,196 @@
+//! Bringing a channel's sockets up to date with Redis after the node may have missed
+//! messages, and replacing an epoch whose offsets Redis handed out again.
+
+use super::*;
+
+impl Subscriber {
+    /// Runs a script on the command connection (on a Cluster, its slot's primary).
+    pub(super) async fn script(
+        &self,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<Value>,
+    ) -> Result<Value, BrokerError> {
+        run_script(&self.commands, self.shards.as_deref(), script, keys, args).await
+    }
+
+    /// Brings this node's sockets of `channels` up to date with Redis after the node
+    /// may have missed messages (a reconnect, a resubscribe, a lagging receiver).
+    /// Messages published meanwhile are delivered from history (sessions skip what they
+    /// have); a new epoch is announced with an epoch marker after its messages; an
+    /// epoch whose offset went back (lost writes) is replaced. A channel whose state
+    /// cannot be read is closed with 1001: its clients resume and are told what they
+    /// missed, never left waiting for a message that will not come.
+    pub(super) async fn catch_up(self: &Arc<Self>, channels: Vec<String>) {
+        if channels.is_empty() {
+            return;
+        }
+        let _ = tokio::time::timeout(FIRST_CONNECT_WAIT, self.commands.wait_for_connect()).await;
+        let results: Vec<(String, Result<(), BrokerError>)> = futures_util::stream::iter(channels)
+            .map(|channel| async move {
+                let result = self.catch_up_one(&channel).await;
+                (channel, result)
+            })
+            .buffer_unordered(CATCH_UP_CONCURRENCY)
+            .collect()
+            .await;
+        let lost = Close::new(CloseCode::GoingAway, "lost position; resume with since");
+        for (channel, result) in results {
+            if let Err(err) = result {
+                let closed = self.hub.disconnect_channel(&channel, &lost);
+                tracing::warn!(channel, closed, error = %err, "could not catch up with Redis: closing the channel's sockets (1001)");
+            }
+        }
+    }
+
+    pub(super) async fn catch_up_one(self: &Arc<Self>, channel: &str) -> Result<(), BrokerError> {
+        let (position, _) = self.read_channel(channel, false).await?;
+        let decision = {
+            let mut channels = lock(&self.channels);
+            let Some(listening) = channels.get_mut(channel) else {
+                return Ok(());
+            };
+            match &listening.seen {
+                Some((known, max)) if **known == *position.epoch && position.offset < *max => {
+                    CatchUp::Reset(known.clone(), *max)
+                }
+                _ => {
+                    let from = match &listening.stream {
+                        Some((known, max)) if **known == *position.epoch => *max,
+                        _ => 0,
+                    };
+                    CatchUp::Deliver(listening.note(&position.epoch, position.offset), from)
+                }
+            }
+        };
+        let (epoch, from) = match decision {
+            CatchUp::Deliver(epoch, from) => (epoch, from),
+            CatchUp::Reset(known, max) => {
+                tracing::warn!(
+                    channel,
+                    seen = max,
+                    now = position.offset,
+                    "channel offset went back in Redis (lost writes): starting a new epoch"
+                );
+                self.reset(channel, known).await;
+                return Ok(());
+            }
+        };
+        // History is read only when something was missed (most channels after a short
+        // blip have nothing to send), and only kept if the epoch did not move meanwhile.
+        let entries = if position.offset > from {
+            let (again, entries) = self.read_channel(channel, true).await?;
+            if again.epoch == position.epoch {
+                entries
+            } else {
+                Vec::new()
+            }
+        } else {
+            Vec::new()
+        };
+        let now = Instant::now();
+        for entry in &entries {
+            let Some((offset, rest)) = value_bytes(entry).and_then(split_number) else {
+                continue;
+            };
+            let Some((_, bytes)) = split_number(rest) else {
+                continue;
+            };
+            if offset > from && offset <= position.offset {
+                self.hub.deliver(
+                    channel,
+                    &Message {
+                        offset,
+                        epoch: epoch.clone(),
+                        bytes: Bytes::copy_from_slice(bytes),
+                        published_at: now,
+                    },
+                );
+            }
+        }
+        self.hub
+            .deliver(channel, &Message::epoch_marker(epoch, position.offset));
+        Ok(())
+    }
+
+    /// The channel's position, with its history entries when `with_history`.
+    pub(super) async fn read_channel(
+        &self,
+        channel: &str,
+        with_history: bool,
+    ) -> Result<(Position, Vec<Value>), BrokerError> {
+        let reply = self
+            .script(
+                &self.read_script,
+                vec![meta_key(channel), history_key(channel)],
+                vec![
+                    Value::from(new_id()),
+                    Value::from(self.meta_ttl_ms.to_string()),
+                    Value::from(if with_history { "1" } else { "0" }),
+                ],
+            )
+            .await?;
+        parse_read(reply)
+    }
+
+    /// Replaces `channel`'s epoch `stale`, whose offsets Redis handed out again, and
+    /// tells the channel's sessions (an epoch marker).
+    pub(super) async fn reset(self: &Arc<Self>, channel: &str, stale: Arc<str>) {
+        {
+            let mut channels = lock(&self.channels);
+            let Some(listening) = channels.get_mut(channel) else {
+                return;
+            };
+            if listening.resetting {
+                return;
+            }
+            listening.resetting = true;
+        }
+        let result = self
+            .script(
+                &Script::from_lua(RESET_SCRIPT),
+                vec![meta_key(channel), history_key(channel)],
+                vec![
+                    Value::from(stale.to_string()),
+                    Value::from(new_id()),
+                    Value::from(self.meta_ttl_ms.to_string()),
+                ],
+            )
+            .await
+            .and_then(parse_position);
+        let marker = {
+            let mut channels = lock(&self.channels);
+            let Some(listening) = channels.get_mut(channel) else {
+                return;
+            };
+            listening.resetting = false;
+            match result {
+                Ok(position) => {
+                    listening.retire(&stale);
+                    let epoch = listening.note(&position.epoch, position.offset);
+                    Some(Message::epoch_marker(epoch, position.offset))
+                }
+                Err(_) => None,
+            }
+        };
+        match marker {
+            Some(marker) => {
+                tracing::warn!(
+                    channel,
+                    epoch = &*marker.epoch,
+                    "channel moved to a new epoch after lost writes"
+                );
+                self.hub.deliver(channel, &marker);
+            }
+            None => {
+                let lost = Close::new(CloseCode::GoingAway, "lost position; resume with since");
+                let closed = self.hub.disconnect_channel(channel, &lost);
+                tracing::warn!(
+                    channel,
+                    closed,
+                    "could not start a new epoch: closing the channel's sockets (1001)"
+                );
+            }
+        }
+    }
+}

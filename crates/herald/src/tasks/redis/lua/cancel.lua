@@ -1,0 +1,25 @@
+-- KEYS = task, user, queued, ended; ARGV = user id, retention (ms), task id, max
+-- ended, task key prefix (the ended-list part is note_ended.lua).
+-- Returns `{outcome, status, chat_id, response, error}` with outcome `none` (no such
+-- task of this user), `ended`, `was_queued` (now cancelled) or `running` (cancel
+-- flagged for its worker).
+local f = redis.call('HMGET', KEYS[1], 'status', 'user_id', 'chat_id', 'response', 'error')
+if (not f[1]) or f[2] ~= ARGV[1] then
+  return {'none'}
+end
+local out = {'running', f[1], f[3], f[4] or '', f[5] or ''}
+if f[1] == 'completed' or f[1] == 'failed' or f[1] == 'cancelled' then
+  out[1] = 'ended'
+elseif f[1] == 'queued' then
+  out[1] = 'was_queued'
+  redis.call('HSET', KEYS[1], 'status', 'cancelled')
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('SREM', KEYS[2], ARGV[3])
+  if tonumber(redis.call('GET', KEYS[3]) or '0') > 0 then
+    redis.call('DECR', KEYS[3])
+  end
+--[[note_ended]]
+else
+  redis.call('HSET', KEYS[1], 'cancel', '1')
+end
+return out

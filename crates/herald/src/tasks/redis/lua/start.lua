@@ -1,0 +1,29 @@
+-- KEYS = task, queued, queue, text; ARGV = group, entry, consumer, max attempts.
+-- Returns `{action, user_id, chat_id, prompt, model, phase, next_index, offset, text,
+-- queued, attempts}` with action `run`, `cancel` (asked while its last worker ran it),
+-- `exhausted`, or `skip` (ended or gone; the entry is acknowledged).
+local f = redis.call('HMGET', KEYS[1], 'status', 'cancel', 'user_id', 'chat_id', 'prompt',
+  'model', 'phase', 'next_index', 'offset')
+local st = f[1]
+if (not st) or st == 'completed' or st == 'failed' or st == 'cancelled' then
+  redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
+  redis.call('XDEL', KEYS[3], ARGV[2])
+  return {'skip'}
+end
+if st == 'queued' and tonumber(redis.call('GET', KEYS[2]) or '0') > 0 then
+  redis.call('DECR', KEYS[2])
+end
+local queued = redis.call('GET', KEYS[2]) or '0'
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[3])
+local action = 'run'
+local attempts = 0
+if f[2] == '1' then
+  action = 'cancel'
+else
+  attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  if attempts > tonumber(ARGV[4]) then
+    action = 'exhausted'
+  end
+end
+local text = redis.call('GET', KEYS[4]) or ''
+return {action, f[3], f[4], f[5], f[6], f[7], f[8], f[9], text, queued, attempts}

@@ -1,0 +1,370 @@
+//! Running one taken entry: start it (or resume it where a dead worker stopped), stream
+//! the answer through the worker, record progress, and end it or hand it back.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::Value as Json;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::ids::{ChatId, UserId};
+use crate::sync::lock;
+use crate::tasks::redis::{
+    ended_key, ms, number, task_key, text, text_key, user_key, RedisQueue, Running, GAVE_UP, GROUP,
+    IN_FLIGHT_TTL, MAX_ATTEMPTS, QUEUED_KEY, QUEUE_KEY, TASK_PREFIX,
+};
+use crate::tasks::worker::{self, Checkpoint, Job, Outcome, Phase, Progress, Resume};
+use crate::tasks::{TaskRequest, TaskStatus, Unavailable, MAX_ENDED_TASKS_PER_USER, TASK_RETENTION};
+
+impl RedisQueue {
+    /// Runs one taken entry to its end (or until it is lost or handed back). The entry
+    /// is renewed by the heartbeat from the start: starting it and reading its stream
+    /// back must not let it look idle to other workers.
+    pub(super) async fn run_entry(
+        self: Arc<Self>,
+        entry: String,
+        task_id: String,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
+        let run = Running {
+            run: self.runs.fetch_add(1, Ordering::Relaxed),
+            entry: entry.clone(),
+            cancel: CancellationToken::new(),
+            abandon: CancellationToken::new(),
+        };
+        let (run_id, cancel, abandon) = (run.run, run.cancel.clone(), run.abandon.clone());
+        if let Some(previous) = lock(&self.running).insert(task_id.clone(), run) {
+            // This node took back an entry it had let lapse: the earlier run is over.
+            previous.abandon.cancel();
+        }
+        let _permit = match permit {
+            Some(permit) => Some(permit),
+            None => self.workers.clone().acquire_owned().await.ok(),
+        };
+        self.start_entry(&entry, &task_id, &cancel, &abandon).await;
+        let mut running = lock(&self.running);
+        if running.get(&task_id).is_some_and(|r| r.run == run_id) {
+            running.remove(&task_id);
+        }
+    }
+
+    /// Starts a taken entry (`lua/start.lua`) and runs its task.
+    pub(super) async fn start_entry(
+        &self,
+        entry: &str,
+        task_id: &str,
+        cancel: &CancellationToken,
+        abandon: &CancellationToken,
+    ) {
+        let reply = match self
+            .eval(
+                &self.scripts.start,
+                vec![
+                    task_key(task_id),
+                    QUEUED_KEY.to_owned(),
+                    QUEUE_KEY.to_owned(),
+                    text_key(task_id),
+                ],
+                vec![
+                    GROUP.to_owned(),
+                    entry.to_owned(),
+                    self.node_id.clone(),
+                    MAX_ATTEMPTS.to_string(),
+                ],
+            )
+            .await
+        {
+            Ok(reply) => reply.into_array(),
+            Err(err) => {
+                // The entry stays pending with this node: retried once it looks idle.
+                tracing::warn!(task_id, error = %err, "starting a task failed");
+                return;
+            }
+        };
+        let action = text(reply.first());
+        if action == "skip" {
+            return;
+        }
+        self.set_queue_depth(number(reply.get(9)));
+        let (Ok(user_id), Ok(chat_id)) = (
+            UserId::parse(&text(reply.get(1))),
+            ChatId::parse(&text(reply.get(2))),
+        ) else {
+            tracing::warn!(task_id, "a task record is malformed; dropping it");
+            self.end(entry, task_id, "", TaskStatus::Failed, None, Some("invalid task"))
+                .await;
+            return;
+        };
+        let request = TaskRequest {
+            user_id,
+            chat_id,
+            prompt: text(reply.get(3)),
+            model: text(reply.get(4)),
+        };
+        let checkpoint = RedisCheckpoint {
+            queue: self,
+            task_id,
+            entry,
+            user_id: request.user_id.as_str(),
+        };
+        let unstarted = match action.as_str() {
+            "cancel" => Some((TaskStatus::Cancelled, None)),
+            "exhausted" => {
+                tracing::warn!(task_id, "task given up after {MAX_ATTEMPTS} interrupted attempts");
+                Some((TaskStatus::Failed, Some(GAVE_UP)))
+            }
+            _ => None,
+        };
+        if let Some((status, error)) = unstarted {
+            worker::publish_unstarted_end(&self.ctx, task_id, &request, status, error, &checkpoint).await;
+            return;
+        }
+        let mut resume = Resume {
+            phase: Phase::from_u8(u8::try_from(number(reply.get(5))).unwrap_or(0)),
+            text: text(reply.get(8)),
+            next_index: number(reply.get(6)),
+        };
+        // A first start has sent nothing: only a task taken over (or handed back, which
+        // does not count as an attempt) reads its stream back.
+        if number(reply.get(10)) > 1 || resume.phase > Phase::New {
+            resume = self.resume(task_id, &request, resume, number(reply.get(7))).await;
+        }
+        let outcome = worker::run(
+            &self.ctx,
+            Job {
+                task_id,
+                request: &request,
+                cancel,
+                abandon,
+                resume,
+                checkpoint: &checkpoint,
+            },
+        )
+        .await;
+        match outcome {
+            // The end was recorded before the last message went out.
+            Some(_) => {}
+            None if abandon.is_cancelled() => {
+                tracing::warn!(task_id, "task lost to another worker; stopped");
+            }
+            None => self.hand_back(entry, task_id).await,
+        }
+    }
+
+    /// Where the stream of a task taken over stands: the recorded progress, plus what
+    /// the frame stream's history holds after the last recorded message (a worker can
+    /// die between sending a message and recording it). What the history added is
+    /// recorded at once, before anything else is sent: this worker's saves extend the
+    /// recorded text, which must then hold everything sent, or a later takeover would
+    /// resume from a text with a hole and take its own answer for a different one.
+    pub(super) async fn resume(
+        &self,
+        task_id: &str,
+        request: &TaskRequest,
+        mut resume: Resume,
+        offset: u64,
+    ) -> Resume {
+        if self.history_size == 0 {
+            return resume;
+        }
+        let Some(channel) = worker::frames_channel(request) else {
+            return resume;
+        };
+        let recorded = resume.clone();
+        let mut last_offset = offset;
+        match self.broker.history(&channel, offset, self.history_size).await {
+            Ok(history) => {
+                for message in history.messages {
+                    let Ok(json) = serde_json::from_slice::<Json>(&message.bytes) else {
+                        continue;
+                    };
+                    if json.get("task_id").and_then(Json::as_str) == Some(task_id) {
+                        resume.observe(&json);
+                        last_offset = last_offset.max(message.offset);
+                    }
+                }
+            }
+            Err(err) => tracing::warn!(task_id, error = %err, "reading the stream to resume a task failed"),
+        }
+        if resume != recorded {
+            let rewritten = self
+                .rewrite(
+                    task_id,
+                    resume.phase,
+                    &resume.text,
+                    resume.next_index,
+                    last_offset,
+                )
+                .await;
+            if let Err(err) = rewritten {
+                // This worker's next save finds the text behind and rewrites it.
+                tracing::debug!(task_id, error = %err, "recording a resumed task's progress failed");
+            }
+        }
+        resume
+    }
+
+    /// Replaces a task's recorded text and next frame index (`lua/rewrite.lua`).
+    pub(super) async fn rewrite(
+        &self,
+        task_id: &str,
+        phase: Phase,
+        text: &str,
+        next_index: u64,
+        offset: u64,
+    ) -> Result<u64, Unavailable> {
+        self.eval(
+            &self.scripts.rewrite,
+            vec![task_key(task_id), text_key(task_id)],
+            vec![
+                phase.as_u8().to_string(),
+                text.to_owned(),
+                next_index.to_string(),
+                offset.to_string(),
+                self.node_id.clone(),
+                ms(IN_FLIGHT_TTL),
+            ],
+        )
+        .await
+        .map(|value| number(Some(&value)))
+    }
+
+    pub(super) async fn end(
+        &self,
+        entry: &str,
+        task_id: &str,
+        user_id: &str,
+        status: TaskStatus,
+        response: Option<&str>,
+        error: Option<&str>,
+    ) {
+        let ended = self
+            .eval(
+                &self.scripts.end,
+                vec![
+                    task_key(task_id),
+                    user_key(user_id),
+                    QUEUE_KEY.to_owned(),
+                    text_key(task_id),
+                    ended_key(user_id),
+                ],
+                vec![
+                    GROUP.to_owned(),
+                    entry.to_owned(),
+                    status.as_str().to_owned(),
+                    response.unwrap_or_default().to_owned(),
+                    error.unwrap_or_default().to_owned(),
+                    ms(TASK_RETENTION),
+                    self.node_id.clone(),
+                    task_id.to_owned(),
+                    MAX_ENDED_TASKS_PER_USER.to_string(),
+                    TASK_PREFIX.to_owned(),
+                ],
+            )
+            .await;
+        match ended {
+            Ok(value) if number(Some(&value)) == 1 => {
+                self.ctx.publisher.metrics().task_ended(status.as_str());
+            }
+            Ok(_) => {}
+            // The entry stays pending: another worker takes it over and finds the
+            // stream complete ([`Phase::Completed`]), so it only records the end.
+            Err(err) => tracing::warn!(task_id, error = %err, "recording a task's end failed"),
+        }
+    }
+
+    pub(super) async fn hand_back(&self, entry: &str, task_id: &str) {
+        let handed = self
+            .eval(
+                &self.scripts.hand_back,
+                vec![task_key(task_id), QUEUE_KEY.to_owned(), QUEUED_KEY.to_owned()],
+                vec![GROUP.to_owned(), entry.to_owned(), self.node_id.clone()],
+            )
+            .await;
+        if let Err(err) = handed {
+            tracing::warn!(task_id, error = %err, "handing a task back failed; it is taken over once idle");
+        }
+    }
+}
+
+/// Records a running task's progress and end in its Redis record.
+struct RedisCheckpoint<'a> {
+    queue: &'a RedisQueue,
+    task_id: &'a str,
+    entry: &'a str,
+    user_id: &'a str,
+}
+
+/// For an end a script has recorded already.
+pub(super) struct AlreadyRecorded;
+
+#[async_trait]
+impl Checkpoint for AlreadyRecorded {
+    async fn save(&self, _progress: Progress<'_>) {}
+
+    async fn finish(&self, _outcome: &Outcome) {}
+}
+
+#[async_trait]
+impl Checkpoint for RedisCheckpoint<'_> {
+    async fn save(&self, progress: Progress<'_>) {
+        let delta = progress.delta();
+        let mut saved = Ok(2);
+        if !progress.restarted {
+            saved = self
+                .queue
+                .eval(
+                    &self.queue.scripts.checkpoint,
+                    vec![task_key(self.task_id), text_key(self.task_id)],
+                    vec![
+                        progress.phase.as_u8().to_string(),
+                        delta.to_owned(),
+                        progress.next_index.to_string(),
+                        progress.offset.to_string(),
+                        self.queue.node_id.clone(),
+                        ms(IN_FLIGHT_TTL),
+                        (progress.text.len() - delta.len()).to_string(),
+                    ],
+                )
+                .await
+                .map(|value| number(Some(&value)));
+        }
+        if let Ok(2) = saved {
+            // Restarted, or the recorded text is not what preceded this delta.
+            saved = self
+                .queue
+                .rewrite(
+                    self.task_id,
+                    progress.phase,
+                    progress.text,
+                    progress.next_index,
+                    progress.offset,
+                )
+                .await;
+        }
+        if let Err(err) = saved {
+            // The next save finds the text behind and rewrites it.
+            tracing::debug!(task_id = self.task_id, error = %err, "recording task progress failed");
+        }
+    }
+
+    fn may_send(&self) -> bool {
+        Instant::now() < *lock(&self.queue.lease_until)
+    }
+
+    async fn finish(&self, outcome: &Outcome) {
+        self.queue
+            .end(
+                self.entry,
+                self.task_id,
+                self.user_id,
+                outcome.status,
+                outcome.response.as_deref(),
+                outcome.error.as_deref(),
+            )
+            .await;
+    }
+}
