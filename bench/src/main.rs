@@ -89,7 +89,8 @@ struct AllArgs {
     /// ~/.cache/herald-bench/django-venv).
     #[arg(long)]
     venv: Option<PathBuf>,
-    /// Run herald under this command, e.g. `valgrind --tool=callgrind` (profiling).
+    /// Run herald and the bare baseline under this command, e.g. `valgrind
+    /// --tool=callgrind` (profiling).
     #[arg(long)]
     wrap: Option<String>,
     /// Where results go (default: bench/results).

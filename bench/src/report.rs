@@ -416,6 +416,82 @@ fn render(results: &Results, json_name: &str, png: Option<&str>, notes: &str) ->
             let _ = writeln!(md, "| echo stream, 1,000 concurrent tasks | — | not measured |\n");
         }
     }
+    // Issue 19: herald against the bare server, each goal a bound on the ratio.
+    let _ = writeln!(
+        md,
+        "### Goals of issue 19
+"
+    );
+    let _ = writeln!(md, "| figure | herald | bare | ratio | goal | verdict |");
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    let handshake_cpu = |idle: Option<&IdleResult>| idle.map_or(0.0, |idle| idle.cpu_us_per_handshake);
+    let us = |value: f64| {
+        if value > 0.0 {
+            format!("{value:.1} µs")
+        } else {
+            "—".to_owned()
+        }
+    };
+    let goals: [(String, String, String, f64, f64, f64); 6] = [
+        (
+            "RSS per idle authenticated socket".to_owned(),
+            idle_cell(h_idle),
+            idle_cell(b_idle),
+            idle_value(h_idle),
+            idle_value(b_idle),
+            0.5,
+        ),
+        (
+            "server CPU per handshake".to_owned(),
+            us(handshake_cpu(h_idle)),
+            us(handshake_cpu(b_idle)),
+            handshake_cpu(h_idle),
+            handshake_cpu(b_idle),
+            1.0,
+        ),
+        (
+            format!("server CPU per delivery, fan-out to {}", count(largest)),
+            cpu_cell(h_fan),
+            cpu_cell(b_fan),
+            cpu(h_fan),
+            cpu(b_fan),
+            1.0,
+        ),
+        (
+            format!("fan-out p99, {} subscribers", count(largest)),
+            p99_cell(h_fan),
+            p99_cell(b_fan),
+            p99(h_fan),
+            p99(b_fan),
+            1.0,
+        ),
+        (
+            "echo LLM stream, CPU per frame".to_owned(),
+            frame_cell(h_st),
+            frame_cell(b_st),
+            frame_cpu(h_st),
+            frame_cpu(b_st),
+            1.0,
+        ),
+        (
+            "unicast, CPU per delivery".to_owned(),
+            cpu_cell(h_uni),
+            cpu_cell(b_uni),
+            cpu(h_uni),
+            cpu(b_uni),
+            1.0,
+        ),
+    ];
+    for (figure, herald, bare, h, b, goal) in goals {
+        let measured = both(h, b);
+        let _ = writeln!(
+            md,
+            "| {figure} | {herald} | {bare} | {} | ≤ {goal:.1}× | {} |",
+            ratio(h, b),
+            verdict(measured.map(|r| r <= goal))
+        );
+    }
+    let _ = writeln!(md);
     if results.mode == "quick" {
         let _ = writeln!(
             md,

@@ -48,6 +48,27 @@ fn cpu(ctx: &Ctx, running: &Running) -> (f64, f64) {
     (server, redis)
 }
 
+/// Under `--wrap` with callgrind, counts only the measured phase: zeroes the server's
+/// counters at its start (`dump: None`) and dumps them, named `dump`, at its end, so the
+/// instruction counts exclude start-up and the other phases.
+async fn callgrind_mark(ctx: &Ctx, running: &Running, dump: Option<&str>) {
+    if !ctx
+        .programs
+        .wrap
+        .as_deref()
+        .is_some_and(|wrap| wrap.contains("callgrind"))
+    {
+        return;
+    }
+    for pid in running.pids() {
+        let action = dump.map_or_else(|| "--zero".to_owned(), |label| format!("--dump={label}"));
+        let _ = tokio::process::Command::new("callgrind_control")
+            .args([action, pid.to_string()])
+            .output()
+            .await;
+    }
+}
+
 fn rss(running: &Running) -> u64 {
     running
         .pids()
@@ -194,6 +215,7 @@ pub async fn run_round(
         .start_round(spec.round, (!unicast).then_some(spec.events))
         .await?;
     let publisher = Publisher::new(&running.http())?;
+    callgrind_mark(ctx, running, None).await;
     let (cpu_before, redis_before) = cpu(ctx, running);
     let started = Instant::now();
     let publish = publisher
@@ -217,6 +239,7 @@ pub async fn run_round(
     }
     let seconds = started.elapsed().as_secs_f64();
     let (cpu_after, redis_after) = cpu(ctx, running);
+    callgrind_mark(ctx, running, Some("round")).await;
     let report = fleet.end_round().await?;
     let cpu_seconds = cpu_after - cpu_before;
     #[allow(clippy::cast_precision_loss)]
@@ -308,11 +331,13 @@ async fn idle_on(ctx: &Ctx, running: &Running, sockets: usize) -> anyhow::Result
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = rss(running);
     let mut fleet = Fleet::start(Fleet::workers_for(sockets))?;
+    callgrind_mark(ctx, running, None).await;
     let (cpu_before, _) = cpu(ctx, running);
     let connect = fleet
         .connect(&running.addresses, &Endpoint::Notifications, sockets)
         .await?;
     let (cpu_after, _) = cpu(ctx, running);
+    callgrind_mark(ctx, running, Some("connect")).await;
     check_connected(&connect, sockets, "idle")?;
     #[allow(clippy::cast_precision_loss)]
     let cpu_us_per_handshake = (cpu_after - cpu_before) * 1e6 / connect.sockets.max(1) as f64;
@@ -483,6 +508,7 @@ pub async fn stream(ctx: &Ctx, kind: Kind, tasks: usize, words: usize) -> anyhow
             .await?;
         check_connected(&connect, tasks, "stream")?;
         let expected_frames = u64::try_from(words + 1).unwrap_or(u64::MAX);
+        callgrind_mark(ctx, &running, None).await;
         let (cpu_before, redis_before) = cpu(ctx, &running);
         // Each reply lasts (words + 1) × 20 ms; allow for a slow server ten times over.
         let timeout_ms = 30_000 + 200 * expected_frames;
@@ -490,6 +516,7 @@ pub async fn stream(ctx: &Ctx, kind: Kind, tasks: usize, words: usize) -> anyhow
             .stream(&running.http(), &prompt(words), expected_frames, timeout_ms)
             .await?;
         let (cpu_after, redis_after) = cpu(ctx, &running);
+        callgrind_mark(ctx, &running, Some("stream")).await;
         fleet.stop().await;
         let cpu_seconds = cpu_after - cpu_before;
         #[allow(clippy::cast_precision_loss)]

@@ -55,7 +55,8 @@ pub struct Programs {
     pub repo: PathBuf,
     /// The Django baseline's virtualenv.
     pub venv: PathBuf,
-    /// A command to run herald under (e.g. valgrind), split on spaces.
+    /// A command to run herald and the bare baseline under (e.g. valgrind), split on
+    /// spaces.
     pub wrap: Option<String>,
 }
 
@@ -96,10 +97,10 @@ impl Running {
         )
     }
 
-    /// Stops the server: herald gets SIGTERM first (so a profiler it runs under writes
-    /// its output), then everything is killed.
+    /// Stops the server: herald and the bare baseline get SIGTERM first (so a profiler
+    /// they run under writes its output), then everything is killed.
     pub async fn stop(mut self) {
-        if self.kind == Kind::Herald {
+        if self.kind != Kind::Django {
             for pid in self.pids() {
                 let _ = Command::new("kill")
                     .args(["-TERM", &pid.to_string()])
@@ -235,16 +236,7 @@ async fn start_herald(running: &mut Running, programs: &Programs, options: &Opti
     for node in 0..options.nodes.max(1) {
         let port = free_port()?;
         let address = format!("127.0.0.1:{port}");
-        let (program, mut args) = match &programs.wrap {
-            Some(wrap) => {
-                let mut parts = wrap.split_whitespace().map(str::to_owned);
-                let program = parts.next().ok_or_else(|| anyhow!("--wrap is empty"))?;
-                let mut args: Vec<String> = parts.collect();
-                args.push(herald.display().to_string());
-                (PathBuf::from(program), args)
-            }
-            None => (herald.clone(), Vec::new()),
-        };
+        let (program, mut args) = wrapped(programs, &herald)?;
         args.extend([
             "--config".to_owned(),
             config.display().to_string(),
@@ -281,11 +273,7 @@ async fn start_herald(running: &mut Running, programs: &Programs, options: &Opti
         running.processes.push(child);
         running.addresses.push(address);
     }
-    let timeout = if programs.wrap.is_some() {
-        Duration::from_secs(120)
-    } else {
-        Duration::from_secs(30)
-    };
+    let timeout = start_timeout(programs);
     for address in running.addresses.clone() {
         wait_for_health(running, &address, timeout).await?;
     }
@@ -302,8 +290,9 @@ async fn start_bare(running: &mut Running, programs: &Programs) -> anyhow::Resul
     }
     let port = free_port()?;
     let address = format!("127.0.0.1:{port}");
-    let mut command = Command::new(&bare);
-    command.args([
+    let (program, args) = wrapped(programs, &bare)?;
+    let mut command = Command::new(program);
+    command.args(args).args([
         "--listen",
         &address,
         "--jwt-secret",
@@ -337,7 +326,28 @@ async fn start_bare(running: &mut Running, programs: &Programs) -> anyhow::Resul
         .with_context(|| format!("cannot start {}", bare.display()))?;
     running.processes.push(child);
     running.addresses.push(address.clone());
-    wait_for_health(running, &address, Duration::from_secs(30)).await
+    wait_for_health(running, &address, start_timeout(programs)).await
+}
+
+/// The program and leading arguments that run `binary`, under `--wrap` if given.
+fn wrapped(programs: &Programs, binary: &Path) -> anyhow::Result<(PathBuf, Vec<String>)> {
+    let Some(wrap) = &programs.wrap else {
+        return Ok((binary.to_path_buf(), Vec::new()));
+    };
+    let mut parts = wrap.split_whitespace().map(str::to_owned);
+    let program = parts.next().ok_or_else(|| anyhow!("--wrap is empty"))?;
+    let mut args: Vec<String> = parts.collect();
+    args.push(binary.display().to_string());
+    Ok((PathBuf::from(program), args))
+}
+
+/// How long a server may take to answer its health check: longer under a profiler.
+fn start_timeout(programs: &Programs) -> Duration {
+    if programs.wrap.is_some() {
+        Duration::from_secs(120)
+    } else {
+        Duration::from_secs(30)
+    }
 }
 
 async fn start_django(running: &mut Running, programs: &Programs) -> anyhow::Result<()> {

@@ -178,6 +178,8 @@ struct Inner {
     issuer: Option<String>,
     audience: Vec<String>,
     user_claim: String,
+    /// The checks for HS256 tokens, built once: every handshake verifies a token.
+    hs256: Validation,
 }
 
 enum KeySource {
@@ -200,52 +202,45 @@ impl Authenticator {
                 "no key source for user tokens: set HERALD_JWT_SECRET, HERALD_JWT_JWKS_URL or HERALD_JWT_ISSUER"
             );
         };
+        let hs256 = validation(
+            Algorithm::HS256,
+            config.jwt_issuer.as_deref(),
+            &config.jwt_audience,
+        );
         Ok(Self {
             inner: Arc::new(Inner {
                 keys,
                 issuer: config.jwt_issuer.clone(),
                 audience: config.jwt_audience.clone(),
                 user_claim: config.jwt_user_claim.clone(),
+                hs256,
             }),
         })
     }
 
     /// Verifies `token` and returns who it names.
     pub async fn authenticate(&self, token: &str) -> Result<Identity, AuthFailure> {
-        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthFailure::Malformed)?;
-        // RFC 7515 §4.1.11: a recipient that does not understand every extension
-        // named in `crit` must refuse the token; herald understands none.
-        if header.crit.is_some() {
-            return Err(AuthFailure::CriticalExtension);
-        }
-        let (key, algorithm) = match &self.inner.keys {
-            KeySource::Secret(key) => (key.clone(), Algorithm::HS256),
-            KeySource::Jwks(jwks) => jwks.key_for(header.kid.as_deref(), header.alg).await?,
-        };
-        if header.alg != algorithm {
-            return Err(AuthFailure::WrongAlgorithm);
-        }
-        let mut validation = Validation::new(algorithm);
-        validation.leeway = LEEWAY.as_secs();
-        validation.validate_nbf = true;
-        // jsonwebtoken checks `iss` and `aud` only when the token has them: a configured
-        // issuer or audience must also be required, or leaving the claim out would pass.
-        validation.required_spec_claims = HashSet::from(["exp".to_owned()]);
-        match &self.inner.issuer {
-            Some(issuer) => {
-                validation.set_issuer(&[issuer]);
-                validation.required_spec_claims.insert("iss".to_owned());
+        let data = match &self.inner.keys {
+            // Every handshake verifies a token: the header is parsed once, inside
+            // `decode`, and the checks were built once.
+            KeySource::Secret(key) => {
+                let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, &self.inner.hs256)
+                    .map_err(|err| classify(&err))?;
+                refuse_critical_extensions(&data.header)?;
+                data
             }
-            None => validation.iss = None,
-        }
-        if self.inner.audience.is_empty() {
-            validation.validate_aud = false;
-        } else {
-            validation.set_audience(&self.inner.audience);
-            validation.required_spec_claims.insert("aud".to_owned());
-        }
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key, &validation)
-            .map_err(|err| classify(&err))?;
+            KeySource::Jwks(jwks) => {
+                let header = jsonwebtoken::decode_header(token).map_err(|_| AuthFailure::Malformed)?;
+                refuse_critical_extensions(&header)?;
+                let (key, algorithm) = jwks.key_for(header.kid.as_deref(), header.alg).await?;
+                if header.alg != algorithm {
+                    return Err(AuthFailure::WrongAlgorithm);
+                }
+                let validation = validation(algorithm, self.inner.issuer.as_deref(), &self.inner.audience);
+                jsonwebtoken::decode::<Map<String, Value>>(token, &key, &validation)
+                    .map_err(|err| classify(&err))?
+            }
+        };
         self.identity(&data.claims)
     }
 
@@ -265,6 +260,39 @@ impl Authenticator {
             expires_at,
         })
     }
+}
+
+/// RFC 7515 §4.1.11: a recipient that does not understand every extension named in
+/// `crit` must refuse the token; herald understands none.
+fn refuse_critical_extensions(header: &jsonwebtoken::Header) -> Result<(), AuthFailure> {
+    match header.crit {
+        Some(_) => Err(AuthFailure::CriticalExtension),
+        None => Ok(()),
+    }
+}
+
+/// The checks a token signed with `algorithm` must pass.
+fn validation(algorithm: Algorithm, issuer: Option<&str>, audience: &[String]) -> Validation {
+    let mut validation = Validation::new(algorithm);
+    validation.leeway = LEEWAY.as_secs();
+    validation.validate_nbf = true;
+    // jsonwebtoken checks `iss` and `aud` only when the token has them: a configured
+    // issuer or audience must also be required, or leaving the claim out would pass.
+    validation.required_spec_claims = HashSet::from(["exp".to_owned()]);
+    match issuer {
+        Some(issuer) => {
+            validation.set_issuer(&[issuer]);
+            validation.required_spec_claims.insert("iss".to_owned());
+        }
+        None => validation.iss = None,
+    }
+    if audience.is_empty() {
+        validation.validate_aud = false;
+    } else {
+        validation.set_audience(audience);
+        validation.required_spec_claims.insert("aud".to_owned());
+    }
+    validation
 }
 
 fn classify(err: &jsonwebtoken::errors::Error) -> AuthFailure {

@@ -146,7 +146,10 @@ impl Draft {
     /// Completes the message with its sequence fields. This is the one serialization a
     /// publish does: the bytes returned are what every subscriber receives.
     pub fn seal(&self, channel: &str, id: &str, offset: u64, epoch: &str, timestamp: &str) -> Bytes {
-        let mut out = Vec::with_capacity(self.body.len() + channel.len() + 140);
+        // The fields' keys and punctuation are 58 bytes, an offset at most 20.
+        let mut out = Vec::with_capacity(
+            self.body.len() + channel.len() + id.len() + epoch.len() + timestamp.len() + 80,
+        );
         out.extend_from_slice(&self.body[..self.body.len() - 1]);
         if self.body.len() > 2 {
             out.push(b',');
@@ -159,7 +162,7 @@ impl Draft {
         out.extend_from_slice(b"\",\"id\":\"");
         out.extend_from_slice(id.as_bytes());
         out.extend_from_slice(b"\",\"offset\":");
-        out.extend_from_slice(offset.to_string().as_bytes());
+        push_decimal(&mut out, offset);
         out.extend_from_slice(b",\"epoch\":\"");
         out.extend_from_slice(epoch.as_bytes());
         out.extend_from_slice(b"\",\"timestamp\":\"");
@@ -206,9 +209,72 @@ impl Message {
     }
 }
 
+/// Appends `n` in decimal.
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[start..]);
+}
+
 /// The current time as RFC 3339 UTC with milliseconds and a `Z` suffix.
+///
+/// Every published message carries one, so it is formatted here directly (civil date
+/// from days since the epoch, H. Hinnant's algorithm) rather than through `fmt`; a
+/// test checks it against `humantime` across centuries.
 pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+    rfc3339_millis(std::time::SystemTime::now())
+}
+
+fn rfc3339_millis(time: std::time::SystemTime) -> String {
+    let since = time.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs().min(MAX_RFC3339_SECS);
+    let millis = since.subsec_millis();
+    let days = secs / 86_400;
+    let of_day = secs % 86_400;
+    // Days since 0000-03-01, in 400-year eras.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    let mut out = [0u8; 24];
+    let mut put = |at: usize, width: usize, mut n: u64| {
+        for idx in (at..at + width).rev() {
+            out[idx] = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, month);
+    put(8, 2, day);
+    put(11, 2, of_day / 3_600);
+    put(14, 2, of_day / 60 % 60);
+    put(17, 2, of_day % 60);
+    put(20, 3, u64::from(millis));
+    for (idx, sep) in [
+        (4, b'-'),
+        (7, b'-'),
+        (10, b'T'),
+        (13, b':'),
+        (16, b':'),
+        (19, b'.'),
+        (23, b'Z'),
+    ] {
+        out[idx] = sep;
+    }
+    out.iter().map(|&b| char::from(b)).collect()
 }
 
 /// The last second RFC 3339 can write (9999-12-31T23:59:59Z).

@@ -66,7 +66,7 @@ pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Refuses oversized request targets (414) and header sections (431) before any
 /// handler parses them.
 pub async fn limit_request_size(request: Request, next: Next) -> Response {
-    if request.uri().to_string().len() > MAX_URI_BYTES {
+    if uri_len(request.uri()) > MAX_URI_BYTES {
         let body =
             serde_json::json!({"error": "uri_too_long", "message": "the request URL is longer than 8 KiB"});
         return (StatusCode::URI_TOO_LONG, axum::Json(body)).into_response();
@@ -81,6 +81,21 @@ pub async fn limit_request_size(request: Request, next: Next) -> Response {
         return (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, axum::Json(body)).into_response();
     }
     next.run(request).await
+}
+
+/// The length of `uri` as written, counted without building the string (every request
+/// is checked).
+fn uri_len(uri: &axum::http::Uri) -> usize {
+    struct Count(usize);
+    impl std::fmt::Write for Count {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0 += s.len();
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    let _ = std::fmt::write(&mut count, format_args!("{uri}"));
+    count.0
 }
 
 /// The largest plain-text error body carried over as the JSON `message`.
@@ -150,5 +165,21 @@ fn error_code(status: StatusCode) -> (&'static str, &'static str) {
         StatusCode::SERVICE_UNAVAILABLE => ("unavailable", "the server cannot answer now; retry shortly"),
         status if status.is_server_error() => ("internal", "internal error"),
         _ => ("bad_request", "the request was refused"),
+    }
+}
+
+#[cfg(test)]
+mod uri_tests {
+    #[test]
+    fn uri_len_is_the_written_length() {
+        for uri in [
+            "/",
+            "/api/v1/notifications/u1?x=1&y=%20",
+            "http://example.com:8080/a/b?c",
+            "*",
+        ] {
+            let parsed: axum::http::Uri = uri.parse().unwrap();
+            assert_eq!(super::uri_len(&parsed), parsed.to_string().len(), "{uri}");
+        }
     }
 }

@@ -323,6 +323,7 @@ pub async fn serve_state(
     let stopped = state.stopped.clone();
     let handshake_limiter = state.handshake_limiter.clone();
     let drain = state.config.shutdown_drain;
+    limits::calibrate_clock();
     tracker.spawn({
         let shutdown = shutdown.clone();
         async move {
@@ -390,7 +391,7 @@ pub fn router(state: AppState) -> axum::Router {
         axum::Router::new()
     };
     axum::Router::new()
-        .merge(crate::ws::router())
+        .merge(crate::ws::router(&state))
         .merge(crate::http::router(&state.config.allowed_origins))
         .merge(dev)
         .layer(axum::middleware::from_fn(crate::http::limit_request_size))

@@ -197,6 +197,12 @@ pub fn protocol_ping_limiter() -> governor::DefaultDirectRateLimiter {
     RateLimiter::direct_with_clock(Quota::per_second(rate).allow_burst(burst), shared_clock())
 }
 
+/// Makes the limiters' shared clock now (it calibrates against the TSC, about 10 ms of
+/// CPU on a VM), so the first handshake does not pay for it.
+pub fn calibrate_clock() {
+    let _ = shared_clock();
+}
+
 /// The clock of every per-socket limiter, made once. Making a clock
 /// (`quanta::Clock::new`) runs CPUID to detect the TSC each time, which traps to the
 /// hypervisor on a VM: two limiters per socket made it about a tenth of herald's CPU in

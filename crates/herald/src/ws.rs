@@ -8,8 +8,9 @@
 //! it in `CloseEvent.code`.
 //!
 //! The upgrade is done here on hyper's upgraded connection with tokio-websockets, which
-//! keeps no per-socket write buffer beyond the frames in flight and reads into a small
-//! fixed buffer (see ARCHITECTURE.md for the measurements behind the choice).
+//! keeps no per-socket write buffer beyond the frames in flight, and (patched, see
+//! vendor/tokio-websockets/PATCHES.md) holds a read buffer only while a frame arrives
+//! (see ARCHITECTURE.md for the measurements behind the choice).
 
 pub mod protocol;
 pub mod session;
@@ -19,14 +20,14 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Request};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
+use axum::{Extension, Router};
 use base64::Engine;
 use hyper_util::rt::TokioIo;
-use tokio_websockets::{Limits, ServerBuilder};
+use tokio_websockets::{Config, Limits, ServerBuilder};
 
 use crate::app::AppState;
 use crate::auth::{find_token, offers_bearer_subprotocol, BEARER_SUBPROTOCOL};
@@ -46,7 +47,10 @@ pub const MAX_CLIENT_MESSAGE: usize = 4 * 1024;
 /// The longest `epoch` a client may send back (herald's are 32 characters).
 const MAX_EPOCH_LEN: usize = 64;
 
-pub fn router() -> Router<AppState> {
+/// The WebSocket routes. Their handlers share one `Arc` of the state rather than each
+/// taking a copy: every socket's task holds the state for the socket's life, and a
+/// copy of `AppState` is most of a kilobyte (issue 19, idle memory).
+pub fn router(state: &AppState) -> Router<AppState> {
     Router::new()
         .route("/ws", get(multiplexed))
         .route("/ws/", get(multiplexed))
@@ -56,13 +60,17 @@ pub fn router() -> Router<AppState> {
         .route("/ws/events/{org_id}/", get(events))
         .route("/ws/frame-stream/{user_id}", get(frame_stream))
         .route("/ws/frame-stream/{user_id}/", get(frame_stream))
+        .layer(Extension(Arc::new(state.clone())))
 }
 
-async fn notifications(State(state): State<AppState>, request: Request) -> Response {
+/// The state every socket shares.
+type Shared = Extension<Arc<AppState>>;
+
+async fn notifications(Extension(state): Shared, request: Request) -> Response {
     handshake(state, Endpoint::Notifications, None, request).await
 }
 
-async fn multiplexed(State(state): State<AppState>, request: Request) -> Response {
+async fn multiplexed(Extension(state): Shared, request: Request) -> Response {
     handshake(state, Endpoint::Multiplexed, None, request).await
 }
 
@@ -73,7 +81,7 @@ fn path_id(path: Result<Path<String>, PathRejection>) -> String {
 }
 
 async fn events(
-    State(state): State<AppState>,
+    Extension(state): Shared,
     org_id: Result<Path<String>, PathRejection>,
     request: Request,
 ) -> Response {
@@ -81,7 +89,7 @@ async fn events(
 }
 
 async fn frame_stream(
-    State(state): State<AppState>,
+    Extension(state): Shared,
     user_id: Result<Path<String>, PathRejection>,
     request: Request,
 ) -> Response {
@@ -95,7 +103,7 @@ enum Outcome {
 }
 
 async fn handshake(
-    state: AppState,
+    state: Arc<AppState>,
     endpoint: Endpoint,
     path_id: Option<String>,
     mut request: Request,
@@ -174,10 +182,12 @@ async fn handshake(
                 return;
             }
         };
-        let limits = Limits::default().max_payload_len(Some(MAX_CLIENT_MESSAGE));
-        let mut ws = ServerBuilder::new().limits(limits).serve(TokioIo::new(upgraded));
+        let mut ws = ServerBuilder::new()
+            .config(socket_config())
+            .limits(socket_limits())
+            .serve(TokioIo::new(upgraded));
         match outcome {
-            Outcome::Accept(plan) => session::run(state, ws, *plan).await,
+            Outcome::Accept(plan) => session::run(&state, ws, plan).await,
             Outcome::Reject(close) => session::close_socket(&mut ws, Some(&close)).await,
         }
     });
@@ -197,6 +207,18 @@ async fn handshake(
         );
     }
     response
+}
+
+/// The WebSocket layer's settings for every socket: no read buffer while nothing
+/// arrives (the buffer is allocated for a frame and given back once it is read), so an
+/// idle socket holds none (BENCHMARKS.md, idle memory; vendor/tokio-websockets).
+fn socket_config() -> Config {
+    Config::default().read_buffer_size(0)
+}
+
+/// Client messages over [`MAX_CLIENT_MESSAGE`] are refused by the layer (1009).
+fn socket_limits() -> Limits {
+    Limits::default().max_payload_len(Some(MAX_CLIENT_MESSAGE))
 }
 
 /// The client's address: from `X-Forwarded-For` behind a trusted proxy (set by
@@ -392,6 +414,26 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    fn output_size<A, B, C, F>(_: impl FnOnce(A, B, C) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every idle socket holds its session's future for its whole life (issue 19).
+    #[test]
+    fn session_future_size() {
+        type Io = tokio::io::DuplexStream;
+        let session = output_size(session::run::<Io>);
+        println!(
+            "session::run future {session} B; AppState {} B; WebSocketStream {} B; Plan {} B",
+            std::mem::size_of::<AppState>(),
+            std::mem::size_of::<tokio_websockets::WebSocketStream<Io>>(),
+            std::mem::size_of::<Plan>(),
+        );
+        // 4,280 B before issue 19 (the state, socket and plan held twice, every timer
+        // and rare await inline); about 1.8 KB in a debug build after.
+        assert!(session < 2_500, "the session future grew to {session} B");
     }
 
     #[test]

@@ -55,3 +55,45 @@ fn timestamps_are_rfc3339_utc_millis() {
     assert_eq!(unix_to_rfc3339(0), "1970-01-01T00:00:00Z");
     assert_eq!(unix_to_rfc3339(u64::MAX), "9999-12-31T23:59:59Z");
 }
+
+#[test]
+fn timestamps_match_humantime_across_centuries() {
+    use std::time::{Duration, UNIX_EPOCH};
+    // Leap days, century and 400-year boundaries, month ends, the last second of 9999.
+    let mut secs: Vec<u64> = vec![
+        0,
+        59,
+        86_399,
+        86_400,
+        951_782_400, // 2000-02-29
+        951_868_799,
+        4_107_542_400, // 2100-03-01
+        4_102_444_800,
+        1_767_225_599,
+        super::MAX_RFC3339_SECS,
+    ];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..20_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        secs.push(x % (super::MAX_RFC3339_SECS + 1));
+    }
+    for s in secs {
+        let time = UNIX_EPOCH + Duration::from_millis(s * 1000 + s % 1000);
+        assert_eq!(
+            super::rfc3339_millis(time),
+            humantime::format_rfc3339_millis(time).to_string(),
+            "{s}"
+        );
+    }
+}
+
+#[test]
+fn seal_writes_every_offset_in_decimal() {
+    for offset in [0, 7, 10, 99, 1_000_000, u64::MAX] {
+        let sealed = Draft::from_object(serde_json::Map::new()).seal("org:a", "i", offset, "e", "t");
+        let value: serde_json::Value = serde_json::from_slice(&sealed).unwrap();
+        assert_eq!(value["offset"], json!(offset));
+    }
+}

@@ -238,7 +238,8 @@ impl Drop for Busy {
 /// session has its own ping/pong deadline).
 pub struct Watched {
     inner: TcpStream,
-    state: Arc<ConnState>,
+    /// `None` once the connection was upgraded.
+    state: Option<Arc<ConnState>>,
     _open: OpenGuard,
     head_timeout: Duration,
     idle_timeout: Duration,
@@ -246,22 +247,31 @@ pub struct Watched {
     head_started: Option<Instant>,
     /// The requests started that this socket has accounted for.
     seen: u64,
-    sleep: Pin<Box<Sleep>>,
+    /// The timer of the wait for a request; dropped once the connection is upgraded,
+    /// so an idle WebSocket does not hold it (issue 19).
+    sleep: Option<Pin<Box<Sleep>>>,
 }
 
 impl Watched {
     /// Whether the wait for a request is timed now; notes the end of a request.
     fn watching(&mut self) -> bool {
-        if self.state.upgraded.load(Ordering::Relaxed) {
+        let Some(state) = &self.state else {
+            return false;
+        };
+        if state.upgraded.load(Ordering::Relaxed) {
+            // A WebSocket now: nothing more to time, so the timer and the connection's
+            // shared state go (an idle socket should hold neither).
+            self.sleep = None;
+            self.state = None;
             return false;
         }
         // One snapshot, under the lock that every change of these is made under.
         let (idle_since, busy, started) = {
-            let idle_since = self.state.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+            let idle_since = state.idle_since.lock().unwrap_or_else(|e| e.into_inner());
             (
                 *idle_since,
-                self.state.busy.load(Ordering::Relaxed),
-                self.state.started.load(Ordering::Relaxed),
+                state.busy.load(Ordering::Relaxed),
+                state.started.load(Ordering::Relaxed),
             )
         };
         if busy > 0 {
@@ -297,10 +307,13 @@ impl AsyncRead for Watched {
             Some(started) => started + this.head_timeout,
             None => this.idle_since + this.idle_timeout,
         };
-        if this.sleep.deadline() != deadline {
-            this.sleep.as_mut().reset(deadline);
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.deadline() != deadline {
+            sleep.as_mut().reset(deadline);
         }
-        if this.sleep.as_mut().poll(cx).is_ready() {
+        if sleep.as_mut().poll(cx).is_ready() {
             let what = if this.head_started.is_some() {
                 "the request head did not arrive within request_head_timeout_ms"
             } else {
@@ -462,14 +475,14 @@ pub async fn run(
         });
         let io = Watched {
             inner: stream,
-            state: conn.clone(),
+            state: Some(conn.clone()),
             _open: load.opened(),
             head_timeout: limits.request_head_timeout,
             idle_timeout: limits.http_idle_timeout,
             idle_since: now,
             head_started: None,
             seen: 0,
-            sleep: Box::pin(tokio::time::sleep_until(now + limits.http_idle_timeout)),
+            sleep: Some(Box::pin(tokio::time::sleep_until(now + limits.http_idle_timeout))),
         };
         let service = ConnService {
             router: router.clone(),

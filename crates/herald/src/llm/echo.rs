@@ -68,15 +68,19 @@ pub fn reply(request: &LlmRequest) -> String {
 /// non-whitespace character, so `"a b\n c"` gives `["a", " b", "\n c"]`. The deltas
 /// joined are `text` exactly.
 pub fn tokens(text: &str) -> Vec<String> {
-    let mut tokens: Vec<String> = Vec::new();
+    let mut tokens = Vec::new();
+    let mut start = 0;
     let mut previous_was_space = true;
-    for c in text.chars() {
+    for (idx, c) in text.char_indices() {
         let is_space = c.is_whitespace();
-        match tokens.last_mut() {
-            Some(token) if !is_space || previous_was_space => token.push(c),
-            _ => tokens.push(c.to_string()),
+        if is_space && !previous_was_space {
+            tokens.push(text[start..idx].to_owned());
+            start = idx;
         }
         previous_was_space = is_space;
+    }
+    if start < text.len() {
+        tokens.push(text[start..].to_owned());
     }
     tokens
 }

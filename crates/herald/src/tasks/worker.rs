@@ -213,14 +213,81 @@ struct Stream<'a> {
     request: &'a TaskRequest,
     abandon: &'a CancellationToken,
     checkpoint: &'a dyn Checkpoint,
+    frames: FrameTemplate,
+}
+
+/// The streaming `llm_frame`s of one task, serialized without building a JSON value
+/// per token: what surrounds `delta` and `index` is written once per task. The bytes
+/// are exactly those [`Draft::from_object`] makes of the same message (its keys are
+/// sorted), which a unit test checks.
+struct FrameTemplate {
+    /// `{"chat_id":…,"frame":{"delta":`
+    head: Vec<u8>,
+    /// `,"status":"streaming"},"task_id":…,"type":"llm_frame","user_id":…}`
+    tail: Vec<u8>,
+}
+
+impl FrameTemplate {
+    fn new(request: &TaskRequest, task_id: &str) -> Self {
+        let mut head = b"{\"chat_id\":".to_vec();
+        write_json_string(&mut head, request.chat_id.as_str());
+        head.extend_from_slice(b",\"frame\":{\"delta\":");
+        let mut tail = b",\"status\":\"streaming\"},\"task_id\":".to_vec();
+        write_json_string(&mut tail, task_id);
+        tail.extend_from_slice(b",\"type\":\"llm_frame\",\"user_id\":");
+        write_json_string(&mut tail, request.user_id.as_str());
+        tail.push(b'}');
+        Self { head, tail }
+    }
+
+    /// The streaming frame `index` carrying `delta`.
+    fn draft(&self, delta: &str, index: u64) -> Option<Draft> {
+        use std::io::Write as _;
+        let mut body = Vec::with_capacity(self.head.len() + delta.len() + 40 + self.tail.len());
+        body.extend_from_slice(&self.head);
+        write_json_string(&mut body, delta);
+        // Writing to a Vec cannot fail.
+        let _ = write!(body, ",\"index\":{index}");
+        body.extend_from_slice(&self.tail);
+        Draft::from_serialized(body)
+    }
+}
+
+/// Appends `text` as a JSON string, escaped as serde_json escapes it everywhere else.
+fn write_json_string(out: &mut Vec<u8>, text: &str) {
+    // Serializing a str into a Vec cannot fail.
+    let _ = serde_json::to_writer(out, text);
 }
 
 impl Stream<'_> {
     /// Sends one message; returns its offset. Sends nothing once the task is abandoned:
     /// another worker owns the stream from then on.
     async fn send(&self, message: LlmMessage<'_>) -> Option<u64> {
-        if self.abandon.is_cancelled() {
+        if !self.may_send() {
             return None;
+        }
+        let draft = match &message {
+            // The hot path: one frame per token, serialized from the task's template.
+            LlmMessage::Frame { delta, index } => self.frames.draft(delta, *index),
+            _ => None,
+        };
+        let draft = draft.unwrap_or_else(|| self.message(message));
+        self.publish(&draft).await
+    }
+
+    /// `message` with the task's ids.
+    fn message(&self, message: LlmMessage<'_>) -> Draft {
+        let mut message = message.into_object();
+        message.insert("user_id".to_owned(), json!(self.request.user_id.as_str()));
+        message.insert("chat_id".to_owned(), json!(self.request.chat_id.as_str()));
+        message.insert("task_id".to_owned(), json!(self.task_id));
+        Draft::from_object(message)
+    }
+
+    /// Whether this worker may still send on the task's stream (see [`Stream::send`]).
+    fn may_send(&self) -> bool {
+        if self.abandon.is_cancelled() {
+            return false;
         }
         if !self.checkpoint.may_send() {
             tracing::warn!(
@@ -228,18 +295,13 @@ impl Stream<'_> {
                 "this worker's claim on the task has lapsed; stopping it so the worker that takes it over is the only one sending"
             );
             self.abandon.cancel();
-            return None;
+            return false;
         }
-        let mut message = message.into_object();
-        message.insert("user_id".to_owned(), json!(self.request.user_id.as_str()));
-        message.insert("chat_id".to_owned(), json!(self.request.chat_id.as_str()));
-        message.insert("task_id".to_owned(), json!(self.task_id));
-        match self
-            .ctx
-            .publisher
-            .publish(&self.channel, &Draft::from_object(message))
-            .await
-        {
+        true
+    }
+
+    async fn publish(&self, draft: &Draft) -> Option<u64> {
+        match self.ctx.publisher.publish(&self.channel, draft).await {
             Ok(published) => Some(published.offset),
             Err(err) => {
                 // The stream goes on: the client learns of the gap on resume.
@@ -387,6 +449,7 @@ pub async fn publish_unstarted_end(
         request,
         abandon: &never,
         checkpoint,
+        frames: FrameTemplate::new(request, task_id),
     };
     match status {
         TaskStatus::Cancelled => {

@@ -223,21 +223,38 @@ pub struct Welcome<'a> {
 
 impl Welcome<'_> {
     pub fn to_json(&self) -> String {
-        let mut value = json!({
-            "type": "system",
-            "status": "connected",
-            "message": "WebSocket connection established",
-            "connection_id": self.connection_id,
-            "user_id": self.user_id,
-            "channel": self.channel,
-        });
-        if let Some(org_id) = self.org_id {
-            value["org_id"] = json!(org_id);
+        // Serialized from a struct rather than a `json!` value: every handshake sends
+        // one. The fields are in the order a JSON object's keys are written (sorted),
+        // so the text is what it was.
+        #[derive(serde::Serialize)]
+        struct Wire<'a> {
+            channel: &'a str,
+            connection_id: &'a str,
+            epoch: &'a str,
+            message: &'a str,
+            offset: u64,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            org_id: Option<&'a str>,
+            status: &'a str,
+            timestamp: &'a str,
+            r#type: &'a str,
+            user_id: &'a str,
         }
-        value["epoch"] = json!(self.epoch);
-        value["offset"] = json!(self.offset);
-        value["timestamp"] = json!(now_rfc3339());
-        value.to_string()
+        let timestamp = now_rfc3339();
+        let wire = Wire {
+            channel: self.channel,
+            connection_id: self.connection_id,
+            epoch: self.epoch,
+            message: "WebSocket connection established",
+            offset: self.offset,
+            org_id: self.org_id,
+            status: "connected",
+            timestamp: &timestamp,
+            r#type: "system",
+            user_id: self.user_id,
+        };
+        // A struct of strings and a number always serializes.
+        serde_json::to_string(&wire).unwrap_or_default()
     }
 }
 
@@ -259,6 +276,30 @@ pub fn recovered(channel: &str, recovered: bool, missed: usize, epoch: &str, off
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_welcome_is_a_json_object_with_sorted_keys() {
+        for org_id in [None, Some("acme")] {
+            let text = Welcome {
+                connection_id: "c1",
+                user_id: "u\"1",
+                channel: "org:acme",
+                org_id,
+                epoch: "e1",
+                offset: 7,
+            }
+            .to_json();
+            let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+            // A serde_json value writes its keys sorted: the text is what the
+            // `json!` value it replaced wrote.
+            assert_eq!(value.to_string(), text);
+            assert_eq!(value["type"], "system");
+            assert_eq!(value["status"], "connected");
+            assert_eq!(value["user_id"], "u\"1");
+            assert_eq!(value["offset"], 7);
+            assert_eq!(value.get("org_id").and_then(|v| v.as_str()), org_id);
+        }
+    }
 
     #[test]
     fn parses_client_messages() {

@@ -113,7 +113,7 @@ impl Cursor {
 struct Session<'a, S> {
     state: &'a AppState,
     ws: WebSocketStream<S>,
-    plan: Plan,
+    plan: Box<Plan>,
     outbox: Arc<Outbox>,
     /// The channels this socket receives: exactly one on a single-channel endpoint, up
     /// to `HERALD_MAX_SUBSCRIPTIONS_PER_CONNECTION` on `/ws/`.
@@ -131,58 +131,37 @@ struct Session<'a, S> {
 }
 
 /// Runs an accepted socket until it closes.
-pub async fn run<S>(state: AppState, ws: WebSocketStream<S>, mut plan: Plan)
+///
+/// Every idle socket holds this future for its whole life, so it is kept small (issue
+/// 19): the session is built before the future, which holds it once; the state is
+/// borrowed and the plan stays boxed; the rare, larger awaits (starting, a client
+/// message, filling a gap, closing) are boxed so their futures exist only while they
+/// run; and one timer serves every deadline.
+pub fn run<'a, S>(
+    state: &'a AppState,
+    ws: WebSocketStream<S>,
+    plan: Box<Plan>,
+) -> impl std::future::Future<Output = ()> + 'a
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + 'a,
 {
     let outbox = Arc::new(Outbox::new(
         Arc::from(plan.identity.user_id.as_str()),
         state.config.outbox_max_bytes,
     ));
-    let endpoint = plan.endpoint;
-    let opened_at = Instant::now();
-    state.metrics.connection_opened(endpoint, plan.slot.count);
-    let mut cursors = Vec::new();
-    if let Some(channel) = plan.channel.take() {
-        join(&state, &channel, &outbox, SOLE).await;
-        // A member removed while this socket was being admitted: the removal may have
-        // run between the handshake's membership check and the subscription above, and
-        // found no socket to close. If any removal ran meanwhile, check again.
-        // The rare awaits of a session (this check, a token refresh, a subscribe) are
-        // boxed, so their futures (a webhook or JWKS request) do not enlarge every
-        // socket's task for its whole life (BENCHMARKS.md, idle memory).
-        if endpoint == Endpoint::Events
-            && state.hub.revocations() != plan.revocations
-            && !Box::pin(state.membership.is_member(channel.id(), &plan.identity)).await
-        {
-            outbox.request_close(Close::new(CloseCode::Forbidden, "membership revoked"));
-        }
-        cursors.push(Cursor::new(channel, SOLE, None));
-    }
-    let mut session = Session {
-        state: &state,
+    let session = Session {
+        state,
         ws,
         plan,
-        outbox: outbox.clone(),
-        cursors,
+        outbox,
+        cursors: Vec::new(),
         next_sub: SOLE + 1,
         writing: false,
         batch: Batch::default(),
         limiter: client_message_limiter(state.config.client_messages_per_minute),
         ping_limiter: protocol_ping_limiter(),
     };
-    let exit = match session.start().await {
-        Ok(()) => session.run().await,
-        Err(exit) => exit,
-    };
-    // Leave every channel before the close handshake: nothing more will be written.
-    for cursor in &session.cursors {
-        leave(&state, &cursor.channel, &outbox, cursor.sub).await;
-    }
-    let code = session.finish(exit).await;
-    drop(session);
-    state.metrics.connection_closed(endpoint, opened_at.elapsed());
-    tracing::debug!(endpoint = endpoint.label(), code, "session closed");
+    session.serve()
 }
 
 /// Adds `outbox` to `channel` on this node, and the node to the channel in the broker
@@ -216,6 +195,43 @@ impl<S> Session<'_, S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    async fn serve(mut self) {
+        let state = self.state;
+        let outbox = self.outbox.clone();
+        let endpoint = self.plan.endpoint;
+        let opened_at = Instant::now();
+        state.metrics.connection_opened(endpoint, self.plan.slot.count);
+        if let Some(channel) = self.plan.channel.take() {
+            join(state, &channel, &outbox, SOLE).await;
+            // A member removed while this socket was being admitted: the removal may
+            // have run between the handshake's membership check and the subscription
+            // above, and found no socket to close. If any removal ran meanwhile, check
+            // again. The rare awaits of a session (this check, a token refresh, a
+            // subscribe) are boxed, so their futures (a webhook or JWKS request) do not
+            // enlarge every socket's task for its whole life (BENCHMARKS.md, idle
+            // memory).
+            if endpoint == Endpoint::Events
+                && state.hub.revocations() != self.plan.revocations
+                && !Box::pin(state.membership.is_member(channel.id(), &self.plan.identity)).await
+            {
+                outbox.request_close(Close::new(CloseCode::Forbidden, "membership revoked"));
+            }
+            self.cursors.push(Cursor::new(channel, SOLE, None));
+        }
+        let exit = match Box::pin(self.start()).await {
+            Ok(()) => self.run().await,
+            Err(exit) => exit,
+        };
+        // Leave every channel before the close handshake: nothing more will be written.
+        for cursor in &self.cursors {
+            leave(state, &cursor.channel, &outbox, cursor.sub).await;
+        }
+        let code = Box::pin(self.finish(exit)).await;
+        drop(self);
+        state.metrics.connection_closed(endpoint, opened_at.elapsed());
+        tracing::debug!(endpoint = endpoint.label(), code, "session closed");
+    }
+
     fn queue_text(&mut self, text: impl Into<Payload>) -> Result<(), Exit> {
         self.ws
             .start_send_unpin(Message::text(text))
@@ -310,18 +326,18 @@ where
     async fn run(&mut self) -> Exit {
         let state = self.state;
         let ping_interval = state.config.ping_interval;
-        let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
         let mut last_heard = Instant::now();
-        // Deadlines live outside the loop and are reset, not re-created per wake-up.
-        let age = sleep_until(Instant::now() + jittered(state.config.max_connection_age));
-        tokio::pin!(age);
-        let expiry = sleep_until(expiry_instant(self.plan.identity.expires_at));
-        tokio::pin!(expiry);
-        let shutdown = state.shutdown.clone();
-        let cancelled = shutdown.cancelled();
+        // The socket's deadlines: the next protocol ping, the connection's age (once
+        // shutdown starts, the moment to close with 1001) and the token's expiry. One
+        // timer, set to the earliest, serves them all: each tokio timer is about 110
+        // bytes that every idle socket would hold for its life.
+        let mut next_ping = Instant::now() + ping_interval;
+        let mut age_at = Instant::now() + jittered(state.config.max_connection_age);
+        let mut expiry_at = expiry_instant(self.plan.identity.expires_at);
+        let timer = sleep_until(next_ping.min(age_at).min(expiry_at));
+        tokio::pin!(timer);
+        let cancelled = state.shutdown.cancelled();
         tokio::pin!(cancelled);
-        let drain = sleep_until(Instant::now());
-        tokio::pin!(drain);
         let mut draining = false;
 
         loop {
@@ -357,8 +373,11 @@ where
                     Io::Read(Some(Err(_))) => return Exit::Flush,
                     Io::Read(Some(Ok(frame))) => {
                         last_heard = Instant::now();
-                        match self.on_frame(frame).await {
-                            Ok(Some(new_expiry)) => expiry.as_mut().reset(new_expiry),
+                        match Box::pin(self.on_frame(frame)).await {
+                            Ok(Some(new_expiry)) => {
+                                expiry_at = new_expiry;
+                                timer.as_mut().reset(next_ping.min(age_at).min(expiry_at));
+                            }
                             Ok(None) => {}
                             Err(exit) => return exit,
                         }
@@ -374,32 +393,38 @@ where
                         return exit;
                     }
                 }
-                _ = ping.tick() => {
-                    if last_heard.elapsed() >= state.config.pong_timeout {
-                        tracing::debug!("no pong in time; dropping socket");
-                        return Exit::Gone;
+                () = &mut timer => {
+                    let now = Instant::now();
+                    if now >= expiry_at {
+                        return Exit::Close(Close::new(CloseCode::Unauthorized, "token expired"));
                     }
-                    if self.ws.start_send_unpin(Message::ping(Payload::from(&b""[..]))).is_err() {
-                        return Exit::Gone;
+                    if now >= age_at {
+                        if draining {
+                            return Exit::Close(CloseCode::GoingAway.into());
+                        }
+                        return Exit::Close(Close::new(CloseCode::Normal, "max connection age"));
                     }
-                    self.writing = true;
-                }
-                () = &mut age => {
-                    return Exit::Close(Close::new(CloseCode::Normal, "max connection age"));
-                }
-                () = &mut expiry => {
-                    return Exit::Close(Close::new(CloseCode::Unauthorized, "token expired"));
+                    if now >= next_ping {
+                        if last_heard.elapsed() >= state.config.pong_timeout {
+                            tracing::debug!("no pong in time; dropping socket");
+                            return Exit::Gone;
+                        }
+                        if self.ws.start_send_unpin(Message::ping(Payload::from(&b""[..]))).is_err() {
+                            return Exit::Gone;
+                        }
+                        self.writing = true;
+                        next_ping = now + ping_interval;
+                    }
+                    timer.as_mut().reset(next_ping.min(age_at).min(expiry_at));
                 }
                 // Shutdown: each socket closes at a random moment within the drain
                 // window, so clients do not all reconnect at once.
                 () = &mut cancelled, if !draining => {
                     let window = state.config.shutdown_drain;
                     let delay = rand::rng().random_range(Duration::ZERO..=window);
-                    drain.as_mut().reset(Instant::now() + delay);
+                    age_at = age_at.min(Instant::now() + delay);
+                    timer.as_mut().reset(next_ping.min(age_at).min(expiry_at));
                     draining = true;
-                }
-                () = &mut drain, if draining => {
-                    return Exit::Close(CloseCode::GoingAway.into());
                 }
             }
         }
@@ -449,7 +474,7 @@ where
                 if message.epoch == self.cursors[idx].epoch {
                     // Share the broker's copy, so later messages compare by pointer.
                     self.cursors[idx].epoch = message.epoch.clone();
-                } else if !self.switch_epoch(idx, &message).await? {
+                } else if !Box::pin(self.switch_epoch(idx, &message)).await? {
                     continue;
                 }
             }
@@ -457,7 +482,7 @@ where
             if message.is_marker() {
                 // The channel stands at this offset: send what this socket lacks.
                 if message.offset > last_offset {
-                    self.fill_gap(idx, message.offset + 1).await?;
+                    Box::pin(self.fill_gap(idx, message.offset + 1)).await?;
                 }
                 continue;
             }
@@ -465,7 +490,7 @@ where
                 continue;
             }
             if message.offset > last_offset + 1 {
-                self.fill_gap(idx, message.offset).await?;
+                Box::pin(self.fill_gap(idx, message.offset)).await?;
             }
             self.cursors[idx].last_offset = message.offset;
             oldest.get_or_insert(message.published_at);

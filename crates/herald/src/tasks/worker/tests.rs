@@ -96,3 +96,39 @@ fn progress_names_the_bytes_appended_since_the_last_save() {
         ""
     );
 }
+
+#[test]
+fn a_frame_from_the_template_is_the_frame_the_json_path_makes() {
+    let request = TaskRequest {
+        user_id: crate::ids::UserId::parse("u-1").unwrap(),
+        chat_id: crate::ids::ChatId::parse("chat_9").unwrap(),
+        prompt: String::new(),
+        model: String::new(),
+    };
+    let task_id = "t0f3";
+    let template = FrameTemplate::new(&request, task_id);
+    for (delta, index) in [
+        ("Echo:", 0),
+        (" wörld", 1),
+        (" \"quoted\" \\ back\nslash\t\u{1}", 41),
+        ("", u64::MAX),
+        (" 😀</script>", 7),
+    ] {
+        let mut message = serde_json::Map::new();
+        message.insert("type".to_owned(), json!("llm_frame"));
+        message.insert(
+            "frame".to_owned(),
+            json!({"status": "streaming", "delta": delta, "index": index}),
+        );
+        message.insert("user_id".to_owned(), json!(request.user_id.as_str()));
+        message.insert("chat_id".to_owned(), json!(request.chat_id.as_str()));
+        message.insert("task_id".to_owned(), json!(task_id));
+        let expected = Draft::from_object(message);
+        let made = template.draft(delta, index).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(made.as_bytes()),
+            String::from_utf8_lossy(expected.as_bytes()),
+            "delta {delta:?}"
+        );
+    }
+}
