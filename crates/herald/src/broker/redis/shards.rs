@@ -39,11 +39,27 @@ pub struct Shards {
     /// The last slot map read from the cluster client, and when. fred may have no map
     /// while it re-reads the cluster (a failover); the last one still routes every
     /// healthy primary's slots, and a stale entry is corrected by `MOVED`.
-    routing: Mutex<Option<(Instant, Arc<ClusterRouting>)>>,
+    routing: Mutex<Option<Routing>>,
+}
+
+/// A slot map and where it came from.
+struct Routing {
+    at: Instant,
+    map: Arc<ClusterRouting>,
+    /// Read by [`Shards::sync`] from a primary (kept until [`OWN_ROUTING_TTL`]), rather
+    /// than copied from the cluster client.
+    own: bool,
 }
 
 /// How often the slot map is copied from the cluster client.
 const ROUTING_REFRESH: Duration = Duration::from_millis(250);
+
+/// How long a slot map read by [`Shards::sync`] is preferred to the cluster client's,
+/// which lags behind while fred's router waits on a dead primary.
+const OWN_ROUTING_TTL: Duration = Duration::from_secs(5);
+
+/// How long [`Shards::sync`] waits for each primary's `CLUSTER SLOTS`.
+const SLOTS_TIMEOUT: Duration = Duration::from_millis(500);
 
 impl Shards {
     /// Routes by `cluster`'s slot map; `config` is the cluster URL's configuration.
@@ -60,15 +76,24 @@ impl Shards {
     /// or the last one it had.
     pub(super) fn routing(&self) -> Option<Arc<ClusterRouting>> {
         let mut routing = super::lock(&self.routing);
-        let fresh = routing
-            .as_ref()
-            .is_some_and(|(at, _)| at.elapsed() < ROUTING_REFRESH);
+        let fresh = routing.as_ref().is_some_and(|routing| {
+            routing.at.elapsed()
+                < if routing.own {
+                    OWN_ROUTING_TTL
+                } else {
+                    ROUTING_REFRESH
+                }
+        });
         if !fresh {
             if let Some(current) = self.cluster.cached_cluster_state() {
-                *routing = Some((Instant::now(), Arc::new(current)));
+                *routing = Some(Routing {
+                    at: Instant::now(),
+                    map: Arc::new(current),
+                    own: false,
+                });
             }
         }
-        routing.as_ref().map(|(_, map)| map.clone())
+        routing.as_ref().map(|routing| routing.map.clone())
     }
 
     /// The connection to the primary that owns `key`'s slot.
@@ -84,10 +109,51 @@ impl Shards {
     }
 
     /// Re-reads the cluster's slot map now, and routes by it from the next call.
-    pub(super) async fn sync(&self) -> Result<(), fred::error::Error> {
-        let synced = self.cluster.sync_cluster().await;
+    ///
+    /// Asks the primaries themselves (`CLUSTER SLOTS`, first answer wins) before the
+    /// cluster client: while fred's router reconnects to a dead primary it answers
+    /// nothing, and a promoted replica must be found before new writes there hide the
+    /// offsets the failover lost.
+    pub(super) async fn sync(&self) -> Result<(), BrokerError> {
+        let primaries = self
+            .routing()
+            .map(|routing| routing.unique_primary_nodes())
+            .unwrap_or_default();
+        for server in primaries {
+            let Ok(client) = self.client_at(server.clone()) else {
+                continue;
+            };
+            if !client.is_connected() {
+                continue;
+            }
+            let slots = client.custom::<Value, Value>(
+                fred::types::CustomCommand::new_static("CLUSTER", fred::types::ClusterHash::Random, false),
+                vec![Value::from("SLOTS")],
+            );
+            let Ok(Ok(slots)) = tokio::time::timeout(SLOTS_TIMEOUT, slots).await else {
+                continue;
+            };
+            match ClusterRouting::from_cluster_slots(slots, server.host.clone()) {
+                Ok(map) if !map.slots().is_empty() => {
+                    *super::lock(&self.routing) = Some(Routing {
+                        at: Instant::now(),
+                        map: Arc::new(map),
+                        own: true,
+                    });
+                    return Ok(());
+                }
+                _ => continue,
+            }
+        }
+        let synced = tokio::time::timeout(super::COMMAND_TIMEOUT, self.cluster.sync_cluster()).await;
         self.invalidate();
-        synced
+        match synced {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(super::unavailable(err)),
+            Err(_) => Err(BrokerError::Unavailable(
+                "reading the Redis Cluster slot map timed out".into(),
+            )),
+        }
     }
 
     /// Re-reads the slot map in the background (after a `MOVED`).
@@ -102,8 +168,9 @@ impl Shards {
     /// Makes the next call copy the cluster client's map again (keeping this one if it
     /// has none).
     fn invalidate(&self) {
-        if let Some((at, _)) = super::lock(&self.routing).as_mut() {
-            *at = at.checked_sub(ROUTING_REFRESH).unwrap_or(*at);
+        if let Some(routing) = super::lock(&self.routing).as_mut() {
+            routing.at = routing.at.checked_sub(OWN_ROUTING_TTL).unwrap_or(routing.at);
+            routing.own = false;
         }
     }
 
