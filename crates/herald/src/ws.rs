@@ -39,13 +39,11 @@ use crate::ids::UserId;
 use crate::limits::LimitRefusal;
 // `Endpoint` is a metrics label and lives in `metrics` since issue 16.
 pub use crate::metrics::Endpoint;
-use session::{Plan, Resume};
+use protocol::{valid_epoch, Resume};
+use session::Plan;
 
 /// Client messages larger than this close the socket with 1009 (docs/protocol.md).
 pub const MAX_CLIENT_MESSAGE: usize = 4 * 1024;
-
-/// The longest `epoch` a client may send back (herald's are 32 characters).
-const MAX_EPOCH_LEN: usize = 64;
 
 /// The WebSocket routes. Their handlers share one `Arc` of the state rather than each
 /// taking a copy: every socket's task holds the state for the socket's life, and a
@@ -377,14 +375,6 @@ async fn decide(
         slot,
         ip,
     }))
-}
-
-/// Whether `epoch` can be an epoch a client was given: short, `[A-Za-z0-9_-]`.
-pub fn valid_epoch(epoch: &str) -> bool {
-    epoch.len() <= MAX_EPOCH_LEN
-        && epoch
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// `since` must be a non-negative integer; `epoch` a short token. `epoch` alone is an

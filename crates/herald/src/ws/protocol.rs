@@ -4,7 +4,26 @@
 use serde_json::{json, Value};
 
 use crate::channel::now_rfc3339;
-use crate::ws::session::Resume;
+
+/// The longest `epoch` a client may send back (herald's are 32 characters).
+const MAX_EPOCH_LEN: usize = 64;
+
+/// `?since=<offset>&epoch=<epoch>`: the client's last position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    pub since: u64,
+    /// `None` accepts whatever epoch the channel has (`since=0` without an epoch
+    /// replays the whole history).
+    pub epoch: Option<String>,
+}
+
+/// Whether `epoch` can be an epoch a client was given: short, `[A-Za-z0-9_-]`.
+pub fn valid_epoch(epoch: &str) -> bool {
+    epoch.len() <= MAX_EPOCH_LEN
+        && epoch
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
 
 /// Client message types herald understands, in the order of the documented table.
 /// `subscribe` and `unsubscribe` are for `/ws/` only; the single-channel endpoints answer
@@ -99,7 +118,7 @@ impl Subscribe {
         let epoch = match value.get("epoch") {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(epoch)) if epoch.is_empty() => Ok(None),
-            Some(Value::String(epoch)) if crate::ws::valid_epoch(epoch) => Ok(Some(epoch.clone())),
+            Some(Value::String(epoch)) if valid_epoch(epoch) => Ok(Some(epoch.clone())),
             Some(_) => Err("epoch is not a valid epoch"),
         };
         let resume = match (since, epoch) {

@@ -31,8 +31,13 @@ use crate::channel::{new_id, unix_to_rfc3339, Channel, ChannelKind, Message as C
 use crate::close::{Close, CloseCode};
 use crate::hub::{Batch, Drained, Outbox, SubscriptionId, SOLE};
 use crate::limits::{client_message_limiter, protocol_ping_limiter, ConnectionSlot};
-use crate::ws::protocol::{self, ClientMessage, Subscribe, Welcome};
+use crate::ws::protocol::{self, ClientMessage, Resume, Subscribe, Welcome};
 use crate::ws::Endpoint;
+
+mod recovery;
+mod subscriptions;
+
+use subscriptions::{join, leave};
 
 /// How long closing may take: flushing what is queued, the close frame, and the
 /// client's answering close frame.
@@ -53,15 +58,6 @@ pub struct Plan {
     pub slot: ConnectionSlot,
     /// The client's address, for security logs.
     pub ip: IpAddr,
-}
-
-/// `?since=<offset>&epoch=<epoch>`: the client's last position.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Resume {
-    pub since: u64,
-    /// `None` accepts whatever epoch the channel has (`since=0` without an epoch
-    /// replays the whole history).
-    pub epoch: Option<String>,
 }
 
 /// How the loop ended.
@@ -164,33 +160,6 @@ where
     session.serve()
 }
 
-/// Adds `outbox` to `channel` on this node, and the node to the channel in the broker
-/// when it is the channel's first socket here: a node listens once per channel, however
-/// many sockets and subscriptions it has on it.
-async fn join(state: &AppState, channel: &Channel, outbox: &Arc<Outbox>, sub: SubscriptionId) {
-    if state.hub.subscribe(channel, outbox.clone(), sub) {
-        if let Err(err) = state.broker.subscribe(channel).await {
-            tracing::warn!(%channel, error = %err, "broker subscribe failed");
-        }
-    }
-}
-
-/// Whether `identity` may read `channel`: their own notifications and frames, and the
-/// orgs they belong to.
-async fn may_read(state: &AppState, identity: &Identity, channel: &Channel) -> bool {
-    match channel.kind() {
-        ChannelKind::Notifications | ChannelKind::Frames => channel.id() == identity.user_id.as_str(),
-        ChannelKind::Org => state.membership.is_member(channel.id(), identity).await,
-    }
-}
-
-/// Undoes [`join`].
-async fn leave(state: &AppState, channel: &Channel, outbox: &Arc<Outbox>, sub: SubscriptionId) {
-    if state.hub.unsubscribe(channel, outbox, sub) {
-        state.broker.unsubscribe(channel).await;
-    }
-}
-
 impl<S> Session<'_, S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -279,48 +248,6 @@ where
             Some(resume) => self.replay(0, &resume, &position).await,
             None => Ok(()),
         }
-    }
-
-    /// Resumes channel `idx` after its welcome or `subscribed`, which told the client
-    /// `position`: the messages after `resume.since` from history, then the
-    /// `recovered` message (`recovered:false`, nothing replayed, when the epoch changed
-    /// or the gap left history).
-    async fn replay(&mut self, idx: usize, resume: &Resume, position: &Position) -> Result<(), Exit> {
-        let epoch_matches = resume.epoch.as_deref().is_none_or(|e| e == position.epoch);
-        let mut missed = 0;
-        let mut recovered = false;
-        if epoch_matches && resume.since <= position.offset {
-            let history = self
-                .state
-                .broker
-                .history(&self.cursors[idx].channel, resume.since, usize::MAX)
-                .await
-                .map_err(|_| Exit::Close(Close::new(CloseCode::GoingAway, "broker unavailable")))?;
-            if let Some(close) = self.outbox.close_requested() {
-                return Err(Exit::Close(close));
-            }
-            if history.complete && history.position.epoch == position.epoch {
-                recovered = true;
-                for message in history.messages {
-                    let cursor = &mut self.cursors[idx];
-                    cursor.last_offset = cursor.last_offset.max(message.offset);
-                    missed += 1;
-                    self.queue_text(message.bytes)?;
-                }
-            }
-        }
-        let cursor = &self.cursors[idx];
-        self.state
-            .metrics
-            .delivered(cursor.channel.kind(), missed as u64, None);
-        let text = protocol::recovered(
-            cursor.channel.name(),
-            recovered,
-            missed,
-            &position.epoch,
-            cursor.last_offset,
-        );
-        self.queue_text(text)
     }
 
     async fn run(&mut self) -> Exit {
@@ -506,208 +433,6 @@ where
         Ok(())
     }
 
-    /// A message of channel `idx` from an epoch other than the client's. If the channel
-    /// has moved to it (Redis lost the channel's state, or a failover lost writes), the
-    /// client is told in band, `recovered:false` with the new epoch and the offset after
-    /// which it will receive every message, and the message is then forwarded; a late
-    /// message of an epoch the channel has left is dropped. Returns whether to forward
-    /// the message.
-    ///
-    /// Which epoch is current is asked of the broker, not inferred: a message queued
-    /// before this socket's welcome may come from the epoch before it.
-    async fn switch_epoch(&mut self, idx: usize, message: &ChannelMessage) -> Result<bool, Exit> {
-        if self.cursors[idx].retired.contains(&message.epoch) {
-            return Ok(false);
-        }
-        let position = Box::pin(self.state.broker.position(&self.cursors[idx].channel))
-            .await
-            .map_err(|_| {
-                Exit::Close(Close::new(
-                    CloseCode::GoingAway,
-                    "lost position; resume with since",
-                ))
-            })?;
-        let cursor = &mut self.cursors[idx];
-        if *position.epoch == *cursor.epoch {
-            cursor.retire(message.epoch.clone());
-            return Ok(false);
-        }
-        let (epoch, offset, forward) = if *position.epoch == *message.epoch {
-            let offset = if message.is_marker() {
-                message.offset.min(position.offset)
-            } else {
-                message.offset - 1
-            };
-            (message.epoch.clone(), offset, true)
-        } else {
-            // The channel moved on again: start from where it stands now.
-            cursor.retire(message.epoch.clone());
-            (Arc::from(position.epoch.as_str()), position.offset, false)
-        };
-        let old = std::mem::replace(&mut cursor.epoch, epoch);
-        cursor.retire(old);
-        cursor.last_offset = offset;
-        tracing::info!(channel = %cursor.channel, offset, "channel epoch changed under a socket: told recovered:false");
-        let text = protocol::recovered(cursor.channel.name(), false, 0, &cursor.epoch, offset);
-        self.queue_text(text)?;
-        Ok(forward)
-    }
-
-    /// Sends channel `idx`'s messages between the last one written and `next` from
-    /// history. If they have left history, the client must resume (and will learn it
-    /// lost messages).
-    async fn fill_gap(&mut self, idx: usize, next: u64) -> Result<(), Exit> {
-        let lost = || {
-            Exit::Close(Close::new(
-                CloseCode::GoingAway,
-                "lost position; resume with since",
-            ))
-        };
-        let last_offset = self.cursors[idx].last_offset;
-        let history = self
-            .state
-            .broker
-            .history(
-                &self.cursors[idx].channel,
-                last_offset,
-                (next - last_offset - 1) as usize,
-            )
-            .await
-            .map_err(|_| lost())?;
-        if !history.complete || *history.position.epoch != *self.cursors[idx].epoch {
-            return Err(lost());
-        }
-        let mut n_sent = 0;
-        for message in history.messages {
-            let cursor = &mut self.cursors[idx];
-            if message.offset < next && message.offset == cursor.last_offset + 1 {
-                cursor.last_offset = message.offset;
-                n_sent += 1;
-                self.queue_text(message.bytes)?;
-            }
-        }
-        let cursor = &self.cursors[idx];
-        self.state.metrics.delivered(cursor.channel.kind(), n_sent, None);
-        if cursor.last_offset + 1 == next {
-            Ok(())
-        } else {
-            Err(lost())
-        }
-    }
-
-    /// `/ws/`: subscribes to a channel the user may read, answering `subscribed` (then
-    /// the replay and `recovered` with `since`), or `subscribe_error` with the socket
-    /// left open.
-    async fn subscribe(&mut self, request: Subscribe) -> Result<(), Exit> {
-        let refuse = |code: CloseCode, message: &str| {
-            let error = match code {
-                CloseCode::Forbidden => "forbidden",
-                CloseCode::TooManyRequests => "too_many_subscriptions",
-                _ => "bad_request",
-            };
-            protocol::subscribe_error(&request.channel, &request.id, code.code(), error, message)
-        };
-        let channel = match request.channel.as_str().map(Channel::parse) {
-            Some(Ok(channel)) => channel,
-            Some(Err(err)) => return self.queue_text(refuse(CloseCode::BadRequest, &err.to_string())),
-            None => {
-                return self.queue_text(refuse(
-                    CloseCode::BadRequest,
-                    "channel must be a channel name such as org:acme",
-                ))
-            }
-        };
-        let resume = match request.resume {
-            Ok(resume) => resume,
-            Err(reason) => return self.queue_text(refuse(CloseCode::BadRequest, reason)),
-        };
-        if self.cursors.iter().any(|cursor| cursor.channel == channel) {
-            return self.queue_text(refuse(
-                CloseCode::BadRequest,
-                "already subscribed to this channel on this socket",
-            ));
-        }
-        let max = self.state.config.max_subscriptions_per_connection;
-        if self.cursors.len() >= max as usize {
-            crate::limits::refusal_log(
-                "subscriptions_per_connection",
-                self.plan.ip,
-                "too many subscriptions on one socket",
-            );
-            return self.queue_text(refuse(
-                CloseCode::TooManyRequests,
-                &format!("at most {max} channels per socket (HERALD_MAX_SUBSCRIPTIONS_PER_CONNECTION)"),
-            ));
-        }
-        let revocations = self.state.hub.revocations();
-        if !may_read(self.state, &self.plan.identity, &channel).await {
-            crate::limits::refusal_log(
-                "subscribe_forbidden",
-                self.plan.ip,
-                "subscription refused: another user's channel, or not a member of the org",
-            );
-            return self.queue_text(refuse(CloseCode::Forbidden, forbidden_reason(&channel)));
-        }
-        let sub = self.next_sub;
-        self.next_sub = self.next_sub.checked_add(1).unwrap_or(SOLE + 1);
-        join(self.state, &channel, &self.outbox, sub).await;
-        // A removal that ran between the check and the join found no subscription to
-        // end: check again (as `run` does for a single-channel socket).
-        if channel.kind() == ChannelKind::Org
-            && self.state.hub.revocations() != revocations
-            && !may_read(self.state, &self.plan.identity, &channel).await
-        {
-            leave(self.state, &channel, &self.outbox, sub).await;
-            return self.queue_text(refuse(CloseCode::Forbidden, forbidden_reason(&channel)));
-        }
-        let position = match self.state.broker.position(&channel).await {
-            Ok(position) => position,
-            Err(err) => {
-                tracing::warn!(%channel, error = %err, "subscribe: broker unavailable");
-                leave(self.state, &channel, &self.outbox, sub).await;
-                return Err(Exit::Close(Close::new(
-                    CloseCode::GoingAway,
-                    "broker unavailable",
-                )));
-            }
-        };
-        // Read state (SPEC §12) is not kept yet: `read_offset` is 0.
-        let text = protocol::subscribed(channel.name(), &request.id, &position.epoch, position.offset, 0);
-        self.cursors.push(Cursor::new(channel, sub, Some(&position)));
-        self.queue_text(text)?;
-        match resume {
-            Some(resume) => self.replay(self.cursors.len() - 1, &resume, &position).await,
-            None => Ok(()),
-        }
-    }
-
-    /// `/ws/`: leaves `channel` if subscribed (an unknown one is already left).
-    async fn unsubscribe(&mut self, channel: &str) {
-        if let Some(idx) = self
-            .cursors
-            .iter()
-            .position(|cursor| cursor.channel.name() == channel)
-        {
-            let cursor = self.cursors.swap_remove(idx);
-            leave(self.state, &cursor.channel, &self.outbox, cursor.sub).await;
-        }
-    }
-
-    /// Ends subscription `idx` from the server's side (membership lost): leaves the
-    /// channel and tells the client `unsubscribed` with `close`'s code and reason. The
-    /// socket stays open.
-    async fn end_subscription(&mut self, idx: usize, close: &Close) -> Result<(), Exit> {
-        let cursor = self.cursors.swap_remove(idx);
-        leave(self.state, &cursor.channel, &self.outbox, cursor.sub).await;
-        tracing::info!(channel = %cursor.channel, user_id = %self.plan.identity.user_id,
-            code = close.code.code(), "subscription ended");
-        self.queue_text(protocol::subscription_ended(
-            cursor.channel.name(),
-            close.code.code(),
-            &close.reason,
-        ))
-    }
-
     /// Handles one client frame. Returns the new token expiry after a refresh.
     async fn on_frame(&mut self, frame: Message) -> Result<Option<Instant>, Exit> {
         let mut new_expiry = None;
@@ -859,14 +584,6 @@ fn kind_idx(kind: ChannelKind) -> usize {
         ChannelKind::Notifications => 0,
         ChannelKind::Org => 1,
         ChannelKind::Frames => 2,
-    }
-}
-
-/// Why a subscription to `channel` was refused with 4003.
-fn forbidden_reason(channel: &Channel) -> &'static str {
-    match channel.kind() {
-        ChannelKind::Org => "not a member of this organization",
-        ChannelKind::Notifications | ChannelKind::Frames => "this channel belongs to another user",
     }
 }
 

@@ -347,6 +347,8 @@ fn client_message_labels_are_the_parsers() {
         r#"{"type":"ping"}"#,
         r#"{"type":"heartbeat"}"#,
         r#"{"type":"refresh","token":"t"}"#,
+        r#"{"type":"subscribe","channel":"org:o","id":"s1"}"#,
+        r#"{"type":"unsubscribe","channel":"org:o","id":"s1"}"#,
         r#"{"type":"nope"}"#,
         "not json",
     ];
