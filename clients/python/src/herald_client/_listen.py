@@ -191,7 +191,33 @@ class _Policy:
         return delay
 
 
-class AsyncHeraldListener:
+class _Listener:
+    """What the sync and asyncio listeners share: the arguments, the protocol core
+    (``_Follow``) and the reconnect policy."""
+
+    def __init__(
+        self,
+        url: str,
+        token: TokenSource,
+        channels: Iterable[Union[str, Tuple[str, Optional[int], Optional[str]]]],
+        reconnect: bool = True,
+    ):
+        self.url = _endpoint(url)
+        self._follow = _Follow(channels)
+        self._policy = _Policy(token)
+        self.reconnect = reconnect
+        self._ws: Any = None
+        self._closed = False
+
+    @property
+    def channels(self) -> List[str]:
+        return list(self._follow.channels)
+
+    def position(self, channel: str) -> Tuple[Optional[str], Optional[int]]:
+        return self._follow.position(channel)
+
+
+class AsyncHeraldListener(_Listener):
     """Follows several channels over one socket to herald's ``/ws/`` endpoint (asyncio).
 
     ::
@@ -218,20 +244,8 @@ class AsyncHeraldListener:
         channels: Iterable[Union[str, Tuple[str, Optional[int], Optional[str]]]],
         reconnect: bool = True,
     ):
-        self.url = _endpoint(url)
-        self._follow = _Follow(channels)
-        self._policy = _Policy(token)
-        self.reconnect = reconnect
-        self._ws: Any = None
-        self._closed = False
+        super().__init__(url, token, channels, reconnect)
         self._retries: "List[asyncio.Task[None]]" = []
-
-    def position(self, channel: str) -> Tuple[Optional[str], Optional[int]]:
-        return self._follow.position(channel)
-
-    @property
-    def channels(self) -> List[str]:
-        return list(self._follow.channels)
 
     async def __aenter__(self) -> "AsyncHeraldListener":
         return self
@@ -296,31 +310,11 @@ class AsyncHeraldListener:
             await asyncio.sleep(delay)
 
 
-class HeraldListener:
+class HeraldListener(_Listener):
     """``AsyncHeraldListener`` for plain threads: the same arguments and messages, with
     ``for message in listener``. A refused subscription (4429) is asked again once the
     next message arrives after its backoff."""
 
-    def __init__(
-        self,
-        url: str,
-        token: TokenSource,
-        channels: Iterable[Union[str, Tuple[str, Optional[int], Optional[str]]]],
-        reconnect: bool = True,
-    ):
-        self.url = _endpoint(url)
-        self._follow = _Follow(channels)
-        self._policy = _Policy(token)
-        self.reconnect = reconnect
-        self._ws: Any = None
-        self._closed = False
-
-    def position(self, channel: str) -> Tuple[Optional[str], Optional[int]]:
-        return self._follow.position(channel)
-
-    @property
-    def channels(self) -> List[str]:
-        return list(self._follow.channels)
 
     def __enter__(self) -> "HeraldListener":
         return self

@@ -193,10 +193,7 @@ impl Subscriber {
     /// the connection is back, so channels move to a promoted replica within a fraction
     /// of a second of its promotion. One such loop per primary at a time.
     pub(super) async fn follow_failover(self: &Arc<Self>, server: Server) {
-        let PubSub::Sharded { shards, .. } = &self.pubsub else {
-            return;
-        };
-        if !lock(&self.failing).insert(server.clone()) {
+        if !matches!(self.pubsub, PubSub::Sharded { .. }) || !lock(&self.failing).insert(server.clone()) {
             return;
         }
         for _ in 0..FAILOVER_CHECK_ROUNDS {
@@ -210,9 +207,7 @@ impl Subscriber {
             if back || !used {
                 break;
             }
-            if tokio::time::timeout(COMMAND_TIMEOUT, shards.sync()).await.is_ok() {
-                self.resync(Resync::SlotCheck).await;
-            }
+            self.check_slots().await;
         }
         lock(&self.failing).remove(&server);
     }
