@@ -120,14 +120,27 @@ return {epoch, offset, entries}
 
 /// The publish: KEYS = meta, history, pub/sub channel; ARGV = draft body, id,
 /// timestamp, new epoch, history size, history TTL (ms), meta TTL (ms), now (unix ms),
-/// publish command (`PUBLISH` or `SPUBLISH`), channel name. Returns `{offset, epoch}`. The sealed
-/// bytes are built exactly as [`Draft::seal`].
+/// publish command (`PUBLISH` or `SPUBLISH`), channel name, and the epoch and highest
+/// offset the node was given in the channel before (empty and 0 when it knows none).
+/// Returns `{offset, epoch, reset}`. The sealed bytes are built exactly as
+/// [`Draft::seal`].
+///
+/// An offset below the one the node knows, in the same epoch, means Redis lost writes
+/// it had acknowledged (a failover, a restart from an older copy): the script starts
+/// the new epoch (ARGV\[4\]) instead of handing those offsets out again, and `reset`
+/// is 1. The comparison is with Redis's state, not with the order replies arrive in,
+/// so concurrent publishes cannot make it fire wrongly.
 ///
 /// The pub/sub channel is not a key, but it is declared in KEYS so that every name the
 /// script touches is declared, and on a Cluster SPUBLISH needs it in the script's slot
 /// (it shares the channel's hash tag).
 pub const PUBLISH_SCRIPT: &str = r#"
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local reset = 0
+if epoch and epoch == ARGV[11] and (tonumber(redis.call('HGET', KEYS[1], 'offset')) or 0) < tonumber(ARGV[12]) then
+  epoch = false
+  reset = 1
+end
 if not epoch then
   epoch = ARGV[4]
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
@@ -149,20 +162,22 @@ if size > 0 then
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
 redis.call(ARGV[9], KEYS[3], offset .. ' ' .. epoch .. ' ' .. sealed)
-return {offset, epoch}
+return {offset, epoch, reset}
 "#;
 
 /// Starts a new epoch when the channel still has the epoch a node found inconsistent
-/// (its offsets went back: a failover lost acknowledged writes). KEYS = meta, history;
-/// ARGV = the inconsistent epoch, the new epoch, meta TTL (ms). Returns `{epoch,
-/// offset}`: the new epoch at offset 0, or whatever the channel has if another node
-/// already moved it on.
+/// (its offsets went back: a failover lost acknowledged writes), and tells every node
+/// with an epoch marker on pub/sub (`"0 {epoch} "`: no message bytes). KEYS = meta,
+/// history, pub/sub channel; ARGV = the inconsistent epoch, the new epoch, meta TTL
+/// (ms), publish command. Returns `{epoch, offset}`: the new epoch at offset 0, or
+/// whatever the channel has if another node already moved it on.
 pub const RESET_SCRIPT: &str = r#"
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if (not epoch) or epoch == ARGV[1] then
   epoch = ARGV[2]
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
   redis.call('DEL', KEYS[2])
+  redis.call(ARGV[4], KEYS[3], '0 ' .. epoch .. ' ')
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {epoch, redis.call('HGET', KEYS[1], 'offset')}
@@ -474,6 +489,10 @@ impl Broker for RedisBroker {
     async fn publish(&self, channel: &Channel, draft: &Draft) -> Result<Published, BrokerError> {
         let name = channel.name();
         let id = new_id();
+        let (known_epoch, known_offset) = self
+            .subscriber
+            .known(name)
+            .map_or((String::new(), 0), |(epoch, offset)| (epoch.to_string(), offset));
         let reply = self
             .eval(
                 &self.publish_script,
@@ -489,16 +508,30 @@ impl Broker for RedisBroker {
                     Value::from(unix_ms().to_string()),
                     Value::from(self.fanout.publish_command()),
                     Value::from(name),
+                    Value::from(known_epoch),
+                    Value::from(known_offset.to_string()),
                 ],
             )
             .await
-            .map_err(|err| err.for_message(&id))?;
+            .map_err(|err| {
+                if self.shards.is_some() {
+                    self.subscriber.publish_failed(name);
+                }
+                err.for_message(&id)
+            })?;
         let malformed = || BrokerError::Unavailable("unexpected reply from Redis".into());
         let Value::Array(parts) = reply else {
             return Err(malformed());
         };
         let offset = parts.first().and_then(value_u64).ok_or_else(malformed)?;
         let epoch = parts.get(1).and_then(value_string).ok_or_else(malformed)?;
+        if parts.get(2).and_then(value_u64) == Some(1) {
+            tracing::warn!(
+                channel = name,
+                epoch,
+                "channel offset went back in Redis (lost writes): this publish started a new epoch"
+            );
+        }
         self.subscriber.note(name, &epoch, offset);
         Ok(Published { id, offset, epoch })
     }

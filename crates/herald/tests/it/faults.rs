@@ -124,10 +124,13 @@ async fn offsets_handed_out_again_start_a_new_epoch() {
     }
     read_checked(&mut ws, &welcome, 5).await;
 
-    // Writes 4 and 5 "lost": the next publish is given offset 4 again.
+    // Writes 4 and 5 "lost": the next publish is given offset 4 again. It comes from a
+    // node that never published to the channel (node A would start a new epoch itself:
+    // see the next test), so only node B can notice.
     let meta = format!("herald:{{notifications:{u}}}:meta");
     redis.cli(&["HSET", &meta, "offset", "3"]).await;
-    let receipt = a.notify(&u, json!({"n": "reused"})).await;
+    let c = redis.node().await;
+    let receipt = c.notify(&u, json!({"n": "reused"})).await;
     assert_eq!(receipt["offset"], 4, "the simulated failover reuses offset 4");
     let told = ws.next_json().await;
     assert_eq!(told["status"], "recovered", "{told}");
@@ -146,6 +149,87 @@ async fn offsets_handed_out_again_start_a_new_epoch() {
     assert_eq!(next["notification"]["n"], "next", "{next}");
     assert_eq!(next["epoch"], told["epoch"]);
     assert_eq!(next["offset"], told["offset"].as_u64().unwrap() + 1);
+}
+
+/// A node that was acknowledged an offset never publishes below it in the same epoch:
+/// after Redis lost writes the node itself made, its next publish starts a new epoch
+/// (the publish script compares Redis's offset with the node's), so not even the node
+/// publishing hands out an offset twice, and the socket on another node is told.
+#[tokio::test]
+async fn a_node_publishing_after_its_own_writes_were_lost_starts_a_new_epoch() {
+    let Some(redis) = Redis::start().await else { return };
+    if !redis.owned() {
+        panic!("this test edits Redis keys: unset HERALD_TEST_REDIS_URL to let it start its own");
+    }
+    let (a, b) = (redis.node().await, redis.node().await);
+    let u = user("own-lost");
+    for n in 1..=5 {
+        a.notify(&u, json!({"n": n})).await;
+    }
+    let meta = format!("herald:{{notifications:{u}}}:meta");
+    let epoch = redis.cli(&["HGET", &meta, "epoch"]).await;
+    redis.cli(&["HSET", &meta, "offset", "3"]).await;
+    // A socket on node B, which never saw offsets 4 and 5, joins after the loss.
+    let (mut ws, welcome) = b.connect("/ws/notifications/", &u).await;
+    assert_eq!(welcome["offset"], 3);
+    assert_eq!(welcome["epoch"], epoch.as_str());
+
+    let receipt = a.notify(&u, json!({"n": "after"})).await;
+    assert_eq!(receipt["offset"], 1, "a new epoch, not offset 4 again: {receipt}");
+    let new_epoch = redis.cli(&["HGET", &meta, "epoch"]).await;
+    assert_ne!(new_epoch, epoch);
+    let (got, told) = read_checked(&mut ws, &welcome, 1).await;
+    assert_eq!(told.len(), 1, "the socket is told the new epoch: {got:?}");
+    assert_eq!(told[0]["epoch"], new_epoch.as_str());
+    assert_eq!(got[0]["notification"]["n"], "after");
+
+    // A client resuming from offset 5 of the old epoch learns it cannot recover.
+    let (mut resumed, _) = b
+        .connect(&format!("/ws/notifications/?since=5&epoch={epoch}"), &u)
+        .await;
+    let recovered = resumed.next_json().await;
+    assert_eq!(recovered["recovered"], false, "{recovered}");
+}
+
+/// Writes lost on a channel no node listens to, and to which nothing more is published
+/// (the last message of an answer, say): the node that was acknowledged them compares
+/// with Redis after its connection to Redis comes back, starts a new epoch, and tells
+/// every node (a socket that joined meanwhile is told in band).
+#[tokio::test]
+async fn lost_writes_on_a_channel_nobody_listens_to_are_found_after_a_reconnect() {
+    let Some(redis) = Redis::start().await else { return };
+    if !redis.owned() {
+        panic!("this test edits Redis keys: unset HERALD_TEST_REDIS_URL to let it start its own");
+    }
+    let (a, b) = (redis.node().await, redis.node().await);
+    let u = user("unheard");
+    for n in 1..=5 {
+        a.notify(&u, json!({"n": n})).await;
+    }
+    let meta = format!("herald:{{notifications:{u}}}:meta");
+    let epoch = redis.cli(&["HGET", &meta, "epoch"]).await;
+    redis.cli(&["HSET", &meta, "offset", "3"]).await;
+    let (mut ws, welcome) = b.connect("/ws/notifications/", &u).await;
+    assert_eq!(welcome["epoch"], epoch.as_str());
+
+    // Every connection of both nodes drops and comes back, as after a failover (node
+    // A's subscription connection holds no channel, so it is a "normal" one).
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+    redis.cli(&["CLIENT", "KILL", "TYPE", "normal"]).await;
+    let told = ws.next_json().await;
+    assert_eq!(told["status"], "recovered", "{told}");
+    assert_eq!(told["recovered"], false, "{told}");
+    assert_ne!(told["epoch"], epoch.as_str(), "{told}");
+    assert_eq!(
+        redis.cli(&["HGET", &meta, "epoch"]).await,
+        told["epoch"].as_str().unwrap(),
+        "Redis has the new epoch"
+    );
+    // Publishes from a node that knew nothing go on in the new epoch.
+    b.notify(&u, json!({"n": "next"})).await;
+    let next = ws.next_json().await;
+    assert_eq!(next["epoch"], told["epoch"], "{next}");
+    assert_eq!(next["offset"], told["offset"].as_u64().unwrap() + 1, "{next}");
 }
 
 /// The same loss found without a publish: after its subscription reconnects, the node

@@ -459,6 +459,53 @@ async fn shard_subscriptions_dropped_by_redis_are_restored_and_caught_up() {
     assert_eq!(on_b.next_json().await["offset"], 3);
 }
 
+/// Writes a failover lost on a channel that only the node that published them knew
+/// of: after the channel's slot changes primary, that node compares what it was
+/// acknowledged with the new primary, starts a new epoch, and every node's sockets are
+/// told. Simulated by moving the offset back on the old primary and then moving the
+/// slot, as a promoted replica that missed the last writes would have it.
+#[tokio::test]
+async fn writes_lost_in_a_failover_are_found_by_the_node_that_published_them() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    let (a, b) = (cluster.node().await, cluster.node().await);
+    let u = user("lost-unheard");
+    let channel = notifications_pubsub(&u);
+    let slot = slot_of(&channel);
+    let from = cluster.owner(slot).await;
+    let to = cluster
+        .masters
+        .iter()
+        .map(|m| m.port)
+        .find(|p| *p != from)
+        .unwrap();
+    for n in 1..=5 {
+        a.notify(&u, json!({"n": n})).await;
+    }
+    let meta = format!("herald:{{notifications:{u}}}:meta");
+    let epoch = cli(from, &["hget", &meta, "epoch"]).await.trim().to_owned();
+    cli(from, &["hset", &meta, "offset", "3"]).await;
+    let (mut ws, welcome) = b.connect("/ws/notifications/", &u).await;
+    assert_eq!(welcome["offset"], 3);
+
+    cluster.move_slot(slot, to).await;
+    let told = tokio::time::timeout(Duration::from_secs(15), ws.next_json())
+        .await
+        .expect("the socket is told the channel lost writes");
+    assert_eq!(told["status"], "recovered", "{told}");
+    assert_eq!(told["recovered"], false, "{told}");
+    assert_ne!(told["epoch"], epoch.as_str(), "{told}");
+    assert_eq!(
+        cli(to, &["hget", &meta, "epoch"]).await.trim(),
+        told["epoch"].as_str().unwrap()
+    );
+    b.notify(&u, json!({"n": "next"})).await;
+    let next = ws.next_json().await;
+    assert_eq!(next["epoch"], told["epoch"], "{next}");
+    assert_eq!(next["offset"], told["offset"].as_u64().unwrap() + 1, "{next}");
+}
+
 #[tokio::test]
 async fn connection_limit_holds_across_nodes_on_a_cluster() {
     let Some(cluster) = Cluster::start().await else {

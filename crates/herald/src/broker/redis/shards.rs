@@ -199,6 +199,13 @@ impl Shards {
         ssub_of(std::str::from_utf8(listed.as_bytes()?).ok()?)
     }
 
+    /// Whether this node's command connection to `server` is up.
+    pub(super) fn is_up(&self, server: &Server) -> bool {
+        super::lock(&self.nodes)
+            .get(server)
+            .is_some_and(|client| client.is_connected())
+    }
+
     /// The connection to `server`, made on first use.
     fn client_at(&self, server: Server) -> Result<fred::prelude::Client, BrokerError> {
         let mut nodes = super::lock(&self.nodes);

@@ -39,10 +39,12 @@ use crate::channel::Message;
 use crate::close::{Close, CloseCode};
 use crate::hub::Hub;
 
+mod acked;
 mod catch_up;
 mod cluster;
 mod listening;
 
+use acked::{AckedPositions, ToVerify};
 use cluster::shard_in;
 #[cfg(test)]
 use listening::RETIRED_EPOCHS;
@@ -73,6 +75,9 @@ pub struct Subscriber {
     stop: CancellationToken,
     /// Primaries whose failover is being followed ([`Subscriber::follow_failover`]).
     failing: Mutex<std::collections::HashSet<Server>>,
+    /// Positions of channels this node published to or read without listening to them.
+    acked: AckedPositions,
+    fanout: Fanout,
 }
 
 /// Where the subscriptions live.
@@ -147,6 +152,8 @@ impl Subscriber {
             reconnects: AtomicU64::new(0),
             stop: parts.stop,
             failing: Mutex::new(std::collections::HashSet::new()),
+            acked: AckedPositions::default(),
+            fanout: parts.fanout,
         })
     }
 
@@ -178,7 +185,17 @@ impl Subscriber {
 
     pub async fn subscribe(self: &Arc<Self>, channel: &str) -> Result<(), BrokerError> {
         let _changing = self.changing.lock().await;
-        lock(&self.channels).entry(channel.to_owned()).or_default();
+        {
+            let mut channels = lock(&self.channels);
+            if !channels.contains_key(channel) {
+                let mut listening = Listening::default();
+                // What this node was acknowledged before it listened still counts.
+                if let Some(acked) = self.acked.take(channel) {
+                    listening.note(&acked.epoch, acked.offset);
+                }
+                channels.insert(channel.to_owned(), listening);
+            }
+        }
         if let PubSub::Plain(client) = &self.pubsub {
             if !may_send(client) {
                 // Subscribed again by the task when the connection comes back.
@@ -216,7 +233,7 @@ impl Subscriber {
         if self.hub.has_subscribers(channel) {
             return;
         }
-        let Some(listening) = lock(&self.channels).remove(channel) else {
+        let Some(listening) = self.stop_listening(channel) else {
             return;
         };
         let name = pubsub_channel(channel);
@@ -237,31 +254,108 @@ impl Subscriber {
         }
     }
 
-    /// Records a position this node read or published in `channel`, if it listens to
-    /// it.
-    pub fn note(&self, channel: &str, epoch: &str, offset: u64) {
-        if let Some(listening) = lock(&self.channels).get_mut(channel) {
-            listening.note(epoch, offset);
+    /// Removes `channel` from the listened ones, keeping its position among the
+    /// acknowledged ones.
+    fn stop_listening(&self, channel: &str) -> Option<Listening> {
+        let mut channels = lock(&self.channels);
+        let listening = channels.remove(channel)?;
+        if let Some((epoch, offset)) = &listening.seen {
+            self.acked
+                .note(channel, epoch, *offset, || listening.shard.clone());
         }
+        Some(listening)
+    }
+
+    /// Records a position Redis gave this node in `channel` (a publish or a read).
+    pub fn note(&self, channel: &str, epoch: &str, offset: u64) {
+        let mut channels = lock(&self.channels);
+        match channels.get_mut(channel) {
+            Some(listening) => {
+                listening.note(epoch, offset);
+            }
+            None => self.acked.note(channel, epoch, offset, || self.owner_of(channel)),
+        }
+    }
+
+    /// The highest position Redis gave this node in `channel`'s current epoch, as far
+    /// as it knows: Redis below it has lost acknowledged writes.
+    pub fn known(&self, channel: &str) -> Option<(Arc<str>, u64)> {
+        if let Some(listening) = lock(&self.channels).get(channel) {
+            return listening.seen.clone();
+        }
+        self.acked.known(channel)
+    }
+
+    /// A publish to `channel` failed: on a Cluster its primary may be failing over, so
+    /// follow the slot map closely, to compare what this node was acknowledged there
+    /// with the promoted replica before other nodes' writes hide a loss.
+    pub fn publish_failed(self: &Arc<Self>, channel: &str) {
+        if let Some(server) = self.owner_of(channel) {
+            if !lock(&self.failing).contains(&server) {
+                let this = self.clone();
+                tokio::spawn(async move { this.follow_failover(server).await });
+            }
+        }
+    }
+
+    /// On a Cluster, the primary that owns `channel`'s slot in the current slot map.
+    fn owner_of(&self, channel: &str) -> Option<Server> {
+        let routing = self.shards.as_ref()?.routing()?;
+        shard_in(&routing, channel)
     }
 
     /// Subscribes again to the channels that need it, then catches them up: after a
     /// reconnect, every channel (on a Cluster, those of the primary that came back); on
     /// a Cluster's slot check, those whose slot changed owner or whose subscription
-    /// failed; after Redis dropped subscriptions, every channel of that primary.
+    /// failed; after Redis dropped subscriptions, every channel of that primary. Then
+    /// compares the positions this node was acknowledged in channels it does not listen
+    /// to with Redis, where the same events may have lost writes.
     async fn resync(self: &Arc<Self>, why: Resync) {
         let _changing = self.changing.lock().await;
+        let again = self.resubscribe(&why).await;
+        self.catch_up(again).await;
+        let verify = self.acked_to_verify(&why);
+        self.verify_acked(verify).await;
+    }
+
+    /// The channels whose acknowledged positions `why` calls into question, each with
+    /// the owner to set back if it cannot be checked now.
+    fn acked_to_verify(&self, why: &Resync) -> Vec<(ToVerify, Option<Server>)> {
+        let with_owner = |verify: Vec<ToVerify>, owner: Option<&Server>| {
+            verify
+                .into_iter()
+                .map(|verify| (verify, owner.cloned()))
+                .collect()
+        };
+        match (&self.pubsub, why) {
+            (_, Resync::Dropped(_)) | (PubSub::Plain(_), Resync::SlotCheck) => Vec::new(),
+            (PubSub::Plain(_), _) | (PubSub::Sharded { .. }, Resync::Lost) => {
+                with_owner(self.acked.of_server(None), None)
+            }
+            (PubSub::Sharded { .. }, Resync::Reconnected(server)) => {
+                with_owner(self.acked.of_server(Some(server)), Some(server))
+            }
+            (PubSub::Sharded { shards, .. }, Resync::SlotCheck) => shards
+                .routing()
+                .map(|routing| self.acked.moved(&routing))
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Subscribes again to the listened channels `why` calls for; returns those to
+    /// catch up.
+    async fn resubscribe(self: &Arc<Self>, why: &Resync) -> Vec<String> {
         let channels: Vec<(String, Listening)> = lock(&self.channels)
             .iter()
             .map(|(channel, listening)| (channel.clone(), listening.clone()))
             .collect();
         if channels.is_empty() {
-            return;
+            return Vec::new();
         }
         let again = match &self.pubsub {
             PubSub::Plain(client) => {
                 if matches!(why, Resync::SlotCheck | Resync::Dropped(_)) {
-                    return;
+                    return Vec::new();
                 }
                 let names: Vec<String> = channels
                     .iter()
@@ -275,7 +369,7 @@ impl Subscriber {
             }
             PubSub::Sharded { shards, .. } => {
                 let Some(routing) = shards.routing() else {
-                    return;
+                    return Vec::new();
                 };
                 let mut again = Vec::new();
                 let mut failed = 0_usize;
@@ -283,7 +377,7 @@ impl Subscriber {
                     let owner = shard_in(&routing, &channel);
                     let needed = listening.shard.is_none()
                         || listening.shard != owner
-                        || match &why {
+                        || match why {
                             Resync::Reconnected(server) | Resync::Dropped(server) => {
                                 listening.shard.as_ref() == Some(server)
                             }
@@ -307,8 +401,7 @@ impl Subscriber {
                 again
             }
         };
-        self.catch_up(again.into_iter().map(|(channel, _)| channel).collect())
-            .await;
+        again.into_iter().map(|(channel, _)| channel).collect()
     }
     fn deliver(self: &Arc<Self>, message: &fred::types::Message) {
         let Some(channel) = channel_of_pubsub(&message.channel) else {

@@ -133,6 +133,78 @@ impl Subscriber {
         parse_read(reply)
     }
 
+    /// Runs [`RESET_SCRIPT`]: `channel` leaves epoch `stale` unless it already has,
+    /// and every node listening to it is told (an epoch marker on pub/sub). Returns the
+    /// channel's position after it.
+    async fn run_reset(&self, channel: &str, stale: &str) -> Result<Position, BrokerError> {
+        self.script(
+            &Script::from_lua(RESET_SCRIPT),
+            vec![meta_key(channel), history_key(channel), pubsub_channel(channel)],
+            vec![
+                Value::from(stale),
+                Value::from(new_id()),
+                Value::from(self.meta_ttl_ms.to_string()),
+                Value::from(self.fanout.publish_command()),
+            ],
+        )
+        .await
+        .and_then(parse_position)
+    }
+
+    /// Compares positions this node was acknowledged in channels it does not listen to
+    /// with Redis, and starts a new epoch where Redis went back (a failover or restart
+    /// lost those writes). A channel that cannot be read now is checked again later.
+    pub(super) async fn verify_acked(self: &Arc<Self>, channels: Vec<(ToVerify, Option<Server>)>) {
+        if channels.is_empty() {
+            return;
+        }
+        let failed: Vec<(String, Option<Server>)> = futures_util::stream::iter(channels)
+            .map(|((channel, epoch, offset), before)| async move {
+                let verified = self.verify_one(&channel, &epoch, offset).await;
+                (channel, before, verified)
+            })
+            .buffer_unordered(CATCH_UP_CONCURRENCY)
+            .filter_map(|(channel, before, verified)| async move {
+                match verified {
+                    Ok(()) => None,
+                    Err(err) => {
+                        tracing::debug!(channel, error = %err, "could not compare an acknowledged position with Redis: trying again later");
+                        Some((channel, before))
+                    }
+                }
+            })
+            .collect()
+            .await;
+        for (channel, before) in failed {
+            self.acked.unverified(&channel, before);
+        }
+    }
+
+    async fn verify_one(
+        self: &Arc<Self>,
+        channel: &str,
+        epoch: &str,
+        offset: u64,
+    ) -> Result<(), BrokerError> {
+        if lock(&self.channels).contains_key(channel) {
+            // Listened to since: its own catch-up compares.
+            return Ok(());
+        }
+        let (position, _) = self.read_channel(channel, false).await?;
+        if *position.epoch != *epoch || position.offset >= offset {
+            return Ok(());
+        }
+        tracing::warn!(
+            channel,
+            acknowledged = offset,
+            now = position.offset,
+            "channel offset went back in Redis (lost writes): starting a new epoch"
+        );
+        let position = self.run_reset(channel, epoch).await?;
+        self.note(channel, &position.epoch, position.offset);
+        Ok(())
+    }
+
     /// Replaces `channel`'s epoch `stale`, whose offsets Redis handed out again, and
     /// tells the channel's sessions (an epoch marker).
     pub(super) async fn reset(self: &Arc<Self>, channel: &str, stale: Arc<str>) {
@@ -146,18 +218,7 @@ impl Subscriber {
             }
             listening.resetting = true;
         }
-        let result = self
-            .script(
-                &Script::from_lua(RESET_SCRIPT),
-                vec![meta_key(channel), history_key(channel)],
-                vec![
-                    Value::from(stale.to_string()),
-                    Value::from(new_id()),
-                    Value::from(self.meta_ttl_ms.to_string()),
-                ],
-            )
-            .await
-            .and_then(parse_position);
+        let result = self.run_reset(channel, &stale).await;
         let marker = {
             let mut channels = lock(&self.channels);
             let Some(listening) = channels.get_mut(channel) else {

@@ -188,9 +188,9 @@ impl Subscriber {
         });
     }
 
-    /// After an error on `server`'s connection: reads the slot map every
-    /// [`FAILOVER_CHECK_INTERVAL`] until no channel of this node is subscribed there or
-    /// the connection is back, so channels move to a promoted replica within a fraction
+    /// After an error on `server`'s connection (or a publish there failed): reads the
+    /// slot map every [`FAILOVER_CHECK_INTERVAL`] until no channel of this node is
+    /// subscribed or acknowledged there or the connection is back, so channels move to a promoted replica within a fraction
     /// of a second of its promotion. One such loop per primary at a time.
     pub(super) async fn follow_failover(self: &Arc<Self>, server: Server) {
         if !matches!(self.pubsub, PubSub::Sharded { .. }) || !lock(&self.failing).insert(server.clone()) {
@@ -198,12 +198,17 @@ impl Subscriber {
         }
         for _ in 0..FAILOVER_CHECK_ROUNDS {
             tokio::time::sleep(FAILOVER_CHECK_INTERVAL).await;
-            let back = self
-                .primary_if_any(&server)
-                .is_some_and(|client| client.is_connected());
+            let PubSub::Sharded { shards, .. } = &self.pubsub else {
+                break;
+            };
+            let back = match self.primary_if_any(&server) {
+                Some(client) => client.is_connected(),
+                None => shards.is_up(&server),
+            };
             let used = lock(&self.channels)
                 .values()
-                .any(|listening| listening.shard.as_ref() == Some(&server));
+                .any(|listening| listening.shard.as_ref() == Some(&server))
+                || self.acked.any_on(&server);
             if back || !used {
                 break;
             }
