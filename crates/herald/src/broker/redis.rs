@@ -433,6 +433,10 @@ impl RedisBroker {
             tracing::warn!("Redis is not reachable yet: starting not-ready, retrying");
         }
         check_deployment(&client, fanout).await?;
+        if let Some(shards) = &shards {
+            // Makes the connections to the primaries now, so readiness is known.
+            shards.any_up();
+        }
         Ok(Self {
             client,
             shards,
@@ -585,8 +589,15 @@ impl Broker for RedisBroker {
         self.subscriber.unsubscribe(channel.name()).await;
     }
 
+    /// One Redis: both connections are up. A Cluster: some primary answers, because
+    /// the cluster client calls itself disconnected while any one primary is (and a
+    /// load balancer taking every node out during one shard's failover would turn a
+    /// partial outage into a full one).
     async fn ready(&self) -> bool {
-        self.client.is_connected() && self.subscriber.connected()
+        match &self.shards {
+            Some(shards) => shards.any_up() && self.subscriber.connected(),
+            None => self.client.is_connected() && self.subscriber.connected(),
+        }
     }
 
     fn reconnects(&self) -> u64 {

@@ -48,6 +48,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::broker::redis::{shards_for, Shards};
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::redis::{build_client, connect_and_wait, quit_on, COMMAND_TIMEOUT, SECONDARY_CONNECT_WAIT};
@@ -158,6 +159,8 @@ impl Timing {
 /// The shared queue of one node.
 pub struct RedisQueue {
     client: fred::prelude::Client,
+    /// On a Cluster, a connection to the primary of the queue's slot, for readiness.
+    shards: Option<Arc<Shards>>,
     ctx: Arc<Context>,
     broker: Arc<dyn Broker>,
     node_id: String,
@@ -194,8 +197,19 @@ impl RedisQueue {
             "the task queue's Redis is not reachable yet: starting not-ready, retrying",
         )
         .await;
+        let shards = shards_for(url, &client).map_err(unavailable)?;
+        if let Some(shards) = shards.clone() {
+            // Makes the connection to the queue's primary now, so readiness is known.
+            shards.serves(QUEUE_KEY);
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                shards.quit().await;
+            });
+        }
         let queue = Arc::new(Self {
             client: client.clone(),
+            shards,
             ctx,
             broker: parts.broker.clone(),
             node_id: node_id.to_owned(),
@@ -222,8 +236,13 @@ impl RedisQueue {
         Ok(queue)
     }
 
+    /// One Redis: the connection is up. A Cluster: the primary holding the queue
+    /// answers (the cluster client calls itself disconnected while any primary is).
     pub fn ready(&self) -> bool {
-        self.client.is_connected()
+        match &self.shards {
+            Some(shards) => shards.serves(QUEUE_KEY),
+            None => self.client.is_connected(),
+        }
     }
 
     async fn eval(

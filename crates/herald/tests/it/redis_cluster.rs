@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio::process::{Child, Command};
 
 use crate::redis::{
-    assert_cut_off, broker_reconnects, check_connection_limit_across_nodes, free_ports, redis_server_on_path,
+    broker_reconnects, check_connection_limit_across_nodes, free_ports, redis_server_on_path,
     start_server_with, user, wait_ready,
 };
 use crate::support::*;
@@ -573,7 +573,7 @@ async fn a_plain_redis_url_naming_a_cluster_node_is_refused() {
 }
 
 #[tokio::test]
-async fn a_master_restarted_empty_makes_nodes_not_ready_then_they_resubscribe() {
+async fn a_master_restarted_empty_fails_its_channels_then_nodes_resubscribe() {
     let Some(mut cluster) = Cluster::start().await else {
         return;
     };
@@ -587,7 +587,22 @@ async fn a_master_restarted_empty_makes_nodes_not_ready_then_they_resubscribe() 
 
     let master = cluster.masters.iter_mut().find(|m| m.port == owner).unwrap();
     master.kill().await;
-    assert_cut_off(&a, &b, &u).await;
+    // Its channels fail (the nodes stay ready for the other primaries' channels).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, body) = a
+            .post(&format!("/api/v1/notifications/{u}"), json!({"n": 2}))
+            .await;
+        if status == 503 {
+            break;
+        }
+        assert_eq!(status, 202, "{body}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "publishes on a dead primary kept succeeding"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Back on the same port with its cluster config but no data: the channel's epoch
     // is gone. The socket that stayed open is told in band that it cannot recover.
@@ -661,14 +676,18 @@ async fn a_partial_outage_fails_only_the_shard_that_is_down() {
         return;
     };
     let (a, b) = (cluster.node().await, cluster.node().await);
-    // The connection counts live on one primary, which every handshake needs.
+    // The connection counts live on one primary, which every handshake needs, and the
+    // task queue on one, which readiness needs (SPEC: "queue reachable"): fail another.
     let counts = cluster.owner(slot_of("herald:{conns}:nodes")).await;
-    let victim = cluster
+    let queue = cluster.owner(slot_of("herald:{tasks}:queue")).await;
+    let Some(victim) = cluster
         .masters
         .iter()
         .map(|m| m.port)
-        .find(|port| *port != counts)
-        .unwrap();
+        .find(|port| *port != counts && *port != queue)
+    else {
+        panic!("the counts and the queue are spread over all three masters' slots: no master to fail");
+    };
     let (mut healthy, mut broken) = (None, None);
     while healthy.is_none() || broken.is_none() {
         let u = user("partial");
@@ -717,6 +736,20 @@ async fn a_partial_outage_fails_only_the_shard_that_is_down() {
         .post(&format!("/api/v1/notifications/{broken}"), json!({"n": 1}))
         .await;
     assert_eq!(status, 503, "{body}");
+    // Both nodes stay ready: a load balancer must not take every node out for one
+    // shard's outage.
+    for node in [&a, &b] {
+        let (status, body) = node.get("/readyz").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["broker"], true, "{body}");
+    }
+
+    // With every primary down, no node is ready.
+    for master in &mut cluster.masters {
+        master.kill().await;
+    }
+    wait_ready(&a, false).await;
+    wait_ready(&b, false).await;
 }
 
 /// The per-user connection counts live on one primary; while it is down, sockets of

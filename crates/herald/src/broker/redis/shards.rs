@@ -199,6 +199,26 @@ impl Shards {
         ssub_of(std::str::from_utf8(listed.as_bytes()?).ok()?)
     }
 
+    /// Whether the primary that owns `key`'s slot answers (its connection is made on
+    /// first use, so the first call after a start may say no).
+    pub fn serves(&self, key: &str) -> bool {
+        self.client_for(key).is_ok_and(|client| client.is_connected())
+    }
+
+    /// Whether any primary of the slot map answers: the node can serve the channels
+    /// of the primaries that are up (those of a primary that is down get 503, or close
+    /// 1001 at connect, until a replica takes over).
+    pub fn any_up(&self) -> bool {
+        let Some(routing) = self.routing() else {
+            return false;
+        };
+        routing
+            .unique_primary_nodes()
+            .into_iter()
+            .filter_map(|server| self.client_at(server).ok())
+            .any(|client| client.is_connected())
+    }
+
     /// Whether this node's command connection to `server` is up.
     pub(super) fn is_up(&self, server: &Server) -> bool {
         super::lock(&self.nodes)
