@@ -46,7 +46,7 @@ fn assert_subscribed(answer: &Value, channel: &str, id: &str) {
         "{answer}"
     );
     assert!(answer["offset"].is_u64(), "{answer}");
-    // No read state is kept yet (SPEC §12): every subscription starts unread.
+    // These users never sent `read`: every subscription starts unread.
     assert_eq!(answer["read_offset"], 0, "{answer}");
 }
 
