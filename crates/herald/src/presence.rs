@@ -284,7 +284,11 @@ impl Presence {
         let users = local.counts.entry(org.to_owned()).or_default();
         let count = users.entry(user.to_owned()).or_insert(0);
         let before = *count;
-        *count = if enter { before + 1 } else { before.saturating_sub(1) };
+        *count = if enter {
+            before + 1
+        } else {
+            before.saturating_sub(1)
+        };
         let after = *count;
         if after == 0 {
             users.remove(user);
@@ -336,7 +340,12 @@ impl Presence {
 
     /// Registers subscription `sub` of `outbox` as a watcher of `org`: it is sent every
     /// join and leave from now on. Returns who is present now, ordered.
-    pub async fn watch(&self, org: &str, outbox: &Arc<Outbox>, sub: SubscriptionId) -> Result<Vec<String>, BrokerError> {
+    pub async fn watch(
+        &self,
+        org: &str,
+        outbox: &Arc<Outbox>,
+        sub: SubscriptionId,
+    ) -> Result<Vec<String>, BrokerError> {
         match &self.shared {
             Some(shared) => {
                 // Subscribed before the read, so no change falls between them.
@@ -350,7 +359,13 @@ impl Presence {
             }
             None => {
                 let local = crate::sync::lock(&self.local);
-                let users: BTreeSet<String> = local.counts.get(org).into_iter().flatten().map(|(u, _)| u.clone()).collect();
+                let users: BTreeSet<String> = local
+                    .counts
+                    .get(org)
+                    .into_iter()
+                    .flatten()
+                    .map(|(u, _)| u.clone())
+                    .collect();
                 let mut views = crate::sync::lock(&self.views);
                 let view = views.entry(org.to_owned()).or_default();
                 view.users = users;
@@ -365,7 +380,8 @@ impl Presence {
     pub fn unwatch(&self, org: &str, outbox: &Arc<Outbox>, sub: SubscriptionId) {
         let mut views = crate::sync::lock(&self.views);
         if let Some(view) = views.get_mut(org) {
-            view.watchers.retain(|(o, s)| !(Arc::ptr_eq(o, outbox) && *s == sub));
+            view.watchers
+                .retain(|(o, s)| !(Arc::ptr_eq(o, outbox) && *s == sub));
             if view.watchers.is_empty() {
                 views.remove(org);
             }
@@ -572,7 +588,14 @@ impl Presence {
         let (seq, users) = shared.snapshot(org).await?;
         let mut users: BTreeSet<String> = users.into_keys().collect();
         let local = crate::sync::lock(&self.local);
-        users.extend(local.counts.get(org).into_iter().flatten().map(|(user, _)| user.clone()));
+        users.extend(
+            local
+                .counts
+                .get(org)
+                .into_iter()
+                .flatten()
+                .map(|(user, _)| user.clone()),
+        );
         Ok((seq, users))
     }
 

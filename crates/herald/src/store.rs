@@ -277,7 +277,13 @@ impl Store {
     /// higher than the stored offset of the same epoch, or of another epoch (the channel
     /// started a new one; its offsets start again). Returns whether it changed anything:
     /// a lower or equal offset of the same epoch changes nothing.
-    pub async fn mark_read(&self, user_id: &str, channel: &str, epoch: &str, offset: u64) -> Result<bool, StoreError> {
+    pub async fn mark_read(
+        &self,
+        user_id: &str,
+        channel: &str,
+        epoch: &str,
+        offset: u64,
+    ) -> Result<bool, StoreError> {
         let done = sqlx::query(
             "INSERT INTO read_state (user_id, channel, epoch, read_offset, updated_at) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (user_id, channel) DO UPDATE SET epoch = excluded.epoch, read_offset = excluded.read_offset, \
@@ -295,22 +301,29 @@ impl Store {
     }
 
     /// `user_id`'s read position in `channel`, if any.
-    pub async fn read_position(&self, user_id: &str, channel: &str) -> Result<Option<ReadPosition>, StoreError> {
-        let row = sqlx::query("SELECT channel, epoch, read_offset FROM read_state WHERE user_id = $1 AND channel = $2")
-            .bind(user_id)
-            .bind(channel)
-            .fetch_optional(&self.pool)
-            .await?;
+    pub async fn read_position(
+        &self,
+        user_id: &str,
+        channel: &str,
+    ) -> Result<Option<ReadPosition>, StoreError> {
+        let row = sqlx::query(
+            "SELECT channel, epoch, read_offset FROM read_state WHERE user_id = $1 AND channel = $2",
+        )
+        .bind(user_id)
+        .bind(channel)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(row.as_ref().map(ReadPosition::from_row).transpose()?)
     }
 
     /// Every read position of `user_id`, ordered by channel.
     pub async fn read_positions(&self, user_id: &str) -> Result<Vec<ReadPosition>, StoreError> {
-        let rows =
-            sqlx::query("SELECT channel, epoch, read_offset FROM read_state WHERE user_id = $1 ORDER BY channel")
-                .bind(user_id)
-                .fetch_all(&self.pool)
-                .await?;
+        let rows = sqlx::query(
+            "SELECT channel, epoch, read_offset FROM read_state WHERE user_id = $1 ORDER BY channel",
+        )
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows
             .iter()
             .map(ReadPosition::from_row)

@@ -28,7 +28,8 @@ pub fn valid_epoch(epoch: &str) -> bool {
 /// Client message types herald understands, in the order of the documented table.
 /// `subscribe` and `unsubscribe` are for `/ws/` only; the single-channel endpoints answer
 /// them as unsupported.
-pub const CLIENT_MESSAGE_TYPES: [&str; 6] = ["subscribe", "unsubscribe", "read", "ping", "heartbeat", "refresh"];
+pub const CLIENT_MESSAGE_TYPES: [&str; 6] =
+    ["subscribe", "unsubscribe", "read", "ping", "heartbeat", "refresh"];
 
 /// A parsed client text frame.
 #[derive(Debug, PartialEq, Eq)]
@@ -123,7 +124,9 @@ impl Read {
                 .get("channel")
                 .and_then(Value::as_str)
                 .map(str::to_owned)
-                .ok_or("read needs a channel, e.g. {\"type\":\"read\",\"channel\":\"org:acme\",\"offset\":41}"),
+                .ok_or(
+                    "read needs a channel, e.g. {\"type\":\"read\",\"channel\":\"org:acme\",\"offset\":41}",
+                ),
             offset: value
                 .get("offset")
                 .and_then(Value::as_u64)

@@ -24,8 +24,10 @@ fn keys(value: &Value) -> Vec<String> {
 /// Subscribes `ws` (a `/ws/` socket) to `org:{org}`, with `presence` when asked, and
 /// returns the `subscribed` answer.
 async fn subscribe(ws: &mut WsClient, org: &str, presence: bool) -> Value {
-    ws.send_json(json!({"type": "subscribe", "channel": format!("org:{org}"), "id": "s", "presence": presence}))
-        .await;
+    ws.send_json(
+        json!({"type": "subscribe", "channel": format!("org:{org}"), "id": "s", "presence": presence}),
+    )
+    .await;
     let answer = ws.next_json().await;
     assert_eq!(answer["type"], "subscribed", "{answer}");
     answer
@@ -80,7 +82,10 @@ async fn wait_present(srv: &TestServer, org: &str, want: &[(&str, u64)]) {
         if got == want {
             return;
         }
-        assert!(Instant::now() < deadline, "presence stayed {got:?}, expected {want:?}");
+        assert!(
+            Instant::now() < deadline,
+            "presence stayed {got:?}, expected {want:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -109,7 +114,10 @@ async fn presence_on_both_engines() {
         let (mut watcher, _) = srv.connect("/ws/", &bob).await;
         subscribe(&mut watcher, &org, true).await;
         let snapshot = next_presence(&mut watcher).await;
-        assert_eq!(snapshot, json!({"type": "presence", "channel": format!("org:{org}"), "users": [bob]}));
+        assert_eq!(
+            snapshot,
+            json!({"type": "presence", "channel": format!("org:{org}"), "users": [bob]})
+        );
         // carol subscribes without presence: she gets no presence message at all.
         let (mut quiet, _) = srv.connect("/ws/", &carol).await;
         subscribe(&mut quiet, &org, false).await;
@@ -130,7 +138,9 @@ async fn presence_on_both_engines() {
         want.sort();
         wait_present(&srv, &org, &want).await;
         nothing_else(&mut watcher).await;
-        alice2.send_json(json!({"type": "unsubscribe", "channel": format!("org:{org}"), "id": "u"})).await;
+        alice2
+            .send_json(json!({"type": "unsubscribe", "channel": format!("org:{org}"), "id": "u"}))
+            .await;
         assert_eq!(alice2.next_json().await["type"], "unsubscribed");
         expect_change(&mut watcher, "presence_leave", &org, &alice).await;
         let mut want = vec![(bob.as_str(), 1), (carol.as_str(), 1)];
@@ -138,7 +148,9 @@ async fn presence_on_both_engines() {
         wait_present(&srv, &org, &want).await;
 
         // `?presence=1` on the events endpoint: the welcome, then `presence`.
-        let (mut events, welcome) = srv.connect(&format!("/ws/events/{org}/?presence=1"), &alice).await;
+        let (mut events, welcome) = srv
+            .connect(&format!("/ws/events/{org}/?presence=1"), &alice)
+            .await;
         assert_eq!(welcome["read_offset"], 0, "{welcome}");
         let snapshot = next_presence(&mut events).await;
         let mut everyone = vec![alice.clone(), bob.clone(), carol.clone()];
@@ -161,7 +173,11 @@ async fn presence_on_both_engines() {
         assert_eq!(receipt["offset"], 1, "{receipt}");
         for ws in [&mut watcher, &mut events] {
             let event = ws.next_json().await;
-            assert_eq!((event["type"].as_str(), event["offset"].as_u64()), (Some("org_event"), Some(1)), "{event}");
+            assert_eq!(
+                (event["type"].as_str(), event["offset"].as_u64()),
+                (Some("org_event"), Some(1)),
+                "{event}"
+            );
         }
         let (status, history) = srv
             .get(&format!("/api/v1/channels/org:{org}/history?since=0"))
@@ -190,10 +206,26 @@ async fn presence_api_needs_the_service_key() {
     for path in ["/api/v1/orgs/acme/presence", "/api/v1/users/u1/unread"] {
         let response = srv.http.get(srv.url(path)).send().await.unwrap();
         let (status, body) = read(response).await;
-        assert_eq!((status, body["error"].as_str()), (401, Some("unauthorized")), "{path}: {body}");
-        let response = srv.http.get(srv.url(path)).bearer_auth("wrong-key").send().await.unwrap();
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("unauthorized")),
+            "{path}: {body}"
+        );
+        let response = srv
+            .http
+            .get(srv.url(path))
+            .bearer_auth("wrong-key")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 401, "{path}");
-        let response = srv.http.get(srv.url(path)).bearer_auth(srv.token("u1")).send().await.unwrap();
+        let response = srv
+            .http
+            .get(srv.url(path))
+            .bearer_auth(srv.token("u1"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 401, "{path}: a user token is no service key");
     }
     assert_eq!(srv.get("/api/v1/orgs/a%20b/presence").await.0, 400);
@@ -238,7 +270,9 @@ async fn presence_across_two_nodes() {
     wait_present(&b, &org, &[(watcher_user.as_str(), 1)]).await;
 
     // A watcher on b, joining later, is told the same.
-    let (mut late, _) = b.connect(&format!("/ws/events/{org}/?presence=1"), &visitor).await;
+    let (mut late, _) = b
+        .connect(&format!("/ws/events/{org}/?presence=1"), &visitor)
+        .await;
     let mut everyone = vec![visitor.clone(), watcher_user.clone()];
     everyone.sort();
     assert_eq!(next_presence(&mut late).await["users"], json!(everyone));
@@ -279,7 +313,11 @@ async fn a_killed_node_leaves_presence() {
         .spawn()
         .await;
     let claims = |u: &str| sign(json!({"sub": u, "exp": now() + 3600, "orgs": [org]}));
-    let mut watcher = WsClient::connect(&a, "/ws/").token(&claims(&watcher_user)).open().await.unwrap();
+    let mut watcher = WsClient::connect(&a, "/ws/")
+        .token(&claims(&watcher_user))
+        .open()
+        .await
+        .unwrap();
     assert_eq!(watcher.next_json().await["status"], "connected");
     subscribe(&mut watcher, &org, true).await;
     next_presence(&mut watcher).await;

@@ -22,7 +22,10 @@ pub async fn start(dir: &Path, env: &[(&str, &str)]) -> (Proc, SocketAddr) {
 pub async fn start_with_args(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (Proc, SocketAddr) {
     let log = std::fs::File::create(dir.join("stderr.log")).unwrap();
     let mut cmd = herald(dir);
-    cmd.arg("serve").args(args).env("HERALD_LISTEN", "127.0.0.1:0").stderr(log);
+    cmd.arg("serve")
+        .args(args)
+        .env("HERALD_LISTEN", "127.0.0.1:0")
+        .stderr(log);
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -51,7 +51,10 @@ async fn nothing_else(ws: &mut WsClient) {
 async fn expect_read(ws: &mut WsClient, channel: &str, offset: u64) {
     let message = ws.next_json().await;
     assert_eq!(keys(&message), ["channel", "offset", "type"], "{message}");
-    assert_eq!(message, json!({"type": "read", "channel": channel, "offset": offset}));
+    assert_eq!(
+        message,
+        json!({"type": "read", "channel": channel, "offset": offset})
+    );
 }
 
 /// Sends `message` and expects an `error` with `code`; the socket stays open.
@@ -60,7 +63,10 @@ async fn refused(ws: &mut WsClient, message: Value, code: &str) {
     let answer = ws.next_json().await;
     assert_eq!(answer["type"], "error", "{message} → {answer}");
     assert_eq!(answer["error"], code, "{message} → {answer}");
-    assert!(answer["message"].as_str().is_some_and(|m| !m.is_empty()), "{answer}");
+    assert!(
+        answer["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{answer}"
+    );
     ws.send_json(json!({"type": "ping"})).await;
     assert_eq!(ws.next_json().await["type"], "pong", "after {message}");
 }
@@ -107,12 +113,16 @@ async fn read_state_on_both_engines() {
         // Two tabs: one `/ws/` socket, one on the events endpoint.
         let (mut tab1, _) = srv.connect("/ws/", &me).await;
         let answer = subscribe(&mut tab1, &org_channel).await;
-        assert_eq!((answer["offset"].as_u64(), answer["read_offset"].as_u64()), (Some(3), Some(0)));
+        assert_eq!(
+            (answer["offset"].as_u64(), answer["read_offset"].as_u64()),
+            (Some(3), Some(0))
+        );
         let (mut tab2, welcome) = srv.connect(&format!("/ws/events/{org}/"), &me).await;
         assert_eq!(welcome["read_offset"], 0, "{welcome}");
 
         // A read goes to the other tab, not back to the sender.
-        tab1.send_json(json!({"type": "read", "channel": org_channel, "offset": 2})).await;
+        tab1.send_json(json!({"type": "read", "channel": org_channel, "offset": 2}))
+            .await;
         expect_read(&mut tab2, &org_channel, 2).await;
         nothing_else(&mut tab1).await;
         assert_eq!(
@@ -120,12 +130,15 @@ async fn read_state_on_both_engines() {
             [row(&mine, 0, 0, 0), row(&org_channel, 3, 2, 1)]
         );
         // Lower or equal: kept as it was, told to no one.
-        tab1.send_json(json!({"type": "read", "channel": org_channel, "offset": 1})).await;
-        tab1.send_json(json!({"type": "read", "channel": org_channel, "offset": 2})).await;
+        tab1.send_json(json!({"type": "read", "channel": org_channel, "offset": 1}))
+            .await;
+        tab1.send_json(json!({"type": "read", "channel": org_channel, "offset": 2}))
+            .await;
         nothing_else(&mut tab2).await;
         nothing_else(&mut tab1).await;
         // From the single-channel endpoint, for its channel: the `/ws/` tab hears it.
-        tab2.send_json(json!({"type": "read", "channel": org_channel, "offset": 3})).await;
+        tab2.send_json(json!({"type": "read", "channel": org_channel, "offset": 3}))
+            .await;
         expect_read(&mut tab1, &org_channel, 3).await;
 
         // New sockets start from the kept position.
@@ -149,9 +162,13 @@ async fn read_state_on_both_engines() {
         assert_eq!(subscribe(&mut tab3, &mine).await["read_offset"], 0);
         let (mut own, welcome) = srv.connect("/ws/notifications/", &me).await;
         assert_eq!(welcome["read_offset"], 0);
-        tab3.send_json(json!({"type": "read", "channel": mine, "offset": 1})).await;
+        tab3.send_json(json!({"type": "read", "channel": mine, "offset": 1}))
+            .await;
         expect_read(&mut own, &mine, 1).await;
-        assert_eq!(srv.put(&format!("/api/v1/orgs/{other_org}/members/{me}")).await.0, 204);
+        assert_eq!(
+            srv.put(&format!("/api/v1/orgs/{other_org}/members/{me}")).await.0,
+            204
+        );
         let mut want = vec![
             row(&mine, 1, 1, 0),
             row(&org_channel, 5, 3, 2),
@@ -162,18 +179,54 @@ async fn read_state_on_both_engines() {
 
         // Refusals: an `error`, the socket stays open.
         for bad in [json!(-1), json!(1.5), json!("2"), json!(null)] {
-            refused(&mut tab1, json!({"type": "read", "channel": org_channel, "offset": bad}), "invalid_read").await;
+            refused(
+                &mut tab1,
+                json!({"type": "read", "channel": org_channel, "offset": bad}),
+                "invalid_read",
+            )
+            .await;
         }
         refused(&mut tab1, json!({"type": "read", "offset": 1}), "invalid_read").await;
-        refused(&mut tab1, json!({"type": "read", "channel": 7, "offset": 1}), "invalid_read").await;
-        refused(&mut tab1, json!({"type": "read", "channel": "nonsense", "offset": 1}), "not_subscribed").await;
-        refused(&mut tab1, json!({"type": "read", "channel": format!("org:{other_org}"), "offset": 0}), "not_subscribed").await;
-        refused(&mut tab1, json!({"type": "read", "channel": mine, "offset": 0}), "not_subscribed").await;
-        refused(&mut tab1, json!({"type": "read", "channel": org_channel, "offset": 6}), "offset_out_of_range").await;
-        refused(&mut tab2, json!({"type": "read", "channel": mine, "offset": 1}), "not_subscribed").await;
+        refused(
+            &mut tab1,
+            json!({"type": "read", "channel": 7, "offset": 1}),
+            "invalid_read",
+        )
+        .await;
+        refused(
+            &mut tab1,
+            json!({"type": "read", "channel": "nonsense", "offset": 1}),
+            "not_subscribed",
+        )
+        .await;
+        refused(
+            &mut tab1,
+            json!({"type": "read", "channel": format!("org:{other_org}"), "offset": 0}),
+            "not_subscribed",
+        )
+        .await;
+        refused(
+            &mut tab1,
+            json!({"type": "read", "channel": mine, "offset": 0}),
+            "not_subscribed",
+        )
+        .await;
+        refused(
+            &mut tab1,
+            json!({"type": "read", "channel": org_channel, "offset": 6}),
+            "offset_out_of_range",
+        )
+        .await;
+        refused(
+            &mut tab2,
+            json!({"type": "read", "channel": mine, "offset": 1}),
+            "not_subscribed",
+        )
+        .await;
         nothing_else(&mut tab3).await;
         assert_eq!(unread(&srv, &me).await[1], row(&org_channel, 5, 3, 2));
-        tab1.send_json(json!({"type": "read", "channel": org_channel, "offset": 5})).await;
+        tab1.send_json(json!({"type": "read", "channel": org_channel, "offset": 5}))
+            .await;
         expect_read(&mut tab3, &org_channel, 5).await;
         expect_read(&mut tab2, &org_channel, 5).await;
     }
@@ -182,9 +235,7 @@ async fn read_state_on_both_engines() {
 /// Reads count toward `HERALD_CLIENT_MESSAGES_PER_MINUTE` like every client message.
 #[tokio::test]
 async fn reads_are_rate_limited() {
-    for (engine, srv, _redis) in
-        engines_with(|b| b.env("HERALD_CLIENT_MESSAGES_PER_MINUTE", "3")).await
-    {
+    for (engine, srv, _redis) in engines_with(|b| b.env("HERALD_CLIENT_MESSAGES_PER_MINUTE", "3")).await {
         eprintln!("engine: {engine}");
         let me = user("u");
         let (mut ws, _) = srv.connect("/ws/notifications/", &me).await;
@@ -223,17 +274,22 @@ async fn read_state_across_two_nodes() {
     let (mut on_b2, _) = b.connect("/ws/", &me).await;
     subscribe(&mut on_b2, &channel).await;
 
-    on_a.send_json(json!({"type": "read", "channel": channel, "offset": 3})).await;
+    on_a.send_json(json!({"type": "read", "channel": channel, "offset": 3}))
+        .await;
     expect_read(&mut on_b, &channel, 3).await;
     expect_read(&mut on_b2, &channel, 3).await;
     nothing_else(&mut on_a).await;
     let mine = format!("notifications:{me}");
-    assert_eq!(unread(&b, &me).await, [row(&mine, 0, 0, 0), row(&channel, 4, 3, 1)]);
+    assert_eq!(
+        unread(&b, &me).await,
+        [row(&mine, 0, 0, 0), row(&channel, 4, 3, 1)]
+    );
     let (_, welcome) = b.connect(&format!("/ws/events/{org}/"), &me).await;
     assert_eq!(welcome["read_offset"], 3);
 
     // And back, from the single-channel endpoint on b.
-    on_b.send_json(json!({"type": "read", "channel": channel, "offset": 4})).await;
+    on_b.send_json(json!({"type": "read", "channel": channel, "offset": 4}))
+        .await;
     expect_read(&mut on_a, &channel, 4).await;
     expect_read(&mut on_b2, &channel, 4).await;
 }
@@ -278,14 +334,22 @@ async fn check_durable(database_url: &str, name: &str) {
     publish_org(&srv, &org, 2).await;
     let (mut ws, _) = srv.connect("/ws/", &me).await;
     subscribe(&mut ws, &channel).await;
-    ws.send_json(json!({"type": "read", "channel": channel, "offset": 2})).await;
+    ws.send_json(json!({"type": "read", "channel": channel, "offset": 2}))
+        .await;
     nothing_else(&mut ws).await;
     srv.stop().await.unwrap();
     let srv = node(None).await;
     publish_org(&srv, &org, 3).await;
     let (_, welcome) = srv.connect(&format!("/ws/events/{org}/"), &me).await;
-    assert_eq!((welcome["offset"].as_u64(), welcome["read_offset"].as_u64()), (Some(3), Some(0)), "{welcome}");
-    assert_eq!(unread(&srv, &me).await, [row(&mine, 0, 0, 0), row(&channel, 3, 0, 3)]);
+    assert_eq!(
+        (welcome["offset"].as_u64(), welcome["read_offset"].as_u64()),
+        (Some(3), Some(0)),
+        "{welcome}"
+    );
+    assert_eq!(
+        unread(&srv, &me).await,
+        [row(&mine, 0, 0, 0), row(&channel, 3, 0, 3)]
+    );
     srv.stop().await.unwrap();
 
     // Redis keeps the epoch: the position comes back after a restart.
@@ -296,16 +360,25 @@ async fn check_durable(database_url: &str, name: &str) {
     publish_org(&srv, &org, 5).await;
     let (mut ws, _) = srv.connect("/ws/", &me).await;
     subscribe(&mut ws, &channel).await;
-    ws.send_json(json!({"type": "read", "channel": channel, "offset": 4})).await;
+    ws.send_json(json!({"type": "read", "channel": channel, "offset": 4}))
+        .await;
     nothing_else(&mut ws).await;
     srv.stop().await.unwrap();
     let srv = node(Some(redis.url())).await;
     let (mut ws, welcome) = srv.connect(&format!("/ws/events/{org}/"), &me).await;
-    assert_eq!((welcome["offset"].as_u64(), welcome["read_offset"].as_u64()), (Some(5), Some(4)), "{welcome}");
+    assert_eq!(
+        (welcome["offset"].as_u64(), welcome["read_offset"].as_u64()),
+        (Some(5), Some(4)),
+        "{welcome}"
+    );
     let (mut tab, _) = srv.connect("/ws/", &me).await;
     assert_eq!(subscribe(&mut tab, &channel).await["read_offset"], 4);
-    assert_eq!(unread(&srv, &me).await, [row(&mine, 0, 0, 0), row(&channel, 5, 4, 1)]);
-    ws.send_json(json!({"type": "read", "channel": channel, "offset": 5})).await;
+    assert_eq!(
+        unread(&srv, &me).await,
+        [row(&mine, 0, 0, 0), row(&channel, 5, 4, 1)]
+    );
+    ws.send_json(json!({"type": "read", "channel": channel, "offset": 5}))
+        .await;
     expect_read(&mut tab, &channel, 5).await;
     srv.stop().await.unwrap();
 }

@@ -138,7 +138,13 @@ where
                 )));
             }
         };
-        let read_offset = read_offset(self.state, self.plan.identity.user_id.as_str(), &channel, &position.epoch).await;
+        let read_offset = read_offset(
+            self.state,
+            self.plan.identity.user_id.as_str(),
+            &channel,
+            &position.epoch,
+        )
+        .await;
         let text = protocol::subscribed(
             channel.name(),
             &request.id,
@@ -210,7 +216,12 @@ where
             }
         }
         let user_id = self.plan.identity.user_id.as_str();
-        match self.state.store.mark_read(user_id, &channel, &epoch, offset).await {
+        match self
+            .state
+            .store
+            .mark_read(user_id, &channel, &epoch, offset)
+            .await
+        {
             Ok(true) => {}
             Ok(false) => return Ok(()),
             Err(err) => {
