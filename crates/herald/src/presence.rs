@@ -210,8 +210,13 @@ fn pubsub_channel(org: &str) -> String {
     format!("herald:presence:{org}")
 }
 
-/// `{"type":"presence","channel","users":[…]}`: who is present, once per subscription.
-pub fn presence_message(org: &str, users: &[String]) -> String {
+/// `{"type":"presence","channel","users":[{"user_id","connections"}]}`: who is present,
+/// once per subscription.
+pub fn presence_message(org: &str, users: &[(String, u64)]) -> String {
+    let users: Vec<serde_json::Value> = users
+        .iter()
+        .map(|(user, n)| json!({"user_id": user, "connections": n}))
+        .collect();
     json!({"type": "presence", "channel": format!("org:{org}"), "users": users}).to_string()
 }
 
@@ -324,56 +329,42 @@ impl Presence {
     pub async fn users(&self, org: &str) -> Result<Vec<(String, u64)>, BrokerError> {
         match &self.shared {
             Some(shared) => Ok(shared.snapshot(org).await?.1.into_iter().collect()),
-            None => {
-                let local = crate::sync::lock(&self.local);
-                let users: BTreeMap<_, _> = local
-                    .counts
-                    .get(org)
-                    .into_iter()
-                    .flatten()
-                    .map(|(user, n)| (user.clone(), u64::from(*n)))
-                    .collect();
-                Ok(users.into_iter().collect())
-            }
+            None => Ok(local_users(&crate::sync::lock(&self.local), org)
+                .into_iter()
+                .collect()),
         }
     }
 
     /// Registers subscription `sub` of `outbox` as a watcher of `org`: it is sent every
-    /// join and leave from now on. Returns who is present now, ordered.
+    /// join and leave from now on. Returns who is present now with their sockets,
+    /// ordered.
     pub async fn watch(
         &self,
         org: &str,
         outbox: &Arc<Outbox>,
         sub: SubscriptionId,
-    ) -> Result<Vec<String>, BrokerError> {
-        match &self.shared {
+    ) -> Result<Vec<(String, u64)>, BrokerError> {
+        let (seq, users) = match &self.shared {
             Some(shared) => {
                 // Subscribed before the read, so no change falls between them.
                 shared.subscribe(org).await?;
-                let (seq, users) = self.read_view(shared, org).await?;
-                let mut views = crate::sync::lock(&self.views);
-                let view = views.entry(org.to_owned()).or_default();
-                sync_view(org, view, seq, users);
-                view.watchers.push((outbox.clone(), sub));
-                Ok(view.users.iter().cloned().collect())
+                self.read_view(shared, org).await?
             }
             None => {
                 let local = crate::sync::lock(&self.local);
-                let users: BTreeSet<String> = local
-                    .counts
-                    .get(org)
-                    .into_iter()
-                    .flatten()
-                    .map(|(u, _)| u.clone())
-                    .collect();
-                let mut views = crate::sync::lock(&self.views);
-                let view = views.entry(org.to_owned()).or_default();
-                view.users = users;
-                view.seq = local.seq;
-                view.watchers.push((outbox.clone(), sub));
-                Ok(view.users.iter().cloned().collect())
+                (local.seq, local_users(&local, org))
             }
-        }
+        };
+        let mut views = crate::sync::lock(&self.views);
+        let view = views.entry(org.to_owned()).or_default();
+        sync_view(org, view, seq, users.keys().cloned().collect());
+        view.watchers.push((outbox.clone(), sub));
+        // What the view holds (it may be newer than the read), with the read's counts.
+        Ok(view
+            .users
+            .iter()
+            .map(|user| (user.clone(), users.get(user).copied().unwrap_or(1)))
+            .collect())
     }
 
     /// Undoes [`Presence::watch`] (nothing when `sub` does not watch `org`).
@@ -584,18 +575,16 @@ impl Presence {
 
     /// Who is present in `org` for a view: Redis's sums, and this node's own users,
     /// whose arrival may not be written yet (its change, when it comes, is then no news).
-    async fn read_view(&self, shared: &Shared, org: &str) -> Result<(u64, BTreeSet<String>), BrokerError> {
-        let (seq, users) = shared.snapshot(org).await?;
-        let mut users: BTreeSet<String> = users.into_keys().collect();
+    async fn read_view(
+        &self,
+        shared: &Shared,
+        org: &str,
+    ) -> Result<(u64, BTreeMap<String, u64>), BrokerError> {
+        let (seq, mut users) = shared.snapshot(org).await?;
         let local = crate::sync::lock(&self.local);
-        users.extend(
-            local
-                .counts
-                .get(org)
-                .into_iter()
-                .flatten()
-                .map(|(user, _)| user.clone()),
-        );
+        for (user, n) in local_users(&local, org) {
+            users.entry(user).or_insert(n);
+        }
         Ok((seq, users))
     }
 
@@ -608,7 +597,7 @@ impl Presence {
                 Ok((seq, users)) => {
                     let mut views = crate::sync::lock(&self.views);
                     if let Some(view) = views.get_mut(&org) {
-                        sync_view(&org, view, seq, users);
+                        sync_view(&org, view, seq, users.into_keys().collect());
                     }
                 }
                 Err(err) => {
@@ -618,6 +607,17 @@ impl Presence {
             }
         }
     }
+}
+
+/// This node's users in `org` with their sockets.
+fn local_users(local: &Local, org: &str) -> BTreeMap<String, u64> {
+    local
+        .counts
+        .get(org)
+        .into_iter()
+        .flatten()
+        .map(|(user, n)| (user.clone(), u64::from(*n)))
+        .collect()
 }
 
 /// Replaces `view` with a read numbered `seq`, unless the view is newer, telling its

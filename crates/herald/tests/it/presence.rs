@@ -153,8 +153,12 @@ async fn presence_on_both_engines() {
             .await;
         assert_eq!(welcome["read_offset"], 0, "{welcome}");
         let snapshot = next_presence(&mut events).await;
-        let mut everyone = vec![alice.clone(), bob.clone(), carol.clone()];
+        let mut everyone = [alice.clone(), bob.clone(), carol.clone()];
         everyone.sort();
+        let everyone: Vec<Value> = everyone
+            .iter()
+            .map(|u| json!({"user_id": u, "connections": 1}))
+            .collect();
         assert_eq!(snapshot["users"], json!(everyone), "{snapshot}");
         expect_change(&mut watcher, "presence_join", &org, &alice).await;
 
@@ -249,7 +253,10 @@ async fn presence_across_two_nodes() {
     }
     let (mut watcher, _) = a.connect("/ws/", &watcher_user).await;
     subscribe(&mut watcher, &org, true).await;
-    assert_eq!(next_presence(&mut watcher).await["users"], json!([watcher_user]));
+    assert_eq!(
+        next_presence(&mut watcher).await["users"],
+        json!([{"user_id": watcher_user, "connections": 1}])
+    );
 
     let (v1, _) = b.connect(&format!("/ws/events/{org}/"), &visitor).await;
     expect_change(&mut watcher, "presence_join", &org, &visitor).await;
@@ -273,8 +280,12 @@ async fn presence_across_two_nodes() {
     let (mut late, _) = b
         .connect(&format!("/ws/events/{org}/?presence=1"), &visitor)
         .await;
-    let mut everyone = vec![visitor.clone(), watcher_user.clone()];
+    let mut everyone = [visitor.clone(), watcher_user.clone()];
     everyone.sort();
+    let everyone: Vec<Value> = everyone
+        .iter()
+        .map(|u| json!({"user_id": u, "connections": 1}))
+        .collect();
     assert_eq!(next_presence(&mut late).await["users"], json!(everyone));
     expect_change(&mut watcher, "presence_join", &org, &visitor).await;
 }
