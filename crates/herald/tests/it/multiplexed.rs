@@ -414,7 +414,7 @@ async fn single_channel_endpoints_do_not_take_subscribe() {
         let error = ws.next_json().await;
         assert_eq!(error["error"], "unsupported_message", "{error}");
         assert_eq!(
-            error["message"], "clients may send only ping, heartbeat and refresh messages",
+            error["message"], "clients may send only read, ping, heartbeat and refresh messages",
             "{error}"
         );
     }

@@ -116,7 +116,7 @@ async fn presence_on_both_engines() {
         let snapshot = next_presence(&mut watcher).await;
         assert_eq!(
             snapshot,
-            json!({"type": "presence", "channel": format!("org:{org}"), "users": [bob]})
+            json!({"type": "presence", "channel": format!("org:{org}"), "users": [{"user_id": bob, "connections": 1}]})
         );
         // carol subscribes without presence: she gets no presence message at all.
         let (mut quiet, _) = srv.connect("/ws/", &carol).await;
