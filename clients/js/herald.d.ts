@@ -32,6 +32,8 @@ export interface WelcomeMessage {
   org_id?: string;
   epoch: string;
   offset: number;
+  /** The user's read offset in the channel (0 when none is kept for its epoch). */
+  read_offset: number;
   timestamp: string;
 }
 
@@ -189,7 +191,7 @@ export interface UnsubscribedMessage {
 export interface PresenceMessage {
   type: "presence";
   channel: string;
-  users: Array<{ user_id: string; connections?: number }>;
+  users: Array<{ user_id: string; connections: number }>;
 }
 
 export interface PresenceChangeMessage {
@@ -339,7 +341,15 @@ export declare class HeraldSocket {
   readonly position: { epoch: string | null; offset: number | null };
   connect(): this;
   close(code?: number, reason?: string): void;
-  send(message: { type: "ping" } | { type: "heartbeat" } | { type: "refresh"; token: string }): void;
+  send(
+    message:
+      | { type: "ping" }
+      | { type: "heartbeat" }
+      | { type: "refresh"; token: string }
+      | { type: "read"; channel: string; offset: number },
+  ): void;
+  /** Tells herald the user has read this socket's channel up to `offset`; needs the welcome. */
+  markRead(offset: number): void;
   refresh(token: string): void;
   onMessage: (message: PublishedMessage) => void;
   onOpen: (welcome: WelcomeMessage) => void;

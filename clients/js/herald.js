@@ -694,11 +694,21 @@ export class HeraldSocket extends Connection {
   }
 
   /**
-   * Sends a JSON message (only ping, heartbeat and refresh are allowed on this endpoint).
-   * @param {{ type: "ping" } | { type: "heartbeat" } | { type: "refresh", token: string }} message
+   * Sends a JSON message (only read, ping, heartbeat and refresh are allowed on this endpoint).
+   * @param {{ type: "ping" } | { type: "heartbeat" } | { type: "refresh", token: string } | { type: "read", channel: string, offset: number }} message
    */
   send(message) {
     super.send(message);
+  }
+
+  /**
+   * Tells herald the user has read this socket's channel up to `offset` (shared with
+   * their other tabs and devices, which get a `read` message). Needs the welcome.
+   * @param {number} offset
+   */
+  markRead(offset) {
+    if (!this.welcome) throw new HeraldError("markRead needs the welcome: wait for the socket to open");
+    this.send({ type: "read", channel: this.welcome.channel, offset });
   }
 
   _hasBeenOpen() {

@@ -19,6 +19,7 @@ use crate::idempotency::Idempotency;
 use crate::limits::{ConnectionLimits, HandshakeLimiter};
 use crate::membership::Membership;
 use crate::metrics::Metrics;
+use crate::presence::Presence;
 use crate::store::Store;
 use crate::tasks::Tasks;
 
@@ -36,6 +37,8 @@ pub struct AppState {
     pub idempotency: Arc<Idempotency>,
     /// Member removals and webhook-cache forgets, applied on every node.
     pub control: Arc<Control>,
+    /// Who is present in each org, on this node or across nodes.
+    pub presence: Arc<Presence>,
     pub publisher: Publisher,
     pub tasks: Tasks,
     pub metrics: Metrics,

@@ -214,6 +214,9 @@ pub struct Config {
     /// `task_claim_idle_ms`: with Redis, how long a running task's worker may go
     /// unheard before another worker takes the task over.
     pub task_claim_idle: Duration,
+    /// `node_ttl_ms`: with Redis, how long a node that stopped heartbeating still
+    /// counts: its sockets in the per-user connection counts and its users in presence.
+    pub node_ttl: Duration,
     /// `sse_keep_alive_ms`: the longest silence on a server-sent-events stream before
     /// a comment line goes out, so proxies keep it open (SPEC §10: 15 s).
     pub sse_keep_alive: Duration,
@@ -460,6 +463,7 @@ pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
         llm_between_tokens_timeout: tuning
             .millis("llm_between_tokens_timeout_ms", Duration::from_secs(30))?,
         task_claim_idle: tuning.millis("task_claim_idle_ms", DEFAULT_TASK_CLAIM_IDLE)?,
+        node_ttl: tuning.millis("node_ttl_ms", DEFAULT_NODE_TTL)?,
         sse_keep_alive: tuning.millis("sse_keep_alive_ms", DEFAULT_SSE_KEEP_ALIVE)?,
         request_head_timeout: tuning.millis("request_head_timeout_ms", DEFAULT_REQUEST_HEAD_TIMEOUT)?,
         http_idle_timeout: tuning.millis("http_idle_timeout_ms", DEFAULT_HTTP_IDLE_TIMEOUT)?,
@@ -584,7 +588,7 @@ impl Values {
 
 /// Tuning settings only the TOML file can set: operational knobs outside the
 /// documented `HERALD_*` environment contract.
-pub const TOML_ONLY_KEYS: [&str; 12] = [
+pub const TOML_ONLY_KEYS: [&str; 13] = [
     "outbox_max_bytes",
     "history_max_bytes",
     "handshakes_per_ip_per_second",
@@ -597,7 +601,11 @@ pub const TOML_ONLY_KEYS: [&str; 12] = [
     "sse_keep_alive_ms",
     "request_head_timeout_ms",
     "http_idle_timeout_ms",
+    "node_ttl_ms",
 ];
+
+/// Default of `node_ttl_ms` (the documented 15 s).
+pub const DEFAULT_NODE_TTL: Duration = Duration::from_secs(15);
 
 /// Default of `sse_keep_alive_ms` (the documented 15 s).
 pub const DEFAULT_SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);

@@ -1,5 +1,6 @@
 //! Control actions that must reach every node: removing an org member (close that
-//! user's sockets on the org with 4003) and forgetting cached webhook answers.
+//! user's sockets on the org with 4003), forgetting cached webhook answers, and a
+//! user's new read position (told to their sockets on the channel).
 //!
 //! The node that gets the call applies the action at once, then, with Redis, publishes
 //! it on the pub/sub channel [`CONTROL_CHANNEL`]; every node subscribes to it with its
@@ -63,6 +64,17 @@ pub enum Action {
     RemoveMember { org_id: String, user_id: String },
     /// `user_id`'s membership in `org_id` changed: forget the webhook's cached answer.
     ForgetMembership { org_id: String, user_id: String },
+    /// `user_id` read `channel` up to `offset`: tell their sockets on it.
+    Read {
+        channel: String,
+        user_id: String,
+        offset: u64,
+    },
+}
+
+/// `{"type":"read","channel","offset"}`: a user's new read position, for their sockets.
+pub fn read_message(channel: &str, offset: u64) -> bytes::Bytes {
+    bytes::Bytes::from(serde_json::json!({"type": "read", "channel": channel, "offset": offset}).to_string())
 }
 
 /// An action on the wire, with the node that sent it.
@@ -123,8 +135,13 @@ impl Control {
     /// caller may send it again: applying an action twice does no harm).
     pub async fn send(&self, action: Action) -> Result<usize, BrokerError> {
         let closed = self.apply(&action);
+        self.broadcast(action).await.map(|()| closed)
+    }
+
+    /// Sends `action` to the other nodes only (the caller applied it here its own way).
+    pub async fn broadcast(&self, action: Action) -> Result<(), BrokerError> {
         let Some(publisher) = &self.publisher else {
-            return Ok(closed);
+            return Ok(());
         };
         if !publisher.is_connected() {
             return Err(BrokerError::Unavailable("not connected to Redis".into()));
@@ -141,7 +158,7 @@ impl Control {
         .await
         .map_err(|_| BrokerError::Unavailable("Redis did not answer in time".into()))?
         .map_err(|err| BrokerError::Unavailable(err.to_string()))?;
-        Ok(closed)
+        Ok(())
     }
 
     /// Carries out `action` on this node. Returns how many sockets it closed.
@@ -157,6 +174,15 @@ impl Control {
             }
             Action::ForgetMembership { org_id, user_id } => {
                 self.membership.forget(org_id, user_id);
+                0
+            }
+            Action::Read {
+                channel,
+                user_id,
+                offset,
+            } => {
+                self.hub
+                    .notify_user(channel, user_id, None, &read_message(channel, *offset));
                 0
             }
         }

@@ -7,6 +7,7 @@ pub mod error;
 pub mod extract;
 pub mod members;
 pub mod ops;
+pub mod presence;
 pub mod publish;
 pub mod server;
 pub mod sse;
@@ -32,6 +33,7 @@ pub fn router(origins: &AllowedOrigins) -> Router<AppState> {
         .merge(chat::router().layer(cors(origins)))
         .merge(sse::router().layer(cors(origins)))
         .merge(members::router())
+        .merge(presence::router())
         .merge(ops::router())
         .merge(demo::router(cors(origins)))
         .fallback(|| async { ApiError::NotFound("no such endpoint".to_owned()).into_response() })

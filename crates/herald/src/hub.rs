@@ -169,6 +169,31 @@ impl Hub {
         n
     }
 
+    /// Queues `text`, a message without an offset, for every subscription of `user_id`
+    /// to `channel` on this node but `except`'s (the socket it came from). Returns how
+    /// many.
+    pub fn notify_user(
+        &self,
+        channel: &str,
+        user_id: &str,
+        except: Option<&Arc<Outbox>>,
+        text: &bytes::Bytes,
+    ) -> usize {
+        let shard = self.shard(channel);
+        let Some(subscribers) = shard.get(channel) else {
+            return 0;
+        };
+        let mut n = 0;
+        for s in subscribers.iter().filter(|s| {
+            s.outbox.user_id() == user_id && except.is_none_or(|except| !Arc::ptr_eq(except, &s.outbox))
+        }) {
+            // An overflowing outbox asks its session to close; delivery drops it.
+            let _ = s.outbox.push_note(s.sub, text.clone());
+            n += 1;
+        }
+        n
+    }
+
     /// Asks every socket on the channel named `channel` to close (a `/ws/` socket with
     /// its other subscriptions: each resumes with `since`). Returns how many.
     pub fn disconnect_channel(&self, channel: &str, close: &Close) -> usize {

@@ -57,6 +57,7 @@ pub mod limits;
 pub mod llm;
 pub mod membership;
 pub mod metrics;
+pub mod presence;
 pub mod redis;
 pub mod store;
 pub mod sync;
@@ -166,7 +167,7 @@ pub async fn build_state_with(
     };
     let connection_limits = match &config.redis_url {
         Some(url) => {
-            let shared = limits::shared::SharedCounts::start(url, &node_id, &stopped)
+            let shared = limits::shared::SharedCounts::start(url, &node_id, config.node_ttl, &stopped)
                 .await
                 .map_err(|err| anyhow::anyhow!("cannot use Redis at {}: {err}", redact_url(url)))?;
             limits::ConnectionLimits::shared(config.max_connections_per_user, shared)
@@ -204,6 +205,12 @@ pub async fn build_state_with(
             control::Control::local(hub.clone(), membership.clone(), node_id.clone()),
         ),
     };
+    let presence = match &config.redis_url {
+        Some(url) => presence::Presence::redis(url, &node_id, config.node_ttl, &stopped)
+            .await
+            .map_err(|err| anyhow::anyhow!("cannot use Redis at {}: {err}", redact_url(url)))?,
+        None => presence::Presence::local(),
+    };
     let state = AppState {
         auth,
         api_keys: ApiKeys::new(&secrets.api_keys),
@@ -213,6 +220,7 @@ pub async fn build_state_with(
         membership,
         idempotency: Arc::new(idempotency),
         control,
+        presence,
         publisher,
         tasks,
         metrics,

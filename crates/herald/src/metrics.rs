@@ -23,9 +23,10 @@ use crate::channel::ChannelKind;
 use crate::close::CloseCode;
 
 /// Client message types, as labelled (see `ws::protocol::ClientMessage::label`).
-pub const CLIENT_MESSAGE_LABELS: [&str; 7] = [
+pub const CLIENT_MESSAGE_LABELS: [&str; 8] = [
     "subscribe",
     "unsubscribe",
+    "read",
     "ping",
     "heartbeat",
     "refresh",

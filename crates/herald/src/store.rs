@@ -1,4 +1,4 @@
-//! The relational store: org memberships and chat history. One code path for
+//! The relational store: org memberships, chat history and read state. One code path for
 //! SQLite and PostgreSQL through sqlx's `Any` driver; migrations are embedded per
 //! backend and run at start.
 
@@ -262,6 +262,96 @@ async fn migrate_sqlite(pool: &AnyPool) -> Result<(), StoreError> {
     SQLITE_MIGRATIONS.run_direct(&mut *tx).await?;
     tx.commit().await?;
     Ok(())
+}
+
+/// A user's read position in one channel: the highest offset marked read, in `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadPosition {
+    pub channel: String,
+    pub epoch: String,
+    pub offset: u64,
+}
+
+impl Store {
+    /// Records that `user_id` has read `channel` up to `offset` in `epoch`: kept if it is
+    /// higher than the stored offset of the same epoch, or of another epoch (the channel
+    /// started a new one; its offsets start again). Returns whether it changed anything:
+    /// a lower or equal offset of the same epoch changes nothing.
+    pub async fn mark_read(
+        &self,
+        user_id: &str,
+        channel: &str,
+        epoch: &str,
+        offset: u64,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO read_state (user_id, channel, epoch, read_offset, updated_at) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (user_id, channel) DO UPDATE SET epoch = excluded.epoch, read_offset = excluded.read_offset, \
+             updated_at = excluded.updated_at \
+             WHERE read_state.epoch <> excluded.epoch OR read_state.read_offset < excluded.read_offset",
+        )
+        .bind(user_id)
+        .bind(channel)
+        .bind(epoch)
+        .bind(i64::try_from(offset).unwrap_or(i64::MAX))
+        .bind(unix_now())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// `user_id`'s read position in `channel`, if any.
+    pub async fn read_position(
+        &self,
+        user_id: &str,
+        channel: &str,
+    ) -> Result<Option<ReadPosition>, StoreError> {
+        let row = sqlx::query(
+            "SELECT channel, epoch, read_offset FROM read_state WHERE user_id = $1 AND channel = $2",
+        )
+        .bind(user_id)
+        .bind(channel)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(ReadPosition::from_row).transpose()?)
+    }
+
+    /// Every read position of `user_id`, ordered by channel.
+    pub async fn read_positions(&self, user_id: &str) -> Result<Vec<ReadPosition>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT channel, epoch, read_offset FROM read_state WHERE user_id = $1 ORDER BY channel",
+        )
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(ReadPosition::from_row)
+            .collect::<Result<Vec<_>, sqlx::Error>>()?)
+    }
+
+    /// The orgs `user_id` is a member of (the `database` membership table), ordered.
+    pub async fn orgs_of(&self, user_id: &str) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT org_id FROM org_members WHERE user_id = $1 ORDER BY org_id")
+            .bind(user_id)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| row.try_get("org_id"))
+            .collect::<Result<Vec<String>, sqlx::Error>>()?)
+    }
+}
+
+impl ReadPosition {
+    fn from_row(row: &sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+        let offset: i64 = row.try_get("read_offset")?;
+        Ok(Self {
+            channel: row.try_get("channel")?,
+            epoch: row.try_get("epoch")?,
+            offset: u64::try_from(offset).unwrap_or(0),
+        })
+    }
 }
 
 /// One turn of a chat page, with its position in the chat (0 is the first turn).

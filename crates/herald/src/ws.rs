@@ -365,9 +365,15 @@ async fn decide(
         }
     };
 
+    // `?presence=1` on the events endpoint: also send the org's presence.
+    let presence = endpoint == Endpoint::Events
+        && query
+            .get("presence")
+            .is_some_and(|v| matches!(v.as_str(), "1" | "true"));
     Outcome::Accept(Box::new(Plan {
         endpoint,
         channel,
+        presence,
         identity,
         org_id,
         resume,

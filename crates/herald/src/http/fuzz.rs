@@ -196,6 +196,10 @@ proptest! {
                 prop_assert!(matches!(subscribe.id, Value::Null | Value::String(_) | Value::Number(_)));
             }
             ClientMessage::Unsubscribe { .. } => prop_assert_eq!(kind, Some("unsubscribe")),
+            ClientMessage::Read(read) => {
+                prop_assert_eq!(kind, Some("read"));
+                prop_assert_eq!(read.offset.ok(), value.get("offset").and_then(Value::as_u64));
+            }
             ClientMessage::Unsupported => {}
             ClientMessage::InvalidJson => prop_assert!(false, "valid JSON called invalid: {}", text),
         }

@@ -16,6 +16,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::channel::Message;
@@ -51,6 +52,8 @@ struct State {
     close: Option<Close>,
     /// Subscriptions to end (not the socket), with the reason the client is told.
     ended: Vec<(SubscriptionId, Close)>,
+    /// Messages without an offset (presence, read positions) for a subscription.
+    notes: Vec<(SubscriptionId, Bytes)>,
 }
 
 /// What a session takes out of its outbox at once.
@@ -61,6 +64,10 @@ pub struct Batch {
     /// Subscriptions ended since the last drain. They take effect before the messages
     /// of the same batch: nothing of an ended subscription is sent after it ended.
     pub ended: Vec<(SubscriptionId, Close)>,
+    /// Messages without an offset, kept in no history (presence, read positions), for
+    /// a subscription; sent as they are, after the ended subscriptions and before the
+    /// channel messages of the batch.
+    pub notes: Vec<(SubscriptionId, Bytes)>,
 }
 
 /// What a session gets when it drains its outbox.
@@ -118,6 +125,30 @@ impl Outbox {
         Ok(())
     }
 
+    /// Queues `text`, a message without an offset, for subscription `sub`, without
+    /// waiting. It counts toward the byte bound like a channel message.
+    pub fn push_note(&self, sub: SubscriptionId, text: Bytes) -> Result<(), Overflow> {
+        let mut state = self.lock();
+        if state.close.is_some() {
+            return Ok(());
+        }
+        let len = text.len();
+        if state.bytes + len > self.max_bytes && !(state.queue.is_empty() && state.notes.is_empty()) {
+            state.close = Some(crate::close::CloseCode::SlowConsumer.into());
+            state.queue = VecDeque::new();
+            state.notes = Vec::new();
+            state.bytes = 0;
+            drop(state);
+            self.notify.notify_one();
+            return Err(Overflow);
+        }
+        state.bytes += len;
+        state.notes.push((sub, text));
+        drop(state);
+        self.notify.notify_one();
+        Ok(())
+    }
+
     /// Asks the session to close the socket. The first request wins.
     pub fn request_close(&self, close: Close) {
         let mut state = self.lock();
@@ -164,6 +195,9 @@ impl Outbox {
         if !state.ended.is_empty() {
             // Taken, not copied: an outbox keeps no memory for a rare event.
             out.ended.extend(std::mem::take(&mut state.ended));
+        }
+        if !state.notes.is_empty() {
+            out.notes.extend(std::mem::take(&mut state.notes));
         }
         state.bytes = 0;
         if state.queue.capacity() > SHRINK_ABOVE {

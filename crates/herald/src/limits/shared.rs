@@ -5,11 +5,12 @@
 //! - `herald:{conns}:user:{user_id}`: a hash of node id → open sockets of the user on
 //!   that node.
 //! - `herald:{conns}:nodes`: a hash of node id → the time (Redis's clock, unix ms) until
-//!   which the node counts as alive. Each node pushes its own entry [`NODE_TTL`] ahead
-//!   every [`HEARTBEAT_INTERVAL`], and on every slot it takes.
+//!   which the node counts as alive. Each node pushes its own entry the node TTL ahead
+//!   (`node_ttl_ms`, default [`NODE_TTL`]) every third of it, and on every slot it takes.
+//!   Presence (`crate::presence`) reads the same hash to tell which nodes' users count.
 //!
 //! Counting skips (and deletes) the entries of nodes that are not alive, so a node that
-//! dies without releasing its slots frees them within [`NODE_TTL`]. Every key a script
+//! dies without releasing its slots frees them within the node TTL. Every key a script
 //! touches is declared in its KEYS. The cost of the one slot: on a Cluster, every
 //! handshake and close of every user goes to the primary holding it (one short script
 //! each). While that primary is down, handshakes on a Cluster are counted on each node
@@ -27,11 +28,13 @@ use crate::broker::redis::{may_send, shards_for, Shards};
 use crate::broker::BrokerError;
 use crate::redis::{build_client, SECONDARY_CONNECT_WAIT};
 
-/// A node whose heartbeat is older than this no longer counts.
-pub const NODE_TTL: Duration = Duration::from_secs(15);
+/// A node whose heartbeat is older than this no longer counts (`node_ttl_ms`).
+pub const NODE_TTL: Duration = crate::config::DEFAULT_NODE_TTL;
 
-/// How often a node refreshes its heartbeat.
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+/// How often a node refreshes its heartbeat: a third of its TTL.
+pub fn heartbeat_interval(node_ttl: Duration) -> Duration {
+    (node_ttl / 3).max(Duration::from_millis(100))
+}
 
 /// How long a count change may take before the handshake gives up.
 const TIMEOUT: Duration = Duration::from_secs(3);
@@ -97,11 +100,7 @@ fn user_key(user_id: &str) -> String {
 }
 
 /// The hash of live nodes.
-const NODES_KEY: &str = "herald:{conns}:nodes";
-
-fn node_ttl_ms() -> String {
-    NODE_TTL.as_millis().to_string()
-}
+pub const NODES_KEY: &str = "herald:{conns}:nodes";
 
 /// This node's handle on the shared counts.
 pub struct SharedCounts {
@@ -110,6 +109,8 @@ pub struct SharedCounts {
     /// elsewhere does not stop handshakes.
     shards: Option<Arc<Shards>>,
     node_id: String,
+    /// The node TTL in milliseconds, as the scripts take it.
+    node_ttl_ms: String,
     acquire: Script,
     /// Releases are queued to a task, because a slot is released from `Drop`.
     releases: mpsc::UnboundedSender<String>,
@@ -123,7 +124,13 @@ const DEGRADED_LOG_INTERVAL: Duration = Duration::from_secs(10);
 impl SharedCounts {
     /// Connects to `url` and starts the heartbeat and release tasks, which stop on
     /// `shutdown` (the heartbeat) and when this is dropped (releases).
-    pub async fn start(url: &str, node_id: &str, shutdown: &CancellationToken) -> Result<Self, BrokerError> {
+    pub async fn start(
+        url: &str,
+        node_id: &str,
+        node_ttl: Duration,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, BrokerError> {
+        let node_ttl_ms = node_ttl.as_millis().to_string();
         let client = build_client(url)?;
         let shards = shards_for(url, &client)?;
         client.connect();
@@ -132,9 +139,10 @@ impl SharedCounts {
             let client = client.clone();
             let stop = shutdown.clone();
             let node_id = node_id.to_owned();
+            let node_ttl_ms = node_ttl_ms.clone();
             let script = Script::from_lua(HEARTBEAT);
             async move {
-                let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+                let mut tick = tokio::time::interval(heartbeat_interval(node_ttl));
                 loop {
                     tokio::select! {
                         () = stop.cancelled() => break,
@@ -144,7 +152,7 @@ impl SharedCounts {
                                 script.evalsha_with_reload::<Value, _, _>(
                                     &client,
                                     vec![NODES_KEY],
-                                    vec![node_id.clone(), node_ttl_ms()],
+                                    vec![node_id.clone(), node_ttl_ms.clone()],
                                 ),
                             )
                             .await;
@@ -190,6 +198,7 @@ impl SharedCounts {
             client,
             shards,
             node_id: node_id.to_owned(),
+            node_ttl_ms,
             acquire: Script::from_lua(ACQUIRE),
             releases,
             degraded_logged: std::sync::Mutex::new(None),
@@ -228,7 +237,7 @@ impl SharedCounts {
         let args = vec![
             Value::from(self.node_id.clone()),
             Value::from(max.to_string()),
-            Value::from(node_ttl_ms()),
+            Value::from(self.node_ttl_ms.clone()),
         ];
         if let Some(shards) = &self.shards {
             let reply = shards

@@ -28,7 +28,8 @@ pub fn valid_epoch(epoch: &str) -> bool {
 /// Client message types herald understands, in the order of the documented table.
 /// `subscribe` and `unsubscribe` are for `/ws/` only; the single-channel endpoints answer
 /// them as unsupported.
-pub const CLIENT_MESSAGE_TYPES: [&str; 5] = ["subscribe", "unsubscribe", "ping", "heartbeat", "refresh"];
+pub const CLIENT_MESSAGE_TYPES: [&str; 6] =
+    ["subscribe", "unsubscribe", "read", "ping", "heartbeat", "refresh"];
 
 /// A parsed client text frame.
 #[derive(Debug, PartialEq, Eq)]
@@ -43,6 +44,8 @@ pub enum ClientMessage {
         channel: String,
         id: Value,
     },
+    /// `{"type":"read","channel","offset"}`: the client read `channel` up to `offset`.
+    Read(Read),
     /// Valid JSON, but not a message herald accepts.
     Unsupported,
     /// Not JSON at all.
@@ -64,6 +67,7 @@ impl ClientMessage {
                 _ => ClientMessage::Unsupported,
             },
             Some("subscribe") => ClientMessage::Subscribe(Subscribe::parse(&value)),
+            Some("read") => ClientMessage::Read(Read::parse(&value)),
             Some("unsubscribe") => match value.get("channel").and_then(Value::as_str) {
                 Some(channel) => ClientMessage::Unsubscribe {
                     channel: channel.to_owned(),
@@ -83,6 +87,7 @@ impl ClientMessage {
             ClientMessage::Refresh { .. } => "refresh",
             ClientMessage::Subscribe(_) => "subscribe",
             ClientMessage::Unsubscribe { .. } => "unsubscribe",
+            ClientMessage::Read(_) => "read",
             ClientMessage::Unsupported => "unsupported",
             ClientMessage::InvalidJson => "invalid_json",
         }
@@ -99,6 +104,35 @@ pub struct Subscribe {
     pub id: Value,
     /// `since`/`epoch`, or why they are malformed (a 4000 refusal).
     pub resume: Result<Option<Resume>, &'static str>,
+    /// `"presence":true`: also send the org's presence (org channels only).
+    pub presence: bool,
+}
+
+/// `{"type":"read","channel","offset"}`, as sent; the session checks the channel.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Read {
+    /// The channel name, or why the message is malformed.
+    pub channel: Result<String, &'static str>,
+    /// The offset read up to, or why it is malformed.
+    pub offset: Result<u64, &'static str>,
+}
+
+impl Read {
+    fn parse(value: &Value) -> Self {
+        Self {
+            channel: value
+                .get("channel")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or(
+                    "read needs a channel, e.g. {\"type\":\"read\",\"channel\":\"org:acme\",\"offset\":41}",
+                ),
+            offset: value
+                .get("offset")
+                .and_then(Value::as_u64)
+                .ok_or("offset must be a non-negative integer"),
+        }
+    }
 }
 
 impl Subscribe {
@@ -107,7 +141,6 @@ impl Subscribe {
             Some(channel @ Value::String(_)) => channel.clone(),
             _ => Value::Null,
         };
-        // `presence` (SPEC §12) is accepted and not acted on yet.
         let since = match value.get("since") {
             None | Some(Value::Null) => Ok(None),
             Some(since) => since
@@ -131,6 +164,7 @@ impl Subscribe {
             channel,
             id: request_id(value),
             resume,
+            presence: value.get("presence").and_then(Value::as_bool).unwrap_or(false),
         }
     }
 }
@@ -174,9 +208,9 @@ pub fn unsupported_message(multiplexed: bool) -> String {
     error(
         "unsupported_message",
         if multiplexed {
-            "clients may send only subscribe, unsubscribe, ping, heartbeat and refresh messages"
+            "clients may send only subscribe, unsubscribe, read, ping, heartbeat and refresh messages"
         } else {
-            "clients may send only ping, heartbeat and refresh messages"
+            "clients may send only read, ping, heartbeat and refresh messages"
         },
     )
 }
@@ -194,7 +228,7 @@ pub fn multiplexed_welcome(connection_id: &str, user_id: &str) -> String {
 }
 
 /// A subscription took effect: the channel stands at `epoch`/`offset`. `read_offset`
-/// is the user's read position (SPEC §12), 0 while herald keeps no read state.
+/// is the user's read position in it (0 when none is kept for this epoch).
 pub fn subscribed(channel: &str, id: &Value, epoch: &str, offset: u64, read_offset: u64) -> String {
     json!({
         "type": "subscribed",
@@ -238,6 +272,8 @@ pub struct Welcome<'a> {
     pub org_id: Option<&'a str>,
     pub epoch: &'a str,
     pub offset: u64,
+    /// The user's read position in the channel (0 when none is kept for this epoch).
+    pub read_offset: u64,
 }
 
 impl Welcome<'_> {
@@ -254,6 +290,7 @@ impl Welcome<'_> {
             offset: u64,
             #[serde(skip_serializing_if = "Option::is_none")]
             org_id: Option<&'a str>,
+            read_offset: u64,
             status: &'a str,
             timestamp: &'a str,
             r#type: &'a str,
@@ -267,6 +304,7 @@ impl Welcome<'_> {
             message: "WebSocket connection established",
             offset: self.offset,
             org_id: self.org_id,
+            read_offset: self.read_offset,
             status: "connected",
             timestamp: &timestamp,
             r#type: "system",
@@ -306,6 +344,7 @@ mod tests {
                 org_id,
                 epoch: "e1",
                 offset: 7,
+                read_offset: 3,
             }
             .to_json();
             let value: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -316,6 +355,7 @@ mod tests {
             assert_eq!(value["status"], "connected");
             assert_eq!(value["user_id"], "u\"1");
             assert_eq!(value["offset"], 7);
+            assert_eq!(value["read_offset"], 3);
             assert_eq!(value.get("org_id").and_then(|v| v.as_str()), org_id);
         }
     }
@@ -354,6 +394,28 @@ mod tests {
             ClientMessage::parse(r#"{"type":"unsubscribe","id":"s1"}"#),
             ClientMessage::Unsupported
         );
+        assert_eq!(
+            ClientMessage::parse(r#"{"type":"read","channel":"org:a","offset":4}"#),
+            ClientMessage::Read(Read {
+                channel: Ok("org:a".to_owned()),
+                offset: Ok(4)
+            })
+        );
+        for bad in [
+            r#"{"type":"read","channel":"org:a","offset":-1}"#,
+            r#"{"type":"read","channel":"org:a","offset":1.5}"#,
+            r#"{"type":"read","channel":"org:a","offset":"4"}"#,
+            r#"{"type":"read","channel":"org:a"}"#,
+        ] {
+            let ClientMessage::Read(read) = ClientMessage::parse(bad) else {
+                panic!("{bad}")
+            };
+            assert!(read.offset.is_err(), "{bad}");
+        }
+        let ClientMessage::Read(read) = ClientMessage::parse(r#"{"type":"read","offset":4}"#) else {
+            panic!()
+        };
+        assert!(read.channel.is_err());
     }
 
     fn subscribe(text: &str) -> Subscribe {
@@ -370,6 +432,7 @@ mod tests {
         );
         assert_eq!(s.channel, json!("org:acme"));
         assert_eq!(s.id, json!("s1"));
+        assert!(s.presence);
         assert_eq!(
             s.resume,
             Ok(Some(Resume {
@@ -378,6 +441,7 @@ mod tests {
             }))
         );
         let s = subscribe(r#"{"type":"subscribe","channel":"org:acme","id":7}"#);
+        assert!(!s.presence);
         assert_eq!((s.id, s.resume), (json!(7), Ok(None)));
         let s = subscribe(r#"{"type":"subscribe","channel":"org:acme","since":0}"#);
         assert_eq!(s.id, Value::Null);

@@ -37,7 +37,7 @@ use crate::ws::Endpoint;
 mod recovery;
 mod subscriptions;
 
-use subscriptions::{join, leave};
+use subscriptions::{join, leave, read_offset};
 
 /// How long closing may take: flushing what is queued, the close frame, and the
 /// client's answering close frame.
@@ -51,6 +51,8 @@ pub struct Plan {
     pub channel: Option<Channel>,
     pub identity: Identity,
     pub org_id: Option<String>,
+    /// `?presence=1` on the events endpoint: send the org's presence.
+    pub presence: bool,
     pub resume: Option<Resume>,
     /// [`crate::hub::Hub::revocations`] read before the membership check.
     pub revocations: u64,
@@ -231,23 +233,29 @@ where
             .position(&cursor.channel)
             .await
             .map_err(|_| Exit::Close(Close::new(CloseCode::GoingAway, "broker unavailable")))?;
+        let user_id = self.plan.identity.user_id.as_str();
+        let read_offset = read_offset(self.state, user_id, &cursor.channel, &position.epoch).await;
         let welcome = Welcome {
             connection_id: &connection_id,
-            user_id: self.plan.identity.user_id.as_str(),
+            user_id,
             channel: cursor.channel.name(),
             org_id: self.plan.org_id.as_deref(),
             epoch: &position.epoch,
             offset: position.offset,
+            read_offset,
         }
         .to_json();
         self.queue_text(welcome)?;
         let cursor = &mut self.cursors[0];
         cursor.last_offset = position.offset;
         cursor.epoch = Arc::from(position.epoch.as_str());
-        match self.plan.resume.take() {
-            Some(resume) => self.replay(0, &resume, &position).await,
-            None => Ok(()),
+        if let Some(resume) = self.plan.resume.take() {
+            self.replay(0, &resume, &position).await?;
         }
+        if self.plan.presence {
+            self.watch_presence(0).await?;
+        }
+        Ok(())
     }
 
     async fn run(&mut self) -> Exit {
@@ -374,11 +382,18 @@ where
                 }
             }
         }
+        // Presence and read positions: sent as they are, for live subscriptions.
+        for (sub, text) in batch.notes.drain(..) {
+            if result.is_ok() && self.cursors.iter().any(|c| c.sub == sub) {
+                result = self.queue_text(text);
+            }
+        }
         if result.is_ok() {
             result = self.forward(&mut batch.messages).await;
         }
         batch.messages.clear();
         batch.ended.clear();
+        batch.notes.clear();
         self.batch = batch;
         result
     }
@@ -480,6 +495,10 @@ where
             ClientMessage::Unsupported => protocol::unsupported_message(multiplexed),
             ClientMessage::Subscribe(request) => {
                 Box::pin(self.subscribe(request)).await?;
+                return Ok(None);
+            }
+            ClientMessage::Read(request) => {
+                Box::pin(self.read(request)).await?;
                 return Ok(None);
             }
             ClientMessage::Unsubscribe { channel, id } => {

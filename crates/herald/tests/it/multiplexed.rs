@@ -46,7 +46,7 @@ fn assert_subscribed(answer: &Value, channel: &str, id: &str) {
         "{answer}"
     );
     assert!(answer["offset"].is_u64(), "{answer}");
-    // No read state is kept yet (SPEC §12): every subscription starts unread.
+    // These users never sent `read`: every subscription starts unread.
     assert_eq!(answer["read_offset"], 0, "{answer}");
 }
 
@@ -414,7 +414,7 @@ async fn single_channel_endpoints_do_not_take_subscribe() {
         let error = ws.next_json().await;
         assert_eq!(error["error"], "unsupported_message", "{error}");
         assert_eq!(
-            error["message"], "clients may send only ping, heartbeat and refresh messages",
+            error["message"], "clients may send only read, ping, heartbeat and refresh messages",
             "{error}"
         );
     }

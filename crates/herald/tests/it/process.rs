@@ -15,9 +15,17 @@ const BANNER: &str = "herald listening on http://";
 /// Starts `herald serve` in `dir` with `env`, stderr to `dir/stderr.log`; returns the
 /// process and its address.
 pub async fn start(dir: &Path, env: &[(&str, &str)]) -> (Proc, SocketAddr) {
+    start_with_args(dir, &[], env).await
+}
+
+/// [`start`] with more arguments to `herald serve` (`--config FILE`).
+pub async fn start_with_args(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (Proc, SocketAddr) {
     let log = std::fs::File::create(dir.join("stderr.log")).unwrap();
     let mut cmd = herald(dir);
-    cmd.arg("serve").env("HERALD_LISTEN", "127.0.0.1:0").stderr(log);
+    cmd.arg("serve")
+        .args(args)
+        .env("HERALD_LISTEN", "127.0.0.1:0")
+        .stderr(log);
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -349,6 +349,7 @@ fn client_message_labels_are_the_parsers() {
         r#"{"type":"refresh","token":"t"}"#,
         r#"{"type":"subscribe","channel":"org:o","id":"s1"}"#,
         r#"{"type":"unsubscribe","channel":"org:o","id":"s1"}"#,
+        r#"{"type":"read","channel":"org:o","offset":1}"#,
         r#"{"type":"nope"}"#,
         "not json",
     ];

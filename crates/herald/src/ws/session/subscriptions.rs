@@ -1,5 +1,5 @@
 //! `/ws/` subscriptions: joining and leaving a channel, who may read it, and the
-//! `subscribe` / `unsubscribe` messages.
+//! `subscribe` / `unsubscribe` messages; presence and read positions of a channel.
 
 use super::*;
 
@@ -7,6 +7,9 @@ use super::*;
 /// when it is the channel's first socket here: a node listens once per channel, however
 /// many sockets and subscriptions it has on it.
 pub(super) async fn join(state: &AppState, channel: &Channel, outbox: &Arc<Outbox>, sub: SubscriptionId) {
+    if channel.kind() == ChannelKind::Org {
+        state.presence.enter(channel.id(), outbox.user_id());
+    }
     if state.hub.subscribe(channel, outbox.clone(), sub) {
         if let Err(err) = state.broker.subscribe(channel).await {
             tracing::warn!(%channel, error = %err, "broker subscribe failed");
@@ -25,8 +28,25 @@ pub(super) async fn may_read(state: &AppState, identity: &Identity, channel: &Ch
 
 /// Undoes [`join`].
 pub(super) async fn leave(state: &AppState, channel: &Channel, outbox: &Arc<Outbox>, sub: SubscriptionId) {
+    if channel.kind() == ChannelKind::Org {
+        state.presence.unwatch(channel.id(), outbox, sub);
+        state.presence.exit(channel.id(), outbox.user_id());
+    }
     if state.hub.unsubscribe(channel, outbox, sub) {
         state.broker.unsubscribe(channel).await;
+    }
+}
+
+/// The user's read position in `channel` for the client's `epoch`: 0 when none is
+/// kept, when it is of another epoch, or when the database does not answer (logged).
+pub(super) async fn read_offset(state: &AppState, user_id: &str, channel: &Channel, epoch: &str) -> u64 {
+    match state.store.read_position(user_id, channel.name()).await {
+        Ok(Some(read)) if read.epoch == epoch => read.offset,
+        Ok(_) => 0,
+        Err(err) => {
+            tracing::warn!(%channel, error = %err, "reading the read position failed; answering 0");
+            0
+        }
     }
 }
 
@@ -118,14 +138,113 @@ where
                 )));
             }
         };
-        // Read state (SPEC §12) is not kept yet: `read_offset` is 0.
-        let text = protocol::subscribed(channel.name(), &request.id, &position.epoch, position.offset, 0);
+        let read_offset = read_offset(
+            self.state,
+            self.plan.identity.user_id.as_str(),
+            &channel,
+            &position.epoch,
+        )
+        .await;
+        let text = protocol::subscribed(
+            channel.name(),
+            &request.id,
+            &position.epoch,
+            position.offset,
+            read_offset,
+        );
+        let watch = request.presence && channel.kind() == ChannelKind::Org;
         self.cursors.push(Cursor::new(channel, sub, Some(&position)));
         self.queue_text(text)?;
-        match resume {
-            Some(resume) => self.replay(self.cursors.len() - 1, &resume, &position).await,
-            None => Ok(()),
+        if let Some(resume) = resume {
+            self.replay(self.cursors.len() - 1, &resume, &position).await?;
         }
+        if watch {
+            self.watch_presence(self.cursors.len() - 1).await?;
+        }
+        Ok(())
+    }
+
+    /// Makes channel `idx` (an org) a presence watcher and sends its `presence` message;
+    /// when presence cannot be read, an `error` message instead (the subscription stays).
+    pub(super) async fn watch_presence(&mut self, idx: usize) -> Result<(), Exit> {
+        let cursor = &self.cursors[idx];
+        let org = cursor.channel.id().to_owned();
+        let sub = cursor.sub;
+        match self.state.presence.watch(&org, &self.outbox, sub).await {
+            Ok(users) => self.queue_text(crate::presence::presence_message(&org, &users)),
+            Err(err) => {
+                tracing::warn!(org_id = %org, error = %err, "presence unavailable");
+                self.queue_text(protocol::error(
+                    "presence_unavailable",
+                    "presence cannot be read now (Redis is unreachable); subscribe again to retry",
+                ))
+            }
+        }
+    }
+
+    /// `{"type":"read","channel","offset"}`: keeps the user's read position (the highest
+    /// offset of the channel's epoch) and tells their other sockets on the channel, on
+    /// every node. A malformed or refused read is answered with an `error` message; the
+    /// socket stays open. A read changes nothing when it is not past the kept position.
+    pub(super) async fn read(&mut self, request: protocol::Read) -> Result<(), Exit> {
+        let (channel, offset) = match (request.channel, request.offset) {
+            (Ok(channel), Ok(offset)) => (channel, offset),
+            (Err(reason), _) | (_, Err(reason)) => {
+                return self.queue_text(protocol::error("invalid_read", reason));
+            }
+        };
+        let Some(idx) = self.cursors.iter().position(|c| c.channel.name() == channel) else {
+            return self.queue_text(protocol::error(
+                "not_subscribed",
+                "read is for a channel this socket receives; subscribe to it first",
+            ));
+        };
+        let cursor = &self.cursors[idx];
+        let epoch = cursor.epoch.clone();
+        if offset > cursor.last_offset {
+            // Beyond what this socket was sent: it may still be in the channel (on its
+            // way here, or seen on another socket). Ask where the channel stands.
+            let beyond = match self.state.broker.position(&cursor.channel).await {
+                Ok(position) => *position.epoch != *epoch || offset > position.offset,
+                Err(_) => true,
+            };
+            if beyond {
+                return self.queue_text(protocol::error(
+                    "offset_out_of_range",
+                    "offset is beyond the channel's last offset in this socket's epoch",
+                ));
+            }
+        }
+        let user_id = self.plan.identity.user_id.as_str();
+        match self
+            .state
+            .store
+            .mark_read(user_id, &channel, &epoch, offset)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return Ok(()),
+            Err(err) => {
+                tracing::warn!(channel, error = %err, "keeping a read position failed");
+                return self.queue_text(protocol::error(
+                    "unavailable",
+                    "the read position could not be saved; send it again shortly",
+                ));
+            }
+        }
+        let text = crate::control::read_message(&channel, offset);
+        self.state
+            .hub
+            .notify_user(&channel, user_id, Some(&self.outbox), &text);
+        let action = crate::control::Action::Read {
+            channel,
+            user_id: user_id.to_owned(),
+            offset,
+        };
+        if let Err(err) = self.state.control.broadcast(action).await {
+            tracing::warn!(error = %err, "read position not told to the other nodes");
+        }
+        Ok(())
     }
 
     /// `/ws/`: leaves `channel` if subscribed (an unknown one is already left).

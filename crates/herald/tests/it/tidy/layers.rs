@@ -41,7 +41,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("the broker and the one publish path (Publisher)", &["broker"]),
     (
         "what runs over the broker",
-        &["limits", "idempotency", "control", "tasks", "bridge"],
+        &["limits", "presence", "idempotency", "control", "tasks", "bridge"],
     ),
     ("the state every handler shares", &["app"]),
     ("the HTTP and WebSocket boundary", &["follow", "http", "ws"]),
