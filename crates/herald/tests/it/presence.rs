@@ -244,9 +244,15 @@ async fn presence_across_two_nodes() {
         return;
     };
     let (a, b) = (redis.node().await, redis.node().await);
+    check_presence_across_two_nodes(&a, &b).await;
+}
+
+/// Joins, leaves, the API and a late watcher's snapshot across nodes `a` and `b`
+/// sharing one Redis (or one Redis Cluster: `redis_cluster.rs`).
+pub(crate) async fn check_presence_across_two_nodes(a: &TestServer, b: &TestServer) {
     let org = user("acme");
     let (watcher_user, visitor) = (user("w"), user("v"));
-    for srv in [&a, &b] {
+    for srv in [a, b] {
         for u in [&watcher_user, &visitor] {
             assert_eq!(srv.put(&format!("/api/v1/orgs/{org}/members/{u}")).await.0, 204);
         }
@@ -263,18 +269,18 @@ async fn presence_across_two_nodes() {
     let (v2, _) = a.connect(&format!("/ws/events/{org}/"), &visitor).await;
     let mut want = vec![(visitor.as_str(), 2), (watcher_user.as_str(), 1)];
     want.sort();
-    wait_present(&a, &org, &want).await;
-    wait_present(&b, &org, &want).await;
+    wait_present(a, &org, &want).await;
+    wait_present(b, &org, &want).await;
 
     // The visitor's socket on b goes: still present through a. Then the one on a: gone.
     v1.close().await;
     let mut want = vec![(visitor.as_str(), 1), (watcher_user.as_str(), 1)];
     want.sort();
-    wait_present(&b, &org, &want).await;
+    wait_present(b, &org, &want).await;
     nothing_else(&mut watcher).await;
     v2.close().await;
     expect_change(&mut watcher, "presence_leave", &org, &visitor).await;
-    wait_present(&b, &org, &[(watcher_user.as_str(), 1)]).await;
+    wait_present(b, &org, &[(watcher_user.as_str(), 1)]).await;
 
     // A watcher on b, joining later, is told the same.
     let (mut late, _) = b

@@ -507,6 +507,15 @@ async fn writes_lost_in_a_failover_are_found_by_the_node_that_published_them() {
 }
 
 #[tokio::test]
+async fn presence_holds_across_nodes_on_a_cluster() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    let (a, b) = (cluster.node().await, cluster.node().await);
+    crate::presence::check_presence_across_two_nodes(&a, &b).await;
+}
+
+#[tokio::test]
 async fn connection_limit_holds_across_nodes_on_a_cluster() {
     let Some(cluster) = Cluster::start().await else {
         return;
