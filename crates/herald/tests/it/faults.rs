@@ -6,7 +6,7 @@
 use serde_json::{json, Value};
 
 use crate::redis::{user, wait_ready, Redis};
-use crate::support::WsClient;
+use crate::support::{TestServer, WsClient};
 
 /// Reads `ws` until `n` notifications arrived, checking on the way that every message
 /// is in the epoch the socket was last told and follows the previous offset by one, and
@@ -151,6 +151,19 @@ async fn offsets_handed_out_again_start_a_new_epoch() {
     assert_eq!(next["offset"], told["offset"].as_u64().unwrap() + 1);
 }
 
+/// Publishes offsets 1 to 5 of `u`'s notifications through `node`, then moves the
+/// channel's offset back to 3 in Redis, as a promoted replica that missed the last two
+/// writes would have it. Returns the meta key and the epoch.
+async fn publish_five_and_lose_two(redis: &Redis, node: &TestServer, u: &str) -> (String, String) {
+    for n in 1..=5 {
+        node.notify(u, json!({"n": n})).await;
+    }
+    let meta = format!("herald:{{notifications:{u}}}:meta");
+    let epoch = redis.cli(&["HGET", &meta, "epoch"]).await;
+    redis.cli(&["HSET", &meta, "offset", "3"]).await;
+    (meta, epoch)
+}
+
 /// A node that was acknowledged an offset never publishes below it in the same epoch:
 /// after Redis lost writes the node itself made, its next publish starts a new epoch
 /// (the publish script compares Redis's offset with the node's), so not even the node
@@ -163,12 +176,7 @@ async fn a_node_publishing_after_its_own_writes_were_lost_starts_a_new_epoch() {
     }
     let (a, b) = (redis.node().await, redis.node().await);
     let u = user("own-lost");
-    for n in 1..=5 {
-        a.notify(&u, json!({"n": n})).await;
-    }
-    let meta = format!("herald:{{notifications:{u}}}:meta");
-    let epoch = redis.cli(&["HGET", &meta, "epoch"]).await;
-    redis.cli(&["HSET", &meta, "offset", "3"]).await;
+    let (meta, epoch) = publish_five_and_lose_two(&redis, &a, &u).await;
     // A socket on node B, which never saw offsets 4 and 5, joins after the loss.
     let (mut ws, welcome) = b.connect("/ws/notifications/", &u).await;
     assert_eq!(welcome["offset"], 3);
@@ -203,12 +211,7 @@ async fn lost_writes_on_a_channel_nobody_listens_to_are_found_after_a_reconnect(
     }
     let (a, b) = (redis.node().await, redis.node().await);
     let u = user("unheard");
-    for n in 1..=5 {
-        a.notify(&u, json!({"n": n})).await;
-    }
-    let meta = format!("herald:{{notifications:{u}}}:meta");
-    let epoch = redis.cli(&["HGET", &meta, "epoch"]).await;
-    redis.cli(&["HSET", &meta, "offset", "3"]).await;
+    let (meta, epoch) = publish_five_and_lose_two(&redis, &a, &u).await;
     let (mut ws, welcome) = b.connect("/ws/notifications/", &u).await;
     assert_eq!(welcome["epoch"], epoch.as_str());
 

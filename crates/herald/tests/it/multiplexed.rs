@@ -3,7 +3,6 @@
 //! membership removal through the control channel), and an epoch change told to one
 //! subscription. The Redis Cluster case is in `redis_cluster.rs`.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -67,14 +66,6 @@ async fn refused(ws: &mut WsClient, message: Value, code: u16) -> Value {
     );
     assert_eq!(answer["id"], message.get("id").cloned().unwrap_or(Value::Null));
     answer
-}
-
-fn keys(value: &Value) -> Vec<String> {
-    let keys: BTreeSet<String> = value
-        .as_object()
-        .map(|object| object.keys().cloned().collect())
-        .unwrap_or_default();
-    keys.into_iter().collect()
 }
 
 /// Publishes `data` to `channel` through the generic publish call; returns the receipt.

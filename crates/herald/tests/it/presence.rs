@@ -4,7 +4,6 @@
 //! `?presence=1`), on both engines; then across two nodes on one Redis, and a node
 //! process killed (SIGKILL) taking its users out of presence within the node TTL.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -12,14 +11,6 @@ use tokio::time::Instant;
 
 use crate::redis::{user, Redis};
 use crate::support::*;
-
-fn keys(value: &Value) -> Vec<String> {
-    let keys: BTreeSet<String> = value
-        .as_object()
-        .map(|object| object.keys().cloned().collect())
-        .unwrap_or_default();
-    keys.into_iter().collect()
-}
 
 /// Subscribes `ws` (a `/ws/` socket) to `org:{org}`, with `presence` when asked, and
 /// returns the `subscribed` answer.

@@ -4,7 +4,6 @@
 //! `GET /api/v1/users/{user_id}/unread`; on both engines, every refusal, across two
 //! nodes on one Redis, across a restart (SQLite file) and on PostgreSQL.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -13,14 +12,6 @@ use serde_json::{json, Value};
 use crate::members::TestDatabase;
 use crate::redis::{user, Redis};
 use crate::support::*;
-
-fn keys(value: &Value) -> Vec<String> {
-    let keys: BTreeSet<String> = value
-        .as_object()
-        .map(|object| object.keys().cloned().collect())
-        .unwrap_or_default();
-    keys.into_iter().collect()
-}
 
 async fn subscribe(ws: &mut WsClient, channel: &str) -> Value {
     ws.send_json(json!({"type": "subscribe", "channel": channel, "id": "s"}))

@@ -590,3 +590,14 @@ pub async fn engines_with(
     }
     servers
 }
+
+/// The keys of a JSON object, sorted (empty for anything else): to check a message has
+/// exactly the fields the protocol names.
+pub fn keys(value: &Value) -> Vec<String> {
+    let mut keys: Vec<String> = value
+        .as_object()
+        .map(|object| object.keys().cloned().collect())
+        .unwrap_or_default();
+    keys.sort();
+    keys
+}
