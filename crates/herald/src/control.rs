@@ -30,6 +30,7 @@ use crate::close::{Close, CloseCode};
 use crate::hub::Hub;
 use crate::membership::Membership;
 use crate::redis::{build_client, connect_and_wait, quit_on, wait_connected, SECONDARY_CONNECT_WAIT};
+use crate::store::Store;
 
 /// The pub/sub channel control actions travel on.
 pub const CONTROL_CHANNEL: &str = "herald:control";
@@ -89,6 +90,8 @@ struct Envelope {
 pub struct Control {
     hub: Arc<Hub>,
     membership: Arc<Membership>,
+    /// Told when another node keeps a read position.
+    store: Store,
     node_id: Arc<str>,
     /// The connection actions are published on; `None` in memory mode.
     publisher: Option<fred::prelude::Client>,
@@ -96,10 +99,11 @@ pub struct Control {
 
 impl Control {
     /// One node, no Redis: actions apply here only.
-    pub fn local(hub: Arc<Hub>, membership: Arc<Membership>, node_id: Arc<str>) -> Arc<Self> {
+    pub fn local(hub: Arc<Hub>, membership: Arc<Membership>, store: Store, node_id: Arc<str>) -> Arc<Self> {
         Arc::new(Self {
             hub,
             membership,
+            store,
             node_id,
             publisher: None,
         })
@@ -112,6 +116,7 @@ impl Control {
         publisher: fred::prelude::Client,
         hub: Arc<Hub>,
         membership: Arc<Membership>,
+        store: Store,
         node_id: Arc<str>,
         stopped: &CancellationToken,
     ) -> Result<Arc<Self>, BrokerError> {
@@ -119,6 +124,7 @@ impl Control {
         let control = Arc::new(Self {
             hub,
             membership,
+            store,
             node_id,
             publisher: Some(publisher),
         });
@@ -181,6 +187,7 @@ impl Control {
                 user_id,
                 offset,
             } => {
+                self.store.read_kept_elsewhere();
                 self.hub
                     .notify_user(channel, user_id, None, &read_message(channel, *offset));
                 0
@@ -202,7 +209,7 @@ impl Control {
                     Ok(message) => self.receive(&message),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
                         tracing::warn!(missed, "control messages dropped; checking open org sockets");
-                        self.check_members().await;
+                        self.check_missed().await;
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                 },
@@ -215,13 +222,22 @@ impl Control {
                         }
                         // Actions sent while this node was not listening are lost:
                         // check what they would have changed.
-                        self.check_members().await;
+                        self.check_missed().await;
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                 },
             }
         }
         let _ = client.quit().await;
+    }
+
+    /// Checks what actions this node may have missed would have changed: open org
+    /// sockets of removed members, and read positions kept elsewhere.
+    async fn check_missed(&self) {
+        self.check_members().await;
+        if let Err(err) = self.store.recheck_reads().await {
+            tracing::warn!(error = %err, "could not check for read positions; checking again after the next reconnect");
+        }
     }
 
     fn receive(&self, message: &fred::types::Message) {

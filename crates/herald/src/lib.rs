@@ -186,6 +186,7 @@ pub async fn build_state_with(
                 commands.clone(),
                 hub.clone(),
                 membership.clone(),
+                store.clone(),
                 node_id.clone(),
                 &stopped,
             )
@@ -202,7 +203,7 @@ pub async fn build_state_with(
         }
         None => (
             idempotency::Idempotency::memory(config.history_ttl),
-            control::Control::local(hub.clone(), membership.clone(), node_id.clone()),
+            control::Control::local(hub.clone(), membership.clone(), store.clone(), node_id.clone()),
         ),
     };
     let presence = match &config.redis_url {

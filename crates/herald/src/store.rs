@@ -3,6 +3,8 @@
 //! backend and run at start.
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
@@ -15,6 +17,10 @@ static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migratio
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// Whether any read position may be kept: false only while the table was found
+    /// empty and no read has been kept or heard of since, so that a deployment that
+    /// does not use read state makes no query per handshake for it.
+    reads: Arc<AtomicBool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,7 +135,31 @@ impl Store {
                 POSTGRES_MIGRATIONS.run_direct(&mut *conn).await?;
             }
         }
-        Ok(Store { pool })
+        let store = Store {
+            pool,
+            reads: Arc::new(AtomicBool::new(false)),
+        };
+        store.recheck_reads().await?;
+        Ok(store)
+    }
+
+    /// Looks again whether any read position is kept (after this node may have missed
+    /// news of one from another node).
+    pub async fn recheck_reads(&self) -> Result<(), StoreError> {
+        if !self.reads.load(Ordering::Relaxed)
+            && sqlx::query("SELECT 1 FROM read_state LIMIT 1")
+                .fetch_optional(&self.pool)
+                .await?
+                .is_some()
+        {
+            self.reads.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Another node kept a read position.
+    pub fn read_kept_elsewhere(&self) {
+        self.reads.store(true, Ordering::Relaxed);
     }
 
     /// Whether the database answers.
@@ -284,6 +314,7 @@ impl Store {
         epoch: &str,
         offset: u64,
     ) -> Result<bool, StoreError> {
+        self.reads.store(true, Ordering::Relaxed);
         let done = sqlx::query(
             "INSERT INTO read_state (user_id, channel, epoch, read_offset, updated_at) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (user_id, channel) DO UPDATE SET epoch = excluded.epoch, read_offset = excluded.read_offset, \
@@ -306,6 +337,9 @@ impl Store {
         user_id: &str,
         channel: &str,
     ) -> Result<Option<ReadPosition>, StoreError> {
+        if !self.reads.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
         let row = sqlx::query(
             "SELECT channel, epoch, read_offset FROM read_state WHERE user_id = $1 AND channel = $2",
         )
@@ -318,6 +352,9 @@ impl Store {
 
     /// Every read position of `user_id`, ordered by channel.
     pub async fn read_positions(&self, user_id: &str) -> Result<Vec<ReadPosition>, StoreError> {
+        if !self.reads.load(Ordering::Relaxed) {
+            return Ok(Vec::new());
+        }
         let rows = sqlx::query(
             "SELECT channel, epoch, read_offset FROM read_state WHERE user_id = $1 ORDER BY channel",
         )
