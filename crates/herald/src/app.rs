@@ -7,11 +7,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{ApiKeys, Authenticator};
-use crate::broker::{Broker, BrokerError, Published};
-// `Publisher` and `Secrets` lived here until issue 16; kept while parallel branches merge.
-pub use crate::broker::Publisher;
+use crate::broker::{Broker, BrokerError, Published, Publisher};
 use crate::channel::{Channel, Draft};
-pub use crate::config::Secrets;
 use crate::config::{Config, Secret};
 use crate::control::Control;
 use crate::hub::Hub;

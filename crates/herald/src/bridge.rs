@@ -61,8 +61,7 @@ use wire::{Decoder, Undecodable};
 
 use crate::broker::Publisher;
 use crate::channel::{Channel, Draft};
-// Moved to `config::django` (issue 16); kept here while parallel branches merge.
-pub use crate::config::django::BridgeOptions;
+use crate::config::django::BridgeOptions;
 use crate::hub::Hub;
 use crate::metrics::{BridgeLayer as Layer, BridgeOutcome, Metrics};
 use crate::redis::{build_client, FIRST_CONNECT_WAIT};

@@ -37,8 +37,7 @@ use crate::http::error::ApiError;
 use crate::http::server::{ClientIp, Load};
 use crate::ids::UserId;
 use crate::limits::LimitRefusal;
-// `Endpoint` is a metrics label and lives in `metrics` since issue 16.
-pub use crate::metrics::Endpoint;
+use crate::metrics::Endpoint;
 use protocol::{valid_epoch, Resume};
 use session::Plan;
 

@@ -26,8 +26,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-pub use crate::broker::MemoryStats;
-use crate::broker::{Broker, BrokerError, History, Position, Published};
+use crate::broker::{Broker, BrokerError, History, MemoryStats, Position, Published};
 use crate::channel::{new_id, now_rfc3339, Channel, Draft, Message};
 use crate::hub::Hub;
 // Every critical section leaves the state consistent before it can panic (offsets are

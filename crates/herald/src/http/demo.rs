@@ -53,7 +53,7 @@ async fn favicon() -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
-/// The dev-only endpoints. `app::router` merges them only in dev mode, so with
+/// The dev-only endpoints. `crate::router` merges them only in dev mode, so with
 /// configured secrets they do not exist (404 like any unknown path).
 pub fn dev_router() -> Router<AppState> {
     Router::new()

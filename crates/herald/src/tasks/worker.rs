@@ -30,9 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::Publisher;
 use crate::channel::{Channel, ChannelKind, Draft};
-// The texts live with the messages since issue 16.
 use crate::compose::llm::{LlmHead, LlmMessage, LlmStatus};
-pub use crate::compose::llm::{RESTARTED_MESSAGE, THINKING_MESSAGE};
 use crate::llm::{LlmError, LlmProvider};
 use crate::store::Store;
 use crate::tasks::{TaskRequest, TaskStatus};

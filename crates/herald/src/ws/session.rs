@@ -31,8 +31,8 @@ use crate::channel::{new_id, unix_to_rfc3339, Channel, ChannelKind, Message as C
 use crate::close::{Close, CloseCode};
 use crate::hub::{Batch, Drained, Outbox, SubscriptionId, SOLE};
 use crate::limits::{client_message_limiter, protocol_ping_limiter, ConnectionSlot};
+use crate::metrics::Endpoint;
 use crate::ws::protocol::{self, ClientMessage, Resume, Subscribe, Welcome};
-use crate::ws::Endpoint;
 
 mod recovery;
 mod subscriptions;

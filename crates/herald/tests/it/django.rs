@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use herald::bridge::BridgeOptions;
+use herald::config::django::BridgeOptions;
 use herald::config::Secret;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
