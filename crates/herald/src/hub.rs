@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::channel::{Channel, Message};
 use crate::close::Close;
+use crate::sync::lock;
 pub use outbox::{Batch, Drained, Outbox, Overflow, SubscriptionId, SOLE};
 
 /// Channels are spread over this many independently locked maps so that publishes and
@@ -78,9 +79,7 @@ impl Hub {
         let idx = (self.hasher.hash_one(channel) as usize) % SHARDS;
         // Critical sections only edit vectors and push into outboxes; a panic cannot
         // leave a shard half-updated in a way that matters, so poisoning is ignored.
-        self.shards[idx]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.shards[idx])
     }
 
     /// Adds `outbox` to `channel` as its subscription `sub`. Returns true if it is the
@@ -222,7 +221,7 @@ impl Hub {
     pub fn users_of(&self, prefix: &str) -> Vec<(String, Vec<String>)> {
         let mut found = Vec::new();
         for shard in self.shards.iter() {
-            let shard = shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let shard = lock(shard);
             for (channel, subscribers) in shard.iter().filter(|(channel, _)| channel.starts_with(prefix)) {
                 let users = subscribers
                     .iter()
@@ -237,14 +236,7 @@ impl Hub {
     /// Number of subscriptions on this node.
     pub fn subscription_count(&self) -> usize {
         (0..SHARDS)
-            .map(|idx| {
-                self.shards[idx]
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .values()
-                    .map(Vec::len)
-                    .sum::<usize>()
-            })
+            .map(|idx| lock(&self.shards[idx]).values().map(Vec::len).sum::<usize>())
             .sum()
     }
 }

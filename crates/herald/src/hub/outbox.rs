@@ -98,7 +98,7 @@ impl Outbox {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock cannot leave the queue inconsistent (every
         // critical section is a push or a drain), so a poisoned lock is still usable.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     /// Queues `message` for subscription `sub` without waiting. On overflow, asks the
