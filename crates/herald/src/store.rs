@@ -56,8 +56,12 @@ fn sqlite_directory(url: &str) -> Option<std::path::PathBuf> {
 /// (`herald.db-wal`, `herald.db-shm`); back the three up together, or run
 /// `PRAGMA wal_checkpoint` first. An in-memory database keeps its own journal mode.
 async fn sqlite_pragmas(conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
-    sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *conn).await?;
+    sqlx::query("PRAGMA journal_mode = WAL")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("PRAGMA synchronous = NORMAL")
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
@@ -204,9 +208,11 @@ impl Store {
 }
 
 impl Store {
-    /// Appends a prompt and its answer to a user's chat, together: in one transaction,
-    /// so concurrent exchanges on one chat do not interleave their turns and a failure
-    /// leaves no half exchange.
+    /// Appends a prompt and its answer to a user's chat, together: one statement, so a
+    /// failure leaves no half exchange, and on SQLite (one connection) concurrent
+    /// exchanges on one chat do not interleave their turns. One statement rather than a
+    /// transaction of two: SQLite runs each on its connection's own thread, so every
+    /// statement, `BEGIN` and `COMMIT` is a thread wake-up there and back.
     pub async fn add_chat_exchange(
         &self,
         user_id: &str,
@@ -214,21 +220,21 @@ impl Store {
         prompt: &str,
         answer: &str,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
         let now = unix_now_millis();
-        for (role, content) in [("user", prompt), ("assistant", answer)] {
-            sqlx::query(
-                "INSERT INTO chat_messages (user_id, chat_id, role, content, created_at) VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(user_id)
-            .bind(chat_id)
-            .bind(role)
-            .bind(content)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
+        sqlx::query(
+            "INSERT INTO chat_messages (user_id, chat_id, role, content, created_at) \
+             VALUES ($1, $2, 'user', $3, $4), ($5, $6, 'assistant', $7, $8)",
+        )
+        .bind(user_id)
+        .bind(chat_id)
+        .bind(prompt)
+        .bind(now)
+        .bind(user_id)
+        .bind(chat_id)
+        .bind(answer)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
