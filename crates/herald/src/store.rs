@@ -134,6 +134,11 @@ impl Store {
                 .min_connections(1)
                 .idle_timeout(None)
                 .max_lifetime(None)
+                // sqlx pings an idle connection before lending it out by default: for
+                // SQLite a round trip to the connection's thread before every statement
+                // (half of that thread's wake-ups in the echo stream), which can only
+                // find out that the thread is gone, and a statement finds that out too.
+                .test_before_acquire(false)
                 .after_connect(|conn, _| Box::pin(async move { sqlite_pragmas(conn).await })),
             Backend::Postgres => pool.max_connections(16),
         };
