@@ -53,6 +53,24 @@ fn sqlite_directory(url: &str) -> Option<std::path::PathBuf> {
         .map(std::path::Path::to_path_buf)
 }
 
+/// SQLite's write-ahead log, synced at checkpoints rather than at every commit
+/// (`synchronous = NORMAL`). A commit is one append to the log instead of a rollback
+/// journal written, synced, applied and deleted (four `fsync`s: most of the CPU the
+/// echo stream's 1,000 chat exchanges cost, bench/notes.md). What a commit guarantees:
+/// it survives the process crashing or being killed; a power loss or kernel crash may
+/// lose the last commits but never corrupts the file. The log lives beside the file
+/// (`herald.db-wal`, `herald.db-shm`); back the three up together, or run
+/// `PRAGMA wal_checkpoint` first. An in-memory database keeps its own journal mode.
+async fn sqlite_pragmas(conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("PRAGMA journal_mode = WAL")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("PRAGMA synchronous = NORMAL")
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 /// One row of an org's member list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
@@ -121,7 +139,13 @@ impl Store {
                 .max_connections(1)
                 .min_connections(1)
                 .idle_timeout(None)
-                .max_lifetime(None),
+                .max_lifetime(None)
+                // sqlx pings an idle connection before lending it out by default: for
+                // SQLite a round trip to the connection's thread before every statement
+                // (half of that thread's wake-ups in the echo stream), which can only
+                // find out that the thread is gone, and a statement finds that out too.
+                .test_before_acquire(false)
+                .after_connect(|conn, _| Box::pin(async move { sqlite_pragmas(conn).await })),
             Backend::Postgres => pool.max_connections(16),
         };
         let pool = pool.connect_with(options).await?;
@@ -219,9 +243,11 @@ impl Store {
 }
 
 impl Store {
-    /// Appends a prompt and its answer to a user's chat, together: in one transaction,
-    /// so concurrent exchanges on one chat do not interleave their turns and a failure
-    /// leaves no half exchange.
+    /// Appends a prompt and its answer to a user's chat, together: one statement, so a
+    /// failure leaves no half exchange, and on SQLite (one connection) concurrent
+    /// exchanges on one chat do not interleave their turns. One statement rather than a
+    /// transaction of two: SQLite runs each on its connection's own thread, so every
+    /// statement, `BEGIN` and `COMMIT` is a thread wake-up there and back.
     pub async fn add_chat_exchange(
         &self,
         user_id: &str,
@@ -229,21 +255,21 @@ impl Store {
         prompt: &str,
         answer: &str,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
         let now = unix_now_millis();
-        for (role, content) in [("user", prompt), ("assistant", answer)] {
-            sqlx::query(
-                "INSERT INTO chat_messages (user_id, chat_id, role, content, created_at) VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(user_id)
-            .bind(chat_id)
-            .bind(role)
-            .bind(content)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
+        sqlx::query(
+            "INSERT INTO chat_messages (user_id, chat_id, role, content, created_at) \
+             VALUES ($1, $2, 'user', $3, $4), ($5, $6, 'assistant', $7, $8)",
+        )
+        .bind(user_id)
+        .bind(chat_id)
+        .bind(prompt)
+        .bind(now)
+        .bind(user_id)
+        .bind(chat_id)
+        .bind(answer)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
