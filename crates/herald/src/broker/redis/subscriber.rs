@@ -311,9 +311,14 @@ impl Subscriber {
     /// compares the positions this node was acknowledged in channels it does not listen
     /// to with Redis, where the same events may have lost writes.
     async fn resync(self: &Arc<Self>, why: Resync) {
-        let _changing = self.changing.lock().await;
-        let again = self.resubscribe(&why).await;
-        self.catch_up(again).await;
+        {
+            let _changing = self.changing.lock().await;
+            let again = self.resubscribe(&why).await;
+            self.catch_up(again).await;
+        }
+        // Outside `changing`: there may be many such channels (up to
+        // `acked::MOST`), and subscribes of new sockets must not wait for them. A
+        // channel subscribed meanwhile takes its position along (`subscribe`).
         let verify = self.acked_to_verify(&why);
         self.verify_acked(verify).await;
     }
