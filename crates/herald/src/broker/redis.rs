@@ -518,9 +518,8 @@ impl Broker for RedisBroker {
             )
             .await
             .map_err(|err| {
-                if self.shards.is_some() {
-                    self.subscriber.publish_failed(name);
-                }
+                // On a Cluster, the primary may be failing over.
+                self.subscriber.publish_failed(name);
                 err.for_message(&id)
             })?;
         let malformed = || BrokerError::Unavailable("unexpected reply from Redis".into());

@@ -8,6 +8,17 @@ use serde_json::{json, Value};
 use crate::redis::{user, wait_ready, Redis};
 use crate::support::{TestServer, WsClient};
 
+/// A Redis this test starts itself (it changes Redis under herald: edits keys, cuts
+/// connections, restarts it), or `None` without `redis-server`; `what` names what it
+/// does, for the failure with `HERALD_TEST_REDIS_URL`.
+async fn own_redis(what: &str) -> Option<Redis> {
+    let redis = Redis::start().await?;
+    if !redis.owned() {
+        panic!("this test {what}: unset HERALD_TEST_REDIS_URL to let it start its own");
+    }
+    Some(redis)
+}
+
 /// Reads `ws` until `n` notifications arrived, checking on the way that every message
 /// is in the epoch the socket was last told and follows the previous offset by one, and
 /// that an epoch change was told in band (`recovered:false`). Returns the notifications
@@ -47,12 +58,9 @@ async fn read_checked(ws: &mut WsClient, welcome: &Value, n: usize) -> (Vec<Valu
 /// every new message; a channel on which nothing is published is told too.
 #[tokio::test]
 async fn redis_restarted_empty_is_told_in_band_and_nothing_is_skipped() {
-    let Some(mut redis) = Redis::start().await else {
+    let Some(mut redis) = own_redis("restarts Redis").await else {
         return;
     };
-    if !redis.owned() {
-        panic!("this test restarts Redis: unset HERALD_TEST_REDIS_URL to let it start its own");
-    }
     let (a, b) = (redis.node().await, redis.node().await);
     let path = "/ws/notifications/";
     let users = [user("restart-self"), user("restart-other"), user("restart-quiet")];
@@ -112,10 +120,9 @@ async fn redis_restarted_empty_is_told_in_band_and_nothing_is_skipped() {
 /// offset, and gets what follows.
 #[tokio::test]
 async fn offsets_handed_out_again_start_a_new_epoch() {
-    let Some(redis) = Redis::start().await else { return };
-    if !redis.owned() {
-        panic!("this test edits Redis keys: unset HERALD_TEST_REDIS_URL to let it start its own");
-    }
+    let Some(redis) = own_redis("edits Redis keys").await else {
+        return;
+    };
     let (a, b) = (redis.node().await, redis.node().await);
     let u = user("reuse");
     let (mut ws, welcome) = b.connect("/ws/notifications/", &u).await;
@@ -170,10 +177,9 @@ async fn publish_five_and_lose_two(redis: &Redis, node: &TestServer, u: &str) ->
 /// publishing hands out an offset twice, and the socket on another node is told.
 #[tokio::test]
 async fn a_node_publishing_after_its_own_writes_were_lost_starts_a_new_epoch() {
-    let Some(redis) = Redis::start().await else { return };
-    if !redis.owned() {
-        panic!("this test edits Redis keys: unset HERALD_TEST_REDIS_URL to let it start its own");
-    }
+    let Some(redis) = own_redis("edits Redis keys").await else {
+        return;
+    };
     let (a, b) = (redis.node().await, redis.node().await);
     let u = user("own-lost");
     let (meta, epoch) = publish_five_and_lose_two(&redis, &a, &u).await;
@@ -205,10 +211,9 @@ async fn a_node_publishing_after_its_own_writes_were_lost_starts_a_new_epoch() {
 /// every node (a socket that joined meanwhile is told in band).
 #[tokio::test]
 async fn lost_writes_on_a_channel_nobody_listens_to_are_found_after_a_reconnect() {
-    let Some(redis) = Redis::start().await else { return };
-    if !redis.owned() {
-        panic!("this test edits Redis keys: unset HERALD_TEST_REDIS_URL to let it start its own");
-    }
+    let Some(redis) = own_redis("edits Redis keys").await else {
+        return;
+    };
     let (a, b) = (redis.node().await, redis.node().await);
     let u = user("unheard");
     let (meta, epoch) = publish_five_and_lose_two(&redis, &a, &u).await;
@@ -240,10 +245,9 @@ async fn lost_writes_on_a_channel_nobody_listens_to_are_found_after_a_reconnect(
 /// back, starts a new epoch and tells the socket.
 #[tokio::test]
 async fn offsets_that_went_back_are_found_when_the_node_catches_up() {
-    let Some(redis) = Redis::start().await else { return };
-    if !redis.owned() {
-        panic!("this test edits Redis keys: unset HERALD_TEST_REDIS_URL to let it start its own");
-    }
+    let Some(redis) = own_redis("edits Redis keys").await else {
+        return;
+    };
     let a = redis.node().await;
     let u = user("catchup");
     let (mut ws, welcome) = a.connect("/ws/notifications/", &u).await;
@@ -269,10 +273,9 @@ async fn offsets_that_went_back_are_found_when_the_node_catches_up() {
 /// LLM answer, say), instead of waiting for a next message to reveal the gap.
 #[tokio::test]
 async fn messages_missed_by_a_cut_off_subscription_are_delivered_on_reconnect() {
-    let Some(redis) = Redis::start().await else { return };
-    if !redis.owned() {
-        panic!("this test cuts Redis connections: unset HERALD_TEST_REDIS_URL to let it start its own");
-    }
+    let Some(redis) = own_redis("cuts Redis connections").await else {
+        return;
+    };
     let (a, b) = (redis.node().await, redis.node().await);
     let u = user("missed");
     let (mut ws, welcome) = b.connect("/ws/notifications/", &u).await;

@@ -227,6 +227,15 @@ impl Cluster {
             .expect("every slot has an owner")
     }
 
+    /// A master other than the one on `port`.
+    fn other_master(&self, port: u16) -> u16 {
+        self.masters
+            .iter()
+            .map(|m| m.port)
+            .find(|p| *p != port)
+            .expect("the test cluster has three masters")
+    }
+
     fn master(&self, port: u16) -> &Master {
         self.masters.iter().find(|m| m.port == port).unwrap()
     }
@@ -383,12 +392,7 @@ async fn subscriptions_follow_a_slot_moved_to_another_master() {
     let channel = notifications_pubsub(&u);
     let slot = slot_of(&channel);
     let from = cluster.owner(slot).await;
-    let to = cluster
-        .masters
-        .iter()
-        .map(|m| m.port)
-        .find(|p| *p != from)
-        .unwrap();
+    let to = cluster.other_master(from);
 
     let (mut on_b, welcome) = b.connect("/ws/notifications/", &u).await;
     a.notify(&u, json!({"n": 1})).await;
@@ -474,12 +478,7 @@ async fn writes_lost_in_a_failover_are_found_by_the_node_that_published_them() {
     let channel = notifications_pubsub(&u);
     let slot = slot_of(&channel);
     let from = cluster.owner(slot).await;
-    let to = cluster
-        .masters
-        .iter()
-        .map(|m| m.port)
-        .find(|p| *p != from)
-        .unwrap();
+    let to = cluster.other_master(from);
     for n in 1..=5 {
         a.notify(&u, json!({"n": n})).await;
     }

@@ -286,9 +286,10 @@ impl Subscriber {
         self.acked.known(channel)
     }
 
-    /// A publish to `channel` failed: on a Cluster its primary may be failing over, so
-    /// follow the slot map closely, to compare what this node was acknowledged there
-    /// with the promoted replica before other nodes' writes hide a loss.
+    /// A publish to `channel` failed: on a Cluster (nothing to do on one Redis) its
+    /// primary may be failing over, so follow the slot map closely, to compare what
+    /// this node was acknowledged there with the promoted replica before other nodes'
+    /// writes hide a loss.
     pub fn publish_failed(self: &Arc<Self>, channel: &str) {
         if let Some(server) = self.owner_of(channel) {
             if !lock(&self.failing).contains(&server) {

@@ -103,9 +103,8 @@ impl AckedPositions {
     /// another owner in `routing` than when they were last checked. Their owner is
     /// updated: [`AckedPositions::unverified`] puts it back when the check fails.
     pub(super) fn moved(&self, routing: &ClusterRouting) -> Vec<(ToVerify, Option<Server>)> {
-        let now = Instant::now();
         let mut map = lock(&self.map);
-        map.retain(|_, acked| now.duration_since(acked.at) < KEEP_FOR);
+        forget_expired(&mut map, Instant::now());
         let mut moved = Vec::new();
         for (channel, acked) in map.iter_mut() {
             let owner = shard_in(routing, channel);
@@ -121,9 +120,8 @@ impl AckedPositions {
     /// the connection to that Redis was made again (it may have restarted from an older
     /// copy of its data).
     pub(super) fn of_server(&self, server: Option<&Server>) -> Vec<ToVerify> {
-        let now = Instant::now();
         let mut map = lock(&self.map);
-        map.retain(|_, acked| now.duration_since(acked.at) < KEEP_FOR);
+        forget_expired(&mut map, Instant::now());
         map.iter()
             .filter(|(_, acked)| server.is_none() || acked.owner.as_ref() == server)
             .map(|(channel, acked)| (channel.clone(), acked.epoch.clone(), acked.offset))
@@ -146,9 +144,14 @@ impl AckedPositions {
     }
 }
 
+/// Forgets what was noted longer than [`KEEP_FOR`] ago.
+fn forget_expired(map: &mut HashMap<String, Acked>, now: Instant) {
+    map.retain(|_, acked| now.duration_since(acked.at) < KEEP_FOR);
+}
+
 /// Makes room: forgets what is older than [`KEEP_FOR`], then the oldest tenth.
 fn forget_old(map: &mut HashMap<String, Acked>, now: Instant) {
-    map.retain(|_, acked| now.duration_since(acked.at) < KEEP_FOR);
+    forget_expired(map, now);
     if map.len() < MOST {
         return;
     }
