@@ -133,6 +133,23 @@ impl Draft {
         Self { body }
     }
 
+    /// `{"<field>":<value>,"type":"<kind>"}`, the same bytes [`Draft::from_object`]
+    /// makes of that two-field map when `field` sorts before `type`, without building
+    /// the map (a notification's envelope; issue 19, the unicast path).
+    pub fn enveloped(field: &str, value: &serde_json::Value, kind: &str) -> Self {
+        debug_assert!(field < "type" && !RESERVED_FIELDS.contains(&field));
+        let mut body = Vec::with_capacity(64);
+        body.push(b'{');
+        // Writing JSON values into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut body, field);
+        body.push(b':');
+        let _ = serde_json::to_writer(&mut body, value);
+        body.extend_from_slice(b",\"type\":");
+        let _ = serde_json::to_writer(&mut body, kind);
+        body.push(b'}');
+        Self { body }
+    }
+
     /// Rebuilds a draft from bytes produced by [`Draft::from_object`] (used by brokers
     /// that ship drafts between processes).
     pub fn from_serialized(body: Vec<u8>) -> Option<Self> {

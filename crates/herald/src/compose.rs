@@ -29,13 +29,10 @@ pub struct Invalid(pub String);
 
 /// `{"type":"notification","notification":{…}}`; the notification must be an object.
 pub fn notification(notification: Value) -> Result<Draft, Invalid> {
-    let Value::Object(notification) = notification else {
+    if !notification.is_object() {
         return Err(Invalid("the notification must be a JSON object".to_owned()));
-    };
-    let mut message = Map::new();
-    message.insert("type".to_owned(), json!("notification"));
-    message.insert("notification".to_owned(), Value::Object(notification));
-    Ok(Draft::from_object(message))
+    }
+    Ok(Draft::enveloped("notification", &notification, "notification"))
 }
 
 /// `{"type":"org_event","org_id","event_type","data"}` from a body holding `event_type`

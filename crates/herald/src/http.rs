@@ -15,9 +15,13 @@ pub mod sse;
 #[cfg(test)]
 mod fuzz;
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use axum::extract::Request;
 use axum::http::StatusCode;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 
@@ -65,13 +69,62 @@ pub const MAX_URI_BYTES: usize = 8 * 1024;
 /// The most header bytes (names and values) accepted in one request.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
-/// Refuses oversized request targets (414) and header sections (431) before any
-/// handler parses them.
-pub async fn limit_request_size(request: Request, next: Next) -> Response {
+/// The layer every request crosses (`crate::router`, outside the panic catcher):
+/// refuses oversized request targets (414) and header sections (431) before any
+/// handler parses them, and makes every error answer JSON ([`json_errors`]).
+///
+/// One hand-written service rather than two `axum::middleware::from_fn`s: each of those
+/// boxes a clone of everything below it into a `Next` for every request, about 3,500
+/// instructions a request each (callgrind, the unicast benchmark; issue 19).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GuardLayer;
+
+impl<S> tower::Layer<S> for GuardLayer {
+    type Service = Guard<S>;
+
+    fn layer(&self, inner: S) -> Guard<S> {
+        Guard { inner }
+    }
+}
+
+/// The service of [`GuardLayer`].
+#[derive(Debug, Clone)]
+pub struct Guard<S> {
+    inner: S,
+}
+
+impl<S> tower::Service<Request> for Guard<S>
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        if let Some(refusal) = oversized(&request) {
+            return Box::pin(std::future::ready(Ok(refusal)));
+        }
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let Ok(response) = answer.await;
+            Ok(json_errors(response).await)
+        })
+    }
+}
+
+/// 414 for a request target over [`MAX_URI_BYTES`], 431 for headers over
+/// [`MAX_HEADER_BYTES`].
+fn oversized(request: &Request) -> Option<Response> {
     if uri_len(request.uri()) > MAX_URI_BYTES {
         let body =
             serde_json::json!({"error": "uri_too_long", "message": "the request URL is longer than 8 KiB"});
-        return (StatusCode::URI_TOO_LONG, axum::Json(body)).into_response();
+        return Some((StatusCode::URI_TOO_LONG, axum::Json(body)).into_response());
     }
     let header_bytes: usize = request
         .headers()
@@ -80,9 +133,9 @@ pub async fn limit_request_size(request: Request, next: Next) -> Response {
         .sum();
     if header_bytes > MAX_HEADER_BYTES {
         let body = serde_json::json!({"error": "headers_too_large", "message": "the request headers are larger than 16 KiB"});
-        return (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, axum::Json(body)).into_response();
+        return Some((StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, axum::Json(body)).into_response());
     }
-    next.run(request).await
+    None
 }
 
 /// The length of `uri` as written, counted without building the string (every request
@@ -107,8 +160,7 @@ const MAX_CARRIED_MESSAGE: usize = 1024;
 /// handlers: extractor rejections (a path id that is not valid percent-encoded UTF-8,
 /// a repeated query parameter), 405 for a wrong method, a panic's 500. A plain-text
 /// client-error body becomes the message; a server error's never does.
-pub async fn json_errors(request: Request, next: Next) -> Response {
-    let response = next.run(request).await;
+async fn json_errors(response: Response) -> Response {
     let status = response.status();
     if !(status.is_client_error() || status.is_server_error()) {
         return response;

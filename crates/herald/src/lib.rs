@@ -212,7 +212,7 @@ pub async fn build_state_with(
             .map_err(|err| anyhow::anyhow!("cannot use Redis at {}: {err}", redact_url(url)))?,
         None => presence::Presence::local(),
     };
-    let state = AppState {
+    let state = AppState::new(app::AppParts {
         auth,
         api_keys: ApiKeys::new(&secrets.api_keys),
         hub,
@@ -236,7 +236,7 @@ pub async fn build_state_with(
         node_id,
         dev_jwt_secret: secrets.dev_jwt_secret,
         config: Arc::new(config),
-    };
+    });
     Ok((state, memory))
 }
 
@@ -400,11 +400,10 @@ pub fn router(state: AppState) -> axum::Router {
         axum::Router::new()
     };
     axum::Router::new()
-        .merge(crate::ws::router(&state))
+        .merge(crate::ws::router())
         .merge(crate::http::router(&state.config.allowed_origins))
         .merge(dev)
-        .layer(axum::middleware::from_fn(crate::http::limit_request_size))
         .layer(CatchPanicLayer::new())
-        .layer(axum::middleware::from_fn(crate::http::json_errors))
+        .layer(crate::http::GuardLayer)
         .with_state(state)
 }

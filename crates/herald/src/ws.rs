@@ -20,11 +20,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, Request};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Extension, Router};
+use axum::Router;
 use base64::Engine;
 use hyper_util::rt::TokioIo;
 use tokio_websockets::{Config, Limits, ServerBuilder};
@@ -44,10 +44,9 @@ use session::Plan;
 /// Client messages larger than this close the socket with 1009 (docs/protocol.md).
 pub const MAX_CLIENT_MESSAGE: usize = 4 * 1024;
 
-/// The WebSocket routes. Their handlers share one `Arc` of the state rather than each
-/// taking a copy: every socket's task holds the state for the socket's life, and a
-/// copy of `AppState` is most of a kilobyte (issue 19, idle memory).
-pub fn router(state: &AppState) -> Router<AppState> {
+/// The WebSocket routes. Every socket's task holds the state for the socket's life: one
+/// pointer, since `AppState` is an `Arc` (issue 19, idle memory).
+pub fn router() -> Router<AppState> {
     Router::new()
         .route("/ws", get(multiplexed))
         .route("/ws/", get(multiplexed))
@@ -57,17 +56,16 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/ws/events/{org_id}/", get(events))
         .route("/ws/frame-stream/{user_id}", get(frame_stream))
         .route("/ws/frame-stream/{user_id}/", get(frame_stream))
-        .layer(Extension(Arc::new(state.clone())))
 }
 
 /// The state every socket shares.
-type Shared = Extension<Arc<AppState>>;
+type Shared = State<AppState>;
 
-async fn notifications(Extension(state): Shared, request: Request) -> Response {
+async fn notifications(State(state): Shared, request: Request) -> Response {
     handshake(state, Endpoint::Notifications, None, request).await
 }
 
-async fn multiplexed(Extension(state): Shared, request: Request) -> Response {
+async fn multiplexed(State(state): Shared, request: Request) -> Response {
     handshake(state, Endpoint::Multiplexed, None, request).await
 }
 
@@ -78,7 +76,7 @@ fn path_id(path: Result<Path<String>, PathRejection>) -> String {
 }
 
 async fn events(
-    Extension(state): Shared,
+    State(state): Shared,
     org_id: Result<Path<String>, PathRejection>,
     request: Request,
 ) -> Response {
@@ -86,7 +84,7 @@ async fn events(
 }
 
 async fn frame_stream(
-    Extension(state): Shared,
+    State(state): Shared,
     user_id: Result<Path<String>, PathRejection>,
     request: Request,
 ) -> Response {
@@ -100,7 +98,7 @@ enum Outcome {
 }
 
 async fn handshake(
-    state: Arc<AppState>,
+    state: AppState,
     endpoint: Endpoint,
     path_id: Option<String>,
     mut request: Request,

@@ -97,3 +97,15 @@ fn seal_writes_every_offset_in_decimal() {
         assert_eq!(value["offset"], json!(offset));
     }
 }
+
+#[test]
+fn an_envelope_is_the_bytes_of_its_map() {
+    let inner = json!({"title": "hi \"there\"", "z": [1, 2, {"b": null, "a": true}], "é": "ü"});
+    let mut map = serde_json::Map::new();
+    map.insert("type".to_owned(), json!("notification"));
+    map.insert("notification".to_owned(), inner.clone());
+    assert_eq!(
+        Draft::enveloped("notification", &inner, "notification").as_bytes(),
+        Draft::from_object(map).as_bytes()
+    );
+}

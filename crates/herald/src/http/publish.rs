@@ -6,7 +6,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::app::AppState;
@@ -33,6 +33,27 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/channels/{channel}/history", get(history))
 }
 
+/// A publish's answer: `{"channel","id","offset"}`, its fields in the order `json!`
+/// used to write them (sorted), so the text is unchanged. Serialized straight from this
+/// struct rather than through a `Value` map (issue 19: the unicast path).
+#[derive(Serialize)]
+struct Receipt<'a> {
+    channel: &'a str,
+    id: &'a str,
+    offset: u64,
+}
+
+impl<'a> Receipt<'a> {
+    fn new(channel: &'a Channel, published: &'a Published) -> Self {
+        Self {
+            channel: channel.name(),
+            id: &published.id,
+            offset: published.offset,
+        }
+    }
+}
+
+/// A receipt as a `Value`, as `Idempotency-Key` records keep them.
 fn receipt(channel: &Channel, published: &Published) -> Value {
     json!({"id": published.id, "channel": channel.name(), "offset": published.offset})
 }
@@ -63,12 +84,14 @@ enum Shape {
 }
 
 impl Shape {
-    fn body(self, mut receipts: Vec<Value>) -> String {
-        let body = match self {
-            Shape::One => receipts.pop().unwrap_or(Value::Null),
-            Shape::List => Value::Array(receipts),
+    /// The answer's text: the last receipt, or all of them.
+    fn body<T: Serialize>(self, receipts: &[T]) -> String {
+        let text = match self {
+            Shape::One => serde_json::to_string(&receipts.last()),
+            Shape::List => serde_json::to_string(receipts),
         };
-        body.to_string()
+        // Receipts are strings and numbers: serializing them cannot fail.
+        text.unwrap_or_else(|_| "null".to_owned())
     }
 }
 
@@ -104,14 +127,19 @@ async fn publish_items(
     shape: Shape,
 ) -> Result<Response, ApiError> {
     let Some(key) = key else {
-        let mut receipts = Vec::with_capacity(items.len());
+        let mut published = Vec::with_capacity(items.len());
         for (channel, draft) in &items {
             match state.publish(channel, draft).await {
-                Ok(published) => receipts.push(receipt(channel, &published)),
-                Err(err) => return Err(publish_failed(&err, receipts.len(), items.len())),
+                Ok(done) => published.push(done),
+                Err(err) => return Err(publish_failed(&err, published.len(), items.len())),
             }
         }
-        return Ok(json_response(StatusCode::ACCEPTED, shape.body(receipts), false));
+        let receipts: Vec<Receipt<'_>> = items
+            .iter()
+            .zip(&published)
+            .map(|((channel, _), published)| Receipt::new(channel, published))
+            .collect();
+        return Ok(json_response(StatusCode::ACCEPTED, shape.body(&receipts), false));
     };
     // Run to the end even if the caller hangs up: the key's record must say what
     // happened, or every repeat would have to answer "unknown".
@@ -194,7 +222,7 @@ async fn publish_once(
     }
     let answer = Answer {
         status: StatusCode::ACCEPTED.as_u16(),
-        body: shape.body(done),
+        body: shape.body(&done),
     };
     state.idempotency.answer(ticket, answer.clone()).await;
     // Every item was published by earlier attempts: this one published nothing.
