@@ -122,16 +122,26 @@ struct Session<'a, S> {
     writing: bool,
     /// Reused batch buffer.
     batch: Batch,
+    /// Made at the client's first ping or message: an idle client, which only answers
+    /// pings, never needs them (144 B a socket; issue 19).
+    limiters: Option<Box<Limiters>>,
+}
+
+/// A socket's rate limiters. A limiter made at the first frame is as full as one made
+/// at the handshake and left unused since.
+struct Limiters {
     /// `HERALD_CLIENT_MESSAGES_PER_MINUTE` for this socket.
-    limiter: governor::DefaultDirectRateLimiter,
+    messages: governor::DefaultDirectRateLimiter,
     /// Protocol pings, which do not count as client messages but each queue a pong.
-    ping_limiter: governor::DefaultDirectRateLimiter,
+    pings: governor::DefaultDirectRateLimiter,
 }
 
 /// Runs an accepted socket until it closes.
 ///
 /// Every idle socket holds this future for its whole life, so it is kept small (issue
-/// 19): the session is built before the future, which holds it once; the state is
+/// 19): the session is built before the future, which holds it once (an
+/// `async fn serve(mut self)` would hold it twice: rustc keeps the argument and the
+/// moved binding apart, 536 B more a socket); the state is
 /// borrowed and the plan stays boxed; the rare, larger awaits (starting, a client
 /// message, filling a gap, closing) are boxed so their futures exist only while they
 /// run; and one timer serves every deadline.
@@ -147,7 +157,7 @@ where
         Arc::from(plan.identity.user_id.as_str()),
         state.config.outbox_max_bytes,
     ));
-    let session = Session {
+    let mut session = Session {
         state,
         ws,
         plan,
@@ -156,17 +166,24 @@ where
         next_sub: SOLE + 1,
         writing: false,
         batch: Batch::default(),
-        limiter: client_message_limiter(state.config.client_messages_per_minute),
-        ping_limiter: protocol_ping_limiter(),
+        limiters: None,
     };
-    session.serve()
+    async move {
+        let (opened_at, code) = session.serve().await;
+        let endpoint = session.plan.endpoint;
+        // The socket and the user's connection slot go before the close is counted.
+        drop(session);
+        state.metrics.connection_closed(endpoint, opened_at.elapsed());
+        tracing::debug!(endpoint = endpoint.label(), code, "session closed");
+    }
 }
 
 impl<S> Session<'_, S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    async fn serve(mut self) {
+    /// Runs the socket to its close; returns when it opened and the close code sent.
+    async fn serve(&mut self) -> (Instant, u16) {
         let state = self.state;
         let outbox = self.outbox.clone();
         let endpoint = self.plan.endpoint;
@@ -198,9 +215,7 @@ where
             leave(state, &cursor.channel, &outbox, cursor.sub).await;
         }
         let code = Box::pin(self.finish(exit)).await;
-        drop(self);
-        state.metrics.connection_closed(endpoint, opened_at.elapsed());
-        tracing::debug!(endpoint = endpoint.label(), code, "session closed");
+        (opened_at, code)
     }
 
     fn queue_text(&mut self, text: impl Into<Payload>) -> Result<(), Exit> {
@@ -448,13 +463,23 @@ where
         Ok(())
     }
 
+    fn limiters(&mut self) -> &Limiters {
+        let per_minute = self.state.config.client_messages_per_minute;
+        self.limiters.get_or_insert_with(|| {
+            Box::new(Limiters {
+                messages: client_message_limiter(per_minute),
+                pings: protocol_ping_limiter(),
+            })
+        })
+    }
+
     /// Handles one client frame. Returns the new token expiry after a refresh.
     async fn on_frame(&mut self, frame: Message) -> Result<Option<Instant>, Exit> {
         let mut new_expiry = None;
         if frame.is_binary() {
             return Err(Exit::Close(CloseCode::UnsupportedData.into()));
         }
-        if frame.is_ping() && self.ping_limiter.check().is_err() {
+        if frame.is_ping() && self.limiters().pings.check().is_err() {
             // Each ping queues a pong; a client that floods pings and never reads would
             // otherwise grow that queue without bound.
             crate::limits::refusal_log("ping_flood", self.plan.ip, "protocol ping flood");
@@ -468,7 +493,7 @@ where
             // Ping (answered by the layer), pong and close frames.
             return Ok(None);
         };
-        if self.limiter.check().is_err() {
+        if self.limiters().messages.check().is_err() {
             crate::limits::refusal_log("client_messages", self.plan.ip, "client message rate limited");
             self.state.metrics.rate_limited("client_messages");
             return Err(Exit::Close(Close::new(
