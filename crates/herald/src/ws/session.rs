@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -307,7 +308,7 @@ where
                 io = io => match io {
                     Io::Flushed => {
                         self.writing = false;
-                        if let Err(exit) = self.forward_outbox().await {
+                        if let Err(exit) = self.forward_queued().await {
                             return exit;
                         }
                     }
@@ -339,7 +340,7 @@ where
                         if let Some(close) = self.outbox.close_requested() {
                             return Exit::Close(close);
                         }
-                    } else if let Err(exit) = self.forward_outbox().await {
+                    } else if let Err(exit) = self.forward_queued().await {
                         return exit;
                     }
                 }
@@ -383,6 +384,73 @@ where
     /// Moves queued messages into the WebSocket's frame queue, skipping any the client
     /// already has and filling a gap from history. Subscriptions ended meanwhile end
     /// first, so nothing of theirs is sent after.
+    ///
+    /// Most batches need no waiting: [`Session::forward_now`] sends them. Only a batch
+    /// that must wait (an ended subscription, an epoch switch, a gap to fill) goes on in
+    /// [`Session::forward_outbox`], boxed: inline, its future would be part of every
+    /// idle socket's task for the socket's life (issue 19, idle memory).
+    async fn forward_queued(&mut self) -> Result<(), Exit> {
+        match self.forward_now() {
+            Some(done) => done,
+            None => Box::pin(self.forward_outbox()).await,
+        }
+    }
+
+    /// Drains the outbox and sends what can be sent without waiting. `None` when it
+    /// stopped at something that needs [`Session::forward_outbox`]: what is left of the
+    /// batch, in order, is then in `self.batch`.
+    fn forward_now(&mut self) -> Option<Result<(), Exit>> {
+        let mut batch = std::mem::take(&mut self.batch);
+        if let Drained::Close(close) = self.outbox.drain(&mut batch) {
+            return Some(Err(Exit::Close(close)));
+        }
+        if !batch.ended.is_empty() {
+            self.batch = batch;
+            return None;
+        }
+        let mut result = self.send_notes(&mut batch.notes);
+        let mut tally = Tally::default();
+        let mut hint = 0;
+        let mut stopped = None;
+        if result.is_ok() {
+            let mut queued = batch.messages.drain(..);
+            while let Some((sub, message)) = queued.next() {
+                let Some(idx) = self.cursor_of(sub, &mut hint) else {
+                    continue;
+                };
+                let place = if self.same_epoch(idx, &message) {
+                    self.place(idx, &message)
+                } else {
+                    Place::Waits
+                };
+                match place {
+                    Place::Behind => {}
+                    Place::Next => {
+                        if let Err(exit) = self.send(idx, message, &mut tally) {
+                            result = Err(exit);
+                            break;
+                        }
+                    }
+                    Place::Waits | Place::After(_) => {
+                        stopped = Some(std::iter::once((sub, message)).chain(queued).collect::<Vec<_>>());
+                        break;
+                    }
+                }
+            }
+        }
+        tally.record(self.state);
+        batch.messages.clear();
+        if let Some(rest) = stopped {
+            batch.messages.extend(rest);
+            self.batch = batch;
+            return None;
+        }
+        batch.notes.clear();
+        self.batch = batch;
+        Some(result)
+    }
+
+    /// [`Session::forward_now`]'s path for a batch that must wait, from where it stopped.
     async fn forward_outbox(&mut self) -> Result<(), Exit> {
         let mut batch = std::mem::take(&mut self.batch);
         if let Drained::Close(close) = self.outbox.drain(&mut batch) {
@@ -397,11 +465,8 @@ where
                 }
             }
         }
-        // Presence and read positions: sent as they are, for live subscriptions.
-        for (sub, text) in batch.notes.drain(..) {
-            if result.is_ok() && self.cursors.iter().any(|c| c.sub == sub) {
-                result = self.queue_text(text);
-            }
+        if result.is_ok() {
+            result = self.send_notes(&mut batch.notes);
         }
         if result.is_ok() {
             result = self.forward(&mut batch.messages).await;
@@ -413,54 +478,107 @@ where
         result
     }
 
-    async fn forward(&mut self, batch: &mut Vec<(SubscriptionId, ChannelMessage)>) -> Result<(), Exit> {
-        // Counted per channel kind: a `/ws/` batch may hold several.
-        let mut n_sent = [0u64; ChannelKind::ALL.len()];
-        let mut oldest = None;
-        let mut idx = 0;
-        for (sub, message) in batch.drain(..) {
-            // Consecutive messages are mostly of one channel: search only on a change.
-            if self.cursors.get(idx).is_none_or(|cursor| cursor.sub != sub) {
-                match self.cursors.iter().position(|cursor| cursor.sub == sub) {
-                    Some(found) => idx = found,
-                    // Unsubscribed after the message was queued.
-                    None => continue,
-                }
-            }
-            if !Arc::ptr_eq(&message.epoch, &self.cursors[idx].epoch) {
-                if message.epoch == self.cursors[idx].epoch {
-                    // Share the broker's copy, so later messages compare by pointer.
-                    self.cursors[idx].epoch = message.epoch.clone();
-                } else if !Box::pin(self.switch_epoch(idx, &message)).await? {
-                    continue;
-                }
-            }
-            let last_offset = self.cursors[idx].last_offset;
-            if message.is_marker() {
-                // The channel stands at this offset: send what this socket lacks.
-                if message.offset > last_offset {
-                    Box::pin(self.fill_gap(idx, message.offset + 1)).await?;
-                }
-                continue;
-            }
-            if message.offset <= last_offset {
-                continue;
-            }
-            if message.offset > last_offset + 1 {
-                Box::pin(self.fill_gap(idx, message.offset)).await?;
-            }
-            self.cursors[idx].last_offset = message.offset;
-            oldest.get_or_insert(message.published_at);
-            n_sent[kind_idx(self.cursors[idx].channel.kind())] += 1;
-            self.queue_text(message.bytes)?;
-        }
-        for (kind, n) in ChannelKind::ALL.into_iter().zip(n_sent) {
-            if n > 0 {
-                let latency = oldest.take().map(|at: Instant| at.elapsed());
-                self.state.metrics.delivered(kind, n, latency);
+    /// Presence and read positions: sent as they are, for live subscriptions.
+    fn send_notes(&mut self, notes: &mut Vec<(SubscriptionId, Bytes)>) -> Result<(), Exit> {
+        for (sub, text) in notes.drain(..) {
+            if self.cursors.iter().any(|c| c.sub == sub) {
+                self.queue_text(text)?;
             }
         }
         Ok(())
+    }
+
+    async fn forward(&mut self, batch: &mut Vec<(SubscriptionId, ChannelMessage)>) -> Result<(), Exit> {
+        let mut tally = Tally::default();
+        let mut hint = 0;
+        let mut result = Ok(());
+        for (sub, message) in batch.drain(..) {
+            let Some(idx) = self.cursor_of(sub, &mut hint) else {
+                continue;
+            };
+            if !self.same_epoch(idx, &message) {
+                match Box::pin(self.switch_epoch(idx, &message)).await {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(exit) => {
+                        result = Err(exit);
+                        break;
+                    }
+                }
+            }
+            let filled = match self.place(idx, &message) {
+                Place::Behind => continue,
+                Place::Next => Ok(()),
+                Place::After(from) => Box::pin(self.fill_gap(idx, from)).await,
+                // `place` gives Waits only for another epoch, handled above.
+                Place::Waits => continue,
+            };
+            let sent = filled.and_then(|()| {
+                if message.is_marker() {
+                    Ok(())
+                } else {
+                    self.send(idx, message, &mut tally)
+                }
+            });
+            if let Err(exit) = sent {
+                result = Err(exit);
+                break;
+            }
+        }
+        tally.record(self.state);
+        result
+    }
+
+    /// The index of the cursor of `sub`, trying `hint` first: consecutive messages are
+    /// mostly of one channel. `None` once unsubscribed.
+    fn cursor_of(&self, sub: SubscriptionId, hint: &mut usize) -> Option<usize> {
+        if self.cursors.get(*hint).is_none_or(|cursor| cursor.sub != sub) {
+            *hint = self.cursors.iter().position(|cursor| cursor.sub == sub)?;
+        }
+        Some(*hint)
+    }
+
+    /// Whether `message` is of the epoch the client knows for cursor `idx`. An equal
+    /// epoch in another allocation is shared, so later messages compare by pointer.
+    fn same_epoch(&mut self, idx: usize, message: &ChannelMessage) -> bool {
+        let cursor = &mut self.cursors[idx];
+        if Arc::ptr_eq(&message.epoch, &cursor.epoch) {
+            return true;
+        }
+        if message.epoch == cursor.epoch {
+            cursor.epoch = message.epoch.clone();
+            return true;
+        }
+        false
+    }
+
+    /// Where `message`, of the cursor's epoch, stands against what the client has.
+    fn place(&self, idx: usize, message: &ChannelMessage) -> Place {
+        let last_offset = self.cursors[idx].last_offset;
+        if message.is_marker() {
+            // The channel stands at this offset: send what this socket lacks.
+            return if message.offset > last_offset {
+                Place::After(message.offset + 1)
+            } else {
+                Place::Behind
+            };
+        }
+        if message.offset <= last_offset {
+            Place::Behind
+        } else if message.offset > last_offset + 1 {
+            Place::After(message.offset)
+        } else {
+            Place::Next
+        }
+    }
+
+    /// Queues `message`, the next of cursor `idx`, for the client.
+    fn send(&mut self, idx: usize, message: ChannelMessage, tally: &mut Tally) -> Result<(), Exit> {
+        let cursor = &mut self.cursors[idx];
+        cursor.last_offset = message.offset;
+        tally.oldest.get_or_insert(message.published_at);
+        tally.sent[kind_idx(cursor.channel.kind())] += 1;
+        self.queue_text(message.bytes)
     }
 
     fn limiters(&mut self) -> &Limiters {
@@ -623,6 +741,38 @@ enum Io {
 }
 
 /// The index of `kind` in [`ChannelKind::ALL`].
+/// Where a channel message stands against what its socket's client has.
+enum Place {
+    /// Already sent (or a marker the client is level with): skip it.
+    Behind,
+    /// The next message: send it.
+    Next,
+    /// Ahead of the client: first send history from this offset up to it (for a marker,
+    /// up to and including its offset), which waits for the broker.
+    After(u64),
+    /// Of another epoch: the client must be told first, which may wait.
+    Waits,
+}
+
+/// Messages sent in one pass over a batch, counted per channel kind (a `/ws/` batch
+/// may hold several), and when the oldest of them was published.
+#[derive(Default)]
+struct Tally {
+    sent: [u64; ChannelKind::ALL.len()],
+    oldest: Option<Instant>,
+}
+
+impl Tally {
+    fn record(mut self, state: &AppState) {
+        for (kind, n) in ChannelKind::ALL.into_iter().zip(self.sent) {
+            if n > 0 {
+                let latency = self.oldest.take().map(|at: Instant| at.elapsed());
+                state.metrics.delivered(kind, n, latency);
+            }
+        }
+    }
+}
+
 fn kind_idx(kind: ChannelKind) -> usize {
     match kind {
         ChannelKind::Notifications => 0,
