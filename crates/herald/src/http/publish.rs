@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use crate::app::AppState;
 use crate::broker::{BrokerError, Published};
@@ -55,7 +55,8 @@ impl<'a> Receipt<'a> {
 
 /// A receipt as a `Value`, as `Idempotency-Key` records keep them.
 fn receipt(channel: &Channel, published: &Published) -> Value {
-    json!({"id": published.id, "channel": channel.name(), "offset": published.offset})
+    // A struct of strings and a number always serializes.
+    serde_json::to_value(Receipt::new(channel, published)).unwrap_or(Value::Null)
 }
 
 /// A JSON answer from its exact text, so a replay sends the same bytes.
@@ -245,7 +246,12 @@ async fn find_sent(state: &AppState, unconfirmed: &Unconfirmed) -> Option<Value>
         .messages
         .iter()
         .find(|message| contains(&message.bytes, needle.as_bytes()))?;
-    Some(json!({"id": id, "channel": channel.name(), "offset": message.offset}))
+    let found = Receipt {
+        channel: channel.name(),
+        id,
+        offset: message.offset,
+    };
+    serde_json::to_value(found).ok()
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

@@ -418,20 +418,17 @@ where
                 let Some(idx) = self.cursor_of(sub, &mut hint) else {
                     continue;
                 };
-                let place = if self.same_epoch(idx, &message) {
-                    self.place(idx, &message)
-                } else {
-                    Place::Waits
-                };
+                // Another epoch: the client must be told first, which may wait.
+                let place = self.same_epoch(idx, &message).then(|| self.place(idx, &message));
                 match place {
-                    Place::Behind => {}
-                    Place::Next => {
+                    Some(Place::Behind) => {}
+                    Some(Place::Next) => {
                         if let Err(exit) = self.send(idx, message, &mut tally) {
                             result = Err(exit);
                             break;
                         }
                     }
-                    Place::Waits | Place::After(_) => {
+                    None | Some(Place::After(_)) => {
                         stopped = Some(std::iter::once((sub, message)).chain(queued).collect::<Vec<_>>());
                         break;
                     }
@@ -510,8 +507,6 @@ where
                 Place::Behind => continue,
                 Place::Next => Ok(()),
                 Place::After(from) => Box::pin(self.fill_gap(idx, from)).await,
-                // `place` gives Waits only for another epoch, handled above.
-                Place::Waits => continue,
             };
             let sent = filled.and_then(|()| {
                 if message.is_marker() {
@@ -740,7 +735,6 @@ enum Io {
     Read(Option<Result<Message, tokio_websockets::Error>>),
 }
 
-/// The index of `kind` in [`ChannelKind::ALL`].
 /// Where a channel message stands against what its socket's client has.
 enum Place {
     /// Already sent (or a marker the client is level with): skip it.
@@ -750,8 +744,6 @@ enum Place {
     /// Ahead of the client: first send history from this offset up to it (for a marker,
     /// up to and including its offset), which waits for the broker.
     After(u64),
-    /// Of another epoch: the client must be told first, which may wait.
-    Waits,
 }
 
 /// Messages sent in one pass over a batch, counted per channel kind (a `/ws/` batch
@@ -773,6 +765,7 @@ impl Tally {
     }
 }
 
+/// The index of `kind` in [`ChannelKind::ALL`].
 fn kind_idx(kind: ChannelKind) -> usize {
     match kind {
         ChannelKind::Notifications => 0,
