@@ -10,6 +10,9 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Connection, Row};
 
+mod inline;
+use inline::Inline;
+
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -21,12 +24,16 @@ pub struct Store {
     /// empty and no read has been kept or heard of since, so that a deployment that
     /// does not use read state makes no query per handshake for it.
     reads: Arc<AtomicBool>,
+    /// A SQLite file's chat statements, on the caller's thread (see `inline`).
+    inline: Option<Arc<Inline>>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("the directory {} of the SQLite file does not exist; create it, or point HERALD_DATABASE_URL at a file in an existing directory", .0.display())]
@@ -122,6 +129,19 @@ impl Store {
             return Err(StoreError::MissingDirectory(dir));
         }
         let options = AnyConnectOptions::from_str(&url)?;
+        // The file a second, inline connection opens once the pool has migrated it.
+        let inline_file = match backend {
+            Backend::Sqlite
+                if !url.contains(":memory:") && !url.contains("mode=memory") && !url.contains("mode=ro") =>
+            {
+                Some(
+                    sqlx::sqlite::SqliteConnectOptions::from_str(&url)?
+                        .get_filename()
+                        .to_owned(),
+                )
+            }
+            _ => None,
+        };
         if backend == Backend::Postgres {
             // One plain connection first: the pool retries until its timeout and then
             // reports only "timed out", hiding "connection refused" or an unknown host.
@@ -159,9 +179,14 @@ impl Store {
                 POSTGRES_MIGRATIONS.run_direct(&mut *conn).await?;
             }
         }
+        let inline = match inline_file {
+            Some(file) => Some(Arc::new(Inline::open(&file)?)),
+            None => None,
+        };
         let store = Store {
             pool,
             reads: Arc::new(AtomicBool::new(false)),
+            inline,
         };
         store.recheck_reads().await?;
         Ok(store)
@@ -184,6 +209,24 @@ impl Store {
     /// Another node kept a read position.
     pub fn read_kept_elsewhere(&self) {
         self.reads.store(true, Ordering::Relaxed);
+    }
+
+    /// A checkpoint of SQLite's write-ahead log, on the pool connection's own thread,
+    /// with no exchange being written meanwhile: the inline connection never
+    /// checkpoints (see `inline`).
+    fn checkpoint_later(&self, inline: Arc<Inline>) {
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            let _closed = inline.gate.write().await;
+            // Its one row read (not `execute`): sqlx's `execute` leaves this statement
+            // unfinished, holding a read of the log, and the log can never start over.
+            if let Err(err) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                .fetch_one(&pool)
+                .await
+            {
+                tracing::warn!(error = %err, "checkpointing the SQLite log failed; the next one retries");
+            }
+        });
     }
 
     /// Whether the database answers.
@@ -256,20 +299,27 @@ impl Store {
         answer: &str,
     ) -> Result<(), StoreError> {
         let now = unix_now_millis();
-        sqlx::query(
-            "INSERT INTO chat_messages (user_id, chat_id, role, content, created_at) \
-             VALUES ($1, $2, 'user', $3, $4), ($5, $6, 'assistant', $7, $8)",
-        )
-        .bind(user_id)
-        .bind(chat_id)
-        .bind(prompt)
-        .bind(now)
-        .bind(user_id)
-        .bind(chat_id)
-        .bind(answer)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
+        if let Some(inline) = &self.inline {
+            let due = {
+                let _open = inline.gate.read().await;
+                inline.add_chat_exchange(user_id, chat_id, prompt, answer, now)?
+            };
+            if due {
+                self.checkpoint_later(inline.clone());
+            }
+            return Ok(());
+        }
+        sqlx::query(inline::ADD_EXCHANGE)
+            .bind(user_id)
+            .bind(chat_id)
+            .bind(prompt)
+            .bind(now)
+            .bind(user_id)
+            .bind(chat_id)
+            .bind(answer)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -281,19 +331,19 @@ impl Store {
         chat_id: &str,
         limit: usize,
     ) -> Result<Vec<ChatTurn>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT role, content, created_at FROM chat_messages WHERE user_id = $1 AND chat_id = $2 \
-             ORDER BY id DESC LIMIT $3",
-        )
-        .bind(user_id)
-        .bind(chat_id)
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await?;
-        let mut turns = rows
-            .iter()
-            .map(ChatTurn::from_row)
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut turns = match &self.inline {
+            Some(inline) => inline.chat_turns_newest_first(user_id, chat_id, limit)?,
+            None => sqlx::query(inline::CHAT_TURNS)
+                .bind(user_id)
+                .bind(chat_id)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(ChatTurn::from_row)
+                .collect::<Result<Vec<_>, sqlx::Error>>()?,
+        };
         turns.reverse();
         Ok(turns)
     }
@@ -482,3 +532,6 @@ fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
 }
+
+#[cfg(test)]
+mod tests;

@@ -60,6 +60,12 @@ pub async fn run(ctx: &Context, job: Job<'_>) -> Option<Outcome> {
         tokio::time::sleep(ctx.drain).await;
     };
     tokio::pin!(shutdown_deadline);
+    // Made once, not per event: each one made registers with its token (a lock) and
+    // deregisters when dropped.
+    let cancelled = cancel.cancelled();
+    tokio::pin!(cancelled);
+    let abandoned = abandon.cancelled();
+    tokio::pin!(abandoned);
 
     let mut events = tokio::select! {
         result = ctx.provider.stream(llm_request) => match result {
@@ -69,8 +75,8 @@ pub async fn run(ctx: &Context, job: Job<'_>) -> Option<Outcome> {
                 return finished(abandon, stream.failed(&err).await);
             }
         },
-        () = cancel.cancelled() => return finished(abandon, stream.cancelled().await),
-        () = abandon.cancelled() => return None,
+        () = &mut cancelled => return finished(abandon, stream.cancelled().await),
+        () = &mut abandoned => return None,
         () = &mut shutdown_deadline => return stream.shut_down().await,
     };
 
@@ -78,11 +84,11 @@ pub async fn run(ctx: &Context, job: Job<'_>) -> Option<Outcome> {
     loop {
         let next = tokio::select! {
             next = next_event(&mut events, answer.flush_at) => next,
-            () = cancel.cancelled() => {
+            () = &mut cancelled => {
                 drop(events);
                 return finished(abandon, stream.cancelled().await);
             }
-            () = abandon.cancelled() => return None,
+            () = &mut abandoned => return None,
             () = &mut shutdown_deadline => {
                 drop(events);
                 return stream.shut_down().await;

@@ -1,0 +1,113 @@
+//! A SQLite file's chat statements, run on the calling thread.
+//!
+//! sqlx runs a SQLite connection on a thread of its own and hands it each statement
+//! over a channel, so every statement is a wake-up of that thread and one of the
+//! waiting task, plus a round through the pool (whose return spawns a task). A chat
+//! task makes two statements, its history read and its exchange write; in the echo
+//! stream benchmark they were about a fifth of herald's CPU per frame
+//! (bench/notes.md). This second connection to the same file runs those two on the
+//! caller's thread instead: each is tens of microseconds of SQLite's own work (an
+//! indexed read; an append to the write-ahead log, not synced under
+//! `synchronous = NORMAL`), short enough for a runtime worker.
+//!
+//! It never checkpoints the log itself (`wal_autocheckpoint = 0`): a checkpoint copies
+//! the log into the file and syncs both, which can take milliseconds. Every
+//! [`CHECKPOINT_EVERY`] exchanges the sqlx connection, on its own thread, checkpoints
+//! instead, with the [`Inline::gate`] closed: the log can only start over once a
+//! checkpoint has copied all of it, which never happens while exchanges keep arriving,
+//! so they wait for it, as tasks (not as blocked threads).
+//!
+//! A file only: an in-memory database exists per connection, so there the sqlx
+//! connection runs these statements too.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OpenFlags};
+
+use super::ChatTurn;
+
+/// Exchanges between two checkpoints (a few pages each: the log stays well under a
+/// megabyte).
+pub(super) const CHECKPOINT_EVERY: u64 = 128;
+
+/// How long a statement waits for the other connection's write to finish, as sqlx's
+/// own connection does.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub(super) const ADD_EXCHANGE: &str =
+    "INSERT INTO chat_messages (user_id, chat_id, role, content, created_at) \
+     VALUES ($1, $2, 'user', $3, $4), ($5, $6, 'assistant', $7, $8)";
+
+pub(super) const CHAT_TURNS: &str = "SELECT role, content, created_at FROM chat_messages \
+     WHERE user_id = $1 AND chat_id = $2 ORDER BY id DESC LIMIT $3";
+
+pub(super) struct Inline {
+    conn: Mutex<Connection>,
+    exchanges: AtomicU64,
+    /// Held shared by each exchange write, and alone by a checkpoint.
+    pub(super) gate: tokio::sync::RwLock<()>,
+}
+
+impl Inline {
+    /// Opens the file the migrated sqlx pool uses.
+    pub(super) fn open(path: &Path) -> Result<Inline, rusqlite::Error> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        // The journal mode belongs to the file (the pool set WAL); the sync level and
+        // the checkpoints belong to each connection.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        Ok(Inline {
+            conn: Mutex::new(conn),
+            exchanges: AtomicU64::new(0),
+            gate: tokio::sync::RwLock::new(()),
+        })
+    }
+
+    /// See `Store::add_chat_exchange`, which holds the gate open. Returns whether a
+    /// checkpoint is due.
+    pub(super) fn add_chat_exchange(
+        &self,
+        user_id: &str,
+        chat_id: &str,
+        prompt: &str,
+        answer: &str,
+        now: i64,
+    ) -> Result<bool, rusqlite::Error> {
+        {
+            // A panic elsewhere while the lock was held cannot leave the connection
+            // half way through a statement: each statement below runs to its end.
+            let conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+            conn.prepare_cached(ADD_EXCHANGE)?.execute(params![
+                user_id, chat_id, prompt, now, user_id, chat_id, answer, now
+            ])?;
+        }
+        let done = self.exchanges.fetch_add(1, Ordering::Relaxed) + 1;
+        Ok(done % CHECKPOINT_EVERY == 0)
+    }
+
+    /// See `Store::chat_turns`: newest first, as the statement reads them.
+    pub(super) fn chat_turns_newest_first(
+        &self,
+        user_id: &str,
+        chat_id: &str,
+        limit: i64,
+    ) -> Result<Vec<ChatTurn>, rusqlite::Error> {
+        let conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut statement = conn.prepare_cached(CHAT_TURNS)?;
+        let rows = statement.query_map(params![user_id, chat_id, limit], |row| {
+            Ok(ChatTurn {
+                role: row.get(0)?,
+                content: row.get(1)?,
+                created_at: row.get(2)?,
+            })
+        })?;
+        rows.collect()
+    }
+}

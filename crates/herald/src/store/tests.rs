@@ -1,0 +1,122 @@
+//! The SQLite store with its inline chat connection (a file) and without (in memory).
+
+use super::*;
+
+async fn file_store(dir: &tempfile::TempDir) -> Store {
+    let url = format!("sqlite://{}", dir.path().join("herald.db").display());
+    match Store::connect(&url).await {
+        Ok(store) => store,
+        Err(err) => panic!("opening {url}: {err}"),
+    }
+}
+
+#[tokio::test]
+async fn a_file_runs_chat_statements_inline_and_memory_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(file_store(&dir).await.inline.is_some());
+    let memory = Store::connect("sqlite::memory:").await.unwrap();
+    assert!(memory.inline.is_none());
+    // Read-only: nothing to write, and the inline connection would open read-write.
+    let url = format!("sqlite://{}?mode=ro", dir.path().join("herald.db").display());
+    assert!(Store::connect(&url).await.unwrap().inline.is_none());
+}
+
+/// The same answers on both paths: the last turns oldest first, per user and chat, and
+/// the pool connection's reads (the chat page API) see the inline connection's writes.
+#[tokio::test]
+async fn chat_turns_read_back_the_same_on_both_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = file_store(&dir).await;
+    let memory = Store::connect("sqlite::memory:").await.unwrap();
+    for store in [&file, &memory] {
+        for i in 0..5 {
+            store
+                .add_chat_exchange("u1", "c1", &format!("q{i}"), &format!("a{i}"))
+                .await
+                .unwrap();
+        }
+        store
+            .add_chat_exchange("u2", "c1", "other", "answer")
+            .await
+            .unwrap();
+        let turns = store.chat_turns("u1", "c1", 4).await.unwrap();
+        let texts: Vec<(&str, &str)> = turns
+            .iter()
+            .map(|turn| (turn.role.as_str(), turn.content.as_str()))
+            .collect();
+        assert_eq!(
+            texts,
+            [
+                ("user", "q3"),
+                ("assistant", "a3"),
+                ("user", "q4"),
+                ("assistant", "a4")
+            ]
+        );
+        assert!(turns.iter().all(|turn| turn.created_at > 0));
+        assert!(store.chat_turns("u1", "nope", 4).await.unwrap().is_empty());
+        let page = store.chat_page("u1", "c1", None, 100).await.unwrap();
+        assert_eq!(page.len(), 10);
+        assert_eq!(page[9].turn.content, "a4");
+        assert_eq!(page[9].index, 9);
+    }
+}
+
+/// Two connections write one file: the pool's writes (memberships) and the inline
+/// exchanges from several threads at once all land, each waiting out the other's lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_connections_write_one_file_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = file_store(&dir).await;
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let store = store.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0..50 {
+                store
+                    .add_chat_exchange(&format!("u{w}"), "c", &format!("q{i}"), "a")
+                    .await
+                    .unwrap();
+                store
+                    .put_member("org", &format!("u{w}-{i}"), "member")
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    for w in 0..4 {
+        let page = store.chat_page(&format!("u{w}"), "c", None, 1000).await.unwrap();
+        assert_eq!(page.len(), 100);
+    }
+    assert_eq!(store.members("org").await.unwrap().len(), 200);
+}
+
+/// The inline connection never checkpoints the write-ahead log; the pool connection does
+/// every `CHECKPOINT_EVERY` exchanges, so the log stops growing. Without those
+/// checkpoints this test's log would pass 8 MB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_is_checkpointed_off_the_inline_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = file_store(&dir).await;
+    let answer = "x".repeat(4000);
+    let mut largest = 0;
+    for i in 0..1000 {
+        store
+            .add_chat_exchange("u", "c", &format!("q{i}"), &answer)
+            .await
+            .unwrap();
+        if i % 16 == 0 {
+            // Let the checkpoint, on the pool's thread, run meanwhile (on a busy
+            // server the other worker takes it at once).
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let wal = std::fs::metadata(dir.path().join("herald.db-wal")).map_or(0, |meta| meta.len());
+        largest = largest.max(wal);
+    }
+    assert!(largest > 0, "the database is not in WAL mode");
+    assert!(largest < 4 << 20, "the log grew to {largest} bytes");
+    assert_eq!(store.chat_page("u", "c", None, 5000).await.unwrap().len(), 2000);
+}
