@@ -88,6 +88,42 @@ impl FrameQueue {
     }
 }
 
+/// Queued bytes up to this many are written from one contiguous copy (see
+/// [`poll_write_copied`]).
+const COPY_MAX: usize = 16 * 1024;
+
+std::thread_local! {
+    /// The copy's buffer: one a thread, reused, so no write allocates or zeroes one.
+    static COPY_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Writes what is queued (at most [`COPY_MAX`] bytes) from one contiguous copy with
+/// `poll_write`. On a TCP socket a plain write is a `send`, where `poll_write_vectored`
+/// is a `writev`, whose way through the kernel's file layer costs more than copying a
+/// small frame's header and payload together.
+fn poll_write_copied<T: AsyncWrite + Unpin>(
+    io: Pin<&mut T>,
+    cx: &mut Context<'_>,
+    queue: &mut FrameQueue,
+) -> Poll<io::Result<usize>> {
+    let polled = COPY_BUFFER.with_borrow_mut(|buffer| {
+        buffer.clear();
+        // What was written of the first frame is skipped, not copied.
+        let mut skip = queue.bytes_written;
+        for frame in queue.queue.iter() {
+            for part in [&frame.header[..frame.header_len()], &frame.payload[..]] {
+                buffer.extend_from_slice(part.get(skip..).unwrap_or_default());
+                skip = skip.saturating_sub(part.len());
+            }
+        }
+        io.poll_write(cx, buffer)
+    });
+    if let Poll::Ready(Ok(n)) = polled {
+        queue.advance(n);
+    }
+    polled
+}
+
 impl Buf for FrameQueue {
     fn remaining(&self) -> usize {
         self.pending_bytes
@@ -517,7 +553,12 @@ where
         let flushing_waker = &mut this.flushing_waker;
 
         while frame_queue.has_remaining() {
-            let n = match poll_write_buf(Pin::new(io), cx, frame_queue) {
+            let polled = if frame_queue.remaining() <= COPY_MAX {
+                poll_write_copied(Pin::new(&mut *io), cx, frame_queue)
+            } else {
+                poll_write_buf(Pin::new(&mut *io), cx, frame_queue)
+            };
+            let n = match polled {
                 Poll::Ready(Ok(n)) => n,
                 Poll::Ready(Err(e)) => {
                     *flushing_waker = None;
