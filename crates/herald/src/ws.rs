@@ -432,6 +432,78 @@ mod tests {
         assert!(session < 1_300, "the session future grew to {session} B");
     }
 
+    /// The server's writes through a pipe that takes at most 7 bytes a write, so every
+    /// frame is written in parts: small batches go out from one copy (up to 16 KiB
+    /// queued, the patched layer's `send` path), larger ones as slices; a frame cut
+    /// anywhere must arrive whole and in order, on both paths and across the boundary.
+    #[tokio::test]
+    async fn frames_written_in_parts_arrive_whole_and_in_order() {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_websockets::{ClientBuilder, Message};
+
+        let (server_io, client_io) = tokio::io::duplex(7);
+        let mut server = ServerBuilder::new().config(socket_config()).serve(server_io);
+        let mut client = ClientBuilder::new()
+            .limits(Limits::unlimited())
+            .take_over(client_io);
+        let sizes = [
+            0,
+            1,
+            125,
+            126,
+            127,
+            300,
+            16 * 1024 - 4,
+            16 * 1024,
+            16 * 1024 + 1,
+            65_535,
+            65_536,
+            70_000,
+            3,
+        ];
+        let texts: Vec<String> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, size)| {
+                let letter = char::from(b'a' + u8::try_from(i).unwrap());
+                letter.to_string().repeat(*size)
+            })
+            .collect();
+        let writer = {
+            let texts = texts.clone();
+            tokio::spawn(async move {
+                // One at a time (each flushed alone), then all queued at once (one
+                // flush of every frame: over 16 KiB, so the sliced path).
+                for text in &texts {
+                    server.send(Message::text(text.clone())).await.unwrap();
+                }
+                for text in &texts {
+                    server.feed(Message::text(text.clone())).await.unwrap();
+                }
+                server.flush().await.unwrap();
+                // A batch of small frames queued together: the copy path with several
+                // frames in one write.
+                for i in 0..50 {
+                    server.feed(Message::text(format!("small {i}"))).await.unwrap();
+                }
+                server.flush().await.unwrap();
+                server
+            })
+        };
+        let mut expected: Vec<String> = texts.iter().chain(&texts).cloned().collect();
+        expected.extend((0..50).map(|i| format!("small {i}")));
+        for want in &expected {
+            let message = client.next().await.unwrap().unwrap();
+            assert_eq!(
+                message.as_text(),
+                Some(want.as_str()),
+                "a frame of {} bytes",
+                want.len()
+            );
+        }
+        drop(writer.await.unwrap());
+    }
+
     #[test]
     fn resume_parameters() {
         assert_eq!(parse_resume(&query(&[])), Ok(None));
