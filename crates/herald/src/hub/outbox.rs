@@ -15,12 +15,11 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
-
-use bytes::Bytes;
-use tokio::sync::Notify;
+use std::task::{Poll, Waker};
 
 use crate::channel::Message;
 use crate::close::Close;
+use bytes::Bytes;
 
 /// A queue that grew past this many slots is shrunk once drained, so one burst does not
 /// pin memory for the life of the socket.
@@ -39,9 +38,6 @@ pub struct Outbox {
     user_id: Arc<str>,
     max_bytes: usize,
     state: Mutex<State>,
-    /// Wakes the session when a message or a close request arrives. `Notify` keeps one
-    /// permit, so a push between two waits is never missed.
-    notify: Notify,
 }
 
 #[derive(Default)]
@@ -54,6 +50,13 @@ struct State {
     ended: Vec<(SubscriptionId, Close)>,
     /// Messages without an offset (presence, read positions) for a subscription.
     notes: Vec<(SubscriptionId, Bytes)>,
+    /// Set by every push or close request, cleared by the wait it ends: like a
+    /// `Notify` permit, a push between two waits is never missed, and one wake-up
+    /// serves any number of pushes. Kept under the queue's own lock, so a push takes
+    /// one lock, not a second one inside a `Notify`.
+    signalled: bool,
+    /// The session's task, while it waits.
+    waker: Option<Waker>,
 }
 
 /// What a session takes out of its outbox at once.
@@ -87,7 +90,6 @@ impl Outbox {
             user_id,
             max_bytes,
             state: Mutex::new(State::default()),
-            notify: Notify::new(),
         }
     }
 
@@ -114,14 +116,12 @@ impl Outbox {
             state.close = Some(crate::close::CloseCode::SlowConsumer.into());
             state.queue = VecDeque::new();
             state.bytes = 0;
-            drop(state);
-            self.notify.notify_one();
+            signal(state);
             return Err(Overflow);
         }
         state.bytes += len;
         state.queue.push_back((sub, message.clone()));
-        drop(state);
-        self.notify.notify_one();
+        signal(state);
         Ok(())
     }
 
@@ -138,14 +138,12 @@ impl Outbox {
             state.queue = VecDeque::new();
             state.notes = Vec::new();
             state.bytes = 0;
-            drop(state);
-            self.notify.notify_one();
+            signal(state);
             return Err(Overflow);
         }
         state.bytes += len;
         state.notes.push((sub, text));
-        drop(state);
-        self.notify.notify_one();
+        signal(state);
         Ok(())
     }
 
@@ -155,8 +153,7 @@ impl Outbox {
         if state.close.is_none() {
             state.close = Some(close);
         }
-        drop(state);
-        self.notify.notify_one();
+        signal(state);
     }
 
     /// Ends subscription `sub` with `close` (its code and reason are told in band);
@@ -170,8 +167,7 @@ impl Outbox {
         if state.close.is_none() {
             state.ended.push((sub, close));
         }
-        drop(state);
-        self.notify.notify_one();
+        signal(state);
     }
 
     /// The pending close request, if any, leaving queued messages in place.
@@ -181,7 +177,19 @@ impl Outbox {
 
     /// Waits until something was pushed or a close was requested.
     pub async fn wait(&self) {
-        self.notify.notified().await;
+        std::future::poll_fn(|cx| {
+            let mut state = self.lock();
+            if state.signalled {
+                state.signalled = false;
+                return Poll::Ready(());
+            }
+            match &mut state.waker {
+                Some(waker) if waker.will_wake(cx.waker()) => {}
+                slot => *slot = Some(cx.waker().clone()),
+            }
+            Poll::Pending
+        })
+        .await;
     }
 
     /// Moves every queued message and ended subscription into `out` (in order), or
@@ -204,5 +212,15 @@ impl Outbox {
             state.queue = VecDeque::new();
         }
         Drained::Messages
+    }
+}
+
+/// Marks `state` signalled and wakes the waiting session, after letting go of the lock.
+fn signal(mut state: MutexGuard<'_, State>) {
+    state.signalled = true;
+    let waker = state.waker.take();
+    drop(state);
+    if let Some(waker) = waker {
+        waker.wake();
     }
 }
