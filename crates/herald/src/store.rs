@@ -1,6 +1,7 @@
 //! The relational store: org memberships, chat history and read state. One code path for
-//! SQLite and PostgreSQL through sqlx's `Any` driver; migrations are embedded per
-//! backend and run at start.
+//! SQLite and PostgreSQL through sqlx's `Any` driver, but for the two statements of a
+//! chat task on a SQLite file, which run on the caller's thread (`inline`); migrations
+//! are embedded per backend and run at start.
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
