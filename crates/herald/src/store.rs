@@ -132,15 +132,11 @@ impl Store {
         let options = AnyConnectOptions::from_str(&url)?;
         // The file a second, inline connection opens once the pool has migrated it.
         let inline_file = match backend {
-            Backend::Sqlite
-                if !url.contains(":memory:") && !url.contains("mode=memory") && !url.contains("mode=ro") =>
-            {
-                Some(
-                    sqlx::sqlite::SqliteConnectOptions::from_str(&url)?
-                        .get_filename()
-                        .to_owned(),
-                )
-            }
+            Backend::Sqlite if inline::suits(&url) => Some(
+                sqlx::sqlite::SqliteConnectOptions::from_str(&url)?
+                    .get_filename()
+                    .to_owned(),
+            ),
             _ => None,
         };
         if backend == Backend::Postgres {
@@ -215,16 +211,30 @@ impl Store {
     /// A checkpoint of SQLite's write-ahead log, on the pool connection's own thread,
     /// with no exchange being written meanwhile: the inline connection never
     /// checkpoints (see `inline`).
-    fn checkpoint_later(&self, inline: Arc<Inline>) {
+    fn checkpoint_later(&self, inline: &Arc<Inline>) {
+        if inline.checkpointing.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let pool = self.pool.clone();
+        let inline = inline.clone();
         tokio::spawn(async move {
-            let _closed = inline.gate.write().await;
-            // Its one row read (not `execute`): sqlx's `execute` leaves this statement
-            // unfinished, holding a read of the log, and the log can never start over.
-            if let Err(err) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-                .fetch_one(&pool)
-                .await
-            {
+            // The connection first, so exchanges wait at the gate only for the
+            // checkpoint itself, not for the pool.
+            let checkpointed = match pool.acquire().await {
+                Ok(mut conn) => {
+                    let _closed = inline.gate.write().await;
+                    // Its one row read (not `execute`): sqlx's `execute` leaves this
+                    // statement unfinished, holding a read of the log, and the log can
+                    // never start over.
+                    sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                        .fetch_one(&mut *conn)
+                        .await
+                        .map(drop)
+                }
+                Err(err) => Err(err),
+            };
+            inline.checkpointing.store(false, Ordering::Release);
+            if let Err(err) = checkpointed {
                 tracing::warn!(error = %err, "checkpointing the SQLite log failed; the next one retries");
             }
         });
@@ -301,14 +311,21 @@ impl Store {
     ) -> Result<(), StoreError> {
         let now = unix_now_millis();
         if let Some(inline) = &self.inline {
-            let due = {
+            let written = {
                 let _open = inline.gate.read().await;
-                inline.add_chat_exchange(user_id, chat_id, prompt, answer, now)?
+                inline.add_chat_exchange(user_id, chat_id, prompt, answer, now)
             };
-            if due {
-                self.checkpoint_later(inline.clone());
+            match written {
+                Ok(due) => {
+                    if due {
+                        self.checkpoint_later(inline);
+                    }
+                    return Ok(());
+                }
+                // Locked by another writer: the pool's thread waits for it instead.
+                Err(err) if inline::busy(&err) => {}
+                Err(err) => return Err(err.into()),
             }
-            return Ok(());
         }
         sqlx::query(inline::ADD_EXCHANGE)
             .bind(user_id)
@@ -333,8 +350,17 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<ChatTurn>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut turns = match &self.inline {
-            Some(inline) => inline.chat_turns_newest_first(user_id, chat_id, limit)?,
+        let read = match &self.inline {
+            Some(inline) => match inline.chat_turns_newest_first(user_id, chat_id, limit) {
+                Ok(turns) => Some(turns),
+                // Locked by another writer: the pool's thread waits for it instead.
+                Err(err) if inline::busy(&err) => None,
+                Err(err) => return Err(err.into()),
+            },
+            None => None,
+        };
+        let mut turns = match read {
+            Some(turns) => turns,
             None => sqlx::query(inline::CHAT_TURNS)
                 .bind(user_id)
                 .bind(chat_id)

@@ -175,7 +175,9 @@ impl Outbox {
         self.lock().close.clone()
     }
 
-    /// Waits until something was pushed or a close was requested.
+    /// Waits until something was pushed or a close was requested. One task waits on an
+    /// outbox (its session, or the SSE follower that owns it): a second waiter would
+    /// take the first one's place.
     pub async fn wait(&self) {
         std::future::poll_fn(|cx| {
             let mut state = self.lock();

@@ -33,9 +33,31 @@ use super::ChatTurn;
 /// megabyte).
 pub(super) const CHECKPOINT_EVERY: u64 = 128;
 
-/// How long a statement waits for the other connection's write to finish, as sqlx's
-/// own connection does.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a statement waits for another connection's write to finish: not at all,
+/// since it would wait on a runtime worker. A statement that finds the file locked
+/// (the pool writing a membership or read position, another process, a backup) is
+/// [`busy`], and the caller runs it through the pool instead, whose thread may wait.
+const BUSY_TIMEOUT: Duration = Duration::ZERO;
+
+/// Whether `err` is SQLite's "the file is locked by another connection".
+pub(super) fn busy(err: &rusqlite::Error) -> bool {
+    matches!(
+        err.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
+/// Whether a SQLite URL may get an inline connection: a file opened read-write with no
+/// other option (a `vfs`, `immutable` or `cache` setting would have the two connections
+/// lock or see the file differently).
+pub(super) fn suits(url: &str) -> bool {
+    let query = url.split_once('?').map_or("", |(_, query)| query);
+    !url.contains(":memory:")
+        && query
+            .split('&')
+            .filter(|pair| !pair.is_empty())
+            .all(|pair| pair == "mode=rwc" || pair == "mode=rw")
+}
 
 pub(super) const ADD_EXCHANGE: &str =
     "INSERT INTO chat_messages (user_id, chat_id, role, content, created_at) \
@@ -47,6 +69,8 @@ pub(super) const CHAT_TURNS: &str = "SELECT role, content, created_at FROM chat_
 pub(super) struct Inline {
     conn: Mutex<Connection>,
     exchanges: AtomicU64,
+    /// A checkpoint is asked for and not yet done: at most one waits at a time.
+    pub(super) checkpointing: std::sync::atomic::AtomicBool,
     /// Held shared by each exchange write, and alone by a checkpoint.
     pub(super) gate: tokio::sync::RwLock<()>,
 }
@@ -66,6 +90,7 @@ impl Inline {
         Ok(Inline {
             conn: Mutex::new(conn),
             exchanges: AtomicU64::new(0),
+            checkpointing: std::sync::atomic::AtomicBool::new(false),
             gate: tokio::sync::RwLock::new(()),
         })
     }

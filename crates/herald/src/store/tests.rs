@@ -120,3 +120,38 @@ async fn the_log_is_checkpointed_off_the_inline_connection() {
     assert!(largest < 4 << 20, "the log grew to {largest} bytes");
     assert_eq!(store.chat_page("u", "c", None, 5000).await.unwrap().len(), 2000);
 }
+
+/// The inline connection never waits for a lock on a runtime worker: while another
+/// connection holds the file's write lock, the exchange goes through the pool, whose
+/// own thread waits for it (without that, the write fails with "database is locked").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_file_sends_the_statement_through_the_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = file_store(&dir).await;
+    let path = dir.path().join("herald.db");
+    let (locked, is_locked) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        locked.send(()).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        conn.execute_batch("COMMIT").unwrap();
+    });
+    is_locked.recv().unwrap();
+    store.add_chat_exchange("u", "c", "q", "a").await.unwrap();
+    holder.join().unwrap();
+    let turns = store.chat_turns("u", "c", 10).await.unwrap();
+    assert_eq!(turns.len(), 2);
+}
+
+#[test]
+fn only_a_plain_read_write_file_gets_an_inline_connection() {
+    assert!(inline::suits("sqlite://herald.db?mode=rwc"));
+    assert!(inline::suits("sqlite:///var/lib/herald/herald.db?mode=rw"));
+    assert!(!inline::suits("sqlite::memory:"));
+    assert!(!inline::suits("sqlite://herald.db?mode=memory"));
+    assert!(!inline::suits("sqlite://herald.db?mode=ro"));
+    assert!(!inline::suits("sqlite://herald.db?mode=rwc&vfs=unix-dotfile"));
+    assert!(!inline::suits("sqlite://herald.db?immutable=1&mode=rwc"));
+    assert!(!inline::suits("sqlite://herald.db?mode=rwc&cache=shared"));
+}

@@ -68,6 +68,9 @@ struct FrameQueue {
     bytes_written: usize,
     /// Total amount of bytes remaining to be sent in the frame queue.
     pending_bytes: usize,
+    /// The last write from a copy found the socket full: the next attempts use the
+    /// slices, which cost nothing to prepare, until a write succeeds.
+    blocked: bool,
 }
 
 impl FrameQueue {
@@ -78,6 +81,7 @@ impl FrameQueue {
             queue: VecDeque::with_capacity(1),
             bytes_written: 0,
             pending_bytes: 0,
+            blocked: false,
         }
     }
 
@@ -106,18 +110,19 @@ fn poll_write_copied<T: AsyncWrite + Unpin>(
     cx: &mut Context<'_>,
     queue: &mut FrameQueue,
 ) -> Poll<io::Result<usize>> {
-    let polled = COPY_BUFFER.with_borrow_mut(|buffer| {
-        buffer.clear();
-        // What was written of the first frame is skipped, not copied.
-        let mut skip = queue.bytes_written;
-        for frame in queue.queue.iter() {
-            for part in [&frame.header[..frame.header_len()], &frame.payload[..]] {
-                buffer.extend_from_slice(part.get(skip..).unwrap_or_default());
-                skip = skip.saturating_sub(part.len());
-            }
+    // Taken out of the cell for the write, so nothing holds a borrow of it meanwhile.
+    let mut buffer = COPY_BUFFER.take();
+    buffer.clear();
+    // What was written of the first frame is skipped, not copied.
+    let mut skip = queue.bytes_written;
+    for frame in queue.queue.iter() {
+        for part in [&frame.header[..frame.header_len()], &frame.payload[..]] {
+            buffer.extend_from_slice(part.get(skip..).unwrap_or_default());
+            skip = skip.saturating_sub(part.len());
         }
-        io.poll_write(cx, buffer)
-    });
+    }
+    let polled = io.poll_write(cx, &buffer);
+    COPY_BUFFER.set(buffer);
     if let Poll::Ready(Ok(n)) = polled {
         queue.advance(n);
     }
@@ -553,10 +558,16 @@ where
         let flushing_waker = &mut this.flushing_waker;
 
         while frame_queue.has_remaining() {
-            let polled = if frame_queue.remaining() <= COPY_MAX {
-                poll_write_copied(Pin::new(&mut *io), cx, frame_queue)
+            let polled = if frame_queue.remaining() <= COPY_MAX && !frame_queue.blocked {
+                let polled = poll_write_copied(Pin::new(&mut *io), cx, frame_queue);
+                frame_queue.blocked = polled.is_pending();
+                polled
             } else {
-                poll_write_buf(Pin::new(&mut *io), cx, frame_queue)
+                let polled = poll_write_buf(Pin::new(&mut *io), cx, frame_queue);
+                if matches!(polled, Poll::Ready(Ok(_))) {
+                    frame_queue.blocked = false;
+                }
+                polled
             };
             let n = match polled {
                 Poll::Ready(Ok(n)) => n,
