@@ -313,18 +313,14 @@ impl Store {
         if let Some(inline) = &self.inline {
             let written = {
                 let _open = inline.gate.read().await;
-                inline.add_chat_exchange(user_id, chat_id, prompt, answer, now)
+                inline.add_chat_exchange(user_id, chat_id, prompt, answer, now)?
             };
-            match written {
-                Ok(due) => {
-                    if due {
-                        self.checkpoint_later(inline);
-                    }
-                    return Ok(());
+            // `None`: locked by another writer; the pool's thread waits for it instead.
+            if let Some(due) = written {
+                if due {
+                    self.checkpoint_later(inline);
                 }
-                // Locked by another writer: the pool's thread waits for it instead.
-                Err(err) if inline::busy(&err) => {}
-                Err(err) => return Err(err.into()),
+                return Ok(());
             }
         }
         sqlx::query(inline::ADD_EXCHANGE)
@@ -350,13 +346,9 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<ChatTurn>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // `None` also when locked by another writer: the pool's thread waits for it.
         let read = match &self.inline {
-            Some(inline) => match inline.chat_turns_newest_first(user_id, chat_id, limit) {
-                Ok(turns) => Some(turns),
-                // Locked by another writer: the pool's thread waits for it instead.
-                Err(err) if inline::busy(&err) => None,
-                Err(err) => return Err(err.into()),
-            },
+            Some(inline) => inline.chat_turns_newest_first(user_id, chat_id, limit)?,
             None => None,
         };
         let mut turns = match read {

@@ -17,9 +17,10 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Poll, Waker};
 
+use bytes::Bytes;
+
 use crate::channel::Message;
 use crate::close::Close;
-use bytes::Bytes;
 
 /// A queue that grew past this many slots is shrunk once drained, so one burst does not
 /// pin memory for the life of the socket.

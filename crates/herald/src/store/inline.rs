@@ -21,7 +21,7 @@
 //! connection runs these statements too.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -31,20 +31,29 @@ use super::ChatTurn;
 
 /// Exchanges between two checkpoints (a few pages each: the log stays well under a
 /// megabyte).
-pub(super) const CHECKPOINT_EVERY: u64 = 128;
+const CHECKPOINT_EVERY: u64 = 128;
 
 /// How long a statement waits for another connection's write to finish: not at all,
 /// since it would wait on a runtime worker. A statement that finds the file locked
 /// (the pool writing a membership or read position, another process, a backup) is
-/// [`busy`], and the caller runs it through the pool instead, whose thread may wait.
+/// answered `None`, and the caller runs it through the pool instead, whose thread may
+/// wait.
 const BUSY_TIMEOUT: Duration = Duration::ZERO;
 
-/// Whether `err` is SQLite's "the file is locked by another connection".
-pub(super) fn busy(err: &rusqlite::Error) -> bool {
-    matches!(
-        err.sqlite_error_code(),
-        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
-    )
+/// `None` when SQLite found the file locked by another connection.
+fn unless_busy<T>(result: Result<T, rusqlite::Error>) -> Result<Option<T>, rusqlite::Error> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(err)
+            if matches!(
+                err.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(err) => Err(err),
+    }
 }
 
 /// Whether a SQLite URL may get an inline connection: a file opened read-write with no
@@ -70,7 +79,7 @@ pub(super) struct Inline {
     conn: Mutex<Connection>,
     exchanges: AtomicU64,
     /// A checkpoint is asked for and not yet done: at most one waits at a time.
-    pub(super) checkpointing: std::sync::atomic::AtomicBool,
+    pub(super) checkpointing: AtomicBool,
     /// Held shared by each exchange write, and alone by a checkpoint.
     pub(super) gate: tokio::sync::RwLock<()>,
 }
@@ -90,13 +99,13 @@ impl Inline {
         Ok(Inline {
             conn: Mutex::new(conn),
             exchanges: AtomicU64::new(0),
-            checkpointing: std::sync::atomic::AtomicBool::new(false),
+            checkpointing: AtomicBool::new(false),
             gate: tokio::sync::RwLock::new(()),
         })
     }
 
     /// See `Store::add_chat_exchange`, which holds the gate open. Returns whether a
-    /// checkpoint is due.
+    /// checkpoint is due, or `None` if the file was locked (nothing was written).
     pub(super) fn add_chat_exchange(
         &self,
         user_id: &str,
@@ -104,35 +113,42 @@ impl Inline {
         prompt: &str,
         answer: &str,
         now: i64,
-    ) -> Result<bool, rusqlite::Error> {
-        {
+    ) -> Result<Option<bool>, rusqlite::Error> {
+        let written = {
             // A panic elsewhere while the lock was held cannot leave the connection
             // half way through a statement: each statement below runs to its end.
             let conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-            conn.prepare_cached(ADD_EXCHANGE)?.execute(params![
-                user_id, chat_id, prompt, now, user_id, chat_id, answer, now
-            ])?;
-        }
-        let done = self.exchanges.fetch_add(1, Ordering::Relaxed) + 1;
-        Ok(done % CHECKPOINT_EVERY == 0)
+            unless_busy(conn.prepare_cached(ADD_EXCHANGE).and_then(|mut statement| {
+                statement.execute(params![
+                    user_id, chat_id, prompt, now, user_id, chat_id, answer, now
+                ])
+            }))?
+        };
+        Ok(written.map(|_| {
+            let done = self.exchanges.fetch_add(1, Ordering::Relaxed) + 1;
+            done % CHECKPOINT_EVERY == 0
+        }))
     }
 
-    /// See `Store::chat_turns`: newest first, as the statement reads them.
+    /// See `Store::chat_turns`: newest first, as the statement reads them; `None` if the
+    /// file was locked.
     pub(super) fn chat_turns_newest_first(
         &self,
         user_id: &str,
         chat_id: &str,
         limit: i64,
-    ) -> Result<Vec<ChatTurn>, rusqlite::Error> {
+    ) -> Result<Option<Vec<ChatTurn>>, rusqlite::Error> {
         let conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut statement = conn.prepare_cached(CHAT_TURNS)?;
-        let rows = statement.query_map(params![user_id, chat_id, limit], |row| {
-            Ok(ChatTurn {
-                role: row.get(0)?,
-                content: row.get(1)?,
-                created_at: row.get(2)?,
-            })
-        })?;
-        rows.collect()
+        unless_busy(conn.prepare_cached(CHAT_TURNS).and_then(|mut statement| {
+            statement
+                .query_map(params![user_id, chat_id, limit], |row| {
+                    Ok(ChatTurn {
+                        role: row.get(0)?,
+                        content: row.get(1)?,
+                        created_at: row.get(2)?,
+                    })
+                })?
+                .collect()
+        }))
     }
 }
