@@ -504,6 +504,110 @@ mod tests {
         drop(writer.await.unwrap());
     }
 
+    /// A socket that counts which write the layer used, and says it takes vectored
+    /// writes, as a TCP stream does.
+    struct CountingIo {
+        inner: tokio::io::DuplexStream,
+        plain: Arc<std::sync::atomic::AtomicUsize>,
+        vectored: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl tokio::io::AsyncRead for CountingIo {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl tokio::io::AsyncWrite for CountingIo {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.plain.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.vectored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// Up to 16 KiB queued goes out as one plain write of a copy (a `send` on TCP, issue
+    /// 19), more as one vectored write of the frames' slices (a `writev`), on a socket
+    /// that offers both.
+    #[tokio::test]
+    async fn small_writes_are_copied_and_large_ones_sliced() {
+        use futures_util::{SinkExt, StreamExt};
+        use std::sync::atomic::Ordering;
+        use tokio_websockets::{ClientBuilder, Message};
+
+        let (server_io, client_io) = tokio::io::duplex(1 << 20);
+        let plain = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let vectored = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let io = CountingIo {
+            inner: server_io,
+            plain: Arc::clone(&plain),
+            vectored: Arc::clone(&vectored),
+        };
+        let mut server = ServerBuilder::new().config(socket_config()).serve(io);
+        let mut client = ClientBuilder::new()
+            .limits(Limits::unlimited())
+            .take_over(client_io);
+
+        for i in 0..3 {
+            server.feed(Message::text(format!("small {i}"))).await.unwrap();
+        }
+        server.flush().await.unwrap();
+        assert_eq!(
+            (plain.load(Ordering::Relaxed), vectored.load(Ordering::Relaxed)),
+            (1, 0),
+            "three small frames: one plain write of their copy"
+        );
+
+        // (The layer flushes by itself once several KiB are queued, so one frame.)
+        let large = "x".repeat(20_000);
+        server.send(Message::text(large.clone())).await.unwrap();
+        assert_eq!(
+            plain.load(Ordering::Relaxed),
+            1,
+            "a 20 KB frame must not be copied"
+        );
+        assert!(vectored.load(Ordering::Relaxed) >= 1, "a 20 KB frame: slices");
+
+        for want in ["small 0", "small 1", "small 2", &large] {
+            let message = client.next().await.unwrap().unwrap();
+            assert_eq!(message.as_text(), Some(want));
+        }
+    }
+
     #[test]
     fn resume_parameters() {
         assert_eq!(parse_resume(&query(&[])), Ok(None));
