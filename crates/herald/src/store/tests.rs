@@ -121,6 +121,34 @@ async fn the_log_is_checkpointed_off_the_inline_connection() {
     assert_eq!(store.chat_page("u", "c", None, 5000).await.unwrap().len(), 2000);
 }
 
+/// The inline connection's own commits never checkpoint (`wal_autocheckpoint = 0`): a
+/// checkpoint syncs the file, milliseconds on a runtime worker. Its log passes SQLite's
+/// default threshold (1,000 pages) here and nothing is copied into the database file;
+/// with the default, the file would hold the log's pages (over 4 MB).
+#[tokio::test]
+async fn the_inline_connection_never_checkpoints_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = file_store(&dir).await;
+    let Some(inline) = store.inline.as_ref() else {
+        panic!("a file store has an inline connection");
+    };
+    let size = |name: &str| std::fs::metadata(dir.path().join(name)).map_or(0, |meta| meta.len());
+    let before = size("herald.db");
+    let answer = "x".repeat(16_000);
+    for i in 0..400 {
+        let written = inline
+            .add_chat_exchange("u", "c", &format!("q{i}"), &answer, 1)
+            .unwrap();
+        assert!(written.is_some(), "nothing else holds the file");
+    }
+    assert!(size("herald.db-wal") > 4 << 20, "the log holds every exchange");
+    assert!(
+        size("herald.db") < before + (1 << 20),
+        "the database file grew from {before} to {} bytes: the inline connection checkpointed",
+        size("herald.db")
+    );
+}
+
 /// The inline connection never waits for a lock on a runtime worker: while another
 /// connection holds the file's write lock, the exchange goes through the pool, whose
 /// own thread waits for it (without that, the write fails with "database is locked").
