@@ -227,7 +227,7 @@ impl Message {
 }
 
 /// Appends `n` in decimal.
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+pub(crate) fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut start = digits.len();
     loop {
@@ -247,10 +247,31 @@ fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
 /// from days since the epoch, H. Hinnant's algorithm) rather than through `fmt`; a
 /// test checks it against `humantime` across centuries.
 pub fn now_rfc3339() -> String {
-    rfc3339_millis(std::time::SystemTime::now())
+    Rfc3339Millis::now().as_str().to_owned()
 }
 
+/// A time as RFC 3339 UTC with milliseconds (`2026-12-06T10:18:58.123Z`), held on the
+/// stack: a publish writes it straight into the message it seals, with no `String`
+/// made and freed for each message.
+pub struct Rfc3339Millis([u8; 24]);
+
+impl Rfc3339Millis {
+    pub fn now() -> Self {
+        Self(rfc3339_millis_bytes(std::time::SystemTime::now()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Always ASCII digits and separators (see `rfc3339_millis_bytes`).
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
 fn rfc3339_millis(time: std::time::SystemTime) -> String {
+    Rfc3339Millis(rfc3339_millis_bytes(time)).as_str().to_owned()
+}
+
+fn rfc3339_millis_bytes(time: std::time::SystemTime) -> [u8; 24] {
     let since = time.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs().min(MAX_RFC3339_SECS);
     let millis = since.subsec_millis();
@@ -291,7 +312,7 @@ fn rfc3339_millis(time: std::time::SystemTime) -> String {
     ] {
         out[idx] = sep;
     }
-    out.iter().map(|&b| char::from(b)).collect()
+    out
 }
 
 /// The last second RFC 3339 can write (9999-12-31T23:59:59Z).
@@ -306,7 +327,10 @@ pub fn unix_to_rfc3339(secs: u64) -> String {
 
 /// A fresh random identifier for messages, connections and epochs.
 pub fn new_id() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
+    // Encoded into a buffer rather than through `Display`: one id a published message,
+    // and `fmt` costs more than the id (issue 19).
+    let mut buffer = [0u8; uuid::fmt::Simple::LENGTH];
+    uuid::Uuid::new_v4().simple().encode_lower(&mut buffer).to_owned()
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use crate::broker::{Broker, BrokerError, History, MemoryStats, Position, Published};
-use crate::channel::{new_id, now_rfc3339, Channel, Draft, Message};
+use crate::channel::{new_id, Channel, Draft, Message, Rfc3339Millis};
 use crate::hub::Hub;
 // Every critical section leaves the state consistent before it can panic (offsets are
 // assigned and stored in one step), so a poisoned lock is still usable.
@@ -234,7 +234,14 @@ impl Broker for MemoryBroker {
             state.offset += 1;
             state.touched = now;
             let id = new_id();
-            let bytes = draft.seal(channel.name(), &id, state.offset, &state.epoch, &now_rfc3339());
+            let timestamp = Rfc3339Millis::now();
+            let bytes = draft.seal(
+                channel.name(),
+                &id,
+                state.offset,
+                &state.epoch,
+                timestamp.as_str(),
+            );
             let message = Message {
                 offset: state.offset,
                 epoch: state.epoch.clone(),

@@ -109,3 +109,17 @@ fn an_envelope_is_the_bytes_of_its_map() {
         Draft::from_object(map).as_bytes()
     );
 }
+
+#[test]
+fn ids_are_32_lowercase_hex_digits_and_differ() {
+    let (a, b) = (super::new_id(), super::new_id());
+    for id in [&a, &b] {
+        assert_eq!(id.len(), 32, "{id}");
+        assert!(
+            id.bytes()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)),
+            "{id}"
+        );
+    }
+    assert_ne!(a, b);
+}

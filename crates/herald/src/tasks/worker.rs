@@ -240,12 +240,11 @@ impl FrameTemplate {
 
     /// The streaming frame `index` carrying `delta`.
     fn draft(&self, delta: &str, index: u64) -> Option<Draft> {
-        use std::io::Write as _;
         let mut body = Vec::with_capacity(self.head.len() + delta.len() + 40 + self.tail.len());
         body.extend_from_slice(&self.head);
         write_json_string(&mut body, delta);
-        // Writing to a Vec cannot fail.
-        let _ = write!(body, ",\"index\":{index}");
+        body.extend_from_slice(b",\"index\":");
+        crate::channel::push_decimal(&mut body, index);
         body.extend_from_slice(&self.tail);
         Draft::from_serialized(body)
     }
