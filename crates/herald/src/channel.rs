@@ -257,62 +257,58 @@ pub struct Rfc3339Millis([u8; 24]);
 
 impl Rfc3339Millis {
     pub fn now() -> Self {
-        Self(rfc3339_millis_bytes(std::time::SystemTime::now()))
+        Self::at(std::time::SystemTime::now())
     }
 
     pub fn as_str(&self) -> &str {
-        // Always ASCII digits and separators (see `rfc3339_millis_bytes`).
+        // Always ASCII digits and separators (see `Rfc3339Millis::at`).
         std::str::from_utf8(&self.0).unwrap_or_default()
     }
-}
 
-#[cfg(test)]
-fn rfc3339_millis(time: std::time::SystemTime) -> String {
-    Rfc3339Millis(rfc3339_millis_bytes(time)).as_str().to_owned()
-}
-
-fn rfc3339_millis_bytes(time: std::time::SystemTime) -> [u8; 24] {
-    let since = time.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs().min(MAX_RFC3339_SECS);
-    let millis = since.subsec_millis();
-    let days = secs / 86_400;
-    let of_day = secs % 86_400;
-    // Days since 0000-03-01, in 400-year eras.
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    let mut out = [0u8; 24];
-    let mut put = |at: usize, width: usize, mut n: u64| {
-        for idx in (at..at + width).rev() {
-            out[idx] = b'0' + (n % 10) as u8;
-            n /= 10;
+    /// `time`, formatted (H. Hinnant's civil date from days since the epoch).
+    fn at(time: std::time::SystemTime) -> Self {
+        let since = time.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let secs = since.as_secs().min(MAX_RFC3339_SECS);
+        let millis = since.subsec_millis();
+        let days = secs / 86_400;
+        let of_day = secs % 86_400;
+        // Days since 0000-03-01, in 400-year eras.
+        let z = days + 719_468;
+        let era = z / 146_097;
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + u64::from(month <= 2);
+        let mut out = [0u8; 24];
+        let mut put = |at: usize, width: usize, mut n: u64| {
+            for idx in (at..at + width).rev() {
+                out[idx] = b'0' + (n % 10) as u8;
+                n /= 10;
+            }
+        };
+        put(0, 4, year);
+        put(5, 2, month);
+        put(8, 2, day);
+        put(11, 2, of_day / 3_600);
+        put(14, 2, of_day / 60 % 60);
+        put(17, 2, of_day % 60);
+        put(20, 3, u64::from(millis));
+        for (idx, sep) in [
+            (4, b'-'),
+            (7, b'-'),
+            (10, b'T'),
+            (13, b':'),
+            (16, b':'),
+            (19, b'.'),
+            (23, b'Z'),
+        ] {
+            out[idx] = sep;
         }
-    };
-    put(0, 4, year);
-    put(5, 2, month);
-    put(8, 2, day);
-    put(11, 2, of_day / 3_600);
-    put(14, 2, of_day / 60 % 60);
-    put(17, 2, of_day % 60);
-    put(20, 3, u64::from(millis));
-    for (idx, sep) in [
-        (4, b'-'),
-        (7, b'-'),
-        (10, b'T'),
-        (13, b':'),
-        (16, b':'),
-        (19, b'.'),
-        (23, b'Z'),
-    ] {
-        out[idx] = sep;
+        Self(out)
     }
-    out
 }
 
 /// The last second RFC 3339 can write (9999-12-31T23:59:59Z).

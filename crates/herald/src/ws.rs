@@ -400,6 +400,10 @@ fn parse_resume(query: &HashMap<String, String>) -> Result<Option<Resume>, &'sta
 
 #[cfg(test)]
 mod tests {
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context as TaskContext, Poll};
+
     use super::*;
 
     fn query(pairs: &[(&str, &str)]) -> HashMap<String, String> {
@@ -472,8 +476,9 @@ mod tests {
         let writer = {
             let texts = texts.clone();
             tokio::spawn(async move {
-                // One at a time (each flushed alone), then all queued at once (one
-                // flush of every frame: over 16 KiB, so the sliced path).
+                // One at a time (each flushed alone), then all fed without a flush
+                // between (the layer flushes by itself once several KiB are queued;
+                // the frames over 16 KiB take the sliced path).
                 for text in &texts {
                     server.send(Message::text(text.clone())).await.unwrap();
                 }
@@ -508,55 +513,49 @@ mod tests {
     /// writes, as a TCP stream does.
     struct CountingIo {
         inner: tokio::io::DuplexStream,
-        plain: Arc<std::sync::atomic::AtomicUsize>,
-        vectored: Arc<std::sync::atomic::AtomicUsize>,
+        plain: Arc<AtomicUsize>,
+        vectored: Arc<AtomicUsize>,
     }
 
     impl tokio::io::AsyncRead for CountingIo {
         fn poll_read(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
+            mut self: Pin<&mut Self>,
+            cx: &mut TaskContext<'_>,
             buf: &mut tokio::io::ReadBuf<'_>,
-        ) -> std::task::Poll<std::io::Result<()>> {
-            std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
         }
     }
 
     impl tokio::io::AsyncWrite for CountingIo {
         fn poll_write(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
+            mut self: Pin<&mut Self>,
+            cx: &mut TaskContext<'_>,
             buf: &[u8],
-        ) -> std::task::Poll<std::io::Result<usize>> {
-            self.plain.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+        ) -> Poll<std::io::Result<usize>> {
+            self.plain.fetch_add(1, Ordering::Relaxed);
+            Pin::new(&mut self.inner).poll_write(cx, buf)
         }
 
         fn poll_write_vectored(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
+            mut self: Pin<&mut Self>,
+            cx: &mut TaskContext<'_>,
             bufs: &[std::io::IoSlice<'_>],
-        ) -> std::task::Poll<std::io::Result<usize>> {
-            self.vectored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        ) -> Poll<std::io::Result<usize>> {
+            self.vectored.fetch_add(1, Ordering::Relaxed);
+            Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
         }
 
         fn is_write_vectored(&self) -> bool {
             true
         }
 
-        fn poll_flush(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<std::io::Result<()>> {
-            std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
         }
 
-        fn poll_shutdown(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<std::io::Result<()>> {
-            std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
         }
     }
 
@@ -566,12 +565,11 @@ mod tests {
     #[tokio::test]
     async fn small_writes_are_copied_and_large_ones_sliced() {
         use futures_util::{SinkExt, StreamExt};
-        use std::sync::atomic::Ordering;
         use tokio_websockets::{ClientBuilder, Message};
 
         let (server_io, client_io) = tokio::io::duplex(1 << 20);
-        let plain = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let vectored = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let plain = Arc::new(AtomicUsize::new(0));
+        let vectored = Arc::new(AtomicUsize::new(0));
         let io = CountingIo {
             inner: server_io,
             plain: Arc::clone(&plain),

@@ -82,7 +82,7 @@ fn timestamps_match_humantime_across_centuries() {
     for s in secs {
         let time = UNIX_EPOCH + Duration::from_millis(s * 1000 + s % 1000);
         assert_eq!(
-            super::rfc3339_millis(time),
+            super::Rfc3339Millis::at(time).as_str(),
             humantime::format_rfc3339_millis(time).to_string(),
             "{s}"
         );
