@@ -5,6 +5,8 @@
 # its plot, and BENCHMARKS.md.
 #
 # Usage: bench/run.sh [--quick] [any `bench all` option, e.g. --scenarios idle,fanout]
+# A full run measures the goals of issue 19 in three herald/bare pairs and judges them
+# on the median ratio (`--pairs`, bench/src/pairs.rs); `--pairs 1` measures once.
 # Needs: cargo, python3 (3.11) with venv, redis-server on PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."

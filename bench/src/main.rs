@@ -13,6 +13,7 @@
 
 mod fleet;
 mod histogram;
+mod pairs;
 mod procfs;
 mod publish;
 mod report;
@@ -115,6 +116,16 @@ struct AllArgs {
     /// Override the plan: concurrent tasks of the stream scenario (every server).
     #[arg(long)]
     stream_tasks: Option<usize>,
+    /// Override the plan: words of each stream's prompt (the echo reply has one frame a
+    /// word). Two runs with different lengths split a task's fixed cost from a frame's.
+    #[arg(long)]
+    stream_words: Option<usize>,
+    /// Measure the goals of issue 19 in this many herald/bare pairs, the main run being
+    /// the first; the goals are judged on the median ratio (see `bench/src/pairs.rs`).
+    /// Only the goal scenarios among `--scenarios` are paired. Default: 3, or 1 with
+    /// `--quick`.
+    #[arg(long)]
+    pairs: Option<usize>,
 }
 
 /// Sizes of one run.
@@ -218,6 +229,9 @@ pub struct Results {
     pub cluster: Option<scenarios::ClusterResult>,
     #[serde(default)]
     pub multiplex: Option<scenarios::MultiplexResult>,
+    /// The goals measured again in alternating pairs (`--pairs`), after the main run.
+    #[serde(default)]
+    pub pairs: Vec<pairs::GoalPair>,
     /// Scenarios that failed, with why.
     pub errors: Vec<String>,
     /// Servers that were not measured, with why.
@@ -322,6 +336,9 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     if let Some(tasks) = args.stream_tasks {
         plan.stream_tasks = tasks;
         plan.django_stream_tasks = tasks;
+    }
+    if let Some(words) = args.stream_words {
+        plan.stream_words = words;
     }
     let scenarios = if args.scenarios.is_empty() {
         vec![
@@ -531,6 +548,15 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
                     }
                 }
             }
+        }
+    }
+    let n_pairs = args.pairs.unwrap_or(if args.quick { 1 } else { 3 });
+    if n_pairs > 1 && kinds.contains(&Kind::Herald) && kinds.contains(&Kind::Bare) {
+        for n in 1..n_pairs {
+            // The main run measured herald first; the pairs take turns.
+            let herald_first = n % 2 == 0;
+            let pair = pairs::run(&ctx, &plan, &scenarios, herald_first, &mut results.errors).await;
+            results.pairs.push(pair);
         }
     }
     results.seconds = started.elapsed().as_secs_f64();

@@ -1,0 +1,244 @@
+//! The goals of issue 19 measured again in alternating pairs (`--pairs N`).
+//!
+//! On a shared two-core host one run's ratio of two servers moves by 10–30 % from run to
+//! run (the bare server alone has moved from 63 to 178 µs a handshake minutes apart),
+//! so a goal of "≤ 1.0×" met or missed by one run says little. Each extra pair runs the
+//! goal scenarios that the run includes (idle, fan-out at the largest size, unicast,
+//! stream) once on herald and once on the bare server, one right after the other,
+//! scenario by scenario, and the servers take turns going first. The report judges each goal on the median of
+//! the pairs' ratios (the main run counting as the first pair) and lists every ratio.
+
+use serde::{Deserialize, Serialize};
+
+use crate::scenarios::{self, Ctx, Pace};
+use crate::servers::Kind;
+use crate::{Plan, Results, Scenario};
+
+/// One server's goal figures in one pair; 0 where a scenario failed.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct GoalFigures {
+    pub rss_per_socket: f64,
+    pub cpu_us_per_handshake: f64,
+    pub fanout_cpu_us_per_delivery: f64,
+    pub fanout_p99_us: f64,
+    pub unicast_cpu_us_per_delivery: f64,
+    pub stream_cpu_us_per_frame: f64,
+}
+
+/// Herald's and the bare server's figures, measured one right after the other.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GoalPair {
+    pub herald_first: bool,
+    pub herald: GoalFigures,
+    pub bare: GoalFigures,
+}
+
+/// Which figure of [`GoalFigures`] a goal is about.
+#[derive(Debug, Clone, Copy)]
+pub enum Goal {
+    Rss,
+    Handshake,
+    FanoutCpu,
+    FanoutP99,
+    Unicast,
+    Stream,
+}
+
+impl GoalFigures {
+    pub fn get(&self, goal: Goal) -> f64 {
+        match goal {
+            Goal::Rss => self.rss_per_socket,
+            Goal::Handshake => self.cpu_us_per_handshake,
+            Goal::FanoutCpu => self.fanout_cpu_us_per_delivery,
+            Goal::FanoutP99 => self.fanout_p99_us,
+            Goal::Unicast => self.unicast_cpu_us_per_delivery,
+            Goal::Stream => self.stream_cpu_us_per_frame,
+        }
+    }
+
+    /// `server`'s figures in the main run: its fan-out figures at the largest size
+    /// herald was measured at.
+    #[allow(clippy::cast_precision_loss)]
+    pub fn of_main_run(results: &Results, server: &str) -> Self {
+        let mut figures = Self::default();
+        if let Some(idle) = results.idle.iter().find(|idle| idle.server == server) {
+            figures.rss_per_socket = idle.rss_per_socket;
+            figures.cpu_us_per_handshake = idle.cpu_us_per_handshake;
+        }
+        let largest = results
+            .fanout
+            .iter()
+            .filter(|fanout| fanout.server == "herald")
+            .flat_map(|fanout| &fanout.rounds)
+            .map(|round| round.subscribers)
+            .max();
+        if let Some(round) = results
+            .fanout
+            .iter()
+            .filter(|fanout| fanout.server == server)
+            .flat_map(|fanout| &fanout.rounds)
+            .find(|round| Some(round.subscribers) == largest)
+        {
+            figures.fanout_cpu_us_per_delivery = round.cpu_us_per_delivery;
+            figures.fanout_p99_us = round.p99_us as f64;
+        }
+        if let Some(unicast) = results.unicast.iter().find(|round| round.server == server) {
+            figures.unicast_cpu_us_per_delivery = unicast.cpu_us_per_delivery;
+        }
+        if let Some(stream) = results.stream.iter().find(|stream| stream.server == server) {
+            figures.stream_cpu_us_per_frame = stream.cpu_us_per_frame;
+        }
+        figures
+    }
+}
+
+/// herald / bare for `goal` in every pair where both were measured: the main run's
+/// first, then the extra pairs in order.
+pub fn ratios(results: &Results, goal: Goal) -> Vec<f64> {
+    let main = GoalPair {
+        herald_first: true,
+        herald: GoalFigures::of_main_run(results, "herald"),
+        bare: GoalFigures::of_main_run(results, "bare"),
+    };
+    std::iter::once(&main)
+        .chain(&results.pairs)
+        .filter_map(|pair| {
+            let (h, b) = (pair.herald.get(goal), pair.bare.get(goal));
+            (h > 0.0 && b > 0.0).then(|| h / b)
+        })
+        .collect()
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(sorted[n / 2]),
+        _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
+    }
+}
+
+/// Runs one extra pair. A scenario that fails leaves its figures at 0 (that pair does
+/// not count for the goal) and is recorded in `errors`.
+#[allow(clippy::cast_precision_loss)]
+pub async fn run(
+    ctx: &Ctx,
+    plan: &Plan,
+    scenarios: &[Scenario],
+    herald_first: bool,
+    errors: &mut Vec<String>,
+) -> GoalPair {
+    let order = if herald_first {
+        [Kind::Herald, Kind::Bare]
+    } else {
+        [Kind::Bare, Kind::Herald]
+    };
+    let largest = plan.fanout_sizes.iter().copied().max().unwrap_or(0);
+    let pace = Pace {
+        deliveries_per_s: plan.fanout_deliveries_per_s,
+        seconds: plan.fanout_round_seconds,
+        min_events: 10,
+    };
+    let mut pair = GoalPair {
+        herald_first,
+        ..GoalPair::default()
+    };
+    let mut failed = |what: &str, kind: Kind, err: anyhow::Error| {
+        eprintln!("!! pair: {what} on {}: {err:#}", kind.label());
+        errors.push(format!("pair ({what} on {}): {err:#}", kind.label()));
+    };
+    let idle = scenarios.contains(&Scenario::Idle);
+    for kind in order.into_iter().filter(|_| idle) {
+        eprintln!("== pair: idle on {}", kind.label());
+        match scenarios::idle(ctx, kind, plan.idle_sockets).await {
+            Ok(idle) => {
+                let figures = figures_of(&mut pair, kind);
+                figures.rss_per_socket = idle.rss_per_socket;
+                figures.cpu_us_per_handshake = idle.cpu_us_per_handshake;
+            }
+            Err(err) => failed("idle", kind, err),
+        }
+    }
+    let fanout = scenarios.contains(&Scenario::Fanout) && largest > 0;
+    for kind in order.into_iter().filter(|_| fanout) {
+        eprintln!("== pair: fanout to {largest} on {}", kind.label());
+        match scenarios::fanout(ctx, kind, &[largest], pace).await {
+            Ok(fanout) => {
+                if let Some(round) = fanout.rounds.iter().max_by_key(|round| round.subscribers) {
+                    let figures = figures_of(&mut pair, kind);
+                    figures.fanout_cpu_us_per_delivery = round.cpu_us_per_delivery;
+                    figures.fanout_p99_us = round.p99_us as f64;
+                }
+            }
+            Err(err) => failed("fanout", kind, err),
+        }
+    }
+    let unicast = scenarios.contains(&Scenario::Unicast);
+    for kind in order.into_iter().filter(|_| unicast) {
+        eprintln!("== pair: unicast on {}", kind.label());
+        match scenarios::unicast(
+            ctx,
+            kind,
+            plan.unicast_users,
+            plan.unicast_rate,
+            plan.unicast_seconds,
+        )
+        .await
+        {
+            Ok(round) => figures_of(&mut pair, kind).unicast_cpu_us_per_delivery = round.cpu_us_per_delivery,
+            Err(err) => failed("unicast", kind, err),
+        }
+    }
+    let stream = scenarios.contains(&Scenario::Stream);
+    for kind in order.into_iter().filter(|_| stream) {
+        eprintln!("== pair: stream on {}", kind.label());
+        match scenarios::stream(ctx, kind, plan.stream_tasks, plan.stream_words).await {
+            Ok(stream) => figures_of(&mut pair, kind).stream_cpu_us_per_frame = stream.cpu_us_per_frame,
+            Err(err) => failed("stream", kind, err),
+        }
+    }
+    pair
+}
+
+fn figures_of(pair: &mut GoalPair, kind: Kind) -> &mut GoalFigures {
+    if kind == Kind::Herald {
+        &mut pair.herald
+    } else {
+        &mut pair.bare
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_median_is_the_middle_value() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[1.2]), Some(1.2));
+        assert_eq!(median(&[1.3, 0.9, 1.0]), Some(1.0));
+        assert_eq!(median(&[1.0, 0.8, 1.2, 0.9]), Some(0.95));
+    }
+
+    #[test]
+    fn a_pair_without_both_figures_does_not_count() {
+        let mut results = Results::default();
+        results.pairs.push(GoalPair {
+            herald_first: false,
+            herald: GoalFigures {
+                stream_cpu_us_per_frame: 12.0,
+                ..GoalFigures::default()
+            },
+            bare: GoalFigures {
+                stream_cpu_us_per_frame: 10.0,
+                unicast_cpu_us_per_delivery: 50.0,
+                ..GoalFigures::default()
+            },
+        });
+        assert_eq!(ratios(&results, Goal::Stream), vec![1.2]);
+        assert!(ratios(&results, Goal::Unicast).is_empty());
+    }
+}
