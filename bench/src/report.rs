@@ -876,7 +876,10 @@ mod tests {
             .lines()
             .find(|line| line.starts_with("| echo LLM stream, CPU per frame |"))
             .unwrap();
-        assert!(row.contains("| 1.20×, 0.90×, 0.95× | **0.95×** | ≤ 1.0× | met |"), "{row}");
+        assert!(
+            row.contains("| 1.20×, 0.90×, 0.95× | **0.95×** | ≤ 1.0× | met |"),
+            "{row}"
+        );
     }
 
     #[test]

@@ -250,12 +250,16 @@ impl Follower<'_> {
         }
         let grace = tokio::time::sleep_until(Instant::now() + ENDED_GRACE);
         tokio::pin!(grace);
+        // Made once for the stream, not per batch (see `sync::cancelled`).
+        let state = self.state;
+        let shutdown = crate::sync::cancelled(&state.shutdown);
+        tokio::pin!(shutdown);
         let mut batch = Batch::default();
         loop {
             tokio::select! {
                 () = self.outbox.wait() => {}
                 () = self.tx.closed() => return Err(Stop::Gone),
-                () = self.state.shutdown.cancelled() => return Err(Stop::Gone),
+                () = &mut shutdown => return Err(Stop::Gone),
                 () = &mut grace, if ended_at_start => {
                     return Err(Stop::Lost("the task's messages left history; reload the task"));
                 }

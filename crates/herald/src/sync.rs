@@ -1,4 +1,4 @@
-//! Locks that ignore poisoning.
+//! Locks that ignore poisoning, and a wait for cancellation that is cheap to poll.
 //!
 //! Every `std::sync` lock in herald guards a short critical section that leaves its data
 //! consistent at each step (a map insert, a counter, a swap), and none is held across an
@@ -6,7 +6,13 @@
 //! the lock again is safe: one panicking request must not turn every later request that
 //! touches the same map into a panic.
 
-use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::future::{poll_fn, Future};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::task::{Context, Poll, Wake, Waker};
+
+use futures_util::task::AtomicWaker;
+use tokio_util::sync::CancellationToken;
 
 /// Locks `mutex`, ignoring poisoning (see the module docs).
 pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -21,4 +27,110 @@ pub fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
 /// Write-locks `lock`, ignoring poisoning (see the module docs).
 pub fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Waits until `token` is cancelled, like [`CancellationToken::cancelled`], but cheap to
+/// poll while nothing happens.
+///
+/// tokio-util's future takes the token's mutex and its `Notify`'s mutex on every poll,
+/// and a `select!` loop polls every branch whenever its task wakes. A socket's loop,
+/// an LLM task's loop and an HTTP connection all wait on the node's one shutdown
+/// token, so every message forwarded and every token streamed took those two locks,
+/// shared by every task on both runtime threads (issue 19). This future polls the
+/// token's future only when that future's waker was woken (once: when the token is
+/// cancelled); between, a poll is two atomic operations on state of its own.
+pub async fn cancelled(token: &CancellationToken) {
+    let inner = token.cancelled();
+    tokio::pin!(inner);
+    // `woken` starts set, so the first poll registers the inner future.
+    let woken = Arc::new(Woken {
+        woken: AtomicBool::new(true),
+        task: AtomicWaker::new(),
+    });
+    let waker = Waker::from(woken.clone());
+    poll_fn(|cx| {
+        // Registered before the flag is read: a wake between the two finds this task's
+        // waker and polls it again.
+        woken.task.register(cx.waker());
+        if woken.woken.swap(false, Ordering::Acquire) {
+            let mut own = Context::from_waker(&waker);
+            if inner.as_mut().poll(&mut own).is_ready() {
+                return Poll::Ready(());
+            }
+        }
+        Poll::Pending
+    })
+    .await;
+}
+
+/// The waker [`cancelled`] gives the token's future: notes the wake, then wakes the
+/// task that polled last.
+struct Woken {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for Woken {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Whether `wait` ends well within 5 s. Not `timeout` alone: its own timer wakes the
+    /// task after 5 s and polls the wait again, which would hide a lost wake.
+    async fn woke_soon(wait: impl Future<Output = ()>) -> bool {
+        let start = tokio::time::Instant::now();
+        let ended = tokio::time::timeout(Duration::from_secs(5), wait).await.is_ok();
+        ended && start.elapsed() < Duration::from_secs(2)
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_token_is_ready_at_once() {
+        let token = CancellationToken::new();
+        token.cancel();
+        assert!(woke_soon(cancelled(&token)).await);
+    }
+
+    #[tokio::test]
+    async fn wakes_when_cancelled_later_and_not_before() {
+        let token = CancellationToken::new();
+        let wait = cancelled(&token);
+        tokio::pin!(wait);
+        // Polled many times while the token stands: pending each time.
+        for _ in 0..3 {
+            assert!(futures_util::poll!(wait.as_mut()).is_pending());
+        }
+        let canceller = token.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            canceller.cancel();
+        });
+        assert!(woke_soon(wait).await, "the cancel did not wake the wait");
+    }
+
+    /// The future moves to another task between polls (a new waker): the cancel must
+    /// wake the task that polled last.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wakes_the_task_that_polled_last() {
+        // Leaked: the wait borrows the token and moves into a task of its own.
+        let token: &'static CancellationToken = Box::leak(Box::new(CancellationToken::new()));
+        let mut wait = Box::pin(cancelled(token));
+        assert!(futures_util::poll!(wait.as_mut()).is_pending());
+        let canceller = token.clone();
+        let waiter = tokio::spawn(woke_soon(wait));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        canceller.cancel();
+        assert!(waiter.await.unwrap(), "the moved wait never woke");
+    }
 }

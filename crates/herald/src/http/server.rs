@@ -499,7 +499,7 @@ pub async fn run(
             tokio::pin!(connection);
             let ended = tokio::select! {
                 ended = connection.as_mut() => ended,
-                () = closing.cancelled() => {
+                () = crate::sync::cancelled(&closing) => {
                     connection.as_mut().graceful_shutdown();
                     connection.await
                 }

@@ -287,7 +287,7 @@ where
         let mut expiry_at = expiry_instant(self.plan.identity.expires_at);
         let timer = sleep_until(next_ping.min(age_at).min(expiry_at));
         tokio::pin!(timer);
-        let cancelled = state.shutdown.cancelled();
+        let cancelled = crate::sync::cancelled(&state.shutdown);
         tokio::pin!(cancelled);
         let mut draining = false;
 

@@ -56,15 +56,15 @@ pub async fn run(ctx: &Context, job: Job<'_>) -> Option<Outcome> {
     // At shutdown a running task gets the drain window to finish; then it is ended, or
     // handed back to the shared queue.
     let shutdown_deadline = async {
-        ctx.shutdown.cancelled().await;
+        crate::sync::cancelled(&ctx.shutdown).await;
         tokio::time::sleep(ctx.drain).await;
     };
     tokio::pin!(shutdown_deadline);
-    // Made once, not per event: each one made registers with its token (a lock) and
-    // deregisters when dropped.
-    let cancelled = cancel.cancelled();
+    // Made once, not per event (each one made registers with its token under a lock and
+    // deregisters when dropped), and polled without a lock while nothing happens.
+    let cancelled = crate::sync::cancelled(cancel);
     tokio::pin!(cancelled);
-    let abandoned = abandon.cancelled();
+    let abandoned = crate::sync::cancelled(abandon);
     tokio::pin!(abandoned);
 
     let mut events = tokio::select! {
