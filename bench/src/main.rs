@@ -551,10 +551,12 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
         }
     }
     let n_pairs = args.pairs.unwrap_or(if args.quick { 1 } else { 3 });
-    if n_pairs > 1 && kinds.contains(&Kind::Herald) && kinds.contains(&Kind::Bare) {
+    let position = |kind: Kind| kinds.iter().position(|k| *k == kind);
+    if let (true, Some(herald), Some(bare)) = (n_pairs > 1, position(Kind::Herald), position(Kind::Bare)) {
+        // The main run measured the servers in `kinds`' order; the pairs take turns.
+        let main_herald_first = herald < bare;
         for n in 1..n_pairs {
-            // The main run measured herald first; the pairs take turns.
-            let herald_first = n % 2 == 0;
+            let herald_first = main_herald_first == (n % 2 == 0);
             let pair = pairs::run(&ctx, &plan, &scenarios, herald_first, &mut results.errors).await;
             results.pairs.push(pair);
         }

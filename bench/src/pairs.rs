@@ -5,8 +5,14 @@
 //! so a goal of "≤ 1.0×" met or missed by one run says little. Each extra pair runs the
 //! goal scenarios that the run includes (idle, fan-out at the largest size, unicast,
 //! stream) once on herald and once on the bare server, one right after the other,
-//! scenario by scenario, and the servers take turns going first. The report judges each goal on the median of
-//! the pairs' ratios (the main run counting as the first pair) and lists every ratio.
+//! scenario by scenario, and the servers take turns going first. The report judges
+//! each goal on the median of the pairs' ratios (the main run counting as the first
+//! pair) and lists every ratio, "—" for a pair where a scenario failed.
+//!
+//! The main run's pair is not quite like the others: its fan-out figures are the
+//! largest round of a sweep (after the smaller rounds, on the same process), and
+//! each server runs its whole sweep before the next starts; an extra pair measures the
+//! largest size alone, in a fresh process.
 
 use serde::{Deserialize, Serialize};
 
@@ -92,26 +98,25 @@ impl GoalFigures {
     }
 }
 
-/// herald / bare for `goal` in every pair where both were measured: the main run's
-/// first, then the extra pairs in order.
-pub fn ratios(results: &Results, goal: Goal) -> Vec<f64> {
-    let main = GoalPair {
-        herald_first: true,
-        herald: GoalFigures::of_main_run(results, "herald"),
-        bare: GoalFigures::of_main_run(results, "bare"),
-    };
-    std::iter::once(&main)
-        .chain(&results.pairs)
-        .filter_map(|pair| {
-            let (h, b) = (pair.herald.get(goal), pair.bare.get(goal));
+/// herald / bare for `goal` in each pair, the main run's first, then the extra pairs
+/// in order; `None` where a scenario failed on either server.
+pub fn ratios(results: &Results, goal: Goal) -> Vec<Option<f64>> {
+    let main = (
+        GoalFigures::of_main_run(results, "herald"),
+        GoalFigures::of_main_run(results, "bare"),
+    );
+    std::iter::once(main)
+        .chain(results.pairs.iter().map(|pair| (pair.herald, pair.bare)))
+        .map(|(herald, bare)| {
+            let (h, b) = (herald.get(goal), bare.get(goal));
             (h > 0.0 && b > 0.0).then(|| h / b)
         })
         .collect()
 }
 
-/// The median of `values` (the mean of the middle two for an even count).
-pub fn median(values: &[f64]) -> Option<f64> {
-    let mut sorted = values.to_vec();
+/// The median of the measured `values` (the mean of the middle two for an even count).
+pub fn median(values: &[Option<f64>]) -> Option<f64> {
+    let mut sorted: Vec<f64> = values.iter().flatten().copied().collect();
     sorted.sort_by(f64::total_cmp);
     let n = sorted.len();
     match n {
@@ -218,9 +223,13 @@ mod tests {
     #[test]
     fn the_median_is_the_middle_value() {
         assert_eq!(median(&[]), None);
-        assert_eq!(median(&[1.2]), Some(1.2));
-        assert_eq!(median(&[1.3, 0.9, 1.0]), Some(1.0));
-        assert_eq!(median(&[1.0, 0.8, 1.2, 0.9]), Some(0.95));
+        assert_eq!(median(&[None]), None);
+        assert_eq!(median(&[Some(1.2)]), Some(1.2));
+        assert_eq!(median(&[Some(1.3), Some(0.9), Some(1.0)]), Some(1.0));
+        assert_eq!(
+            median(&[Some(1.0), Some(0.8), None, Some(1.2), Some(0.9)]),
+            Some(0.95)
+        );
     }
 
     #[test]
@@ -238,7 +247,8 @@ mod tests {
                 ..GoalFigures::default()
             },
         });
-        assert_eq!(ratios(&results, Goal::Stream), vec![1.2]);
-        assert!(ratios(&results, Goal::Unicast).is_empty());
+        // The main run measured nothing here; the pair measured the stream on both.
+        assert_eq!(ratios(&results, Goal::Stream), vec![None, Some(1.2)]);
+        assert_eq!(ratios(&results, Goal::Unicast), vec![None, None]);
     }
 }

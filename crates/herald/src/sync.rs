@@ -36,35 +36,41 @@ pub fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 /// and a `select!` loop polls every branch whenever its task wakes. A socket's loop,
 /// an LLM task's loop and an HTTP connection all wait on the node's one shutdown
 /// token, so every message forwarded and every token streamed took those two locks,
-/// shared by every task on both runtime threads (issue 19). This future polls the
-/// token's future only when that future's waker was woken (once: when the token is
-/// cancelled); between, a poll is two atomic operations on state of its own.
-pub async fn cancelled(token: &CancellationToken) {
-    let inner = token.cancelled();
+/// shared by every task on both runtime threads (issue 19). Through [`woken_only`],
+/// the token's future is polled only when it has woken its waker (once: when the token
+/// is cancelled).
+pub fn cancelled(token: &CancellationToken) -> impl Future<Output = ()> + Send + '_ {
+    woken_only(token.cancelled())
+}
+
+/// Runs `inner`, polling it only when it has woken the waker it was last polled with:
+/// for a future that wakes once, at its end, while the task around it wakes for other
+/// reasons all the time. Between, a poll is an `AtomicWaker::register` and a swap, on
+/// state of its own.
+async fn woken_only<F: Future>(inner: F) -> F::Output {
     tokio::pin!(inner);
-    // `woken` starts set, so the first poll registers the inner future.
+    // `woken` starts set, so the first poll polls `inner`.
     let woken = Arc::new(Woken {
         woken: AtomicBool::new(true),
         task: AtomicWaker::new(),
     });
-    let waker = Waker::from(woken.clone());
     poll_fn(|cx| {
         // Registered before the flag is read: a wake between the two finds this task's
         // waker and polls it again.
         woken.task.register(cx.waker());
         if woken.woken.swap(false, Ordering::Acquire) {
-            let mut own = Context::from_waker(&waker);
-            if inner.as_mut().poll(&mut own).is_ready() {
-                return Poll::Ready(());
-            }
+            // Made here rather than kept: `inner` holds on to it, and an idle socket's
+            // future is smaller without a second copy.
+            let waker = Waker::from(woken.clone());
+            return inner.as_mut().poll(&mut Context::from_waker(&waker));
         }
         Poll::Pending
     })
-    .await;
+    .await
 }
 
-/// The waker [`cancelled`] gives the token's future: notes the wake, then wakes the
-/// task that polled last.
+/// The waker [`woken_only`] gives the inner future: notes the wake, then wakes the task
+/// that polled last.
 struct Woken {
     woken: AtomicBool,
     task: AtomicWaker,
@@ -117,6 +123,31 @@ mod tests {
             canceller.cancel();
         });
         assert!(woke_soon(wait).await, "the cancel did not wake the wait");
+    }
+
+    /// A future that counts its polls and never ends.
+    struct Counted(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Future for Counted {
+        type Output = ();
+
+        fn poll(self: std::pin::Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<()> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Poll::Pending
+        }
+    }
+
+    /// The point of the wrapper: the task wakes and polls it often, the inner future
+    /// is polled once, until it wakes its own waker.
+    #[tokio::test]
+    async fn the_inner_future_is_polled_only_after_it_woke() {
+        let polls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let wait = woken_only(Counted(polls.clone()));
+        tokio::pin!(wait);
+        for _ in 0..5 {
+            assert!(futures_util::poll!(wait.as_mut()).is_pending());
+        }
+        assert_eq!(polls.load(Ordering::Relaxed), 1);
     }
 
     /// The future moves to another task between polls (a new waker): the cancel must
