@@ -155,54 +155,60 @@ pub async fn run(
         eprintln!("!! pair: {what} on {}: {err:#}", kind.label());
         errors.push(format!("pair ({what} on {}): {err:#}", kind.label()));
     };
-    let idle = scenarios.contains(&Scenario::Idle);
-    for kind in order.into_iter().filter(|_| idle) {
-        eprintln!("== pair: idle on {}", kind.label());
-        match scenarios::idle(ctx, kind, plan.idle_sockets).await {
-            Ok(idle) => {
-                let figures = figures_of(&mut pair, kind);
-                figures.rss_per_socket = idle.rss_per_socket;
-                figures.cpu_us_per_handshake = idle.cpu_us_per_handshake;
-            }
-            Err(err) => failed("idle", kind, err),
-        }
-    }
-    let fanout = scenarios.contains(&Scenario::Fanout) && largest > 0;
-    for kind in order.into_iter().filter(|_| fanout) {
-        eprintln!("== pair: fanout to {largest} on {}", kind.label());
-        match scenarios::fanout(ctx, kind, &[largest], pace).await {
-            Ok(fanout) => {
-                if let Some(round) = fanout.rounds.iter().max_by_key(|round| round.subscribers) {
+    if scenarios.contains(&Scenario::Idle) {
+        for kind in order {
+            eprintln!("== pair: idle on {}", kind.label());
+            match scenarios::idle(ctx, kind, plan.idle_sockets).await {
+                Ok(idle) => {
                     let figures = figures_of(&mut pair, kind);
-                    figures.fanout_cpu_us_per_delivery = round.cpu_us_per_delivery;
-                    figures.fanout_p99_us = round.p99_us as f64;
+                    figures.rss_per_socket = idle.rss_per_socket;
+                    figures.cpu_us_per_handshake = idle.cpu_us_per_handshake;
                 }
+                Err(err) => failed("idle", kind, err),
             }
-            Err(err) => failed("fanout", kind, err),
         }
     }
-    let unicast = scenarios.contains(&Scenario::Unicast);
-    for kind in order.into_iter().filter(|_| unicast) {
-        eprintln!("== pair: unicast on {}", kind.label());
-        match scenarios::unicast(
-            ctx,
-            kind,
-            plan.unicast_users,
-            plan.unicast_rate,
-            plan.unicast_seconds,
-        )
-        .await
-        {
-            Ok(round) => figures_of(&mut pair, kind).unicast_cpu_us_per_delivery = round.cpu_us_per_delivery,
-            Err(err) => failed("unicast", kind, err),
+    if scenarios.contains(&Scenario::Fanout) && largest > 0 {
+        for kind in order {
+            eprintln!("== pair: fanout to {largest} on {}", kind.label());
+            match scenarios::fanout(ctx, kind, &[largest], pace).await {
+                Ok(fanout) => {
+                    if let Some(round) = fanout.rounds.iter().max_by_key(|round| round.subscribers) {
+                        let figures = figures_of(&mut pair, kind);
+                        figures.fanout_cpu_us_per_delivery = round.cpu_us_per_delivery;
+                        figures.fanout_p99_us = round.p99_us as f64;
+                    }
+                }
+                Err(err) => failed("fanout", kind, err),
+            }
         }
     }
-    let stream = scenarios.contains(&Scenario::Stream);
-    for kind in order.into_iter().filter(|_| stream) {
-        eprintln!("== pair: stream on {}", kind.label());
-        match scenarios::stream(ctx, kind, plan.stream_tasks, plan.stream_words).await {
-            Ok(stream) => figures_of(&mut pair, kind).stream_cpu_us_per_frame = stream.cpu_us_per_frame,
-            Err(err) => failed("stream", kind, err),
+    if scenarios.contains(&Scenario::Unicast) {
+        for kind in order {
+            eprintln!("== pair: unicast on {}", kind.label());
+            match scenarios::unicast(
+                ctx,
+                kind,
+                plan.unicast_users,
+                plan.unicast_rate,
+                plan.unicast_seconds,
+            )
+            .await
+            {
+                Ok(round) => {
+                    figures_of(&mut pair, kind).unicast_cpu_us_per_delivery = round.cpu_us_per_delivery
+                }
+                Err(err) => failed("unicast", kind, err),
+            }
+        }
+    }
+    if scenarios.contains(&Scenario::Stream) {
+        for kind in order {
+            eprintln!("== pair: stream on {}", kind.label());
+            match scenarios::stream(ctx, kind, plan.stream_tasks, plan.stream_words).await {
+                Ok(stream) => figures_of(&mut pair, kind).stream_cpu_us_per_frame = stream.cpu_us_per_frame,
+                Err(err) => failed("stream", kind, err),
+            }
         }
     }
     pair
