@@ -12,7 +12,9 @@
 pub mod outbox;
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
+
+use foldhash::fast::RandomState;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -25,7 +27,7 @@ pub use outbox::{Batch, Drained, Outbox, Overflow, SubscriptionId, SOLE};
 /// subscribes to different channels rarely contend.
 const SHARDS: usize = 64;
 
-type Subscribers = HashMap<Arc<str>, Vec<Subscriber>>;
+type Subscribers = HashMap<Arc<str>, Vec<Subscriber>, RandomState>;
 
 /// One socket's subscription to a channel.
 struct Subscriber {
@@ -65,8 +67,8 @@ pub struct Delivery {
 impl Default for Hub {
     fn default() -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::default())).collect(),
+            hasher: RandomState::default(),
             delivered: AtomicU64::new(0),
             slow: AtomicU64::new(0),
             revocations: AtomicU64::new(0),

@@ -76,7 +76,9 @@ impl ConnectionLimits {
     /// Takes a slot for `user_id`, or refuses if the user is at the limit.
     pub async fn acquire(self: &Arc<Self>, user_id: &str) -> Result<ConnectionSlot, LimitRefusal> {
         if let Some(shared) = &self.shared {
-            return match shared.acquire(user_id, self.max_per_user).await {
+            // Boxed: the Redis call's future is ~8 KB, and every handshake's future
+            // (moved into a box by the router) would carry it even on one node.
+            return match Box::pin(shared.acquire(user_id, self.max_per_user)).await {
                 Ok(Some(count)) => Ok(ConnectionSlot {
                     limits: self.clone(),
                     user_id: user_id.to_owned(),

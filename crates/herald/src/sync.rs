@@ -45,22 +45,27 @@ pub fn cancelled(token: &CancellationToken) -> impl Future<Output = ()> + Send +
 
 /// Runs `inner`, polling it only when it has woken the waker it was last polled with:
 /// for a future that wakes once, at its end, while the task around it wakes for other
-/// reasons all the time. Between, a poll is an `AtomicWaker::register` and a swap, on
-/// state of its own.
+/// reasons all the time. Between, a poll by the task already registered is one load of
+/// a flag of its own (a task's waker stays the same from poll to poll); a poll by
+/// another task registers that task's waker first.
 async fn woken_only<F: Future>(inner: F) -> F::Output {
     tokio::pin!(inner);
-    // `woken` starts set, so the first poll polls `inner`.
     let woken = Arc::new(Woken {
         woken: AtomicBool::new(true),
         task: AtomicWaker::new(),
     });
+    let mut registered: Option<Waker> = None;
     poll_fn(|cx| {
-        // Registered before the flag is read: a wake between the two finds this task's
-        // waker and polls it again.
-        woken.task.register(cx.waker());
-        if woken.woken.swap(false, Ordering::Acquire) {
-            // Made here rather than kept: `inner` holds on to it, and an idle socket's
-            // future is smaller without a second copy.
+        let same_task = registered
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(cx.waker()));
+        if !same_task {
+            woken.task.register(cx.waker());
+            registered = Some(cx.waker().clone());
+        }
+        // The load first: not woken is the common case, and it needs no read-modify-write.
+        // A wake after it wakes the registered task, which polls again.
+        if woken.woken.load(Ordering::Relaxed) && woken.woken.swap(false, Ordering::Acquire) {
             let waker = Waker::from(woken.clone());
             return inner.as_mut().poll(&mut Context::from_waker(&waker));
         }
@@ -69,8 +74,6 @@ async fn woken_only<F: Future>(inner: F) -> F::Output {
     .await
 }
 
-/// The waker [`woken_only`] gives the inner future: notes the wake, then wakes the task
-/// that polled last.
 struct Woken {
     woken: AtomicBool,
     task: AtomicWaker,

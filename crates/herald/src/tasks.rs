@@ -184,7 +184,9 @@ impl Tasks {
     pub async fn submit(&self, request: TaskRequest) -> Result<String, SubmitError> {
         match &self.queue {
             Queue::Local(queue) => queue.submit(request),
-            Queue::Redis(queue) => queue.submit(request).await,
+            // Boxed: the Redis call's future is ~7 KB, and every request's future (moved
+            // into a box by the router) would carry it even with the local queue.
+            Queue::Redis(queue) => Box::pin(queue.submit(request)).await,
         }
     }
 
@@ -192,7 +194,7 @@ impl Tasks {
     pub async fn get(&self, task_id: &str, user_id: &UserId) -> Result<Option<TaskView>, Unavailable> {
         match &self.queue {
             Queue::Local(queue) => Ok(queue.get(task_id, user_id)),
-            Queue::Redis(queue) => queue.get(task_id, user_id).await,
+            Queue::Redis(queue) => Box::pin(queue.get(task_id, user_id)).await,
         }
     }
 
@@ -201,7 +203,7 @@ impl Tasks {
     pub async fn cancel(&self, task_id: &str, user_id: &UserId) -> Result<Option<TaskView>, Unavailable> {
         match &self.queue {
             Queue::Local(queue) => Ok(queue.cancel(task_id, user_id)),
-            Queue::Redis(queue) => queue.cancel(task_id, user_id).await,
+            Queue::Redis(queue) => Box::pin(queue.cancel(task_id, user_id)).await,
         }
     }
 

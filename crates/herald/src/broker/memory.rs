@@ -18,7 +18,9 @@
 //! [`CHANNEL_OVERHEAD`] bytes each), which idle eviction reclaims.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
+
+use foldhash::fast::RandomState;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -67,7 +69,7 @@ struct Counters {
     idle_evictions: AtomicU64,
 }
 
-type ChannelMap = HashMap<Arc<str>, Arc<Mutex<ChannelState>>>;
+type ChannelMap = HashMap<Arc<str>, Arc<Mutex<ChannelState>>, RandomState>;
 
 struct ChannelState {
     epoch: Arc<str>,
@@ -96,8 +98,8 @@ impl MemoryBroker {
             history_size,
             history_ttl,
             history_max_bytes,
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::default())).collect(),
+            hasher: RandomState::default(),
             history_bytes: AtomicUsize::new(0),
             shrinking: AtomicBool::new(false),
             counters: Counters::default(),

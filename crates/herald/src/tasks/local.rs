@@ -294,6 +294,10 @@ struct Registered<'a> {
 impl Checkpoint for Registered<'_> {
     async fn save(&self, _progress: Progress<'_>) {}
 
+    fn records_progress(&self) -> bool {
+        false
+    }
+
     async fn finish(&self, outcome: &Outcome) {
         self.tasks.set_status(
             self.task_id,

@@ -178,6 +178,13 @@ pub trait Checkpoint: Send + Sync {
     fn may_send(&self) -> bool {
         true
     }
+
+    /// Whether [`Checkpoint::save`] records anything: a queue whose tasks cannot be
+    /// taken over (the local one) says no, and its worker skips the call, a boxed future
+    /// per frame.
+    fn records_progress(&self) -> bool {
+        true
+    }
 }
 
 /// One run of a task.
@@ -211,43 +218,92 @@ struct Stream<'a> {
     request: &'a TaskRequest,
     abandon: &'a CancellationToken,
     checkpoint: &'a dyn Checkpoint,
-    frames: FrameTemplate,
+    template: MessageTemplate,
 }
 
-/// The streaming `llm_frame`s of one task, serialized without building a JSON value
-/// per token: what surrounds `delta` and `index` is written once per task. The bytes
+/// One task's messages, serialized without building a JSON value per message: what
+/// surrounds a message's own fields is written once per task. Every `llm_*` message's
+/// own fields (`data`, `error`, `frame`, `message`, `status`) sort between `chat_id` and
+/// `task_id`, so a message is `head`, its fields, `ids`, its type and `end`. The bytes
 /// are exactly those [`Draft::from_object`] makes of the same message (its keys are
-/// sorted), which a unit test checks.
-struct FrameTemplate {
-    /// `{"chat_id":…,"frame":{"delta":`
+/// sorted), which a unit test checks for every kind.
+struct MessageTemplate {
+    /// `{"chat_id":…,`
     head: Vec<u8>,
-    /// `,"status":"streaming"},"task_id":…,"type":"llm_frame","user_id":…}`
-    tail: Vec<u8>,
+    /// `,"task_id":…,"type":"`
+    ids: Vec<u8>,
+    /// `","user_id":…}`
+    end: Vec<u8>,
 }
 
-impl FrameTemplate {
+impl MessageTemplate {
     fn new(request: &TaskRequest, task_id: &str) -> Self {
         let mut head = b"{\"chat_id\":".to_vec();
         write_json_string(&mut head, request.chat_id.as_str());
-        head.extend_from_slice(b",\"frame\":{\"delta\":");
-        let mut tail = b",\"status\":\"streaming\"},\"task_id\":".to_vec();
-        write_json_string(&mut tail, task_id);
-        tail.extend_from_slice(b",\"type\":\"llm_frame\",\"user_id\":");
-        write_json_string(&mut tail, request.user_id.as_str());
-        tail.push(b'}');
-        Self { head, tail }
+        head.push(b',');
+        let mut ids = b",\"task_id\":".to_vec();
+        write_json_string(&mut ids, task_id);
+        ids.extend_from_slice(b",\"type\":\"");
+        let mut end = b"\",\"user_id\":".to_vec();
+        write_json_string(&mut end, request.user_id.as_str());
+        end.push(b'}');
+        Self { head, ids, end }
     }
 
-    /// The streaming frame `index` carrying `delta`.
-    fn draft(&self, delta: &str, index: u64) -> Option<Draft> {
-        let mut body = Vec::with_capacity(self.head.len() + delta.len() + 40 + self.tail.len());
+    /// `message` with the task's ids.
+    fn draft(&self, message: &LlmMessage<'_>) -> Option<Draft> {
+        let fields_len = match message {
+            LlmMessage::Frame { delta, .. } => delta.len() + 64,
+            LlmMessage::Response { .. } => 256,
+            _ => 128,
+        };
+        let mut body = Vec::with_capacity(self.head.len() + fields_len + self.ids.len() + self.end.len());
         body.extend_from_slice(&self.head);
-        write_json_string(&mut body, delta);
-        body.extend_from_slice(b",\"index\":");
-        crate::channel::push_decimal(&mut body, index);
-        body.extend_from_slice(&self.tail);
+        match message {
+            // The hot path: one frame per token.
+            LlmMessage::Frame { delta, index } => {
+                body.extend_from_slice(b"\"frame\":{\"delta\":");
+                write_json_string(&mut body, delta);
+                body.extend_from_slice(b",\"index\":");
+                crate::channel::push_decimal(&mut body, *index);
+                body.extend_from_slice(b",\"status\":\"streaming\"}");
+            }
+            LlmMessage::Status { status, message } => {
+                body.extend_from_slice(b"\"message\":");
+                write_json_string(&mut body, message);
+                body.extend_from_slice(b",\"status\":");
+                write_json_string(&mut body, status.as_str());
+            }
+            LlmMessage::Thinking { message } => {
+                body.extend_from_slice(b"\"frame\":{\"message\":");
+                write_json_string(&mut body, message);
+                body.extend_from_slice(b",\"progress\":\"indeterminate\",\"status\":\"thinking\"}");
+            }
+            LlmMessage::Response { data } => {
+                body.extend_from_slice(b"\"data\":");
+                // Writing a JSON value into a Vec cannot fail.
+                let _ = serde_json::to_writer(&mut body, data);
+            }
+            LlmMessage::Error { error } => {
+                body.extend_from_slice(b"\"error\":");
+                write_json_string(&mut body, error);
+            }
+        }
+        body.extend_from_slice(&self.ids);
+        body.extend_from_slice(message.kind().as_str().as_bytes());
+        body.extend_from_slice(&self.end);
         Draft::from_serialized(body)
     }
+}
+
+/// `message` with the task's ids, through a JSON map: the shape [`MessageTemplate`]
+/// writes directly.
+fn message_via_map(request: &TaskRequest, task_id: &str, message: LlmMessage<'_>) -> Draft {
+    let mut message = message.into_object();
+    message.insert("user_id".to_owned(), json!(request.user_id.as_str()));
+    message.insert("chat_id".to_owned(), json!(request.chat_id.as_str()));
+    message.insert("task_id".to_owned(), json!(task_id));
+    Draft::from_object(message)
 }
 
 /// Appends `text` as a JSON string, escaped as serde_json escapes it everywhere else.
@@ -263,22 +319,11 @@ impl Stream<'_> {
         if !self.may_send() {
             return None;
         }
-        let draft = match &message {
-            // The hot path: one frame per token, serialized from the task's template.
-            LlmMessage::Frame { delta, index } => self.frames.draft(delta, *index),
-            _ => None,
+        let draft = match self.template.draft(&message) {
+            Some(draft) => draft,
+            None => message_via_map(self.request, self.task_id, message),
         };
-        let draft = draft.unwrap_or_else(|| self.message(message));
         self.publish(&draft).await
-    }
-
-    /// `message` with the task's ids.
-    fn message(&self, message: LlmMessage<'_>) -> Draft {
-        let mut message = message.into_object();
-        message.insert("user_id".to_owned(), json!(self.request.user_id.as_str()));
-        message.insert("chat_id".to_owned(), json!(self.request.chat_id.as_str()));
-        message.insert("task_id".to_owned(), json!(self.task_id));
-        Draft::from_object(message)
     }
 
     /// Whether this worker may still send on the task's stream (see [`Stream::send`]).
@@ -322,7 +367,7 @@ impl Stream<'_> {
     }
 
     async fn record(&self, progress: Progress<'_>) {
-        if !self.abandon.is_cancelled() {
+        if self.checkpoint.records_progress() && !self.abandon.is_cancelled() {
             self.checkpoint.save(progress).await;
         }
     }
@@ -446,7 +491,7 @@ pub async fn publish_unstarted_end(
         request,
         abandon: &never,
         checkpoint,
-        frames: FrameTemplate::new(request, task_id),
+        template: MessageTemplate::new(request, task_id),
     };
     match status {
         TaskStatus::Cancelled => {

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::channel::now_rfc3339;
 use crate::compose::llm::{LlmMessage, LlmStatus, THINKING_MESSAGE};
 use crate::llm::{ChatMessage, LlmError, LlmEvent, LlmRequest, Usage};
-use crate::tasks::worker::{frames_channel, Context, FrameTemplate, Job, Outcome, Phase, Resume, Stream};
+use crate::tasks::worker::{frames_channel, Context, Job, MessageTemplate, Outcome, Phase, Resume, Stream};
 use crate::tasks::{TaskRequest, TaskStatus};
 
 /// Runs a task to its end. `None`: the task was abandoned (lost to another worker or
@@ -41,7 +41,7 @@ pub async fn run(ctx: &Context, job: Job<'_>) -> Option<Outcome> {
         request,
         abandon,
         checkpoint,
-        frames: FrameTemplate::new(request, task_id),
+        template: MessageTemplate::new(request, task_id),
     };
     // A resumed task that had already finished its answer only sends what is missing.
     if resume.phase >= Phase::Saved {

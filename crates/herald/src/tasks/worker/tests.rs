@@ -4,6 +4,7 @@
 use serde_json::json;
 
 use super::*;
+use crate::compose::llm::THINKING_MESSAGE;
 
 fn frame(index: u64, delta: &str) -> Value {
     json!({"type": "llm_frame", "frame": {"status": "streaming", "delta": delta, "index": index}})
@@ -98,7 +99,7 @@ fn progress_names_the_bytes_appended_since_the_last_save() {
 }
 
 #[test]
-fn a_frame_from_the_template_is_the_frame_the_json_path_makes() {
+fn every_message_from_the_template_is_the_message_the_json_path_makes() {
     let request = TaskRequest {
         user_id: crate::ids::UserId::parse("u-1").unwrap(),
         chat_id: crate::ids::ChatId::parse("chat_9").unwrap(),
@@ -106,29 +107,42 @@ fn a_frame_from_the_template_is_the_frame_the_json_path_makes() {
         model: String::new(),
     };
     let task_id = "t0f3";
-    let template = FrameTemplate::new(&request, task_id);
-    for (delta, index) in [
-        ("Echo:", 0),
-        (" wörld", 1),
-        (" \"quoted\" \\ back\nslash\t\u{1}", 41),
-        ("", u64::MAX),
-        (" 😀</script>", 7),
-    ] {
-        let mut message = serde_json::Map::new();
-        message.insert("type".to_owned(), json!("llm_frame"));
-        message.insert(
-            "frame".to_owned(),
-            json!({"status": "streaming", "delta": delta, "index": index}),
-        );
-        message.insert("user_id".to_owned(), json!(request.user_id.as_str()));
-        message.insert("chat_id".to_owned(), json!(request.chat_id.as_str()));
-        message.insert("task_id".to_owned(), json!(task_id));
-        let expected = Draft::from_object(message);
-        let made = template.draft(delta, index).unwrap();
+    let template = MessageTemplate::new(&request, task_id);
+    let odd = " \"quoted\" \\ back\nslash\t\u{1} wörld 😀</script>";
+    let data = json!({"response": odd, "event": "response_generated", "usage": {"b": 1, "a": [2, null]}});
+    let mut messages = vec![
+        LlmMessage::Frame {
+            delta: "Echo:",
+            index: 0,
+        },
+        LlmMessage::Frame {
+            delta: odd,
+            index: 41,
+        },
+        LlmMessage::Frame {
+            delta: "",
+            index: u64::MAX,
+        },
+        LlmMessage::Thinking {
+            message: THINKING_MESSAGE,
+        },
+        LlmMessage::Thinking { message: odd },
+        LlmMessage::Status {
+            status: LlmStatus::Failed,
+            message: odd,
+        },
+        LlmMessage::Response { data },
+        LlmMessage::Error { error: odd },
+        LlmMessage::Error { error: "" },
+    ];
+    messages.extend(LlmStatus::ALL.map(LlmMessage::status));
+    for message in messages {
+        let made = template.draft(&message).unwrap();
+        let expected = message_via_map(&request, task_id, message.clone());
         assert_eq!(
             String::from_utf8_lossy(made.as_bytes()),
             String::from_utf8_lossy(expected.as_bytes()),
-            "delta {delta:?}"
+            "{message:?}"
         );
     }
 }
