@@ -38,21 +38,10 @@ struct Subscriber {
 pub struct Hub {
     shards: Box<[Mutex<Subscribers>]>,
     hasher: RandomState,
-    /// Messages queued into outboxes, all channels.
-    delivered: AtomicU64,
-    /// Outboxes closed for overflowing.
-    slow: AtomicU64,
     /// Calls to [`Hub::disconnect_user`]. A session reads it before its membership
     /// check and again after subscribing: if it moved, a removal may have run in
     /// between, found no subscription to end, and the membership must be checked again.
     revocations: AtomicU64,
-}
-
-/// Totals since start, for stats and metrics.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct HubCounters {
-    pub delivered: u64,
-    pub slow: u64,
 }
 
 /// What one delivery did.
@@ -69,8 +58,6 @@ impl Default for Hub {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::default())).collect(),
             hasher: RandomState::default(),
-            delivered: AtomicU64::new(0),
-            slow: AtomicU64::new(0),
             revocations: AtomicU64::new(0),
         }
     }
@@ -131,10 +118,7 @@ impl Hub {
             shard.remove(channel);
         }
         drop(shard);
-        self.delivered
-            .fetch_add(delivery.queued as u64, Ordering::Relaxed);
         if delivery.slow > 0 {
-            self.slow.fetch_add(delivery.slow as u64, Ordering::Relaxed);
             tracing::warn!(
                 channel,
                 n_slow = delivery.slow,
@@ -142,13 +126,6 @@ impl Hub {
             );
         }
         delivery
-    }
-
-    pub fn counters(&self) -> HubCounters {
-        HubCounters {
-            delivered: self.delivered.load(Ordering::Relaxed),
-            slow: self.slow.load(Ordering::Relaxed),
-        }
     }
 
     /// Ends every subscription of `user_id` to `channel`: a single-channel socket is

@@ -18,9 +18,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
+mod striped;
+
 use crate::auth::AuthFailure;
 use crate::channel::ChannelKind;
 use crate::close::CloseCode;
+use striped::{StripedCounter, StripedHistogram};
 
 /// Client message types, as labelled (see `ws::protocol::ClientMessage::label`).
 pub const CLIENT_MESSAGE_LABELS: [&str; 8] = [
@@ -162,13 +165,15 @@ pub struct Metrics {
     connections_open: Family<EndpointLabel, Gauge>,
     connections_per_user: Histogram,
     connection_duration: Histogram,
-    messages_published: Family<KindLabel, Counter>,
-    messages_delivered: Family<KindLabel, Counter>,
+    // The per-message metrics are striped (`striped.rs`): counted on the hottest paths
+    // from both runtime threads.
+    messages_published: Family<KindLabel, StripedCounter>,
+    messages_delivered: Family<KindLabel, StripedCounter>,
     /// The families' counters per channel kind ([`kind_idx`]), so the per-message
     /// paths skip the family's lock and label hash.
-    published_by_kind: [Counter; 3],
-    delivered_by_kind: [Counter; 3],
-    publish_to_send: Histogram,
+    published_by_kind: [StripedCounter; 3],
+    delivered_by_kind: [StripedCounter; 3],
+    publish_to_send: StripedHistogram,
     client_messages: Family<TypeLabel, Counter>,
     auth_failures: Family<ReasonLabel, Counter>,
     close_codes: Family<CodeLabel, Counter>,
@@ -204,7 +209,6 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
-        let latency = || Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         let mut this = Self {
             registry: Arc::new(Registry::default()),
             connections_open: Family::default(),
@@ -214,7 +218,7 @@ impl Metrics {
             messages_delivered: Family::default(),
             published_by_kind: Default::default(),
             delivered_by_kind: Default::default(),
-            publish_to_send: latency(),
+            publish_to_send: StripedHistogram::new(exponential_buckets(0.0005, 2.0, 16)),
             client_messages: Family::default(),
             auth_failures: Family::default(),
             close_codes: Family::default(),
