@@ -13,10 +13,10 @@ pub mod outbox;
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-
-use foldhash::fast::RandomState;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use foldhash::fast::RandomState;
 
 use crate::channel::{Channel, Message};
 use crate::close::Close;

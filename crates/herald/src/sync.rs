@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::task::{Context, Poll, Wake, Waker};
 
-use futures_util::task::AtomicWaker;
 use tokio_util::sync::CancellationToken;
 
 /// Locks `mutex`, ignoring poisoning (see the module docs).
@@ -50,22 +49,29 @@ pub fn cancelled(token: &CancellationToken) -> impl Future<Output = ()> + Send +
 /// another task registers that task's waker first.
 async fn woken_only<F: Future>(inner: F) -> F::Output {
     tokio::pin!(inner);
+    // `woken` starts set, so the first poll polls `inner`.
     let woken = Arc::new(Woken {
         woken: AtomicBool::new(true),
-        task: AtomicWaker::new(),
+        task: Mutex::new(None),
     });
-    let mut registered: Option<Waker> = None;
+    // The waker last registered, as its data and vtable addresses: to tell without the
+    // lock whether this poll's waker is the same one (`Waker::will_wake`, compared with
+    // the waker polled with rather than with a clone, whose vtable some wakers change).
+    let mut registered: Option<(usize, usize)> = None;
     poll_fn(|cx| {
-        let same_task = registered
-            .as_ref()
-            .is_some_and(|waker| waker.will_wake(cx.waker()));
-        if !same_task {
-            woken.task.register(cx.waker());
-            registered = Some(cx.waker().clone());
+        let this = waker_id(cx.waker());
+        if registered != Some(this) {
+            // Registered before the flag is read: a wake after this finds this task's
+            // waker; a wake before it set the flag, which the load below sees.
+            *lock(&woken.task) = Some(cx.waker().clone());
+            registered = Some(this);
         }
-        // The load first: not woken is the common case, and it needs no read-modify-write.
-        // A wake after it wakes the registered task, which polls again.
-        if woken.woken.load(Ordering::Relaxed) && woken.woken.swap(false, Ordering::Acquire) {
+        // A wake leaves the waker registered (unlike `AtomicWaker`, which hands it to the
+        // wake), so a task that stays registered needs only this load, and no
+        // read-modify-write while nothing woke.
+        if woken.woken.load(Ordering::Acquire) && woken.woken.swap(false, Ordering::Acquire) {
+            // Made here rather than kept: `inner` holds on to it, and an idle socket's
+            // future is smaller without a second copy.
             let waker = Waker::from(woken.clone());
             return inner.as_mut().poll(&mut Context::from_waker(&waker));
         }
@@ -74,9 +80,17 @@ async fn woken_only<F: Future>(inner: F) -> F::Output {
     .await
 }
 
+/// What makes two wakers the same one (what `Waker::will_wake` compares).
+fn waker_id(waker: &Waker) -> (usize, usize) {
+    (waker.data() as usize, std::ptr::from_ref(waker.vtable()) as usize)
+}
+
+/// The waker [`woken_only`] gives the inner future: notes the wake, then wakes the task
+/// registered last. The lock is taken by a wake (rare: the futures this serves wake
+/// once) and when another task polls, never by a poll of the task registered.
 struct Woken {
     woken: AtomicBool,
-    task: AtomicWaker,
+    task: Mutex<Option<Waker>>,
 }
 
 impl Wake for Woken {
@@ -86,7 +100,9 @@ impl Wake for Woken {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.woken.store(true, Ordering::Release);
-        self.task.wake();
+        if let Some(task) = lock(&self.task).as_ref() {
+            task.wake_by_ref();
+        }
     }
 }
 
@@ -138,6 +154,33 @@ mod tests {
             self.0.fetch_add(1, Ordering::Relaxed);
             Poll::Pending
         }
+    }
+
+    /// Wakes its waker at each of its first `left` polls, then ends.
+    struct WakesItself {
+        left: usize,
+    }
+
+    impl Future for WakesItself {
+        type Output = ();
+
+        fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            if self.left == 0 {
+                return Poll::Ready(());
+            }
+            self.left -= 1;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    }
+
+    /// A future that wakes its waker more than once before it ends: each wake reaches
+    /// the task (with a waker that a wake takes, as `AtomicWaker`'s, the second wake
+    /// found none and the task slept).
+    #[tokio::test]
+    async fn every_wake_of_the_inner_future_reaches_the_task() {
+        let wait = woken_only(WakesItself { left: 3 });
+        assert!(woke_soon(wait).await, "a later wake of the inner future was lost");
     }
 
     /// The point of the wrapper: the task wakes and polls it often, the inner future

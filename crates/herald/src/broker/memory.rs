@@ -19,13 +19,12 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
-
-use foldhash::fast::RandomState;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use foldhash::fast::RandomState;
 use tokio::time::Instant;
 
 use crate::broker::{Broker, BrokerError, History, MemoryStats, Position, Published};

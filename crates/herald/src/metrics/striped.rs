@@ -19,7 +19,8 @@ use crate::sync::lock;
 /// on; two threads that share a stripe are still counted right, only slower.
 const STRIPES: usize = 8;
 
-/// This thread's stripe: threads take the next one in turn as they first count.
+/// This thread's stripe: threads take the next one in turn as they first count. Which
+/// stripe a thread gets only matters for speed; any assignment counts right.
 fn stripe() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
@@ -69,11 +70,15 @@ impl EncodeMetric for StripedCounter {
     }
 }
 
+/// Buckets a [`StripedHistogram`] holds at most, +Inf included: a stripe's counts sit in
+/// its own padded block, not in a heap block that could share a line with another's.
+const MAX_BUCKETS: usize = 24;
+
 /// A Prometheus histogram with fixed buckets, striped: the same series
 /// `prometheus_client`'s `Histogram` exports.
 #[derive(Debug, Clone)]
 pub struct StripedHistogram {
-    /// Upper bounds, ascending, the last one +Inf.
+    /// Upper bounds, ascending, the last one +Inf; at most [`MAX_BUCKETS`].
     bounds: Arc<[f64]>,
     stripes: Arc<[Padded<Mutex<Tally>>; STRIPES]>,
 }
@@ -83,24 +88,23 @@ struct Tally {
     sum: f64,
     count: u64,
     /// Observations per bucket (not cumulative), as `bounds`.
-    buckets: Vec<u64>,
+    buckets: [u64; MAX_BUCKETS],
 }
 
 impl StripedHistogram {
-    /// `bounds` are the finite upper bounds; +Inf is added.
+    /// `bounds` are the finite upper bounds, ascending; +Inf is added. Bounds past the
+    /// first `MAX_BUCKETS - 1` are dropped (their observations count under +Inf).
     pub fn new(bounds: impl IntoIterator<Item = f64>) -> Self {
         let bounds: Arc<[f64]> = bounds
             .into_iter()
             .filter(|bound| bound.is_finite())
+            .take(MAX_BUCKETS - 1)
             .chain(std::iter::once(f64::INFINITY))
             .collect();
-        let stripes = Arc::new(std::array::from_fn(|_| {
-            Padded(Mutex::new(Tally {
-                buckets: vec![0; bounds.len()],
-                ..Tally::default()
-            }))
-        }));
-        Self { bounds, stripes }
+        Self {
+            bounds,
+            stripes: Arc::default(),
+        }
     }
 
     pub fn observe(&self, value: f64) {
@@ -124,6 +128,8 @@ impl StripedHistogram {
         let mut count = 0;
         let mut buckets: Vec<(f64, u64)> = self.bounds.iter().map(|bound| (*bound, 0)).collect();
         for stripe in self.stripes.iter() {
+            // `bounds` and a stripe's `buckets` are zipped: the counts past the bounds
+            // are never written.
             let tally = lock(&stripe.0);
             sum += tally.sum;
             count += tally.count;
@@ -184,32 +190,38 @@ mod tests {
 
     #[test]
     fn exports_what_prometheus_clients_own_metrics_export() {
-        let values = [0.0001, 0.0005, 0.3, 0.75, 1.0, 7.0, 1e9, f64::NAN];
+        // Values a binary fraction apart, so the sum is exact in any order; then NaN,
+        // which both file under +Inf (and which makes both sums NaN).
+        let values = [0.25, 0.000_488_281_25, 0.5, 0.75, 1.0, 7.0, 1024.0, 0.125];
         let bounds = [0.0005, 0.001, 0.5, 1.0, 4.0];
-        let striped = StripedHistogram::new(bounds);
-        let plain = Histogram::new(bounds);
-        std::thread::scope(|scope| {
-            for value in values {
-                let striped = striped.clone();
-                scope.spawn(move || striped.observe(value));
-                plain.observe(value);
+        for with_nan in [false, true] {
+            let striped = StripedHistogram::new(bounds);
+            let plain = Histogram::new(bounds);
+            std::thread::scope(|scope| {
+                for value in values.into_iter().chain(with_nan.then_some(f64::NAN)) {
+                    let striped = striped.clone();
+                    scope.spawn(move || striped.observe(value));
+                    plain.observe(value);
+                }
+            });
+            let striped_counter = StripedCounter::default();
+            let plain_counter = prometheus_client::metrics::counter::Counter::<u64>::default();
+            striped_counter.inc_by(42);
+            plain_counter.inc_by(42);
+            let ours = render(|registry| {
+                registry.register("latency", "help", striped);
+                registry.register("things", "help", striped_counter);
+            });
+            let theirs = render(|registry| {
+                registry.register("latency", "help", plain);
+                registry.register("things", "help", plain_counter);
+            });
+            assert_eq!(ours, theirs);
+            assert!(ours.contains("latency_bucket{le=\"1.0\"} 6"), "{ours}");
+            assert!(ours.contains("things_total 42"), "{ours}");
+            if !with_nan {
+                assert!(ours.contains("latency_sum 1033.62548828125"), "{ours}");
             }
-        });
-        let striped_counter = StripedCounter::default();
-        let plain_counter = prometheus_client::metrics::counter::Counter::<u64>::default();
-        striped_counter.inc_by(42);
-        plain_counter.inc_by(42);
-        // NaN makes the sum NaN in both; compare the text line by line.
-        let ours = render(|registry| {
-            registry.register("latency", "help", striped);
-            registry.register("things", "help", striped_counter);
-        });
-        let theirs = render(|registry| {
-            registry.register("latency", "help", plain);
-            registry.register("things", "help", plain_counter);
-        });
-        assert_eq!(ours, theirs);
-        assert!(ours.contains("latency_bucket{le=\"1.0\"} 5"), "{ours}");
-        assert!(ours.contains("things_total 42"), "{ours}");
+        }
     }
 }

@@ -257,7 +257,9 @@ impl MessageTemplate {
             LlmMessage::Response { .. } => 256,
             _ => 128,
         };
-        let mut body = Vec::with_capacity(self.head.len() + fields_len + self.ids.len() + self.end.len());
+        let kind = message.kind().as_str();
+        let mut body =
+            Vec::with_capacity(self.head.len() + fields_len + self.ids.len() + kind.len() + self.end.len());
         body.extend_from_slice(&self.head);
         match message {
             // The hot path: one frame per token.
@@ -290,7 +292,7 @@ impl MessageTemplate {
             }
         }
         body.extend_from_slice(&self.ids);
-        body.extend_from_slice(message.kind().as_str().as_bytes());
+        body.extend_from_slice(kind.as_bytes());
         body.extend_from_slice(&self.end);
         Draft::from_serialized(body)
     }

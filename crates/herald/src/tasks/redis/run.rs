@@ -305,6 +305,10 @@ pub(super) struct AlreadyRecorded;
 impl Checkpoint for AlreadyRecorded {
     async fn save(&self, _progress: Progress<'_>) {}
 
+    fn records_progress(&self) -> bool {
+        false
+    }
+
     async fn finish(&self, _outcome: &Outcome) {}
 }
 
