@@ -300,8 +300,10 @@ impl Store {
     /// Appends a prompt and its answer to a user's chat, together: one statement, so a
     /// failure leaves no half exchange, and on SQLite (one connection) concurrent
     /// exchanges on one chat do not interleave their turns. One statement rather than a
-    /// transaction of two: SQLite runs each on its connection's own thread, so every
-    /// statement, `BEGIN` and `COMMIT` is a thread wake-up there and back.
+    /// transaction of two: the pool runs each SQLite statement on its connection's own
+    /// thread, so every statement, `BEGIN` and `COMMIT` is a thread wake-up there and
+    /// back. On a SQLite file, exchanges that wait together are committed together
+    /// (see `inline`).
     pub async fn add_chat_exchange(
         &self,
         user_id: &str,
@@ -311,11 +313,17 @@ impl Store {
     ) -> Result<(), StoreError> {
         let now = unix_now_millis();
         if let Some(inline) = &self.inline {
-            let written = {
-                let _open = inline.gate.read().await;
-                inline.add_chat_exchange(user_id, chat_id, prompt, answer, now)?
+            let exchange = inline::Exchange {
+                user_id: user_id.to_owned(),
+                chat_id: chat_id.to_owned(),
+                prompt: prompt.to_owned(),
+                answer: answer.to_owned(),
+                now,
             };
-            // `None`: locked by another writer; the pool's thread waits for it instead.
+            // An error: the committer was dropped (the runtime is shutting down).
+            let written = inline.enqueue(exchange).await.ok().flatten();
+            // `None`: locked by another writer, or the write failed; the pool's thread
+            // writes it instead (and waits for a lock).
             if let Some(due) = written {
                 if due {
                     self.checkpoint_later(inline);

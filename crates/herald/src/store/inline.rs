@@ -17,13 +17,22 @@
 //! checkpoint has copied all of it, which never happens while exchanges keep arriving,
 //! so they wait for it, as tasks (not as blocked threads).
 //!
+//! Exchanges that wait together are written together (group commit): the first one
+//! queued spawns a committer, which lets the tasks already ready to run queue theirs
+//! too (one `yield_now`), then writes the whole queue in one transaction. An
+//! exchange alone waits for nothing but that yield. When many answers end at once,
+//! SQLite runs one commit, one write of each page touched and one round of file locks
+//! for all of them, instead of one each (bench/notes.md).
+//!
 //! A file only: an in-memory database exists per connection, so there the sqlx
 //! connection runs these statements too.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+use tokio::sync::oneshot;
 
 use rusqlite::{params, Connection, OpenFlags};
 
@@ -75,9 +84,31 @@ pub(super) const ADD_EXCHANGE: &str =
 pub(super) const CHAT_TURNS: &str = "SELECT role, content, created_at FROM chat_messages \
      WHERE user_id = $1 AND chat_id = $2 ORDER BY id DESC LIMIT $3";
 
+/// One prompt and its answer, to be appended to a chat.
+pub(super) struct Exchange {
+    pub user_id: String,
+    pub chat_id: String,
+    pub prompt: String,
+    pub answer: String,
+    /// Unix milliseconds, both turns' `created_at`.
+    pub now: i64,
+}
+
+/// An exchange waiting for the committer, and where its outcome goes.
+struct Queued {
+    exchange: Exchange,
+    /// What [`Inline::add_chat_exchanges`] answered for the whole batch.
+    written: oneshot::Sender<Option<bool>>,
+}
+
 pub(super) struct Inline {
     conn: Mutex<Connection>,
+    /// Exchanges waiting to be written; the committer takes them all at once.
+    queue: Mutex<Vec<Queued>>,
     exchanges: AtomicU64,
+    /// Transactions committed by [`Inline::add_chat_exchanges`].
+    #[cfg(test)]
+    pub(super) commits: AtomicU64,
     /// A checkpoint is asked for and not yet done: at most one waits at a time.
     pub(super) checkpointing: AtomicBool,
     /// Held shared by each exchange write, and alone by a checkpoint.
@@ -98,35 +129,77 @@ impl Inline {
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         Ok(Inline {
             conn: Mutex::new(conn),
+            queue: Mutex::new(Vec::new()),
             exchanges: AtomicU64::new(0),
+            #[cfg(test)]
+            commits: AtomicU64::new(0),
             checkpointing: AtomicBool::new(false),
             gate: tokio::sync::RwLock::new(()),
         })
     }
 
-    /// See `Store::add_chat_exchange`, which holds the gate open. Returns whether a
-    /// checkpoint is due, or `None` if the file was locked (nothing was written).
-    pub(super) fn add_chat_exchange(
-        &self,
-        user_id: &str,
-        chat_id: &str,
-        prompt: &str,
-        answer: &str,
-        now: i64,
-    ) -> Result<Option<bool>, rusqlite::Error> {
+    /// Queues `exchange` for the committer, spawning one if none is waiting. The
+    /// answer is what [`Inline::add_chat_exchanges`] returned for its batch: whether a
+    /// checkpoint is due, or `None` if nothing was written (the file was locked, the
+    /// write failed, or the runtime is shutting down): the caller then writes it
+    /// through the pool.
+    pub(super) fn enqueue(self: &Arc<Self>, exchange: Exchange) -> oneshot::Receiver<Option<bool>> {
+        let (written, answer) = oneshot::channel();
+        let first = {
+            let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            queue.push(Queued { exchange, written });
+            queue.len() == 1
+        };
+        if first {
+            // Spawned rather than run by the first caller: a caller that is dropped
+            // while it waits must not leave the others' exchanges unwritten.
+            tokio::spawn(self.clone().commit_queued());
+        }
+        answer
+    }
+
+    /// Writes every queued exchange in one transaction, with the gate open.
+    async fn commit_queued(self: Arc<Self>) {
+        // The tasks already ready to run (answers that ended in the same timer tick,
+        // on the same thread) run first and queue their exchanges behind this one.
+        tokio::task::yield_now().await;
+        let _open = self.gate.read().await;
+        let batch = std::mem::take(&mut *self.queue.lock().unwrap_or_else(PoisonError::into_inner));
+        let (exchanges, senders): (Vec<Exchange>, Vec<_>) = batch
+            .into_iter()
+            .map(|queued| (queued.exchange, queued.written))
+            .unzip();
+        let written = match self.add_chat_exchanges(&exchanges) {
+            Ok(written) => written,
+            Err(err) => {
+                tracing::warn!(error = %err, exchanges = exchanges.len(), "writing chat exchanges on the inline SQLite connection failed; retrying each through the pool");
+                None
+            }
+        };
+        for sender in senders {
+            // A caller that went away no longer waits for its answer.
+            let _ = sender.send(written);
+        }
+    }
+
+    /// Appends `batch` in one transaction: all of it or none. Each exchange is one
+    /// two-row statement, so concurrent exchanges on one chat never interleave their
+    /// turns. Returns whether a checkpoint is due, or `None` if the file was locked
+    /// (nothing was written). Callers hold the gate open.
+    pub(super) fn add_chat_exchanges(&self, batch: &[Exchange]) -> Result<Option<bool>, rusqlite::Error> {
         let written = {
             // A panic elsewhere while the lock was held cannot leave the connection
-            // half way through a statement: each statement below runs to its end.
+            // half way through a statement: each statement below runs to its end, and
+            // a failed transaction is rolled back before the lock is released.
             let conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-            unless_busy(conn.prepare_cached(ADD_EXCHANGE).and_then(|mut statement| {
-                statement.execute(params![
-                    user_id, chat_id, prompt, now, user_id, chat_id, answer, now
-                ])
-            }))?
+            unless_busy(write_in_one_transaction(&conn, batch))?
         };
-        Ok(written.map(|_| {
-            let done = self.exchanges.fetch_add(1, Ordering::Relaxed) + 1;
-            done % CHECKPOINT_EVERY == 0
+        Ok(written.map(|()| {
+            #[cfg(test)]
+            self.commits.fetch_add(1, Ordering::Relaxed);
+            let n = batch.len() as u64;
+            let before = self.exchanges.fetch_add(n, Ordering::Relaxed);
+            (before + n) / CHECKPOINT_EVERY != before / CHECKPOINT_EVERY
         }))
     }
 
@@ -151,4 +224,27 @@ impl Inline {
                 .collect()
         }))
     }
+}
+
+/// `BEGIN IMMEDIATE` (the write lock, or busy at once), each exchange, `COMMIT`; on any
+/// failure after `BEGIN`, `ROLLBACK`.
+fn write_in_one_transaction(conn: &Connection, batch: &[Exchange]) -> Result<(), rusqlite::Error> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let written = conn
+        .prepare_cached(ADD_EXCHANGE)
+        .and_then(|mut statement| {
+            batch.iter().try_for_each(|e| {
+                statement
+                    .execute(params![
+                        e.user_id, e.chat_id, e.prompt, e.now, e.user_id, e.chat_id, e.answer, e.now
+                    ])
+                    .map(drop)
+            })
+        })
+        .and_then(|()| conn.execute_batch("COMMIT"));
+    if written.is_err() {
+        // Nothing to roll back if SQLite already ended the transaction itself.
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    written
 }

@@ -136,9 +136,14 @@ async fn the_inline_connection_never_checkpoints_by_itself() {
     let before = size("herald.db");
     let answer = "x".repeat(16_000);
     for i in 0..400 {
-        let written = inline
-            .add_chat_exchange("u", "c", &format!("q{i}"), &answer, 1)
-            .unwrap();
+        let exchange = inline::Exchange {
+            user_id: "u".to_owned(),
+            chat_id: "c".to_owned(),
+            prompt: format!("q{i}"),
+            answer: answer.clone(),
+            now: 1,
+        };
+        let written = inline.add_chat_exchanges(&[exchange]).unwrap();
         assert!(written.is_some(), "nothing else holds the file");
     }
     assert!(size("herald.db-wal") > 4 << 20, "the log holds every exchange");
@@ -170,6 +175,76 @@ async fn a_locked_file_sends_the_statement_through_the_pool() {
     holder.join().unwrap();
     let turns = store.chat_turns("u", "c", 10).await.unwrap();
     assert_eq!(turns.len(), 2);
+}
+
+/// Exchanges that wait together are one transaction: on one runtime thread, every
+/// task queues its exchange before the committer runs. Each exchange's two turns stay
+/// together and in order.
+#[tokio::test(flavor = "current_thread")]
+async fn exchanges_waiting_together_are_committed_in_one_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = file_store(&dir).await;
+    let writers: Vec<_> = (0..20)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .add_chat_exchange(&format!("u{}", i % 3), "c", &format!("q{i}"), &format!("a{i}"))
+                    .await
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap().unwrap();
+    }
+    let Some(inline) = store.inline.as_ref() else {
+        panic!("a file store has an inline connection");
+    };
+    assert_eq!(inline.commits.load(Ordering::Relaxed), 1);
+    let mut prompts = 0;
+    for user in 0..3 {
+        let turns = store.chat_turns(&format!("u{user}"), "c", 100).await.unwrap();
+        for pair in turns.chunks(2) {
+            let (question, answer) = (&pair[0], &pair[1]);
+            assert_eq!(
+                (question.role.as_str(), answer.role.as_str()),
+                ("user", "assistant")
+            );
+            assert_eq!(question.content.replacen('q', "a", 1), answer.content);
+            prompts += 1;
+        }
+    }
+    assert_eq!(prompts, 20);
+}
+
+/// A batch that cannot be written on the inline connection is written through the
+/// pool, exchange by exchange: here the file is locked by another process's
+/// transaction while twenty exchanges wait, and every one of them lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_batch_lands_through_the_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = file_store(&dir).await;
+    let path = dir.path().join("herald.db");
+    let (locked, is_locked) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        locked.send(()).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        conn.execute_batch("COMMIT").unwrap();
+    });
+    is_locked.recv().unwrap();
+    let writers: Vec<_> = (0..20)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.add_chat_exchange("u", "c", &format!("q{i}"), "a").await })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap().unwrap();
+    }
+    holder.join().unwrap();
+    assert_eq!(store.chat_turns("u", "c", 100).await.unwrap().len(), 40);
 }
 
 #[test]
