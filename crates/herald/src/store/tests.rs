@@ -154,6 +154,22 @@ async fn the_inline_connection_never_checkpoints_by_itself() {
     );
 }
 
+/// Takes the file's write lock on another connection (as another process would) and
+/// holds it for `held` on a thread of its own; returns once the lock is taken.
+fn hold_write_lock(dir: &tempfile::TempDir, held: Duration) -> std::thread::JoinHandle<()> {
+    let path = dir.path().join("herald.db");
+    let (locked, is_locked) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        locked.send(()).unwrap();
+        std::thread::sleep(held);
+        conn.execute_batch("COMMIT").unwrap();
+    });
+    is_locked.recv().unwrap();
+    holder
+}
+
 /// The inline connection never waits for a lock on a runtime worker: while another
 /// connection holds the file's write lock, the exchange goes through the pool, whose
 /// own thread waits for it (without that, the write fails with "database is locked").
@@ -161,16 +177,7 @@ async fn the_inline_connection_never_checkpoints_by_itself() {
 async fn a_locked_file_sends_the_statement_through_the_pool() {
     let dir = tempfile::tempdir().unwrap();
     let store = file_store(&dir).await;
-    let path = dir.path().join("herald.db");
-    let (locked, is_locked) = std::sync::mpsc::channel();
-    let holder = std::thread::spawn(move || {
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
-        locked.send(()).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        conn.execute_batch("COMMIT").unwrap();
-    });
-    is_locked.recv().unwrap();
+    let holder = hold_write_lock(&dir, Duration::from_millis(300));
     store.add_chat_exchange("u", "c", "q", "a").await.unwrap();
     holder.join().unwrap();
     let turns = store.chat_turns("u", "c", 10).await.unwrap();
@@ -224,16 +231,7 @@ async fn exchanges_waiting_together_are_committed_in_one_transaction() {
 async fn a_locked_batch_lands_through_the_pool() {
     let dir = tempfile::tempdir().unwrap();
     let store = file_store(&dir).await;
-    let path = dir.path().join("herald.db");
-    let (locked, is_locked) = std::sync::mpsc::channel();
-    let holder = std::thread::spawn(move || {
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
-        locked.send(()).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        conn.execute_batch("COMMIT").unwrap();
-    });
-    is_locked.recv().unwrap();
+    let holder = hold_write_lock(&dir, Duration::from_millis(300));
     let writers: Vec<_> = (0..20)
         .map(|i| {
             let store = store.clone();
