@@ -320,7 +320,8 @@ impl Store {
                 answer: answer.to_owned(),
                 now,
             };
-            // An error: the committer was dropped (the runtime is shutting down).
+            // An error: the committer was dropped before writing it (the runtime is
+            // shutting down).
             let written = inline.enqueue(exchange).await.ok().flatten();
             // `None`: locked by another writer, or the write failed; the pool's thread
             // writes it instead (and waits for a lock).

@@ -109,6 +109,9 @@ pub(super) struct Inline {
     /// Transactions committed by [`Inline::add_chat_exchanges`].
     #[cfg(test)]
     pub(super) commits: AtomicU64,
+    /// Batches the committer could not write, sent through the pool.
+    #[cfg(test)]
+    pub(super) through_pool: AtomicU64,
     /// A checkpoint is asked for and not yet done: at most one waits at a time.
     pub(super) checkpointing: AtomicBool,
     /// Held shared by each exchange write, and alone by a checkpoint.
@@ -133,6 +136,8 @@ impl Inline {
             exchanges: AtomicU64::new(0),
             #[cfg(test)]
             commits: AtomicU64::new(0),
+            #[cfg(test)]
+            through_pool: AtomicU64::new(0),
             checkpointing: AtomicBool::new(false),
             gate: tokio::sync::RwLock::new(()),
         })
@@ -152,33 +157,55 @@ impl Inline {
         };
         if first {
             // Spawned rather than run by the first caller: a caller that is dropped
-            // while it waits must not leave the others' exchanges unwritten.
+            // while it waits must not leave the others' exchanges unwritten. A caller
+            // dropped after queuing still has its exchange written.
             tokio::spawn(self.clone().commit_queued());
         }
         answer
     }
 
     /// Writes every queued exchange in one transaction, with the gate open.
-    async fn commit_queued(self: Arc<Self>) {
-        // The tasks already ready to run (answers that ended in the same timer tick,
-        // on the same thread) run first and queue their exchanges behind this one.
-        tokio::task::yield_now().await;
-        let _open = self.gate.read().await;
-        let batch = std::mem::take(&mut *self.queue.lock().unwrap_or_else(PoisonError::into_inner));
-        let (exchanges, senders): (Vec<Exchange>, Vec<_>) = batch
-            .into_iter()
-            .map(|queued| (queued.exchange, queued.written))
-            .unzip();
-        let written = match self.add_chat_exchanges(&exchanges) {
-            Ok(written) => written,
-            Err(err) => {
-                tracing::warn!(error = %err, exchanges = exchanges.len(), "writing chat exchanges on the inline SQLite connection failed; retrying each through the pool");
-                None
+    ///
+    /// Not an `async fn`: the guard is made before the future, so that a committer
+    /// dropped before it takes the queue (never polled, or dropped while it waits,
+    /// as at runtime shutdown) empties it. Its callers then hear that nothing was
+    /// written and go through the pool, and the next exchange queued finds the queue
+    /// empty and spawns a committer of its own.
+    fn commit_queued(self: Arc<Self>) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut unclaimed = Unclaimed(Some(self));
+        async move {
+            // The tasks already ready to run (answers that ended in the same timer
+            // tick, on the same thread) run first and queue their exchanges behind
+            // this one.
+            tokio::task::yield_now().await;
+            let Some(inline) = unclaimed.0.clone() else { return };
+            let _open = inline.gate.read().await;
+            let batch = std::mem::take(&mut *inline.queue.lock().unwrap_or_else(PoisonError::into_inner));
+            // Claimed: from here the callers are answered below.
+            unclaimed.0.take();
+            let (exchanges, senders): (Vec<Exchange>, Vec<_>) = batch
+                .into_iter()
+                .map(|queued| (queued.exchange, queued.written))
+                .unzip();
+            let written = match inline.add_chat_exchanges(&exchanges) {
+                Ok(written) => written,
+                Err(err) => {
+                    tracing::warn!(
+                        error = %err,
+                        exchanges = exchanges.len(),
+                        "writing chat exchanges on the inline SQLite connection failed; each goes through the pool"
+                    );
+                    None
+                }
+            };
+            if written.is_none() {
+                #[cfg(test)]
+                inline.through_pool.fetch_add(1, Ordering::Relaxed);
             }
-        };
-        for sender in senders {
-            // A caller that went away no longer waits for its answer.
-            let _ = sender.send(written);
+            for sender in senders {
+                // A caller that went away no longer waits for its answer.
+                let _ = sender.send(written);
+            }
         }
     }
 
@@ -188,9 +215,8 @@ impl Inline {
     /// (nothing was written). Callers hold the gate open.
     pub(super) fn add_chat_exchanges(&self, batch: &[Exchange]) -> Result<Option<bool>, rusqlite::Error> {
         let written = {
-            // A panic elsewhere while the lock was held cannot leave the connection
-            // half way through a statement: each statement below runs to its end, and
-            // a failed transaction is rolled back before the lock is released.
+            // A transaction left open (a failed rollback, a panic while the lock was
+            // held) is rolled back before the next one begins.
             let conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
             unless_busy(write_in_one_transaction(&conn, batch))?
         };
@@ -227,8 +253,11 @@ impl Inline {
 }
 
 /// `BEGIN IMMEDIATE` (the write lock, or busy at once), each exchange, `COMMIT`; on any
-/// failure after `BEGIN`, `ROLLBACK`.
+/// failure after `BEGIN`, `ROLLBACK`. A transaction found open is rolled back first.
 fn write_in_one_transaction(conn: &Connection, batch: &[Exchange]) -> Result<(), rusqlite::Error> {
+    if !conn.is_autocommit() {
+        conn.execute_batch("ROLLBACK")?;
+    }
     conn.execute_batch("BEGIN IMMEDIATE")?;
     let written = conn
         .prepare_cached(ADD_EXCHANGE)
@@ -247,4 +276,29 @@ fn write_in_one_transaction(conn: &Connection, batch: &[Exchange]) -> Result<(),
         let _ = conn.execute_batch("ROLLBACK");
     }
     written
+}
+
+/// Empties the queue when the committer holding it is dropped before taking it.
+struct Unclaimed(Option<Arc<Inline>>);
+
+impl Drop for Unclaimed {
+    fn drop(&mut self) {
+        if let Some(inline) = self.0.take() {
+            // Dropping the senders tells each caller that nothing was written.
+            drop(std::mem::take(
+                &mut *inline.queue.lock().unwrap_or_else(PoisonError::into_inner),
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+impl Inline {
+    /// Leaves a transaction open on the inline connection, as a failed rollback would.
+    pub(super) fn leave_a_transaction_open(&self) {
+        let conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Err(err) = conn.execute_batch("BEGIN") {
+            panic!("BEGIN: {err}");
+        }
+    }
 }

@@ -225,13 +225,32 @@ async fn exchanges_waiting_together_are_committed_in_one_transaction() {
 }
 
 /// A batch that cannot be written on the inline connection is written through the
-/// pool, exchange by exchange: here the file is locked by another process's
-/// transaction while twenty exchanges wait, and every one of them lands.
+/// pool, exchange by exchange: here the file is locked by another connection until
+/// the committer has found it locked, and every exchange lands.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_locked_batch_lands_through_the_pool() {
     let dir = tempfile::tempdir().unwrap();
     let store = file_store(&dir).await;
-    let holder = hold_write_lock(&dir, Duration::from_millis(300));
+    let Some(inline) = store.inline.clone() else {
+        panic!("a file store has an inline connection");
+    };
+    let path = dir.path().join("herald.db");
+    let (locked, is_locked) = std::sync::mpsc::channel();
+    let watched = inline.clone();
+    let holder = std::thread::spawn(move || {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        locked.send(()).unwrap();
+        // At most 5 s: then the test fails on its assertion below, not by hanging.
+        for _ in 0..1000 {
+            if watched.through_pool.load(Ordering::Relaxed) > 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        conn.execute_batch("COMMIT").unwrap();
+    });
+    is_locked.recv().unwrap();
     let writers: Vec<_> = (0..20)
         .map(|i| {
             let store = store.clone();
@@ -242,7 +261,79 @@ async fn a_locked_batch_lands_through_the_pool() {
         writer.await.unwrap().unwrap();
     }
     holder.join().unwrap();
+    assert!(
+        inline.through_pool.load(Ordering::Relaxed) > 0,
+        "the committer never found the file locked"
+    );
+    assert_eq!(inline.commits.load(Ordering::Relaxed), 0);
     assert_eq!(store.chat_turns("u", "c", 100).await.unwrap().len(), 40);
+}
+
+/// A transaction left open on the inline connection (a failed rollback) is rolled
+/// back before the next batch, which is then written inline.
+#[tokio::test]
+async fn a_transaction_left_open_is_rolled_back_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = file_store(&dir).await;
+    let Some(inline) = store.inline.as_ref() else {
+        panic!("a file store has an inline connection");
+    };
+    inline.leave_a_transaction_open();
+    store.add_chat_exchange("u", "c", "q", "a").await.unwrap();
+    assert_eq!(inline.commits.load(Ordering::Relaxed), 1);
+    assert_eq!(inline.through_pool.load(Ordering::Relaxed), 0);
+    assert_eq!(store.chat_turns("u", "c", 10).await.unwrap().len(), 2);
+}
+
+/// A committer dropped before it takes the queue (its runtime shut down) leaves the
+/// queue empty: the exchange waiting on it is told nothing was written, and the next
+/// exchange, on another runtime, gets a committer of its own instead of waiting
+/// forever behind it.
+#[test]
+fn a_dropped_committer_does_not_strand_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = first.block_on(file_store(&dir));
+    let Some(inline) = store.inline.clone() else {
+        panic!("a file store has an inline connection");
+    };
+    let exchange = inline::Exchange {
+        user_id: "u".to_owned(),
+        chat_id: "c".to_owned(),
+        prompt: "q0".to_owned(),
+        answer: "a0".to_owned(),
+        now: 1,
+    };
+    // Queued, its committer spawned on the first runtime but never polled there.
+    let waiting = {
+        let _entered = first.enter();
+        inline.enqueue(exchange)
+    };
+    drop(first);
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    second.block_on(async {
+        let told = tokio::time::timeout(Duration::from_secs(5), waiting).await;
+        assert!(
+            matches!(told, Ok(Err(_))),
+            "the dropped committer's caller is not told"
+        );
+        let written = tokio::time::timeout(
+            Duration::from_secs(5),
+            store.add_chat_exchange("u", "c", "q1", "a1"),
+        )
+        .await;
+        assert!(
+            matches!(written, Ok(Ok(()))),
+            "the next exchange waited behind a dropped committer"
+        );
+        assert_eq!(store.chat_turns("u", "c", 10).await.unwrap().len(), 2);
+    });
 }
 
 #[test]
