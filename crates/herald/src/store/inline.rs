@@ -29,7 +29,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -37,6 +37,9 @@ use tokio::sync::oneshot;
 use rusqlite::{params, Connection, OpenFlags};
 
 use super::ChatTurn;
+// A poisoned lock is still usable: every statement runs to its end under it, and a
+// transaction left open is rolled back before the next one.
+use crate::sync::lock;
 
 /// Exchanges between two checkpoints (a few pages each: the log stays well under a
 /// megabyte).
@@ -151,7 +154,7 @@ impl Inline {
     pub(super) fn enqueue(self: &Arc<Self>, exchange: Exchange) -> oneshot::Receiver<Option<bool>> {
         let (written, answer) = oneshot::channel();
         let first = {
-            let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut queue = lock(&self.queue);
             queue.push(Queued { exchange, written });
             queue.len() == 1
         };
@@ -180,7 +183,7 @@ impl Inline {
             tokio::task::yield_now().await;
             let Some(inline) = unclaimed.0.clone() else { return };
             let _open = inline.gate.read().await;
-            let batch = std::mem::take(&mut *inline.queue.lock().unwrap_or_else(PoisonError::into_inner));
+            let batch = std::mem::take(&mut *lock(&inline.queue));
             // Claimed: from here the callers are answered below.
             unclaimed.0.take();
             let (exchanges, senders): (Vec<Exchange>, Vec<_>) = batch
@@ -217,7 +220,7 @@ impl Inline {
         let written = {
             // A transaction left open (a failed rollback, a panic while the lock was
             // held) is rolled back before the next one begins.
-            let conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+            let conn = lock(&self.conn);
             unless_busy(write_in_one_transaction(&conn, batch))?
         };
         Ok(written.map(|()| {
@@ -237,7 +240,7 @@ impl Inline {
         chat_id: &str,
         limit: i64,
     ) -> Result<Option<Vec<ChatTurn>>, rusqlite::Error> {
-        let conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        let conn = lock(&self.conn);
         unless_busy(conn.prepare_cached(CHAT_TURNS).and_then(|mut statement| {
             statement
                 .query_map(params![user_id, chat_id, limit], |row| {
@@ -285,9 +288,7 @@ impl Drop for Unclaimed {
     fn drop(&mut self) {
         if let Some(inline) = self.0.take() {
             // Dropping the senders tells each caller that nothing was written.
-            drop(std::mem::take(
-                &mut *inline.queue.lock().unwrap_or_else(PoisonError::into_inner),
-            ));
+            drop(std::mem::take(&mut *lock(&inline.queue)));
         }
     }
 }
@@ -296,7 +297,7 @@ impl Drop for Unclaimed {
 impl Inline {
     /// Leaves a transaction open on the inline connection, as a failed rollback would.
     pub(super) fn leave_a_transaction_open(&self) {
-        let conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        let conn = lock(&self.conn);
         if let Err(err) = conn.execute_batch("BEGIN") {
             panic!("BEGIN: {err}");
         }
