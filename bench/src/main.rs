@@ -218,6 +218,10 @@ pub struct Results {
     pub command: String,
     pub git_rev: String,
     pub machine: String,
+    /// How the measured servers were built (bench/run.sh: `HERALD_BENCH_BUILDS`), e.g.
+    /// profile-guided by bench/pgo.sh; empty when not told.
+    #[serde(default)]
+    pub builds: String,
     pub seconds: f64,
     pub plan: Option<Plan>,
     pub idle: Vec<scenarios::IdleResult>,
@@ -385,6 +389,9 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
             command_output("sh", &["-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"]),
             command_output("uname", &["-r"])
         ),
+        builds: std::env::var_os("HERALD_BENCH_BUILDS")
+            .map(|builds| builds.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         plan: Some(plan.clone()),
         ..Results::default()
     };

@@ -260,7 +260,9 @@ impl Broker for MemoryBroker {
             Published {
                 id,
                 offset: state.offset,
-                epoch: state.epoch.to_string(),
+                // Copied: `to_string` on an `Arc<str>` goes through `fmt`, code a publish
+                // has no other use for (issue 19).
+                epoch: String::from(&*state.epoch),
             }
         });
         if self.history_bytes.load(Ordering::Relaxed) > self.history_max_bytes {
@@ -286,7 +288,7 @@ impl Broker for MemoryBroker {
                 .collect();
             History {
                 position: Position {
-                    epoch: state.epoch.to_string(),
+                    epoch: String::from(&*state.epoch),
                     offset: state.offset,
                 },
                 messages,
@@ -299,7 +301,7 @@ impl Broker for MemoryBroker {
         Ok(self.with_channel(channel, |state| {
             state.touched = Instant::now();
             Position {
-                epoch: state.epoch.to_string(),
+                epoch: String::from(&*state.epoch),
                 offset: state.offset,
             }
         }))
