@@ -6,8 +6,9 @@
 #
 # Usage: bench/run.sh [--quick] [--pgo] [any `bench all` option, e.g. --scenarios idle,fanout]
 # --pgo measures herald and the bare baseline each built profile-guided (bench/pgo.sh, the
-# same treatment for both, as the release profile's link-time optimization is); it adds
-# two instrumented and two optimized builds and their training runs.
+# same treatment for both, as the release profile's link-time optimization is), in place
+# of the plain builds: an instrumented and an optimized build of each, and their training
+# runs. The script passes `--bin-dir` itself.
 # A full run measures the goals of issue 19 in three herald/bare pairs and judges them
 # on the median ratio (`--pairs`, bench/src/pairs.rs); `--pairs 1` measures once.
 # Needs: cargo, python3 (3.11) with venv, redis-server on PATH; for the profile-guided
@@ -25,19 +26,24 @@ for arg in "$@"; do
     fi
 done
 
-bench/baselines/django/install.sh
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-cargo build --release --locked -p bench
 if [[ $pgo -eq 1 ]] && ! bench/pgo.sh --check; then
     exit 1
 fi
+bench/baselines/django/install.sh
+# Absolute: the binaries are linked from another directory.
+mkdir -p "${CARGO_TARGET_DIR:-target}"
+CARGO_TARGET_DIR="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)"
+export CARGO_TARGET_DIR
+cargo build --release --locked -p bench
 bin="$CARGO_TARGET_DIR/bench-bin"
 rm -rf "$bin"
 mkdir -p "$bin"
 if [[ $pgo -eq 1 ]]; then
-    ln -s "$(bench/pgo.sh herald)" "$bin/herald"
-    ln -s "$(bench/pgo.sh bench-bare)" "$bin/bench-bare"
-    export HERALD_BENCH_BUILDS="herald and the bare baseline each built profile-guided by bench/pgo.sh (trained on \`bench all --quick\`)"
+    herald="$(bench/pgo.sh herald)"
+    bare="$(bench/pgo.sh bench-bare)"
+    ln -s "$herald" "$bin/herald"
+    ln -s "$bare" "$bin/bench-bare"
+    export HERALD_BENCH_BUILDS="herald and the bare baseline each built profile-guided by bench/pgo.sh (herald trained on \`bench all --quick\` with the cluster scenario, the bare baseline on its three kinds)"
 else
     # Built separately so herald's binary is exactly the one `cargo build --release`
     # makes (the bare baseline turns on axum's `ws` feature, which would otherwise be
