@@ -496,7 +496,9 @@ impl Broker for RedisBroker {
         let (known_epoch, known_offset) = self
             .subscriber
             .known(name)
-            .map_or((String::new(), 0), |(epoch, offset)| (String::from(&*epoch), offset));
+            .map_or((String::new(), 0), |(epoch, offset)| {
+                (String::from(&*epoch), offset)
+            });
         let reply = self
             .eval(
                 &self.publish_script,
