@@ -10,6 +10,14 @@ async fn file_store(dir: &tempfile::TempDir) -> Store {
     }
 }
 
+/// The inline connection every file store has.
+fn inline_of(store: &Store) -> &Arc<Inline> {
+    match store.inline.as_ref() {
+        Some(inline) => inline,
+        None => panic!("a file store has an inline connection"),
+    }
+}
+
 #[tokio::test]
 async fn a_file_runs_chat_statements_inline_and_memory_does_not() {
     let dir = tempfile::tempdir().unwrap();
@@ -129,9 +137,7 @@ async fn the_log_is_checkpointed_off_the_inline_connection() {
 async fn the_inline_connection_never_checkpoints_by_itself() {
     let dir = tempfile::tempdir().unwrap();
     let store = file_store(&dir).await;
-    let Some(inline) = store.inline.as_ref() else {
-        panic!("a file store has an inline connection");
-    };
+    let inline = inline_of(&store);
     let size = |name: &str| std::fs::metadata(dir.path().join(name)).map_or(0, |meta| meta.len());
     let before = size("herald.db");
     let answer = "x".repeat(16_000);
@@ -204,9 +210,7 @@ async fn exchanges_waiting_together_are_committed_in_one_transaction() {
     for writer in writers {
         writer.await.unwrap().unwrap();
     }
-    let Some(inline) = store.inline.as_ref() else {
-        panic!("a file store has an inline connection");
-    };
+    let inline = inline_of(&store);
     assert_eq!(inline.commits.load(Ordering::Relaxed), 1);
     let mut prompts = 0;
     for user in 0..3 {
@@ -231,9 +235,7 @@ async fn exchanges_waiting_together_are_committed_in_one_transaction() {
 async fn a_locked_batch_lands_through_the_pool() {
     let dir = tempfile::tempdir().unwrap();
     let store = file_store(&dir).await;
-    let Some(inline) = store.inline.clone() else {
-        panic!("a file store has an inline connection");
-    };
+    let inline = inline_of(&store).clone();
     let path = dir.path().join("herald.db");
     let (locked, is_locked) = std::sync::mpsc::channel();
     let watched = inline.clone();
@@ -275,9 +277,7 @@ async fn a_locked_batch_lands_through_the_pool() {
 async fn a_transaction_left_open_is_rolled_back_first() {
     let dir = tempfile::tempdir().unwrap();
     let store = file_store(&dir).await;
-    let Some(inline) = store.inline.as_ref() else {
-        panic!("a file store has an inline connection");
-    };
+    let inline = inline_of(&store);
     inline.leave_a_transaction_open();
     store.add_chat_exchange("u", "c", "q", "a").await.unwrap();
     assert_eq!(inline.commits.load(Ordering::Relaxed), 1);
@@ -297,9 +297,7 @@ fn a_dropped_committer_does_not_strand_the_queue() {
         .build()
         .unwrap();
     let store = first.block_on(file_store(&dir));
-    let Some(inline) = store.inline.clone() else {
-        panic!("a file store has an inline connection");
-    };
+    let inline = inline_of(&store).clone();
     let exchange = inline::Exchange {
         user_id: "u".to_owned(),
         chat_id: "c".to_owned(),
