@@ -47,6 +47,22 @@ async fn history_since_is_exclusive_and_limited() {
     assert!(h.complete, "offset 4 is the oldest kept");
     let h = broker.history(&ch, 2, 100).await.unwrap();
     assert!(!h.complete, "offset 3 has left history");
+    // A ring slot keeps neither offset nor epoch: both are given back from its place and
+    // the channel, and match the bytes the message was sent as.
+    let h = broker.history(&ch, 0, 100).await.unwrap();
+    assert_eq!(offsets(&h), vec![4, 5, 6, 7, 8]);
+    for message in &h.messages {
+        let text = std::str::from_utf8(&message.bytes).unwrap();
+        assert!(
+            text.contains(&format!("\"offset\":{},", message.offset)),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("\"epoch\":\"{}\"", message.epoch)),
+            "{text}"
+        );
+        assert!(text.contains(&format!("\"n\":{}", message.offset)), "{text}");
+    }
     let h = broker.history(&ch, 8, 100).await.unwrap();
     assert!(h.complete && h.messages.is_empty());
     let h = broker.history(&ch, 9, 100).await.unwrap();
