@@ -364,6 +364,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
             Kind::Bare,
             Kind::BareTungsteniteSmall,
             Kind::BareTokioWebsockets,
+            Kind::BareHistory,
             Kind::Django,
         ]
     } else {
@@ -403,11 +404,22 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
         kinds.retain(|kind| *kind != Kind::Django);
     }
     // The WebSocket layer variants of the bare baseline are measured where the layer
-    // matters: idle memory and fan-out.
-    let main_kinds: Vec<Kind> = kinds
+    // matters: idle memory and fan-out. The bare relay with the contract's retention is
+    // measured where a message is kept for every delivery: unicast and the stream.
+    let layer_kinds: Vec<Kind> = kinds
+        .iter()
+        .copied()
+        .filter(|kind| *kind != Kind::BareHistory)
+        .collect();
+    let retention_kinds: Vec<Kind> = kinds
         .iter()
         .copied()
         .filter(|kind| !matches!(kind, Kind::BareTungsteniteSmall | Kind::BareTokioWebsockets))
+        .collect();
+    let main_kinds: Vec<Kind> = retention_kinds
+        .iter()
+        .copied()
+        .filter(|kind| *kind != Kind::BareHistory)
         .collect();
     let record_error = |results: &mut Results, what: String, err: anyhow::Error| {
         eprintln!("!! {what}: {err:#}");
@@ -416,7 +428,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     for scenario in &scenarios {
         match scenario {
             Scenario::Idle => {
-                for kind in &kinds {
+                for kind in &layer_kinds {
                     eprintln!("== idle: {} sockets on {}", plan.idle_sockets, kind.label());
                     match scenarios::idle(&ctx, *kind, plan.idle_sockets).await {
                         Ok(result) => results.idle.push(result),
@@ -425,7 +437,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
                 }
             }
             Scenario::Fanout => {
-                for kind in &kinds {
+                for kind in &layer_kinds {
                     eprintln!(
                         "== fanout: {:?} subscribers on {}",
                         plan.fanout_sizes,
@@ -451,7 +463,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
                 }
             }
             Scenario::Unicast => {
-                for kind in &main_kinds {
+                for kind in &retention_kinds {
                     let rate = if *kind == Kind::Django {
                         plan.django_unicast_rate
                     } else {
@@ -471,7 +483,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
                 }
             }
             Scenario::Stream => {
-                for kind in &main_kinds {
+                for kind in &retention_kinds {
                     let tasks = if *kind == Kind::Django {
                         plan.django_stream_tasks
                     } else {
@@ -562,9 +574,18 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     if let (true, Some(herald), Some(bare)) = (n_pairs > 1, position(Kind::Herald), position(Kind::Bare)) {
         // The main run measured the servers in `kinds`' order; the pairs take turns.
         let main_herald_first = herald < bare;
+        let with_history = kinds.contains(&Kind::BareHistory);
         for n in 1..n_pairs {
             let herald_first = main_herald_first == (n % 2 == 0);
-            let pair = pairs::run(&ctx, &plan, &scenarios, herald_first, &mut results.errors).await;
+            let pair = pairs::run(
+                &ctx,
+                &plan,
+                &scenarios,
+                herald_first,
+                with_history,
+                &mut results.errors,
+            )
+            .await;
             results.pairs.push(pair);
         }
     }

@@ -9,6 +9,11 @@
 //! each goal on the median of the pairs' ratios (the main run counting as the first
 //! pair) and lists every ratio, "—" for a pair where a scenario failed.
 //!
+//! When the run includes `bare-history` (the bare relay keeping what herald's contract
+//! keeps of every message), each pair also measures it on unicast and the stream,
+//! right after the pair's two servers: what that retention costs the bare relay, and
+//! herald against it ([`Against::BareHistory`]).
+//!
 //! The main run's pair is not quite like the others: its fan-out figures are the
 //! largest round of a sweep (after the smaller rounds, on the same process), and
 //! each server runs its whole sweep before the next starts; an extra pair measures the
@@ -37,6 +42,22 @@ pub struct GoalPair {
     pub herald_first: bool,
     pub herald: GoalFigures,
     pub bare: GoalFigures,
+    /// The bare relay with the contract's retention, after the two (unicast and the
+    /// stream only); absent when the run does not include it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bare_history: Option<GoalFigures>,
+}
+
+/// Which ratio of a pair: herald against the bare relay (the goals), or either against
+/// the bare relay with the contract's retention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Against {
+    /// herald / bare: the goals.
+    Bare,
+    /// herald / bare-history.
+    BareHistory,
+    /// bare-history / bare: what the retention costs the bare relay.
+    RetentionCost,
 }
 
 /// Which figure of [`GoalFigures`] a goal is about.
@@ -101,15 +122,29 @@ impl GoalFigures {
 /// herald / bare for `goal` in each pair, the main run's first, then the extra pairs
 /// in order; `None` where a scenario failed on either server.
 pub fn ratios(results: &Results, goal: Goal) -> Vec<Option<f64>> {
-    let main = (
-        GoalFigures::of_main_run(results, "herald"),
-        GoalFigures::of_main_run(results, "bare"),
-    );
-    std::iter::once(main)
-        .chain(results.pairs.iter().map(|pair| (pair.herald, pair.bare)))
-        .map(|(herald, bare)| {
-            let (h, b) = (herald.get(goal), bare.get(goal));
-            (h > 0.0 && b > 0.0).then(|| h / b)
+    ratios_against(results, goal, Against::Bare)
+}
+
+/// [`ratios`], of the servers `against` names; `None` also where a pair did not measure
+/// the bare relay with retention.
+pub fn ratios_against(results: &Results, goal: Goal, against: Against) -> Vec<Option<f64>> {
+    let main = GoalPair {
+        herald_first: false,
+        herald: GoalFigures::of_main_run(results, "herald"),
+        bare: GoalFigures::of_main_run(results, "bare"),
+        bare_history: Some(GoalFigures::of_main_run(results, "bare-history")),
+    };
+    std::iter::once(&main)
+        .chain(&results.pairs)
+        .map(|pair| {
+            let history = pair.bare_history.unwrap_or_default();
+            let (over, under) = match against {
+                Against::Bare => (pair.herald, pair.bare),
+                Against::BareHistory => (pair.herald, history),
+                Against::RetentionCost => (history, pair.bare),
+            };
+            let (o, u) = (over.get(goal), under.get(goal));
+            (o > 0.0 && u > 0.0).then(|| o / u)
         })
         .collect()
 }
@@ -134,6 +169,7 @@ pub async fn run(
     plan: &Plan,
     scenarios: &[Scenario],
     herald_first: bool,
+    with_history: bool,
     errors: &mut Vec<String>,
 ) -> GoalPair {
     let order = if herald_first {
@@ -147,8 +183,14 @@ pub async fn run(
         seconds: plan.fanout_round_seconds,
         min_events: 10,
     };
+    // The bare relay with retention goes last, on unicast and the stream only.
+    let retention_order: Vec<Kind> = order
+        .into_iter()
+        .chain(with_history.then_some(Kind::BareHistory))
+        .collect();
     let mut pair = GoalPair {
         herald_first,
+        bare_history: with_history.then(GoalFigures::default),
         ..GoalPair::default()
     };
     let mut failed = |what: &str, kind: Kind, err: anyhow::Error| {
@@ -184,7 +226,7 @@ pub async fn run(
         }
     }
     if scenarios.contains(&Scenario::Unicast) {
-        for kind in order {
+        for &kind in &retention_order {
             eprintln!("== pair: unicast on {}", kind.label());
             match scenarios::unicast(
                 ctx,
@@ -203,7 +245,7 @@ pub async fn run(
         }
     }
     if scenarios.contains(&Scenario::Stream) {
-        for kind in order {
+        for &kind in &retention_order {
             eprintln!("== pair: stream on {}", kind.label());
             match scenarios::stream(ctx, kind, plan.stream_tasks, plan.stream_words).await {
                 Ok(stream) => figures_of(&mut pair, kind).stream_cpu_us_per_frame = stream.cpu_us_per_frame,
@@ -215,10 +257,10 @@ pub async fn run(
 }
 
 fn figures_of(pair: &mut GoalPair, kind: Kind) -> &mut GoalFigures {
-    if kind == Kind::Herald {
-        &mut pair.herald
-    } else {
-        &mut pair.bare
+    match kind {
+        Kind::Herald => &mut pair.herald,
+        Kind::BareHistory => pair.bare_history.get_or_insert_with(GoalFigures::default),
+        _ => &mut pair.bare,
     }
 }
 
@@ -252,9 +294,39 @@ mod tests {
                 unicast_cpu_us_per_delivery: 50.0,
                 ..GoalFigures::default()
             },
+            bare_history: None,
         });
         // The main run measured nothing here; the pair measured the stream on both.
         assert_eq!(ratios(&results, Goal::Stream), vec![None, Some(1.2)]);
         assert_eq!(ratios(&results, Goal::Unicast), vec![None, None]);
+        // Nor did it measure the bare relay with retention.
+        assert_eq!(
+            ratios_against(&results, Goal::Stream, Against::BareHistory),
+            vec![None, None]
+        );
+    }
+
+    #[test]
+    fn the_bare_relay_with_retention_is_paired_with_both() {
+        let mut results = Results::default();
+        results.pairs.push(GoalPair {
+            herald_first: true,
+            herald: GoalFigures {
+                stream_cpu_us_per_frame: 12.0,
+                ..GoalFigures::default()
+            },
+            bare: GoalFigures {
+                stream_cpu_us_per_frame: 10.0,
+                ..GoalFigures::default()
+            },
+            bare_history: Some(GoalFigures {
+                stream_cpu_us_per_frame: 11.0,
+                ..GoalFigures::default()
+            }),
+        });
+        let of = |against| ratios_against(&results, Goal::Stream, against)[1];
+        assert_eq!(of(Against::Bare), Some(1.2));
+        assert_eq!(of(Against::BareHistory), Some(12.0 / 11.0));
+        assert_eq!(of(Against::RetentionCost), Some(1.1));
     }
 }

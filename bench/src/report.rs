@@ -8,7 +8,7 @@ use std::path::Path;
 
 use anyhow::Context as _;
 
-use crate::pairs::{self, Goal};
+use crate::pairs::{self, Against, Goal};
 use crate::scenarios::{FanoutResult, IdleResult, MaxResult, MultiplexVariant, RoundResult, StreamResult};
 use crate::Results;
 
@@ -78,6 +78,55 @@ fn ratio_cell(r: Option<f64>) -> String {
         Some(r) if r < 0.1 => format!("{r:.3}×"),
         Some(r) => format!("{r:.2}×"),
     }
+}
+
+/// Each pair's ratio and their median, as the goals table writes them.
+fn ratios_and_median(ratios: &[Option<f64>]) -> (String, String) {
+    let each = ratios
+        .iter()
+        .map(|r| r.map_or("—".to_owned(), |r| format!("{r:.2}×")))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let median = pairs::median(ratios).map_or("—".to_owned(), |r| format!("**{r:.2}×**"));
+    (each, median)
+}
+
+/// What the contract's retention costs the bare relay, and herald against that relay:
+/// the bound on the unicast and stream goals, when the run measured `bare-history`.
+fn retention_table(md: &mut String, results: &Results) {
+    let rows = [
+        ("unicast, CPU per delivery", Goal::Unicast),
+        ("echo LLM stream, CPU per frame", Goal::Stream),
+    ];
+    let measured = rows.iter().any(|(_, goal)| {
+        pairs::ratios_against(results, *goal, Against::RetentionCost)
+            .iter()
+            .any(Option::is_some)
+    });
+    if !measured {
+        return;
+    }
+    let _ = writeln!(md, "#### What the contract's retention costs the bare relay\n");
+    let _ = writeln!(
+        md,
+        "`bare-history` is the bare relay keeping what herald's contract keeps of every message and nothing else herald adds: an `offset` and an `epoch` in it, and the channel's last 1,000 messages in memory for a client that would resume. It is measured after the pair's two servers, on unicast and the stream. Its cost is a floor under what herald's contract can cost against the plain relay (bench/notes.md).\n"
+    );
+    let _ = writeln!(
+        md,
+        "| figure | bare-history / bare, each pair | median | herald / bare-history, each pair | median |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|");
+    for (figure, goal) in rows {
+        let (cost, cost_median) =
+            ratios_and_median(&pairs::ratios_against(results, goal, Against::RetentionCost));
+        let (herald, herald_median) =
+            ratios_and_median(&pairs::ratios_against(results, goal, Against::BareHistory));
+        let _ = writeln!(
+            md,
+            "| {figure} | {cost} | {cost_median} | {herald} | {herald_median} |"
+        );
+    }
+    let _ = writeln!(md);
 }
 
 fn count(n: u64) -> String {
@@ -502,16 +551,11 @@ fn render(results: &Results, json_name: &str, png: Option<&str>, notes: &str) ->
         let this_run = ratios.first().copied().flatten();
         let this_run_cell = ratio_cell(this_run);
         if paired {
-            let each = ratios
-                .iter()
-                .map(|r| r.map_or("—".to_owned(), |r| format!("{r:.2}×")))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let (each, median_cell) = ratios_and_median(&ratios);
             let median = pairs::median(&ratios);
             let _ = writeln!(
                 md,
-                "| {figure} | {herald} | {bare} | {this_run_cell} | {each} | {} | ≤ {bound:.1}× | {} |",
-                median.map_or("—".to_owned(), |r| format!("**{r:.2}×**")),
+                "| {figure} | {herald} | {bare} | {this_run_cell} | {each} | {median_cell} | ≤ {bound:.1}× | {} |",
                 verdict(median.map(|r| r <= bound))
             );
         } else {
@@ -523,6 +567,7 @@ fn render(results: &Results, json_name: &str, png: Option<&str>, notes: &str) ->
         }
     }
     let _ = writeln!(md);
+    retention_table(&mut md, results);
     if results.mode == "quick" {
         let _ = writeln!(
             md,
@@ -862,9 +907,14 @@ mod tests {
                 herald_first: false,
                 herald: figures(herald),
                 bare: figures(bare),
+                bare_history: None,
             });
         }
         let text = render(&results, "x.json", None, "");
+        assert!(
+            !text.contains("retention costs"),
+            "no bare-history measured, no table"
+        );
         let row = text
             .lines()
             .find(|line| line.starts_with("| echo LLM stream, CPU per frame |"))
@@ -873,6 +923,44 @@ mod tests {
             row.contains("| 1.20×, 0.90×, 0.95×, — | **0.95×** | ≤ 1.0× | met |"),
             "{row}"
         );
+    }
+
+    #[test]
+    fn the_retention_table_pairs_bare_history_with_both() {
+        let stream = |server: &str, cpu_us_per_frame: f64| StreamResult {
+            server: server.to_owned(),
+            cpu_us_per_frame,
+            ..StreamResult::default()
+        };
+        let mut results = Results {
+            stream: vec![
+                stream("herald", 12.0),
+                stream("bare", 10.0),
+                stream("bare-history", 11.0),
+            ],
+            ..Results::default()
+        };
+        let figures = |stream_cpu_us_per_frame| pairs::GoalFigures {
+            stream_cpu_us_per_frame,
+            ..pairs::GoalFigures::default()
+        };
+        results.pairs.push(pairs::GoalPair {
+            herald_first: true,
+            herald: figures(10.0),
+            bare: figures(10.0),
+            bare_history: Some(figures(12.5)),
+        });
+        let text = render(&results, "x.json", None, "");
+        let row = text
+            .lines()
+            .find(|line| line.starts_with("| echo LLM stream, CPU per frame | 1.10×"))
+            .unwrap();
+        assert_eq!(
+            row,
+            "| echo LLM stream, CPU per frame | 1.10×, 1.25× | **1.18×** | 1.09×, 0.80× | **0.95×** |"
+        );
+        // Unicast was not measured on any server: dashes, no median.
+        assert!(text.contains("| unicast, CPU per delivery | —, — | — | —, — | — |"));
     }
 
     #[test]

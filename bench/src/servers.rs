@@ -30,6 +30,10 @@ pub enum Kind {
     BareTungsteniteSmall,
     /// The bare baseline on tokio-websockets (herald's layer).
     BareTokioWebsockets,
+    /// The bare baseline as `bare`, keeping what herald's contract keeps of every
+    /// message (an offset, an epoch, the last 1,000 messages a channel): what that
+    /// retention costs the plain stack. Measured only when named in `--servers`.
+    BareHistory,
     /// Django + channels + daphne + channels_redis (the stack herald replaces).
     Django,
 }
@@ -41,6 +45,7 @@ impl Kind {
             Self::Bare => "bare",
             Self::BareTungsteniteSmall => "bare-tungstenite-small",
             Self::BareTokioWebsockets => "bare-tokio-websockets",
+            Self::BareHistory => "bare-history",
             Self::Django => "django",
         }
     }
@@ -159,7 +164,7 @@ pub async fn start(kind: Kind, programs: &Programs, options: &Options) -> anyhow
     };
     let result = match kind {
         Kind::Herald => start_herald(&mut running, programs, options).await,
-        Kind::Bare | Kind::BareTungsteniteSmall | Kind::BareTokioWebsockets => {
+        Kind::Bare | Kind::BareTungsteniteSmall | Kind::BareTokioWebsockets | Kind::BareHistory => {
             start_bare(&mut running, programs).await
         }
         Kind::Django => start_django(&mut running, programs).await,
@@ -307,7 +312,7 @@ async fn start_bare(running: &mut Running, programs: &Programs) -> anyhow::Resul
         Kind::BareTokioWebsockets => {
             command.args(["--ws", "tokio-websockets"]);
         }
-        _ => {
+        kind => {
             command.args([
                 "--ws",
                 "tungstenite",
@@ -316,6 +321,10 @@ async fn start_bare(running: &mut Running, programs: &Programs) -> anyhow::Resul
                 "--write-buffer",
                 "0",
             ]);
+            if kind == Kind::BareHistory {
+                // herald's default `HERALD_HISTORY_SIZE`.
+                command.args(["--history", "1000"]);
+            }
         }
     }
     let child = command

@@ -13,11 +13,18 @@
 //!   order, one delta every 20 ms, as herald's `echo` provider;
 //! - `GET /healthz`.
 //!
+//! With `--history N` it also keeps what herald's contract keeps of every message, and
+//! nothing else herald adds: each message gets its channel's next `offset` and the
+//! channel's `epoch`, and the channel keeps its last N messages (serialized, in a ring)
+//! for a client that would resume. It is the bare relay doing the contract's retention,
+//! the yardstick for what that retention costs (bench/notes.md); no request reads the
+//! history back.
+//!
 //! The WebSocket layer is chosen with `--ws`: `tungstenite` (axum's own, with
 //! `--read-buffer`/`--write-buffer` sizes) or `tokio-websockets` (the upgrade done by
 //! hand on hyper, as herald does), so the layers can be compared in one program.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -72,6 +79,9 @@ struct Cli {
     /// tungstenite's write buffer, in bytes, before frames are flushed (default 128 KiB).
     #[arg(long, default_value_t = 0)]
     write_buffer: usize,
+    /// Messages kept per channel, each with an offset and an epoch (0: none, no offsets).
+    #[arg(long, default_value_t = 0)]
+    history: usize,
 }
 
 #[derive(Clone)]
@@ -79,8 +89,18 @@ struct AppState {
     inner: Arc<Inner>,
 }
 
-/// Channel name → the queues of its sockets, each with a socket id.
-type Channels = HashMap<String, Vec<(u64, mpsc::UnboundedSender<Utf8Bytes>)>>;
+/// Channel name → its sockets and, with `--history`, its sequence and history.
+type Channels = HashMap<String, ChannelState>;
+
+#[derive(Default)]
+struct ChannelState {
+    /// The queues of the channel's sockets, each with a socket id.
+    subscribers: Vec<(u64, mpsc::UnboundedSender<Utf8Bytes>)>,
+    /// With `--history`: the channel's epoch, its last offset and its last messages.
+    epoch: String,
+    offset: u64,
+    history: VecDeque<Utf8Bytes>,
+}
 
 struct Inner {
     decoding_key: DecodingKey,
@@ -89,6 +109,7 @@ struct Inner {
     layer: Layer,
     read_buffer: usize,
     write_buffer: usize,
+    history: usize,
     channels: Mutex<Channels>,
     next_id: AtomicU64,
 }
@@ -106,18 +127,63 @@ impl AppState {
     }
 
     /// Serializes `message` once and queues it for every socket of `channel`; returns how
-    /// many sockets it was queued for.
-    fn publish(&self, channel: &str, message: &Value) -> usize {
-        let Ok(bytes) = serde_json::to_string(message) else {
+    /// many sockets it was queued for. With `--history`, the message is sequenced and
+    /// kept under the channel's lock first, as herald's memory broker does.
+    fn publish(&self, channel: &str, message: Value) -> usize {
+        if self.inner.history > 0 {
+            return self.publish_kept(channel, message);
+        }
+        let Ok(bytes) = serde_json::to_string(&message) else {
             return 0;
         };
         let text = Utf8Bytes::from(bytes);
         let mut channels = self.channels();
-        let Some(subscribers) = channels.get_mut(channel) else {
+        let Some(state) = channels.get_mut(channel) else {
             return 0;
         };
-        subscribers.retain(|(_, queue)| queue.send(text.clone()).is_ok());
-        subscribers.len()
+        state
+            .subscribers
+            .retain(|(_, queue)| queue.send(text.clone()).is_ok());
+        state.subscribers.len()
+    }
+
+    fn publish_kept(&self, channel: &str, mut message: Value) -> usize {
+        let mut channels = self.channels();
+        if !channels.contains_key(channel) {
+            channels.insert(channel.to_owned(), self.new_channel());
+        }
+        let Some(state) = channels.get_mut(channel) else {
+            return 0;
+        };
+        state.offset += 1;
+        if let Some(object) = message.as_object_mut() {
+            object.insert("offset".to_owned(), json!(state.offset));
+            object.insert("epoch".to_owned(), json!(state.epoch));
+        }
+        let Ok(bytes) = serde_json::to_string(&message) else {
+            return 0;
+        };
+        let text = Utf8Bytes::from(bytes);
+        if state.history.len() == self.inner.history {
+            state.history.pop_front();
+        }
+        state.history.push_back(text.clone());
+        state
+            .subscribers
+            .retain(|(_, queue)| queue.send(text.clone()).is_ok());
+        state.subscribers.len()
+    }
+
+    /// A channel's state; without `--history` no more than its sockets, so the plain
+    /// relay's subscribe costs what it did before the option.
+    fn new_channel(&self) -> ChannelState {
+        if self.inner.history == 0 {
+            return ChannelState::default();
+        }
+        ChannelState {
+            epoch: format!("{:032x}", u128::from(self.next_id()) * 0x9e37_79b9_7f4a_7c15),
+            ..ChannelState::default()
+        }
     }
 
     fn subscribe(&self, channel: &str) -> (u64, mpsc::UnboundedReceiver<Utf8Bytes>) {
@@ -125,16 +191,18 @@ impl AppState {
         let id = self.next_id();
         self.channels()
             .entry(channel.to_owned())
-            .or_default()
+            .or_insert_with(|| self.new_channel())
+            .subscribers
             .push((id, sender));
         (id, receiver)
     }
 
     fn unsubscribe(&self, channel: &str, id: u64) {
         let mut channels = self.channels();
-        if let Some(subscribers) = channels.get_mut(channel) {
-            subscribers.retain(|(other, _)| *other != id);
-            if subscribers.is_empty() {
+        if let Some(state) = channels.get_mut(channel) {
+            state.subscribers.retain(|(other, _)| *other != id);
+            // A channel with history keeps it for a client that would resume.
+            if state.subscribers.is_empty() && state.history.is_empty() {
                 channels.remove(channel);
             }
         }
@@ -174,6 +242,7 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
             layer: cli.ws,
             read_buffer: cli.read_buffer,
             write_buffer: cli.write_buffer,
+            history: cli.history,
             channels: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         }),
@@ -423,7 +492,7 @@ async fn publish_notification(
         "id": id,
         "timestamp": timestamp_ms(),
     });
-    let sent = state.publish(&format!("notifications:{user}"), &message);
+    let sent = state.publish(&format!("notifications:{user}"), message);
     (StatusCode::ACCEPTED, Json(json!({"id": id, "sockets": sent}))).into_response()
 }
 
@@ -452,7 +521,7 @@ async fn publish_event(
         "id": id,
         "timestamp": timestamp_ms(),
     });
-    let sent = state.publish(&format!("org:{org}"), &message);
+    let sent = state.publish(&format!("org:{org}"), message);
     (StatusCode::ACCEPTED, Json(json!({"id": id, "sockets": sent}))).into_response()
 }
 
@@ -490,7 +559,7 @@ async fn echo_stream(state: AppState, user: String, chat_id: String, task_id: St
             object.insert("task_id".to_owned(), json!(task_id));
             object.insert("timestamp".to_owned(), json!(timestamp_ms()));
         }
-        state.publish(&channel, &message);
+        state.publish(&channel, message);
     };
     send(json!({"type": "llm_status", "status": "started", "message": "task started"}));
     send(json!({"type": "llm_status", "status": "thinking", "message": "thinking"}));
