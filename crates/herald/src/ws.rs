@@ -16,8 +16,7 @@ pub mod protocol;
 pub mod session;
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::net::{IpAddr, Ipv4Addr};
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
@@ -34,7 +33,7 @@ use crate::auth::{find_token, offers_bearer_subprotocol, BEARER_SUBPROTOCOL};
 use crate::channel::{Channel, ChannelKind};
 use crate::close::{Close, CloseCode};
 use crate::http::error::ApiError;
-use crate::http::server::{ClientIp, Load};
+use crate::http::server::Peer;
 use crate::ids::UserId;
 use crate::limits::LimitRefusal;
 use crate::metrics::Endpoint;
@@ -110,8 +109,8 @@ async fn handshake(
     }
     if request
         .extensions()
-        .get::<Arc<Load>>()
-        .is_some_and(|load| load.over_ceiling())
+        .get::<Peer>()
+        .is_some_and(|peer| peer.load.over_ceiling())
     {
         state.metrics.rate_limited("max_connections");
         crate::limits::refusal_log(
@@ -219,13 +218,10 @@ fn socket_limits() -> Limits {
 /// The client's address: from `X-Forwarded-For` behind a trusted proxy (set by
 /// `http::server`), else the peer's.
 fn client_ip(request: &Request) -> IpAddr {
-    let extensions = request.extensions();
-    if let Some(ClientIp(ip)) = extensions.get::<ClientIp>() {
-        return *ip;
-    }
-    extensions
-        .get::<axum::extract::ConnectInfo<SocketAddr>>()
-        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |info| info.0.ip())
+    request
+        .extensions()
+        .get::<Peer>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |peer| peer.client_ip)
 }
 
 /// Validates the upgrade request and computes `Sec-WebSocket-Accept` (RFC 6455 §4.2.2).
@@ -402,6 +398,7 @@ fn parse_resume(query: &HashMap<String, String>) -> Result<Option<Resume>, &'sta
 mod tests {
     use std::pin::Pin;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
     use std::task::{Context as TaskContext, Poll};
 
     use super::*;

@@ -11,7 +11,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{Path, State};
 use axum::http::{header, Extensions, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -23,6 +23,7 @@ use crate::channel::{unix_to_rfc3339, Channel, ChannelKind, Draft};
 use crate::config::MembershipMode;
 use crate::http::error::ApiError;
 use crate::http::extract::{ApiJson, User};
+use crate::http::server::Peer;
 use crate::ids::{OrgId, UserId};
 
 /// The browser client, as served at `/client/herald.js`.
@@ -111,9 +112,9 @@ async fn client_dts() -> Response {
 }
 
 /// Refuses callers that are not on this machine.
-fn require_loopback(peer: Option<ConnectInfo<SocketAddr>>) -> Result<(), ApiError> {
+fn require_loopback(peer: Option<SocketAddr>) -> Result<(), ApiError> {
     match peer {
-        Some(ConnectInfo(addr)) if addr.ip().is_loopback() => Ok(()),
+        Some(addr) if addr.ip().is_loopback() => Ok(()),
         _ => Err(ApiError::Forbidden(
             "dev endpoints answer only clients on this machine (a loopback address); \
              mint tokens with `herald token --sub USER` instead"
@@ -163,7 +164,7 @@ async fn mint_token(
     headers: HeaderMap,
     ApiJson(body): ApiJson,
 ) -> Result<Response, ApiError> {
-    require_loopback(extensions.get::<ConnectInfo<SocketAddr>>().cloned())?;
+    require_loopback(extensions.get::<Peer>().map(|peer| peer.addr))?;
     require_local_host(&headers)?;
     let Some(secret) = &state.dev_jwt_secret else {
         return Err(ApiError::NotFound("no such endpoint".to_owned()));
@@ -254,7 +255,7 @@ async fn notify_self(
     User(identity): User,
     ApiJson(body): ApiJson,
 ) -> Result<Response, ApiError> {
-    require_loopback(extensions.get::<ConnectInfo<SocketAddr>>().cloned())?;
+    require_loopback(extensions.get::<Peer>().map(|peer| peer.addr))?;
     require_local_host(&headers)?;
     let channel = Channel::new(ChannelKind::Notifications, identity.user_id.as_str())?;
     let notification = object_field(&body, "notification")?.unwrap_or_else(|| {
@@ -281,7 +282,7 @@ async fn org_event(
     Path(org_id): Path<String>,
     ApiJson(body): ApiJson,
 ) -> Result<Response, ApiError> {
-    require_loopback(extensions.get::<ConnectInfo<SocketAddr>>().cloned())?;
+    require_loopback(extensions.get::<Peer>().map(|peer| peer.addr))?;
     require_local_host(&headers)?;
     let org_id = OrgId::parse(&org_id)?;
     if !state.membership.is_member(org_id.as_str(), &identity).await {

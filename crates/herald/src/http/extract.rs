@@ -90,14 +90,11 @@ impl FromRequestParts<AppState> for User {
 /// The client's address, for security logs (unspecified when unknown): behind a
 /// trusted proxy the forwarded one (`http::server`).
 pub fn client_ip(parts: &Parts) -> std::net::IpAddr {
-    if let Some(crate::http::server::ClientIp(ip)) = parts.extensions.get() {
-        return *ip;
-    }
     parts
         .extensions
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |info| {
-            info.0.ip()
+        .get::<crate::http::server::Peer>()
+        .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |peer| {
+            peer.client_ip
         })
 }
 

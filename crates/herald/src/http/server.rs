@@ -13,8 +13,10 @@
 //!   that byte to the end of the head. hyper's own `header_read_timeout` starts when
 //!   it begins waiting for a head, idle time included, so it cannot tell the two
 //!   apart; it is set to their sum as a backstop;
-//! - each request carries its peer (`ConnectInfo`), its client IP ([`ClientIp`], from
-//!   `X-Forwarded-For` when the peer is a trusted proxy) and the [`Load`].
+//! - each request carries one [`Peer`] extension: its peer address, its client IP
+//!   (from `X-Forwarded-For` when the peer is a trusted proxy) and the [`Load`]. One
+//!   extension rather than three: each is a boxed entry in the request's extension
+//!   map, made for every request (issue 19).
 //!
 //! Graceful shutdown is hyper-util's: when `shutdown` resolves the listener closes and
 //! every connection finishes its request in flight, then closes.
@@ -31,7 +33,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::ConnectInfo;
 use axum::http::{HeaderMap, Request, Response, StatusCode};
 use axum::Router;
 use bytes::Bytes;
@@ -85,10 +86,17 @@ fn fd_limit() -> usize {
     limit
 }
 
-/// The client's address, for per-IP limits and logs: the peer, or the address a
-/// trusted proxy forwarded (`HERALD_TRUSTED_PROXIES`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientIp(pub IpAddr);
+/// Where a request came from, as the accept loop saw it (a request extension).
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The TCP peer's address.
+    pub addr: SocketAddr,
+    /// The client's address, for per-IP limits and logs: the peer, or the address a
+    /// trusted proxy forwarded (`HERALD_TRUSTED_PROXIES`).
+    pub client_ip: IpAddr,
+    /// This node's connection counts.
+    pub load: Arc<Load>,
+}
 
 /// The client IP of a request from `peer` with `headers`: for a peer inside
 /// `trusted`, the rightmost `X-Forwarded-For` address not inside it (every
@@ -402,10 +410,11 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         }
         let busy = Busy(self.conn.clone());
         let client = client_ip(self.peer.ip(), request.headers(), &self.trusted_proxies);
-        let extensions = request.extensions_mut();
-        extensions.insert(ConnectInfo(self.peer));
-        extensions.insert(ClientIp(client));
-        extensions.insert(self.load.clone());
+        request.extensions_mut().insert(Peer {
+            addr: self.peer,
+            client_ip: client,
+            load: self.load.clone(),
+        });
         let router = self.router.clone();
         let conn = self.conn.clone();
         Box::pin(async move {

@@ -3,14 +3,12 @@
 
 use std::net::SocketAddr;
 
-use axum::extract::ConnectInfo;
-
 use axum::http::{HeaderMap, HeaderValue};
 
 use super::{require_local_host, require_loopback};
 
-fn peer(addr: &str) -> Option<ConnectInfo<SocketAddr>> {
-    Some(ConnectInfo(addr.parse().unwrap()))
+fn peer(addr: &str) -> Option<SocketAddr> {
+    Some(addr.parse().unwrap())
 }
 
 #[test]
