@@ -109,7 +109,7 @@ fn retention_table(md: &mut String, results: &Results) {
     let _ = writeln!(md, "#### What the contract's retention costs the bare relay\n");
     let _ = writeln!(
         md,
-        "`bare-history` is the bare relay keeping what herald's contract keeps of every message and nothing else herald adds: an `offset` and an `epoch` in it, and the channel's last 1,000 messages in memory for a client that would resume. It is measured after the pair's two servers, on unicast and the stream. Its cost is a floor under what herald's contract can cost against the plain relay (bench/notes.md).\n"
+        "`bare-history` is the bare relay keeping what herald's contract keeps of every message and nothing else herald adds: an `offset` and an `epoch` in it, and the channel's last 1,000 messages in memory for a client that would resume. It is measured after the pair's two servers, on unicast and the stream. What it costs above the bare relay is what that retention costs the plain stack, done plainly; the unicast and stream goals are read beside it (bench/notes.md).\n"
     );
     let _ = writeln!(
         md,
