@@ -10,9 +10,10 @@
 //! pair) and lists every ratio, "—" for a pair where a scenario failed.
 //!
 //! When the run includes `bare-history` (the bare relay keeping what herald's contract
-//! keeps of every message), each pair also measures it on unicast and the stream,
-//! right after the pair's two servers: what that retention costs the bare relay, and
-//! herald against it ([`Against::BareHistory`]).
+//! keeps of every message), each pair also measures it on unicast and the stream: last
+//! when herald goes first, first when the bare server does, so it is next to each of
+//! them in turn and herald and bare stay next to each other. That gives what the
+//! retention costs the bare relay, and herald against it ([`Against`]).
 //!
 //! The main run's pair is not quite like the others: its fan-out figures are the
 //! largest round of a sweep (after the smaller rounds, on the same process), and
@@ -183,14 +184,14 @@ pub async fn run(
         seconds: plan.fanout_round_seconds,
         min_events: 10,
     };
-    // The bare relay with retention goes last, on unicast and the stream only.
-    let retention_order: Vec<Kind> = order
-        .into_iter()
-        .chain(with_history.then_some(Kind::BareHistory))
-        .collect();
+    // The bare relay with retention, on unicast and the stream only.
+    let retention_order: Vec<Kind> = match (with_history, herald_first) {
+        (false, _) => order.to_vec(),
+        (true, true) => vec![Kind::Herald, Kind::Bare, Kind::BareHistory],
+        (true, false) => vec![Kind::BareHistory, Kind::Bare, Kind::Herald],
+    };
     let mut pair = GoalPair {
         herald_first,
-        bare_history: with_history.then(GoalFigures::default),
         ..GoalPair::default()
     };
     let mut failed = |what: &str, kind: Kind, err: anyhow::Error| {

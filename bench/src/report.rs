@@ -91,8 +91,9 @@ fn ratios_and_median(ratios: &[Option<f64>]) -> (String, String) {
     (each, median)
 }
 
-/// What the contract's retention costs the bare relay, and herald against that relay:
-/// the bound on the unicast and stream goals, when the run measured `bare-history`.
+/// What the contract's retention costs the bare relay, and herald against that relay,
+/// when the run measured `bare-history`: what the unicast and stream goals are read
+/// beside.
 fn retention_table(md: &mut String, results: &Results) {
     let rows = [
         ("unicast, CPU per delivery", Goal::Unicast),
@@ -109,7 +110,7 @@ fn retention_table(md: &mut String, results: &Results) {
     let _ = writeln!(md, "#### What the contract's retention costs the bare relay\n");
     let _ = writeln!(
         md,
-        "`bare-history` is the bare relay keeping what herald's contract keeps of every message and nothing else herald adds: an `offset` and an `epoch` in it, and the channel's last 1,000 messages in memory for a client that would resume. It is measured after the pair's two servers, on unicast and the stream. What it costs above the bare relay is what that retention costs the plain stack, done plainly; the unicast and stream goals are read beside it (bench/notes.md).\n"
+        "`bare-history` is the bare relay keeping what herald's contract keeps of every message and nothing else herald adds: an `offset` and an `epoch` in it, and the channel's last 1,000 messages in memory for a client that would resume. It is measured on unicast and the stream, in each pair next to herald or the bare server in turn. What it costs above the bare relay is what that retention costs the plain stack, done plainly; the unicast and stream goals are read beside it (bench/notes.md).\n"
     );
     let _ = writeln!(
         md,

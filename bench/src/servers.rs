@@ -32,7 +32,7 @@ pub enum Kind {
     BareTokioWebsockets,
     /// The bare baseline as `bare`, keeping what herald's contract keeps of every
     /// message (an offset, an epoch, the last 1,000 messages a channel): what that
-    /// retention costs the plain stack. Measured only when named in `--servers`.
+    /// retention costs the plain stack. Measured on unicast and the stream only.
     BareHistory,
     /// Django + channels + daphne + channels_redis (the stack herald replaces).
     Django,

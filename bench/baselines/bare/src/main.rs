@@ -89,14 +89,17 @@ struct AppState {
     inner: Arc<Inner>,
 }
 
-/// Channel name → its sockets and, with `--history`, its sequence and history.
-type Channels = HashMap<String, ChannelState>;
-
+/// Channel name → the queues of its sockets, each with a socket id; with `--history`,
+/// also channel name → its sequence and history, in a map of its own, so that without the
+/// option a channel costs what it did before the option existed.
 #[derive(Default)]
-struct ChannelState {
-    /// The queues of the channel's sockets, each with a socket id.
-    subscribers: Vec<(u64, mpsc::UnboundedSender<Utf8Bytes>)>,
-    /// With `--history`: the channel's epoch, its last offset and its last messages.
+struct Channels {
+    subscribers: HashMap<String, Vec<(u64, mpsc::UnboundedSender<Utf8Bytes>)>>,
+    kept: HashMap<String, Kept>,
+}
+
+/// With `--history`: a channel's epoch, its last offset and its last messages.
+struct Kept {
     epoch: String,
     offset: u64,
     history: VecDeque<Utf8Bytes>,
@@ -128,82 +131,77 @@ impl AppState {
 
     /// Serializes `message` once and queues it for every socket of `channel`; returns how
     /// many sockets it was queued for. With `--history`, the message is sequenced and
-    /// kept under the channel's lock first, as herald's memory broker does.
-    fn publish(&self, channel: &str, message: Value) -> usize {
+    /// kept under the lock first, as herald's memory broker does.
+    fn publish(&self, channel: &str, message: &Value) -> usize {
+        let Ok(bytes) = serde_json::to_string(message) else {
+            return 0;
+        };
         if self.inner.history > 0 {
-            return self.publish_kept(channel, message);
+            return self.publish_kept(channel, bytes);
         }
-        let Ok(bytes) = serde_json::to_string(&message) else {
-            return 0;
-        };
         let text = Utf8Bytes::from(bytes);
         let mut channels = self.channels();
-        let Some(state) = channels.get_mut(channel) else {
+        let Some(subscribers) = channels.subscribers.get_mut(channel) else {
             return 0;
         };
-        state
-            .subscribers
-            .retain(|(_, queue)| queue.send(text.clone()).is_ok());
-        state.subscribers.len()
+        subscribers.retain(|(_, queue)| queue.send(text.clone()).is_ok());
+        subscribers.len()
     }
 
-    fn publish_kept(&self, channel: &str, mut message: Value) -> usize {
-        let mut channels = self.channels();
-        if !channels.contains_key(channel) {
-            channels.insert(channel.to_owned(), self.new_channel());
+    /// [`AppState::publish`] with `--history`: appends the channel's next `offset` and its
+    /// `epoch` to the serialized object (as herald's `Draft::seal` appends its fields),
+    /// keeps the message in the channel's ring, then queues it.
+    fn publish_kept(&self, channel: &str, mut text: String) -> usize {
+        let mut guard = self.channels();
+        let channels = &mut *guard;
+        if !channels.kept.contains_key(channel) {
+            let kept = Kept {
+                epoch: format!("{:032x}", u128::from(self.next_id()) * 0x9e37_79b9_7f4a_7c15),
+                offset: 0,
+                history: VecDeque::new(),
+            };
+            channels.kept.insert(channel.to_owned(), kept);
         }
-        let Some(state) = channels.get_mut(channel) else {
+        let Some(kept) = channels.kept.get_mut(channel) else {
             return 0;
         };
-        state.offset += 1;
-        if let Some(object) = message.as_object_mut() {
-            object.insert("offset".to_owned(), json!(state.offset));
-            object.insert("epoch".to_owned(), json!(state.epoch));
+        kept.offset += 1;
+        // `text` is a JSON object with at least one field.
+        text.pop();
+        text.push_str(",\"offset\":");
+        text.push_str(&kept.offset.to_string());
+        text.push_str(",\"epoch\":\"");
+        text.push_str(&kept.epoch);
+        text.push_str("\"}");
+        let text = Utf8Bytes::from(text);
+        if kept.history.len() == self.inner.history {
+            kept.history.pop_front();
         }
-        let Ok(bytes) = serde_json::to_string(&message) else {
+        kept.history.push_back(text.clone());
+        let Some(subscribers) = channels.subscribers.get_mut(channel) else {
             return 0;
         };
-        let text = Utf8Bytes::from(bytes);
-        if state.history.len() == self.inner.history {
-            state.history.pop_front();
-        }
-        state.history.push_back(text.clone());
-        state
-            .subscribers
-            .retain(|(_, queue)| queue.send(text.clone()).is_ok());
-        state.subscribers.len()
-    }
-
-    /// A channel's state; without `--history` no more than its sockets, so the plain
-    /// relay's subscribe costs what it did before the option.
-    fn new_channel(&self) -> ChannelState {
-        if self.inner.history == 0 {
-            return ChannelState::default();
-        }
-        ChannelState {
-            epoch: format!("{:032x}", u128::from(self.next_id()) * 0x9e37_79b9_7f4a_7c15),
-            ..ChannelState::default()
-        }
+        subscribers.retain(|(_, queue)| queue.send(text.clone()).is_ok());
+        subscribers.len()
     }
 
     fn subscribe(&self, channel: &str) -> (u64, mpsc::UnboundedReceiver<Utf8Bytes>) {
         let (sender, receiver) = mpsc::unbounded_channel();
         let id = self.next_id();
         self.channels()
-            .entry(channel.to_owned())
-            .or_insert_with(|| self.new_channel())
             .subscribers
+            .entry(channel.to_owned())
+            .or_default()
             .push((id, sender));
         (id, receiver)
     }
 
     fn unsubscribe(&self, channel: &str, id: u64) {
         let mut channels = self.channels();
-        if let Some(state) = channels.get_mut(channel) {
-            state.subscribers.retain(|(other, _)| *other != id);
-            // A channel with history keeps it for a client that would resume.
-            if state.subscribers.is_empty() && state.history.is_empty() {
-                channels.remove(channel);
+        if let Some(subscribers) = channels.subscribers.get_mut(channel) {
+            subscribers.retain(|(other, _)| *other != id);
+            if subscribers.is_empty() {
+                channels.subscribers.remove(channel);
             }
         }
     }
@@ -243,7 +241,7 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
             read_buffer: cli.read_buffer,
             write_buffer: cli.write_buffer,
             history: cli.history,
-            channels: Mutex::new(HashMap::new()),
+            channels: Mutex::new(Channels::default()),
             next_id: AtomicU64::new(1),
         }),
     };
@@ -492,7 +490,7 @@ async fn publish_notification(
         "id": id,
         "timestamp": timestamp_ms(),
     });
-    let sent = state.publish(&format!("notifications:{user}"), message);
+    let sent = state.publish(&format!("notifications:{user}"), &message);
     (StatusCode::ACCEPTED, Json(json!({"id": id, "sockets": sent}))).into_response()
 }
 
@@ -521,7 +519,7 @@ async fn publish_event(
         "id": id,
         "timestamp": timestamp_ms(),
     });
-    let sent = state.publish(&format!("org:{org}"), message);
+    let sent = state.publish(&format!("org:{org}"), &message);
     (StatusCode::ACCEPTED, Json(json!({"id": id, "sockets": sent}))).into_response()
 }
 
@@ -559,7 +557,7 @@ async fn echo_stream(state: AppState, user: String, chat_id: String, task_id: St
             object.insert("task_id".to_owned(), json!(task_id));
             object.insert("timestamp".to_owned(), json!(timestamp_ms()));
         }
-        state.publish(&channel, message);
+        state.publish(&channel, &message);
     };
     send(json!({"type": "llm_status", "status": "started", "message": "task started"}));
     send(json!({"type": "llm_status", "status": "thinking", "message": "thinking"}));
