@@ -406,21 +406,17 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     // The WebSocket layer variants of the bare baseline are measured where the layer
     // matters: idle memory and fan-out. The bare relay with the contract's retention is
     // measured where a message is kept for every delivery: unicast and the stream.
-    let layer_kinds: Vec<Kind> = kinds
-        .iter()
-        .copied()
-        .filter(|kind| *kind != Kind::BareHistory)
-        .collect();
-    let retention_kinds: Vec<Kind> = kinds
-        .iter()
-        .copied()
-        .filter(|kind| !matches!(kind, Kind::BareTungsteniteSmall | Kind::BareTokioWebsockets))
-        .collect();
-    let main_kinds: Vec<Kind> = retention_kinds
-        .iter()
-        .copied()
-        .filter(|kind| *kind != Kind::BareHistory)
-        .collect();
+    let without = |excluded: &[Kind]| -> Vec<Kind> {
+        kinds
+            .iter()
+            .copied()
+            .filter(|kind| !excluded.contains(kind))
+            .collect()
+    };
+    let layers = [Kind::BareTungsteniteSmall, Kind::BareTokioWebsockets];
+    let layer_kinds = without(&[Kind::BareHistory]);
+    let retention_kinds = without(&layers);
+    let main_kinds = without(&[layers[0], layers[1], Kind::BareHistory]);
     let record_error = |results: &mut Results, what: String, err: anyhow::Error| {
         eprintln!("!! {what}: {err:#}");
         results.errors.push(format!("{what}: {err:#}"));

@@ -43,8 +43,8 @@ pub struct GoalPair {
     pub herald_first: bool,
     pub herald: GoalFigures,
     pub bare: GoalFigures,
-    /// The bare relay with the contract's retention, after the two (unicast and the
-    /// stream only); absent when the run does not include it.
+    /// The bare relay with the contract's retention (unicast and the stream only);
+    /// absent when the pair did not measure it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bare_history: Option<GoalFigures>,
 }
