@@ -1,27 +1,75 @@
-//! What the kernel says about a server process: its CPU time (user + system, from
-//! `/proc/<pid>/stat`, which keeps the time of exited threads too) and its resident
-//! memory (`VmRSS` in `/proc/<pid>/status`).
+//! What the kernel says about a server process: its CPU time (user + system) and minor
+//! page faults (from `/proc/<pid>/stat`, which keeps the counts of exited threads too)
+//! and its resident memory (`VmRSS` in `/proc/<pid>/status`).
 
 use anyhow::{anyhow, Context as _};
 
-/// CPU time a process has used, in seconds.
-pub fn cpu_seconds(pid: u32, ticks_per_second: f64) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
-    let ticks = parse_cpu_ticks(&stat).ok_or_else(|| anyhow!("cannot parse /proc/{pid}/stat"))?;
-    #[allow(clippy::cast_precision_loss)]
-    Ok(ticks as f64 / ticks_per_second)
+/// What a process has used so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Usage {
+    /// CPU time in user space, in seconds.
+    pub user: f64,
+    /// CPU time in the kernel on the process's behalf, in seconds.
+    pub system: f64,
+    /// Page faults served without I/O: mostly memory touched for the first time.
+    pub minor_faults: u64,
 }
 
-/// utime + stime (fields 14 and 15) of a `/proc/<pid>/stat` line. The command name
-/// (field 2) may hold spaces and parentheses, so fields are counted from the last `)`.
-fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+impl Usage {
+    /// User and system time, in seconds.
+    pub fn cpu(&self) -> f64 {
+        self.user + self.system
+    }
+
+    /// What was used between `earlier` and `self`.
+    #[must_use]
+    pub fn since(&self, earlier: &Usage) -> Usage {
+        Usage {
+            user: self.user - earlier.user,
+            system: self.system - earlier.system,
+            minor_faults: self.minor_faults.saturating_sub(earlier.minor_faults),
+        }
+    }
+}
+
+impl std::ops::Add for Usage {
+    type Output = Usage;
+
+    fn add(self, other: Usage) -> Usage {
+        Usage {
+            user: self.user + other.user,
+            system: self.system + other.system,
+            minor_faults: self.minor_faults + other.minor_faults,
+        }
+    }
+}
+
+/// What a process has used so far (`/proc/<pid>/stat`).
+pub fn usage(pid: u32, ticks_per_second: f64) -> anyhow::Result<Usage> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+    let (minor_faults, utime, stime) =
+        parse_stat(&stat).ok_or_else(|| anyhow!("cannot parse /proc/{pid}/stat"))?;
+    #[allow(clippy::cast_precision_loss)]
+    Ok(Usage {
+        user: utime as f64 / ticks_per_second,
+        system: stime as f64 / ticks_per_second,
+        minor_faults,
+    })
+}
+
+/// minflt, utime and stime (fields 10, 14 and 15) of a `/proc/<pid>/stat` line. The
+/// command name (field 2) may hold spaces and parentheses, so fields are counted from
+/// the last `)`.
+fn parse_stat(stat: &str) -> Option<(u64, u64, u64)> {
     let after_name = &stat[stat.rfind(')')? + 1..];
     let mut fields = after_name.split_whitespace();
-    // After the name: field 3 (state) is the first; utime is field 14, the 12th here.
-    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    // After the name: field 3 (state) is the first; minflt is field 10, the 8th here.
+    let minflt: u64 = fields.nth(7)?.parse().ok()?;
+    // utime is field 14, three after minflt.
+    let utime: u64 = fields.nth(3)?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
+    Some((minflt, utime, stime))
 }
 
 /// Resident set size, in bytes.
@@ -55,7 +103,7 @@ mod tests {
     #[test]
     fn parses_stat_with_a_strange_name_and_status() {
         let stat = "1234 (a (b) c) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 70 0 0 20 0 3 0 5 1000 200";
-        assert_eq!(parse_cpu_ticks(stat), Some(320));
+        assert_eq!(parse_stat(stat), Some((100, 250, 70)));
         assert_eq!(
             parse_rss("Name:\therald\nVmRSS:\t   2048 kB\n"),
             Some(2 * 1024 * 1024)
@@ -67,7 +115,9 @@ mod tests {
     fn reads_this_process() -> anyhow::Result<()> {
         let pid = std::process::id();
         assert!(rss_bytes(pid)? > 0);
-        assert!(cpu_seconds(pid, ticks_per_second())? >= 0.0);
+        let used = usage(pid, ticks_per_second())?;
+        assert!(used.cpu() >= 0.0);
+        assert!(used.minor_faults > 0, "a running process has touched memory");
         Ok(())
     }
 }

@@ -130,6 +130,66 @@ fn retention_table(md: &mut String, results: &Results) {
     let _ = writeln!(md);
 }
 
+/// Where the retention shows in this run's main scenarios: each server's CPU split into
+/// user and kernel time, and the memory it touched for the first time (minor page
+/// faults), a message. Only for results that carry the split (2026-12-07 on).
+#[allow(clippy::cast_precision_loss)]
+fn retention_split_table(md: &mut String, results: &Results) {
+    let servers = ["herald", "bare", "bare-history"];
+    // (figure, server, messages, cpu seconds, kernel seconds, minor faults)
+    let mut rows: Vec<(&str, &str, u64, f64, f64, u64)> = Vec::new();
+    for server in servers {
+        if let Some(round) = unicast_of(results, server) {
+            rows.push((
+                "unicast",
+                server,
+                round.received,
+                round.cpu_seconds,
+                round.system_seconds,
+                round.minor_faults,
+            ));
+        }
+    }
+    for server in servers {
+        if let Some(stream) = stream_of(results, server) {
+            rows.push((
+                "echo LLM stream",
+                server,
+                stream.report.frames,
+                stream.cpu_seconds,
+                stream.system_seconds,
+                stream.minor_faults,
+            ));
+        }
+    }
+    let split = |row: &(&str, &str, u64, f64, f64, u64)| row.4 > 0.0 || row.5 > 0;
+    if !rows.iter().any(|row| row.1 == "bare-history" && split(row)) {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "Where it shows, in this run's scenarios (not the extra pairs): the server's CPU a message split into user and kernel time, and the minor page faults a message, memory the process touched for the first time (`/proc/<pid>/stat`).\n"
+    );
+    let _ = writeln!(
+        md,
+        "| scenario | server | CPU a message | user | kernel | minor page faults a message |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    for row in rows.iter().filter(|row| split(row)) {
+        let (figure, server, messages, cpu, system, faults) = *row;
+        let per = |value: f64| value / messages.max(1) as f64;
+        let _ = writeln!(
+            md,
+            "| {figure} | {server} | {:.1} µs | {:.1} µs | {:.1} µs | {:.2} |",
+            per(cpu) * 1e6,
+            per(cpu - system) * 1e6,
+            per(system) * 1e6,
+            per(faults as f64),
+        );
+    }
+    let _ = writeln!(md);
+}
+
 fn count(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
@@ -569,6 +629,7 @@ fn render(results: &Results, json_name: &str, png: Option<&str>, notes: &str) ->
     }
     let _ = writeln!(md);
     retention_table(&mut md, results);
+    retention_split_table(&mut md, results);
     if results.mode == "quick" {
         let _ = writeln!(
             md,
@@ -962,6 +1023,41 @@ mod tests {
         );
         // Unicast was not measured on any server: dashes, no median.
         assert!(text.contains("| unicast, CPU per delivery | —, — | — | —, — | — |"));
+    }
+
+    #[test]
+    fn the_split_table_shows_user_kernel_and_faults_a_message() {
+        let round = |server: &str, system_seconds: f64, minor_faults: u64| RoundResult {
+            server: server.to_owned(),
+            received: 1000,
+            cpu_seconds: 0.1,
+            cpu_us_per_delivery: 100.0,
+            system_seconds,
+            minor_faults,
+            ..RoundResult::default()
+        };
+        let mut results = Results {
+            unicast: vec![
+                round("herald", 0.06, 230),
+                round("bare", 0.04, 30),
+                round("bare-history", 0.05, 220),
+            ],
+            ..Results::default()
+        };
+        let text = render(&results, "x.json", None, "");
+        assert!(
+            text.contains("| unicast | herald | 100.0 µs | 40.0 µs | 60.0 µs | 0.23 |"),
+            "{text}"
+        );
+        assert!(text.contains("| unicast | bare | 100.0 µs | 60.0 µs | 40.0 µs | 0.03 |"));
+        assert!(text.contains("| unicast | bare-history | 100.0 µs | 50.0 µs | 50.0 µs | 0.22 |"));
+        // Results from before the split (no kernel time, no faults): no table.
+        for round in &mut results.unicast {
+            round.system_seconds = 0.0;
+            round.minor_faults = 0;
+        }
+        let text = render(&results, "x.json", None, "");
+        assert!(!text.contains("minor page faults a message"));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::fleet::{ConnectSummary, Fleet};
-use crate::procfs;
+use crate::procfs::{self, Usage};
 use crate::publish::{PublishReport, Publisher, Target};
 use crate::servers::{self, Kind, Options, Programs, Running};
 use crate::wire::{Endpoint, StreamReport};
@@ -35,16 +35,16 @@ pub struct Ctx {
 }
 
 /// CPU seconds of the server's processes, and of its Redis when it has one.
-fn cpu(ctx: &Ctx, running: &Running) -> (f64, f64) {
+fn cpu(ctx: &Ctx, running: &Running) -> (Usage, f64) {
     let server = running
         .pids()
         .iter()
-        .filter_map(|pid| procfs::cpu_seconds(*pid, ctx.ticks_per_second).ok())
-        .sum();
+        .filter_map(|pid| procfs::usage(*pid, ctx.ticks_per_second).ok())
+        .fold(Usage::default(), |sum, usage| sum + usage);
     let redis = running
         .redis_pid()
-        .and_then(|pid| procfs::cpu_seconds(pid, ctx.ticks_per_second).ok())
-        .unwrap_or(0.0);
+        .and_then(|pid| procfs::usage(pid, ctx.ticks_per_second).ok())
+        .map_or(0.0, |usage| usage.cpu());
     (server, redis)
 }
 
@@ -113,6 +113,13 @@ pub struct RoundResult {
     pub deliveries_per_s: f64,
     pub cpu_seconds: f64,
     pub cpu_us_per_delivery: f64,
+    /// The part of `cpu_seconds` spent in the kernel.
+    #[serde(default)]
+    pub system_seconds: f64,
+    /// The server's minor page faults over the round: memory it touched for the first
+    /// time (results before 2026-12-07 lack it).
+    #[serde(default)]
+    pub minor_faults: u64,
     pub redis_cpu_seconds: f64,
 }
 
@@ -146,6 +153,12 @@ pub struct StreamResult {
     pub frames_per_s: f64,
     pub cpu_seconds: f64,
     pub cpu_us_per_frame: f64,
+    /// The part of `cpu_seconds` spent in the kernel.
+    #[serde(default)]
+    pub system_seconds: f64,
+    /// The server's minor page faults over the stream (see [`RoundResult`]).
+    #[serde(default)]
+    pub minor_faults: u64,
     pub redis_cpu_seconds: f64,
 }
 
@@ -241,7 +254,8 @@ pub async fn run_round(
     let (cpu_after, redis_after) = cpu(ctx, running);
     callgrind_mark(ctx, running, Some("round")).await;
     let report = fleet.end_round().await?;
-    let cpu_seconds = cpu_after - cpu_before;
+    let used = cpu_after.since(&cpu_before);
+    let cpu_seconds = used.cpu();
     #[allow(clippy::cast_precision_loss)]
     let result = RoundResult {
         server: running.kind.label().to_owned(),
@@ -267,6 +281,8 @@ pub async fn run_round(
         } else {
             cpu_seconds * 1e6 / report.received as f64
         },
+        system_seconds: used.system,
+        minor_faults: used.minor_faults,
         redis_cpu_seconds: redis_after - redis_before,
         publish,
     };
@@ -275,7 +291,7 @@ pub async fn run_round(
 
 fn log_round(result: &RoundResult) {
     eprintln!(
-        "    {:>24} n={:<6} events={:<5} rate={:<8.1} recv={}/{} lost={} dup={} ooo={} closed={} p50={:.1}ms p99={:.1}ms max={:.1}ms {:.0}/s cpu={:.2}µs/delivery",
+        "    {:>24} n={:<6} events={:<5} rate={:<8.1} recv={}/{} lost={} dup={} ooo={} closed={} p50={:.1}ms p99={:.1}ms max={:.1}ms {:.0}/s cpu={:.2}µs/delivery (kernel {:.0}%, {:.2} faults/delivery)",
         result.server,
         result.subscribers,
         result.events,
@@ -291,7 +307,28 @@ fn log_round(result: &RoundResult) {
         ms(result.max_us),
         result.deliveries_per_s,
         result.cpu_us_per_delivery,
+        percent(result.system_seconds, result.cpu_seconds),
+        per(result.minor_faults, result.received),
     );
+}
+
+/// `part` as a percentage of `whole` (0 when `whole` is 0).
+fn percent(part: f64, whole: f64) -> f64 {
+    if whole > 0.0 {
+        part * 100.0 / whole
+    } else {
+        0.0
+    }
+}
+
+/// `count` over `of` (0 when `of` is 0).
+#[allow(clippy::cast_precision_loss)]
+fn per(count: u64, of: u64) -> f64 {
+    if of == 0 {
+        0.0
+    } else {
+        count as f64 / of as f64
+    }
 }
 
 #[allow(clippy::cast_precision_loss)]
@@ -340,7 +377,7 @@ async fn idle_on(ctx: &Ctx, running: &Running, sockets: usize) -> anyhow::Result
     callgrind_mark(ctx, running, Some("connect")).await;
     check_connected(&connect, sockets, "idle")?;
     #[allow(clippy::cast_precision_loss)]
-    let cpu_us_per_handshake = (cpu_after - cpu_before) * 1e6 / connect.sockets.max(1) as f64;
+    let cpu_us_per_handshake = cpu_after.since(&cpu_before).cpu() * 1e6 / connect.sockets.max(1) as f64;
     // Let allocations settle (buffers of the handshake burst, timers).
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_after = rss(running);
@@ -518,7 +555,8 @@ pub async fn stream(ctx: &Ctx, kind: Kind, tasks: usize, words: usize) -> anyhow
         let (cpu_after, redis_after) = cpu(ctx, &running);
         callgrind_mark(ctx, &running, Some("stream")).await;
         fleet.stop().await;
-        let cpu_seconds = cpu_after - cpu_before;
+        let used = cpu_after.since(&cpu_before);
+        let cpu_seconds = used.cpu();
         #[allow(clippy::cast_precision_loss)]
         let result = StreamResult {
             server: running.kind.label().to_owned(),
@@ -531,11 +569,13 @@ pub async fn stream(ctx: &Ctx, kind: Kind, tasks: usize, words: usize) -> anyhow
                 cpu_seconds * 1e6 / report.frames as f64
             },
             cpu_seconds,
+            system_seconds: used.system,
+            minor_faults: used.minor_faults,
             redis_cpu_seconds: redis_after - redis_before,
             report,
         };
         eprintln!(
-            "    {:>24} tasks={} completed={} failed={} frames={}/{} lost={} ttff p50={:.1}ms p99={:.1}ms {:.0} frames/s cpu={:.2}µs/frame{}",
+            "    {:>24} tasks={} completed={} failed={} frames={}/{} lost={} ttff p50={:.1}ms p99={:.1}ms {:.0} frames/s cpu={:.2}µs/frame (kernel {:.0}%, {:.2} faults/frame){}",
             result.server,
             result.report.tasks,
             result.report.completed,
@@ -547,6 +587,8 @@ pub async fn stream(ctx: &Ctx, kind: Kind, tasks: usize, words: usize) -> anyhow
             ms(result.report.first_frame_us.quantile(0.99)),
             result.frames_per_s,
             result.cpu_us_per_frame,
+            percent(result.system_seconds, result.cpu_seconds),
+            per(result.minor_faults, result.report.frames),
             result
                 .report
                 .first_error
@@ -763,7 +805,7 @@ async fn multiplex_on(
     #[allow(clippy::cast_precision_loss)]
     let (rss_per_user, cpu_us_per_user_connect) = (
         rss_after.saturating_sub(rss_before) as f64 / users.max(1) as f64,
-        (cpu_after - cpu_before) * 1e6 / users.max(1) as f64,
+        cpu_after.since(&cpu_before).cpu() * 1e6 / users.max(1) as f64,
     );
     eprintln!(
         "    RSS {:.1} MB → {:.1} MB: {:.2} KB a user; {cpu_us_per_user_connect:.0} µs of server CPU a user to connect",
