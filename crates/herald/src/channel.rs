@@ -66,9 +66,16 @@ impl Channel {
             ChannelKind::Notifications | ChannelKind::Frames => "user_id",
         };
         check_id(id, what)?;
+        // Pushed rather than `format!`ed: one channel name a publish, and `fmt` costs
+        // more than the name (issue 19).
+        let prefix = kind.prefix();
+        let mut name = String::with_capacity(prefix.len() + 1 + id.len());
+        name.push_str(prefix);
+        name.push(':');
+        name.push_str(id);
         Ok(Self {
             kind,
-            name: Arc::from(format!("{}:{id}", kind.prefix())),
+            name: Arc::from(name),
         })
     }
 
@@ -138,7 +145,9 @@ impl Draft {
     /// the map (a notification's envelope; issue 19, the unicast path).
     pub fn enveloped(field: &str, value: &serde_json::Value, kind: &str) -> Self {
         debug_assert!(field < "type" && !RESERVED_FIELDS.contains(&field));
-        let mut body = Vec::with_capacity(64);
+        // Room for a typical notification, so that serializing it rarely grows the
+        // buffer (each growth copies it; the buffer lives only until the publish).
+        let mut body = Vec::with_capacity(256);
         body.push(b'{');
         // Writing JSON values into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut body, field);
