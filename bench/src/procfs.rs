@@ -112,6 +112,33 @@ mod tests {
     }
 
     #[test]
+    fn usage_subtracts_and_adds_each_part() {
+        let earlier = Usage {
+            user: 1.0,
+            system: 0.5,
+            minor_faults: 100,
+        };
+        let later = Usage {
+            user: 1.25,
+            system: 1.0,
+            minor_faults: 130,
+        };
+        let used = later.since(&earlier);
+        assert_eq!(
+            used,
+            Usage {
+                user: 0.25,
+                system: 0.5,
+                minor_faults: 30
+            }
+        );
+        assert!((used.cpu() - 0.75).abs() < 1e-12);
+        // A count that went down (a process of the sum exited) counts as none.
+        assert_eq!(earlier.since(&later).minor_faults, 0);
+        assert_eq!((earlier + later).minor_faults, 230);
+    }
+
+    #[test]
     fn reads_this_process() -> anyhow::Result<()> {
         let pid = std::process::id();
         assert!(rss_bytes(pid)? > 0);

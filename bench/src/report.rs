@@ -130,9 +130,9 @@ fn retention_table(md: &mut String, results: &Results) {
     let _ = writeln!(md);
 }
 
-/// Where the retention shows in this run's main scenarios: each server's CPU split into
-/// user and kernel time, and the memory it touched for the first time (minor page
-/// faults), a message. Only for results that carry the split (2026-12-07 on).
+/// Each server's CPU a message in this run's unicast and stream scenarios, split into
+/// user and kernel time, and its minor page faults a message (mostly memory touched for
+/// the first time). Only for results that carry the split (2026-12-07 on).
 #[allow(clippy::cast_precision_loss)]
 fn retention_split_table(md: &mut String, results: &Results) {
     let servers = ["herald", "bare", "bare-history"];
@@ -168,7 +168,7 @@ fn retention_split_table(md: &mut String, results: &Results) {
     }
     let _ = writeln!(
         md,
-        "Where it shows, in this run's scenarios (not the extra pairs): the server's CPU a message split into user and kernel time, and the minor page faults a message, memory the process touched for the first time (`/proc/<pid>/stat`).\n"
+        "The server's CPU a message (a frame on the stream), split into user and kernel time, and its minor page faults a message (mostly memory touched for the first time), from `/proc/<pid>/stat`; this run's scenarios only, not the extra pairs.\n"
     );
     let _ = writeln!(
         md,
@@ -1042,6 +1042,17 @@ mod tests {
                 round("bare", 0.04, 30),
                 round("bare-history", 0.05, 220),
             ],
+            stream: vec![StreamResult {
+                server: "herald".to_owned(),
+                report: crate::wire::StreamReport {
+                    frames: 500,
+                    ..crate::wire::StreamReport::default()
+                },
+                cpu_seconds: 0.01,
+                system_seconds: 0.004,
+                minor_faults: 100,
+                ..StreamResult::default()
+            }],
             ..Results::default()
         };
         let text = render(&results, "x.json", None, "");
@@ -1051,11 +1062,17 @@ mod tests {
         );
         assert!(text.contains("| unicast | bare | 100.0 µs | 60.0 µs | 40.0 µs | 0.03 |"));
         assert!(text.contains("| unicast | bare-history | 100.0 µs | 50.0 µs | 50.0 µs | 0.22 |"));
+        // A frame: 10 ms over 500 frames, 4 ms of it in the kernel.
+        assert!(
+            text.contains("| echo LLM stream | herald | 20.0 µs | 12.0 µs | 8.0 µs | 0.20 |"),
+            "{text}"
+        );
         // Results from before the split (no kernel time, no faults): no table.
         for round in &mut results.unicast {
             round.system_seconds = 0.0;
             round.minor_faults = 0;
         }
+        results.stream.clear();
         let text = render(&results, "x.json", None, "");
         assert!(!text.contains("minor page faults a message"));
     }
