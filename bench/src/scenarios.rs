@@ -34,7 +34,8 @@ pub struct Ctx {
     pub ticks_per_second: f64,
 }
 
-/// CPU seconds of the server's processes, and of its Redis when it has one.
+/// What the server's processes have used so far, and the CPU seconds of its Redis when
+/// it has one.
 fn cpu(ctx: &Ctx, running: &Running) -> (Usage, f64) {
     let server = running
         .pids()
@@ -116,8 +117,8 @@ pub struct RoundResult {
     /// The part of `cpu_seconds` spent in the kernel.
     #[serde(default)]
     pub system_seconds: f64,
-    /// The server's minor page faults over the round: memory it touched for the first
-    /// time (results before 2026-12-07 lack it).
+    /// The server's minor page faults over the round, mostly memory it touched for the
+    /// first time (results before 2026-12-07 lack it).
     #[serde(default)]
     pub minor_faults: u64,
     pub redis_cpu_seconds: f64,
