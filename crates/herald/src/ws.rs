@@ -16,7 +16,7 @@ pub mod protocol;
 pub mod session;
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
@@ -102,7 +102,7 @@ async fn handshake(
     path_id: Option<String>,
     mut request: Request,
 ) -> Response {
-    let ip = client_ip(&request);
+    let ip = Peer::client_ip_of(request.extensions());
     if state.shutdown.is_cancelled() {
         return ApiError::Unavailable("the server is shutting down; reconnect shortly".to_owned())
             .into_response();
@@ -213,15 +213,6 @@ fn socket_config() -> Config {
 /// Client messages over [`MAX_CLIENT_MESSAGE`] are refused by the layer (1009).
 fn socket_limits() -> Limits {
     Limits::default().max_payload_len(Some(MAX_CLIENT_MESSAGE))
-}
-
-/// The client's address: from `X-Forwarded-For` behind a trusted proxy (set by
-/// `http::server`), else the peer's.
-fn client_ip(request: &Request) -> IpAddr {
-    request
-        .extensions()
-        .get::<Peer>()
-        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |peer| peer.client_ip)
 }
 
 /// Validates the upgrade request and computes `Sec-WebSocket-Accept` (RFC 6455 §4.2.2).

@@ -90,12 +90,7 @@ impl FromRequestParts<AppState> for User {
 /// The client's address, for security logs (unspecified when unknown): behind a
 /// trusted proxy the forwarded one (`http::server`).
 pub fn client_ip(parts: &Parts) -> std::net::IpAddr {
-    parts
-        .extensions
-        .get::<crate::http::server::Peer>()
-        .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |peer| {
-            peer.client_ip
-        })
+    crate::http::server::Peer::client_ip_of(&parts.extensions)
 }
 
 /// The request's `Idempotency-Key`, if it has one; 400 when it is empty, longer than

@@ -98,6 +98,16 @@ pub struct Peer {
     pub load: Arc<Load>,
 }
 
+impl Peer {
+    /// The client IP of the request whose extensions these are; unspecified for a request
+    /// that did not come through the accept loop.
+    pub fn client_ip_of(extensions: &axum::http::Extensions) -> IpAddr {
+        extensions
+            .get::<Peer>()
+            .map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |peer| peer.client_ip)
+    }
+}
+
 /// The client IP of a request from `peer` with `headers`: for a peer inside
 /// `trusted`, the rightmost `X-Forwarded-For` address not inside it (every
 /// `X-Forwarded-For` header, in order, as one list); otherwise, or when there is
