@@ -19,7 +19,9 @@
 //! half-ended. A worker that takes an entry owns it in the group's pending list; while
 //! it runs the task, its node's heartbeat re-claims the entry every
 //! `claim_idle / 10` (≤ 500 ms), which keeps it from looking idle and also picks up a
-//! cancel asked on any node. A worker that dies stops heartbeating: after `claim_idle`
+//! cancel asked on any node. A task's end is recorded (its entry acknowledged) before
+//! its last messages go out; a renewal in between finds the task ended by this node,
+//! not lost, so those messages are still sent. A worker that dies stops heartbeating: after `claim_idle`
 //! (`task_claim_idle_ms`, 15 s) another worker's `XAUTOCLAIM` takes its entries, as many
 //! at once as it has free workers, and resumes each stream where it stopped
 //! ([`worker::Resume`]). A worker that cannot

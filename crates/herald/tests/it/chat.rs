@@ -52,8 +52,18 @@ pub async fn generate(srv: &TestServer, user: &str, chat: &str, prompt: &str) ->
 }
 
 /// The messages of one task, read from the frame stream until its final status.
+#[derive(Debug)]
 pub struct TaskStream {
     pub messages: Vec<Value>,
+}
+
+/// Whether `message` is a task's final status.
+fn is_final(message: &Value) -> bool {
+    message["type"] == "llm_status"
+        && matches!(
+            message["status"].as_str(),
+            Some("completed" | "failed" | "cancelled")
+        )
 }
 
 impl TaskStream {
@@ -64,16 +74,17 @@ impl TaskStream {
             if message["task_id"] != task_id {
                 continue;
             }
-            let last = message["type"] == "llm_status"
-                && matches!(
-                    message["status"].as_str(),
-                    Some("completed" | "failed" | "cancelled")
-                );
+            let last = is_final(&message);
             messages.push(message);
             if last {
                 return TaskStream { messages };
             }
         }
+    }
+
+    /// Whether the stream got its final status.
+    pub fn ended(&self) -> bool {
+        self.messages.last().is_some_and(is_final)
     }
 
     /// The message types and statuses in order, frames collapsed to one entry per run.

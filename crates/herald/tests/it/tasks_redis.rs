@@ -5,7 +5,8 @@
 //! is stopped hands its task back. Issue 14 (SPEC §8, §10): a dead worker's 25 tasks are
 //! taken over together within the claim timeout + 10 s; a task taken over twice goes
 //! on from everything sent, also what a dead worker never recorded; a sampling model's
-//! different answer restarts visibly.
+//! different answer restarts visibly. A claim renewal landing between a task's recorded
+//! end and its last messages does not stop them.
 //!
 //! Each test starts its own `redis-server` (see `redis.rs`). Workers that must die are
 //! real `herald worker` processes, started with `task_claim_idle_ms = 1500` so a dead
@@ -456,6 +457,120 @@ async fn a_dead_workers_25_tasks_are_taken_over_together_within_the_claim_timeou
         finished <= budget,
         "the 25 tasks completed {finished:?} after the kill, over the claim timeout + 10 s"
     );
+}
+
+/// A task's end is recorded (its entry acknowledged) before its last messages go out.
+/// A claim renewal that lands in between must not take the task for lost: that dropped
+/// the final `llm_status completed`, and the user waited for an end that never came.
+/// Renewals every 30 ms (the shortest claim timeout) and 240 short tasks put many of
+/// them in that window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_task_sends_its_final_status_even_when_a_claim_renewal_lands_after_its_recorded_end() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let node = submitting_node(&redis).await;
+    let _worker = worker_with_claim_idle(dir.path(), &redis, 1, 300);
+    const USERS: usize = 8;
+    const ROUNDS: usize = 10;
+    let mut sockets = Vec::new();
+    for i in 0..USERS {
+        let user = user(&format!("end{i}"));
+        let (ws, _) = node.connect(&format!("/ws/frame-stream/{user}/"), &user).await;
+        sockets.push((user, ws));
+    }
+    let mut ended = 0;
+    for _ in 0..ROUNDS {
+        // Three tasks per user (the limit), all users at once, so ends overlap.
+        let mut tasks = Vec::new();
+        for (user, _) in &sockets {
+            for _ in 0..3 {
+                tasks.push((user.clone(), generate(&node, user, "c", "hi").await));
+            }
+        }
+        for (i, (user, ws)) in sockets.iter_mut().enumerate() {
+            let mut streams: HashMap<&str, TaskStream> = tasks[3 * i..3 * i + 3]
+                .iter()
+                .map(|(_, task_id)| (task_id.as_str(), TaskStream { messages: Vec::new() }))
+                .collect();
+            // Short answers: 5 s without an end is an end that never comes.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while streams.values().any(|stream| !stream.ended()) {
+                let Ok(message) = tokio::time::timeout_at(deadline, ws.next_json()).await else {
+                    let open: Vec<_> = streams
+                        .iter()
+                        .filter(|(_, stream)| !stream.ended())
+                        .map(|(task_id, stream)| (task_id, stream.shape()))
+                        .collect();
+                    panic!("{user}: no final status within 5 s: {open:?}");
+                };
+                if let Some(stream) = message["task_id"].as_str().and_then(|id| streams.get_mut(id)) {
+                    stream.messages.push(message);
+                }
+            }
+            for stream in streams.values() {
+                stream.assert_completed_order();
+                assert_eq!(stream.text(), "Echo: hi");
+                ended += 1;
+            }
+        }
+    }
+    assert_eq!(ended, USERS * ROUNDS * 3);
+}
+
+/// `lua/heartbeat.lua` on a real Redis, one entry per case: a claim this worker holds
+/// (1), one with a cancel asked (2), one another worker took over (0), a task this
+/// worker ended whose last messages are on their way (3, not lost), and a task another
+/// worker ended (0).
+#[tokio::test]
+async fn the_claim_renewal_tells_a_task_this_worker_ended_from_one_another_worker_took() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    const SCRIPT: &str = include_str!("../../src/tasks/redis/lua/heartbeat.lua");
+    let (queue, group) = ("herald:{tasks}:queue", "herald-workers");
+    redis
+        .cli(&["XGROUP", "CREATE", queue, group, "$", "MKSTREAM"])
+        .await;
+    let cases = [
+        ("owned", "running", "me", "", "1"),
+        ("cancel", "running", "me", "1", "2"),
+        ("taken", "running", "other", "", "0"),
+        ("ended-here", "completed", "me", "", "3"),
+        ("ended-there", "completed", "other", "", "0"),
+    ];
+    let mut args = vec![group.to_owned(), "me".to_owned(), "task:".to_owned()];
+    for (task, status, worker, cancel, _) in cases {
+        let entry = redis.cli(&["XADD", queue, "*", "task", task]).await;
+        // The entry is read by the worker that holds it; an ended task's is acknowledged.
+        redis
+            .cli(&[
+                "XREADGROUP",
+                "GROUP",
+                group,
+                worker,
+                "COUNT",
+                "1",
+                "STREAMS",
+                queue,
+                ">",
+            ])
+            .await;
+        if status == "completed" {
+            redis.cli(&["XACK", queue, group, &entry]).await;
+        }
+        let key = format!("task:{task}");
+        redis
+            .cli(&["HSET", &key, "status", status, "worker", worker, "cancel", cancel])
+            .await;
+        args.extend([entry, task.to_owned()]);
+    }
+    let mut eval = vec!["EVAL", SCRIPT, "1", queue];
+    eval.extend(args.iter().map(String::as_str));
+    let codes = redis.cli(&eval).await;
+    let expected: Vec<&str> = cases.iter().map(|case| case.4).collect();
+    assert_eq!(codes.lines().collect::<Vec<_>>(), expected, "codes for {cases:?}");
 }
 
 /// The `index`-th delta of the echo provider's answer to [`words`]: `Echo:`, ` w0`, …

@@ -67,6 +67,8 @@ impl RedisQueue {
                                 abandon.cancel();
                             }
                             2 => cancel.cancel(),
+                            // 1: still this node's; 3: this node recorded its end and
+                            // the run is sending the last messages, which must go out.
                             _ => {}
                         }
                     }
