@@ -113,6 +113,11 @@ struct AllArgs {
     /// Override the plan: users of the multiplex scenario.
     #[arg(long)]
     multiplex_users: Option<usize>,
+    /// Override the plan: users (one socket each) of the unicast scenario. With fewer
+    /// users at the same rate, each socket's state is touched more often: two runs
+    /// tell what a larger working set costs a delivery.
+    #[arg(long)]
+    unicast_users: Option<usize>,
     /// Override the plan: concurrent tasks of the stream scenario (every server).
     #[arg(long)]
     stream_tasks: Option<usize>,
@@ -330,6 +335,9 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     }
     if let Some(users) = args.multiplex_users {
         plan.multiplex_users = users;
+    }
+    if let Some(users) = args.unicast_users {
+        plan.unicast_users = users;
     }
     if !args.fanout_sizes.is_empty() {
         plan.fanout_sizes = args.fanout_sizes;

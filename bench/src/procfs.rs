@@ -1,5 +1,6 @@
 //! What the kernel says about a server process: its CPU time (user + system) and minor
-//! page faults (from `/proc/<pid>/stat`, which keeps the counts of exited threads too)
+//! page faults (from `/proc/<pid>/stat`, which keeps the counts of exited threads too),
+//! its threads' context switches (`/proc/<pid>/task/*/status`: the threads alive now)
 //! and its resident memory (`VmRSS` in `/proc/<pid>/status`).
 
 use anyhow::{anyhow, Context as _};
@@ -13,6 +14,10 @@ pub struct Usage {
     pub system: f64,
     /// Page faults served without I/O: mostly memory touched for the first time.
     pub minor_faults: u64,
+    /// Times a thread gave up its CPU to wait (parked with nothing to do, or blocked).
+    pub voluntary_switches: u64,
+    /// Times a thread was taken off its CPU while it could still run (preempted).
+    pub involuntary_switches: u64,
 }
 
 impl Usage {
@@ -28,6 +33,10 @@ impl Usage {
             user: self.user - earlier.user,
             system: self.system - earlier.system,
             minor_faults: self.minor_faults.saturating_sub(earlier.minor_faults),
+            voluntary_switches: self.voluntary_switches.saturating_sub(earlier.voluntary_switches),
+            involuntary_switches: self
+                .involuntary_switches
+                .saturating_sub(earlier.involuntary_switches),
         }
     }
 }
@@ -40,22 +49,59 @@ impl std::ops::Add for Usage {
             user: self.user + other.user,
             system: self.system + other.system,
             minor_faults: self.minor_faults + other.minor_faults,
+            voluntary_switches: self.voluntary_switches + other.voluntary_switches,
+            involuntary_switches: self.involuntary_switches + other.involuntary_switches,
         }
     }
 }
 
-/// What a process has used so far (`/proc/<pid>/stat`).
+/// What a process has used so far (`/proc/<pid>/stat`, and each thread's status for
+/// the context switches).
 pub fn usage(pid: u32, ticks_per_second: f64) -> anyhow::Result<Usage> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
     let (minor_faults, utime, stime) =
         parse_stat(&stat).ok_or_else(|| anyhow!("cannot parse /proc/{pid}/stat"))?;
+    let (voluntary_switches, involuntary_switches) = switches(pid)?;
     #[allow(clippy::cast_precision_loss)]
     Ok(Usage {
         user: utime as f64 / ticks_per_second,
         system: stime as f64 / ticks_per_second,
         minor_faults,
+        voluntary_switches,
+        involuntary_switches,
     })
+}
+
+/// The voluntary and involuntary context switches of the process's threads alive now
+/// (a thread that exited takes its counts with it; a server's runtime threads live as
+/// long as it does).
+fn switches(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .with_context(|| format!("cannot list /proc/{pid}/task"))?;
+    let mut sum = (0, 0);
+    for task in tasks.flatten() {
+        // A thread may exit between the listing and the read.
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        if let Some((voluntary, involuntary)) = parse_switches(&status) {
+            sum = (sum.0 + voluntary, sum.1 + involuntary);
+        }
+    }
+    Ok(sum)
+}
+
+/// `voluntary_ctxt_switches` and `nonvoluntary_ctxt_switches` of a thread's status.
+fn parse_switches(status: &str) -> Option<(u64, u64)> {
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|line| line.starts_with(name))?;
+        line[name.len()..].trim().parse().ok()
+    };
+    Some((
+        field("voluntary_ctxt_switches:")?,
+        field("nonvoluntary_ctxt_switches:")?,
+    ))
 }
 
 /// minflt, utime and stime (fields 10, 14 and 15) of a `/proc/<pid>/stat` line. The
@@ -109,6 +155,12 @@ mod tests {
             Some(2 * 1024 * 1024)
         );
         assert_eq!(parse_rss("Name:\therald\n"), None);
+        let status = "Name:\therald\nvoluntary_ctxt_switches:\t1200\nnonvoluntary_ctxt_switches:\t34\n";
+        assert_eq!(parse_switches(status), Some((1200, 34)));
+        assert_eq!(
+            parse_switches("Name:\therald\nvoluntary_ctxt_switches:\t1\n"),
+            None
+        );
     }
 
     #[test]
@@ -117,11 +169,15 @@ mod tests {
             user: 1.0,
             system: 0.5,
             minor_faults: 100,
+            voluntary_switches: 10,
+            involuntary_switches: 2,
         };
         let later = Usage {
             user: 1.25,
             system: 1.0,
             minor_faults: 130,
+            voluntary_switches: 15,
+            involuntary_switches: 3,
         };
         let used = later.since(&earlier);
         assert_eq!(
@@ -129,13 +185,17 @@ mod tests {
             Usage {
                 user: 0.25,
                 system: 0.5,
-                minor_faults: 30
+                minor_faults: 30,
+                voluntary_switches: 5,
+                involuntary_switches: 1,
             }
         );
         assert!((used.cpu() - 0.75).abs() < 1e-12);
         // A count that went down (a process of the sum exited) counts as none.
         assert_eq!(earlier.since(&later).minor_faults, 0);
         assert_eq!((earlier + later).minor_faults, 230);
+        assert_eq!(earlier.since(&later).voluntary_switches, 0);
+        assert_eq!((earlier + later).involuntary_switches, 5);
     }
 
     #[test]
@@ -145,6 +205,9 @@ mod tests {
         let used = usage(pid, ticks_per_second())?;
         assert!(used.cpu() >= 0.0);
         assert!(used.minor_faults > 0, "a running process has touched memory");
+        // A sleep gives up the CPU: at least one voluntary switch.
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        assert!(switches(pid)?.0 > 0);
         Ok(())
     }
 }

@@ -130,62 +130,123 @@ fn retention_table(md: &mut String, results: &Results) {
     let _ = writeln!(md);
 }
 
+/// One server's row of [`retention_split_table`]: what it used over one scenario.
+struct SplitRow<'a> {
+    figure: &'a str,
+    server: &'a str,
+    messages: u64,
+    cpu_seconds: f64,
+    system_seconds: f64,
+    minor_faults: u64,
+    voluntary_switches: u64,
+    involuntary_switches: u64,
+}
+
+impl SplitRow<'_> {
+    fn from_round<'a>(figure: &'a str, server: &'a str, round: &RoundResult) -> SplitRow<'a> {
+        SplitRow {
+            figure,
+            server,
+            messages: round.received,
+            cpu_seconds: round.cpu_seconds,
+            system_seconds: round.system_seconds,
+            minor_faults: round.minor_faults,
+            voluntary_switches: round.voluntary_switches,
+            involuntary_switches: round.involuntary_switches,
+        }
+    }
+
+    fn from_stream<'a>(figure: &'a str, server: &'a str, stream: &StreamResult) -> SplitRow<'a> {
+        SplitRow {
+            figure,
+            server,
+            messages: stream.report.frames,
+            cpu_seconds: stream.cpu_seconds,
+            system_seconds: stream.system_seconds,
+            minor_faults: stream.minor_faults,
+            voluntary_switches: stream.voluntary_switches,
+            involuntary_switches: stream.involuntary_switches,
+        }
+    }
+
+    /// Whether the result carries the split (results from 2026-12-07 on).
+    fn has_split(&self) -> bool {
+        self.system_seconds > 0.0 || self.minor_faults > 0
+    }
+
+    /// Whether the result carries the context switches (from 2026-12-08 on).
+    fn has_switches(&self) -> bool {
+        self.voluntary_switches > 0 || self.involuntary_switches > 0
+    }
+}
+
 /// Each server's CPU a message in this run's unicast and stream scenarios, split into
-/// user and kernel time, and its minor page faults a message (mostly memory touched for
-/// the first time). Only for results that carry the split (2026-12-07 on).
+/// user and kernel time, its minor page faults a message (mostly memory touched for the
+/// first time) and, where the result has them, its threads' context switches a message.
+/// Only for results that carry the split (2026-12-07 on).
 #[allow(clippy::cast_precision_loss)]
 fn retention_split_table(md: &mut String, results: &Results) {
     let servers = ["herald", "bare", "bare-history"];
-    // (figure, server, messages, cpu seconds, kernel seconds, minor faults)
-    let mut rows: Vec<(&str, &str, u64, f64, f64, u64)> = Vec::new();
+    let mut rows: Vec<SplitRow<'_>> = Vec::new();
     for server in servers {
         if let Some(round) = unicast_of(results, server) {
-            rows.push((
-                "unicast",
-                server,
-                round.received,
-                round.cpu_seconds,
-                round.system_seconds,
-                round.minor_faults,
-            ));
+            rows.push(SplitRow::from_round("unicast", server, round));
         }
     }
     for server in servers {
         if let Some(stream) = stream_of(results, server) {
-            rows.push((
-                "echo LLM stream",
-                server,
-                stream.report.frames,
-                stream.cpu_seconds,
-                stream.system_seconds,
-                stream.minor_faults,
-            ));
+            rows.push(SplitRow::from_stream("echo LLM stream", server, stream));
         }
     }
-    let split = |row: &(&str, &str, u64, f64, f64, u64)| row.4 > 0.0 || row.5 > 0;
-    if !rows.iter().any(|row| row.1 == "bare-history" && split(row)) {
+    rows.retain(SplitRow::has_split);
+    if !rows.iter().any(|row| row.server == "bare-history") {
         return;
     }
+    let switches = rows.iter().any(SplitRow::has_switches);
     let _ = writeln!(
         md,
-        "The server's CPU a message (a frame on the stream), split into user and kernel time, and its minor page faults a message (mostly memory touched for the first time), from `/proc/<pid>/stat`; this run's scenarios only, not the extra pairs.\n"
+        "The server's CPU a message (a frame on the stream), split into user and kernel time, and its minor page faults a message (mostly memory touched for the first time), from `/proc/<pid>/stat`{}; this run's scenarios only, not the extra pairs.\n",
+        if switches {
+            "; and its threads' context switches a message from `/proc/<pid>/task/*/status`, voluntary (a thread going to sleep, to be woken again) + involuntary (preempted)"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(
         md,
-        "| scenario | server | CPU a message | user | kernel | minor page faults a message |"
+        "| scenario | server | CPU a message | user | kernel | minor page faults a message |{}",
+        if switches {
+            " context switches a message |"
+        } else {
+            ""
+        }
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|");
-    for row in rows.iter().filter(|row| split(row)) {
-        let (figure, server, messages, cpu, system, faults) = *row;
-        let per = |value: f64| value / messages.max(1) as f64;
-        let _ = writeln!(
+    let _ = writeln!(
+        md,
+        "|---|---|---|---|---|---|{}",
+        if switches { "---|" } else { "" }
+    );
+    for row in &rows {
+        let per = |value: f64| value / row.messages.max(1) as f64;
+        let _ = write!(
             md,
-            "| {figure} | {server} | {:.1} µs | {:.1} µs | {:.1} µs | {:.2} |",
-            per(cpu) * 1e6,
-            per(cpu - system) * 1e6,
-            per(system) * 1e6,
-            per(faults as f64),
+            "| {} | {} | {:.1} µs | {:.1} µs | {:.1} µs | {:.2} |",
+            row.figure,
+            row.server,
+            per(row.cpu_seconds) * 1e6,
+            per(row.cpu_seconds - row.system_seconds) * 1e6,
+            per(row.system_seconds) * 1e6,
+            per(row.minor_faults as f64),
         );
+        if switches {
+            let _ = write!(
+                md,
+                " {:.2} + {:.2} |",
+                per(row.voluntary_switches as f64),
+                per(row.involuntary_switches as f64)
+            );
+        }
+        let _ = writeln!(md);
     }
     let _ = writeln!(md);
 }
@@ -1026,7 +1087,7 @@ mod tests {
     }
 
     #[test]
-    fn the_split_table_shows_user_kernel_and_faults_a_message() {
+    fn the_split_table_shows_user_kernel_faults_and_switches_a_message() {
         let round = |server: &str, system_seconds: f64, minor_faults: u64| RoundResult {
             server: server.to_owned(),
             received: 1000,
@@ -1067,6 +1128,17 @@ mod tests {
             text.contains("| echo LLM stream | herald | 20.0 µs | 12.0 µs | 8.0 µs | 0.20 |"),
             "{text}"
         );
+        // Results from before the context switches: no column for them.
+        assert!(!text.contains("context switches a message"));
+        // With them: voluntary + involuntary a message, for the rows that have them.
+        results.unicast[0].voluntary_switches = 1500;
+        results.unicast[0].involuntary_switches = 20;
+        let text = render(&results, "x.json", None, "");
+        assert!(
+            text.contains("| unicast | herald | 100.0 µs | 40.0 µs | 60.0 µs | 0.23 | 1.50 + 0.02 |"),
+            "{text}"
+        );
+        assert!(text.contains("| unicast | bare | 100.0 µs | 60.0 µs | 40.0 µs | 0.03 | 0.00 + 0.00 |"));
         // Results from before the split (no kernel time, no faults): no table.
         for round in &mut results.unicast {
             round.system_seconds = 0.0;

@@ -121,6 +121,13 @@ pub struct RoundResult {
     /// first time (results before 2026-12-07 lack it).
     #[serde(default)]
     pub minor_faults: u64,
+    /// The server threads' voluntary context switches over the round: each is a thread
+    /// going to sleep (to be woken again) (results before 2026-12-08 lack it).
+    #[serde(default)]
+    pub voluntary_switches: u64,
+    /// The server threads' involuntary context switches (preemptions) over the round.
+    #[serde(default)]
+    pub involuntary_switches: u64,
     pub redis_cpu_seconds: f64,
 }
 
@@ -160,6 +167,11 @@ pub struct StreamResult {
     /// The server's minor page faults over the stream (see [`RoundResult`]).
     #[serde(default)]
     pub minor_faults: u64,
+    /// Voluntary and involuntary context switches over the stream (see [`RoundResult`]).
+    #[serde(default)]
+    pub voluntary_switches: u64,
+    #[serde(default)]
+    pub involuntary_switches: u64,
     pub redis_cpu_seconds: f64,
 }
 
@@ -284,6 +296,8 @@ pub async fn run_round(
         },
         system_seconds: used.system,
         minor_faults: used.minor_faults,
+        voluntary_switches: used.voluntary_switches,
+        involuntary_switches: used.involuntary_switches,
         redis_cpu_seconds: redis_after - redis_before,
         publish,
     };
@@ -292,7 +306,7 @@ pub async fn run_round(
 
 fn log_round(result: &RoundResult) {
     eprintln!(
-        "    {:>24} n={:<6} events={:<5} rate={:<8.1} recv={}/{} lost={} dup={} ooo={} closed={} p50={:.1}ms p99={:.1}ms max={:.1}ms {:.0}/s cpu={:.2}µs/delivery (kernel {:.0}%, {:.2} faults/delivery)",
+        "    {:>24} n={:<6} events={:<5} rate={:<8.1} recv={}/{} lost={} dup={} ooo={} closed={} p50={:.1}ms p99={:.1}ms max={:.1}ms {:.0}/s cpu={:.2}µs/delivery (kernel {:.0}%, {:.2} faults/delivery, {:.2}+{:.2} switches/delivery)",
         result.server,
         result.subscribers,
         result.events,
@@ -310,6 +324,8 @@ fn log_round(result: &RoundResult) {
         result.cpu_us_per_delivery,
         percent(result.system_seconds, result.cpu_seconds),
         per(result.minor_faults, result.received),
+        per(result.voluntary_switches, result.received),
+        per(result.involuntary_switches, result.received),
     );
 }
 
@@ -572,11 +588,13 @@ pub async fn stream(ctx: &Ctx, kind: Kind, tasks: usize, words: usize) -> anyhow
             cpu_seconds,
             system_seconds: used.system,
             minor_faults: used.minor_faults,
+            voluntary_switches: used.voluntary_switches,
+            involuntary_switches: used.involuntary_switches,
             redis_cpu_seconds: redis_after - redis_before,
             report,
         };
         eprintln!(
-            "    {:>24} tasks={} completed={} failed={} frames={}/{} lost={} ttff p50={:.1}ms p99={:.1}ms {:.0} frames/s cpu={:.2}µs/frame (kernel {:.0}%, {:.2} faults/frame){}",
+            "    {:>24} tasks={} completed={} failed={} frames={}/{} lost={} ttff p50={:.1}ms p99={:.1}ms {:.0} frames/s cpu={:.2}µs/frame (kernel {:.0}%, {:.2} faults/frame, {:.2}+{:.2} switches/frame){}",
             result.server,
             result.report.tasks,
             result.report.completed,
@@ -590,6 +608,8 @@ pub async fn stream(ctx: &Ctx, kind: Kind, tasks: usize, words: usize) -> anyhow
             result.cpu_us_per_frame,
             percent(result.system_seconds, result.cpu_seconds),
             per(result.minor_faults, result.report.frames),
+            per(result.voluntary_switches, result.report.frames),
+            per(result.involuntary_switches, result.report.frames),
             result
                 .report
                 .first_error
