@@ -298,13 +298,15 @@ impl Checkpoint for Registered<'_> {
         false
     }
 
-    async fn finish(&self, outcome: &Outcome) {
+    async fn finish(&self, outcome: &Outcome) -> bool {
         self.tasks.set_status(
             self.task_id,
             outcome.status,
             outcome.response.clone(),
             outcome.error.clone(),
         );
+        // Only this process runs its tasks.
+        true
     }
 }
 

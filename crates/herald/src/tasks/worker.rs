@@ -169,7 +169,10 @@ pub trait Checkpoint: Send + Sync {
 
     /// The task ended so. Called before the final `llm_status` goes out, so a client
     /// that asks for the task's status when it sees that message reads the end.
-    async fn finish(&self, outcome: &Outcome);
+    /// Returns whether this run's end was recorded: then no other worker started the
+    /// task and none can any more, so the final `llm_status` goes out even if this
+    /// worker's lease lapsed meanwhile (nobody else would send it).
+    async fn finish(&self, outcome: &Outcome) -> bool;
 
     /// Whether this worker still owns the task, as far as it can tell without asking:
     /// checked before every message, so a worker that was frozen (or starved) past its
@@ -321,6 +324,12 @@ impl Stream<'_> {
         if !self.may_send() {
             return None;
         }
+        self.send_owned(message).await
+    }
+
+    /// Sends one message without asking whether this worker still owns the stream: for
+    /// the final status of an end this run recorded ([`Checkpoint::finish`]).
+    async fn send_owned(&self, message: LlmMessage<'_>) -> Option<u64> {
         let draft = match self.template.draft(&message) {
             Some(draft) => draft,
             None => message_via_map(self.request, self.task_id, message),
@@ -374,12 +383,15 @@ impl Stream<'_> {
         }
     }
 
-    /// Records the end, then sends the final `llm_status`.
+    /// Records the end, then sends the final `llm_status`. An end this run recorded is
+    /// this run's to announce, even if the lease lapsed while it was recorded.
     async fn end(&self, outcome: Outcome, status: LlmStatus) -> Outcome {
-        if !self.abandon.is_cancelled() {
-            self.checkpoint.finish(&outcome).await;
+        let recorded = !self.abandon.is_cancelled() && self.checkpoint.finish(&outcome).await;
+        if recorded {
+            self.send_owned(LlmMessage::status(status)).await;
+        } else {
+            self.status(status).await;
         }
-        self.status(status).await;
         outcome
     }
 

@@ -68,7 +68,7 @@ impl RedisQueue {
                             }
                             2 => cancel.cancel(),
                             // 1: still this node's; 3: this node recorded its end and
-                            // the run is sending the last messages, which must go out.
+                            // the run is sending the final status, which must go out.
                             _ => {}
                         }
                     }

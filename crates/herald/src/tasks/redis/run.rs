@@ -240,7 +240,7 @@ impl RedisQueue {
         status: TaskStatus,
         response: Option<&str>,
         error: Option<&str>,
-    ) {
+    ) -> bool {
         let ended = self
             .eval(
                 &self.scripts.end,
@@ -268,11 +268,15 @@ impl RedisQueue {
         match ended {
             Ok(value) if number(Some(&value)) == 1 => {
                 self.ctx.publisher.metrics().task_ended(status.as_str());
+                true
             }
-            Ok(_) => {}
+            Ok(_) => false,
             // The entry stays pending: another worker takes it over and finds the
             // stream complete ([`Phase::Completed`]), so it only records the end.
-            Err(err) => tracing::warn!(task_id, error = %err, "recording a task's end failed"),
+            Err(err) => {
+                tracing::warn!(task_id, error = %err, "recording a task's end failed");
+                false
+            }
         }
     }
 
@@ -309,7 +313,9 @@ impl Checkpoint for AlreadyRecorded {
         false
     }
 
-    async fn finish(&self, _outcome: &Outcome) {}
+    async fn finish(&self, _outcome: &Outcome) -> bool {
+        true
+    }
 }
 
 #[async_trait]
@@ -359,7 +365,7 @@ impl Checkpoint for RedisCheckpoint<'_> {
         Instant::now() < *lock(&self.queue.lease_until)
     }
 
-    async fn finish(&self, outcome: &Outcome) {
+    async fn finish(&self, outcome: &Outcome) -> bool {
         self.queue
             .end(
                 self.entry,
@@ -369,6 +375,6 @@ impl Checkpoint for RedisCheckpoint<'_> {
                 outcome.response.as_deref(),
                 outcome.error.as_deref(),
             )
-            .await;
+            .await
     }
 }

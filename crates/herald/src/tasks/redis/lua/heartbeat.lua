@@ -2,7 +2,7 @@
 -- KEYS = queue; ARGV = group, consumer, task key prefix, then entry, task id pairs.
 -- Returns one code per pair: 0 lost (another worker owns it), 1 owned, 2 owned and
 -- cancel asked, 3 ended by this worker (its end is recorded and the entry acknowledged
--- before its last messages go out: the run is sending them).
+-- before its final status goes out: the run is sending it).
 local out = {}
 for i = 4, #ARGV, 2 do
   local entry = ARGV[i]
