@@ -174,7 +174,7 @@ impl SplitRow<'_> {
         self.system_seconds > 0.0 || self.minor_faults > 0
     }
 
-    /// Whether the result carries the context switches (from 2026-12-08 on).
+    /// Whether the result carries the context switches (results from 2026-12-07T05 on).
     fn has_switches(&self) -> bool {
         self.voluntary_switches > 0 || self.involuntary_switches > 0
     }

@@ -122,7 +122,7 @@ pub struct RoundResult {
     #[serde(default)]
     pub minor_faults: u64,
     /// The server threads' voluntary context switches over the round: each is a thread
-    /// going to sleep (to be woken again) (results before 2026-12-08 lack it).
+    /// going to sleep (to be woken again) (older results lack it).
     #[serde(default)]
     pub voluntary_switches: u64,
     /// The server threads' involuntary context switches (preemptions) over the round.
