@@ -22,10 +22,10 @@
 //! cancel asked on any node. A task's end is recorded (its entry acknowledged) before
 //! its final `llm_status` goes out; a renewal in between finds the task ended by this
 //! node, not lost, and a lease that lapsed in between does not hold that status back
-//! (no other worker can start an ended task). A worker that dies stops heartbeating: after `claim_idle`
-//! (`task_claim_idle_ms`, 15 s) another worker's `XAUTOCLAIM` takes its entries, as many
-//! at once as it has free workers, and resumes each stream where it stopped
-//! ([`worker::Resume`]). A worker that cannot
+//! (no other worker can start an ended task). A worker that dies stops heartbeating:
+//! after `claim_idle` (`task_claim_idle_ms`, 15 s) another worker's `XAUTOCLAIM` takes
+//! its entries, as many at once as it has free workers, and resumes each stream where
+//! it stopped ([`worker::Resume`]). A worker that cannot
 //! heartbeat for `claim_idle / 2` (Redis unreachable) stops the task without sending
 //! anything more, so two workers never run one task at the same time. After
 //! [`MAX_ATTEMPTS`] starts a task fails with [`GAVE_UP`].
