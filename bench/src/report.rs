@@ -9,7 +9,9 @@ use std::path::Path;
 use anyhow::Context as _;
 
 use crate::pairs::{self, Against, Goal};
-use crate::scenarios::{FanoutResult, IdleResult, MaxResult, MultiplexVariant, RoundResult, StreamResult};
+use crate::scenarios::{
+    FanoutResult, IdleResult, MaxResult, MultiplexVariant, RoundResult, Split, StreamResult,
+};
 use crate::Results;
 
 pub fn write_all(repo: &Path, results: &Results, json_path: &Path, venv: &Path) -> anyhow::Result<()> {
@@ -136,47 +138,18 @@ struct SplitRow<'a> {
     server: &'a str,
     messages: u64,
     cpu_seconds: f64,
-    system_seconds: f64,
-    minor_faults: u64,
-    voluntary_switches: u64,
-    involuntary_switches: u64,
+    split: Split,
 }
 
 impl SplitRow<'_> {
-    fn from_round<'a>(figure: &'a str, server: &'a str, round: &RoundResult) -> SplitRow<'a> {
-        SplitRow {
-            figure,
-            server,
-            messages: round.received,
-            cpu_seconds: round.cpu_seconds,
-            system_seconds: round.system_seconds,
-            minor_faults: round.minor_faults,
-            voluntary_switches: round.voluntary_switches,
-            involuntary_switches: round.involuntary_switches,
-        }
-    }
-
-    fn from_stream<'a>(figure: &'a str, server: &'a str, stream: &StreamResult) -> SplitRow<'a> {
-        SplitRow {
-            figure,
-            server,
-            messages: stream.report.frames,
-            cpu_seconds: stream.cpu_seconds,
-            system_seconds: stream.system_seconds,
-            minor_faults: stream.minor_faults,
-            voluntary_switches: stream.voluntary_switches,
-            involuntary_switches: stream.involuntary_switches,
-        }
-    }
-
     /// Whether the result carries the split (results from 2026-12-07 on).
     fn has_split(&self) -> bool {
-        self.system_seconds > 0.0 || self.minor_faults > 0
+        self.split.system_seconds > 0.0 || self.split.minor_faults > 0
     }
 
     /// Whether the result carries the context switches (results from 2026-12-07T05 on).
     fn has_switches(&self) -> bool {
-        self.voluntary_switches > 0 || self.involuntary_switches > 0
+        self.split.voluntary_switches > 0 || self.split.involuntary_switches > 0
     }
 }
 
@@ -190,12 +163,24 @@ fn retention_split_table(md: &mut String, results: &Results) {
     let mut rows: Vec<SplitRow<'_>> = Vec::new();
     for server in servers {
         if let Some(round) = unicast_of(results, server) {
-            rows.push(SplitRow::from_round("unicast", server, round));
+            rows.push(SplitRow {
+                figure: "unicast",
+                server,
+                messages: round.received,
+                cpu_seconds: round.cpu_seconds,
+                split: round.split,
+            });
         }
     }
     for server in servers {
         if let Some(stream) = stream_of(results, server) {
-            rows.push(SplitRow::from_stream("echo LLM stream", server, stream));
+            rows.push(SplitRow {
+                figure: "echo LLM stream",
+                server,
+                messages: stream.report.frames,
+                cpu_seconds: stream.cpu_seconds,
+                split: stream.split,
+            });
         }
     }
     rows.retain(SplitRow::has_split);
@@ -234,16 +219,16 @@ fn retention_split_table(md: &mut String, results: &Results) {
             row.figure,
             row.server,
             per(row.cpu_seconds) * 1e6,
-            per(row.cpu_seconds - row.system_seconds) * 1e6,
-            per(row.system_seconds) * 1e6,
-            per(row.minor_faults as f64),
+            per(row.cpu_seconds - row.split.system_seconds) * 1e6,
+            per(row.split.system_seconds) * 1e6,
+            per(row.split.minor_faults as f64),
         );
         if switches {
             let _ = write!(
                 md,
                 " {:.2} + {:.2} |",
-                per(row.voluntary_switches as f64),
-                per(row.involuntary_switches as f64)
+                per(row.split.voluntary_switches as f64),
+                per(row.split.involuntary_switches as f64)
             );
         }
         let _ = writeln!(md);
@@ -1093,8 +1078,11 @@ mod tests {
             received: 1000,
             cpu_seconds: 0.1,
             cpu_us_per_delivery: 100.0,
-            system_seconds,
-            minor_faults,
+            split: Split {
+                system_seconds,
+                minor_faults,
+                ..Split::default()
+            },
             ..RoundResult::default()
         };
         let mut results = Results {
@@ -1110,8 +1098,11 @@ mod tests {
                     ..crate::wire::StreamReport::default()
                 },
                 cpu_seconds: 0.01,
-                system_seconds: 0.004,
-                minor_faults: 100,
+                split: Split {
+                    system_seconds: 0.004,
+                    minor_faults: 100,
+                    ..Split::default()
+                },
                 ..StreamResult::default()
             }],
             ..Results::default()
@@ -1131,8 +1122,8 @@ mod tests {
         // Results from before the context switches: no column for them.
         assert!(!text.contains("context switches a message"));
         // With them: voluntary + involuntary a message, for the rows that have them.
-        results.unicast[0].voluntary_switches = 1500;
-        results.unicast[0].involuntary_switches = 20;
+        results.unicast[0].split.voluntary_switches = 1500;
+        results.unicast[0].split.involuntary_switches = 20;
         let text = render(&results, "x.json", None, "");
         assert!(
             text.contains("| unicast | herald | 100.0 µs | 40.0 µs | 60.0 µs | 0.23 | 1.50 + 0.02 |"),
@@ -1141,8 +1132,8 @@ mod tests {
         assert!(text.contains("| unicast | bare | 100.0 µs | 60.0 µs | 40.0 µs | 0.03 | 0.00 + 0.00 |"));
         // Results from before the split (no kernel time, no faults): no table.
         for round in &mut results.unicast {
-            round.system_seconds = 0.0;
-            round.minor_faults = 0;
+            round.split.system_seconds = 0.0;
+            round.split.minor_faults = 0;
         }
         results.stream.clear();
         let text = render(&results, "x.json", None, "");

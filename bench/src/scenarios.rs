@@ -114,21 +114,55 @@ pub struct RoundResult {
     pub deliveries_per_s: f64,
     pub cpu_seconds: f64,
     pub cpu_us_per_delivery: f64,
-    /// The part of `cpu_seconds` spent in the kernel.
+    /// Where `cpu_seconds` went (kept as keys of the result itself).
+    #[serde(flatten)]
+    pub split: Split,
+    pub redis_cpu_seconds: f64,
+}
+
+/// Where a server's CPU went over a measured phase, beside its total: stored flattened
+/// in [`RoundResult`] and [`StreamResult`], each field a key of its own, absent (0) in
+/// results older than the field.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Split {
+    /// The part of the CPU seconds spent in the kernel (from 2026-12-07).
     #[serde(default)]
     pub system_seconds: f64,
-    /// The server's minor page faults over the round, mostly memory it touched for the
-    /// first time (results before 2026-12-07 lack it).
+    /// Minor page faults, mostly memory touched for the first time (from 2026-12-07).
     #[serde(default)]
     pub minor_faults: u64,
-    /// The server threads' voluntary context switches over the round: each is a thread
-    /// going to sleep (to be woken again) (older results lack it).
+    /// The threads' voluntary context switches: each is a thread going to sleep, to be
+    /// woken again (from 2026-12-07T05).
     #[serde(default)]
     pub voluntary_switches: u64,
-    /// The server threads' involuntary context switches (preemptions) over the round.
+    /// The threads' involuntary context switches (preemptions).
     #[serde(default)]
     pub involuntary_switches: u64,
-    pub redis_cpu_seconds: f64,
+}
+
+impl From<Usage> for Split {
+    fn from(used: Usage) -> Self {
+        Self {
+            system_seconds: used.system,
+            minor_faults: used.minor_faults,
+            voluntary_switches: used.voluntary_switches,
+            involuntary_switches: used.involuntary_switches,
+        }
+    }
+}
+
+impl Split {
+    /// For a log line: the kernel's share of `cpu_seconds`, and the faults and switches
+    /// a `unit` over `messages`.
+    fn describe(&self, cpu_seconds: f64, messages: u64, unit: &str) -> String {
+        format!(
+            "kernel {:.0}%, {:.2} faults/{unit}, {:.2}+{:.2} switches/{unit}",
+            percent(self.system_seconds, cpu_seconds),
+            per(self.minor_faults, messages),
+            per(self.voluntary_switches, messages),
+            per(self.involuntary_switches, messages),
+        )
+    }
 }
 
 impl RoundResult {
@@ -161,17 +195,9 @@ pub struct StreamResult {
     pub frames_per_s: f64,
     pub cpu_seconds: f64,
     pub cpu_us_per_frame: f64,
-    /// The part of `cpu_seconds` spent in the kernel.
-    #[serde(default)]
-    pub system_seconds: f64,
-    /// The server's minor page faults over the stream (see [`RoundResult`]).
-    #[serde(default)]
-    pub minor_faults: u64,
-    /// Voluntary and involuntary context switches over the stream (see [`RoundResult`]).
-    #[serde(default)]
-    pub voluntary_switches: u64,
-    #[serde(default)]
-    pub involuntary_switches: u64,
+    /// Where `cpu_seconds` went (kept as keys of the result itself).
+    #[serde(flatten)]
+    pub split: Split,
     pub redis_cpu_seconds: f64,
 }
 
@@ -294,10 +320,7 @@ pub async fn run_round(
         } else {
             cpu_seconds * 1e6 / report.received as f64
         },
-        system_seconds: used.system,
-        minor_faults: used.minor_faults,
-        voluntary_switches: used.voluntary_switches,
-        involuntary_switches: used.involuntary_switches,
+        split: Split::from(used),
         redis_cpu_seconds: redis_after - redis_before,
         publish,
     };
@@ -306,7 +329,7 @@ pub async fn run_round(
 
 fn log_round(result: &RoundResult) {
     eprintln!(
-        "    {:>24} n={:<6} events={:<5} rate={:<8.1} recv={}/{} lost={} dup={} ooo={} closed={} p50={:.1}ms p99={:.1}ms max={:.1}ms {:.0}/s cpu={:.2}µs/delivery (kernel {:.0}%, {:.2} faults/delivery, {:.2}+{:.2} switches/delivery)",
+        "    {:>24} n={:<6} events={:<5} rate={:<8.1} recv={}/{} lost={} dup={} ooo={} closed={} p50={:.1}ms p99={:.1}ms max={:.1}ms {:.0}/s cpu={:.2}µs/delivery ({})",
         result.server,
         result.subscribers,
         result.events,
@@ -322,10 +345,9 @@ fn log_round(result: &RoundResult) {
         ms(result.max_us),
         result.deliveries_per_s,
         result.cpu_us_per_delivery,
-        percent(result.system_seconds, result.cpu_seconds),
-        per(result.minor_faults, result.received),
-        per(result.voluntary_switches, result.received),
-        per(result.involuntary_switches, result.received),
+        result
+            .split
+            .describe(result.cpu_seconds, result.received, "delivery"),
     );
 }
 
@@ -586,15 +608,12 @@ pub async fn stream(ctx: &Ctx, kind: Kind, tasks: usize, words: usize) -> anyhow
                 cpu_seconds * 1e6 / report.frames as f64
             },
             cpu_seconds,
-            system_seconds: used.system,
-            minor_faults: used.minor_faults,
-            voluntary_switches: used.voluntary_switches,
-            involuntary_switches: used.involuntary_switches,
+            split: Split::from(used),
             redis_cpu_seconds: redis_after - redis_before,
             report,
         };
         eprintln!(
-            "    {:>24} tasks={} completed={} failed={} frames={}/{} lost={} ttff p50={:.1}ms p99={:.1}ms {:.0} frames/s cpu={:.2}µs/frame (kernel {:.0}%, {:.2} faults/frame, {:.2}+{:.2} switches/frame){}",
+            "    {:>24} tasks={} completed={} failed={} frames={}/{} lost={} ttff p50={:.1}ms p99={:.1}ms {:.0} frames/s cpu={:.2}µs/frame ({}){}",
             result.server,
             result.report.tasks,
             result.report.completed,
@@ -606,10 +625,9 @@ pub async fn stream(ctx: &Ctx, kind: Kind, tasks: usize, words: usize) -> anyhow
             ms(result.report.first_frame_us.quantile(0.99)),
             result.frames_per_s,
             result.cpu_us_per_frame,
-            percent(result.system_seconds, result.cpu_seconds),
-            per(result.minor_faults, result.report.frames),
-            per(result.voluntary_switches, result.report.frames),
-            per(result.involuntary_switches, result.report.frames),
+            result
+                .split
+                .describe(result.cpu_seconds, result.report.frames, "frame"),
             result
                 .report
                 .first_error
