@@ -19,10 +19,11 @@
 //! half-ended. A worker that takes an entry owns it in the group's pending list; while
 //! it runs the task, its node's heartbeat re-claims the entry every
 //! `claim_idle / 10` (≤ 500 ms), which keeps it from looking idle and also picks up a
-//! cancel asked on any node. A task's end is recorded (its entry acknowledged) before
-//! its final `llm_status` goes out; a renewal in between finds the task ended by this
-//! node, not lost, and a lease that lapsed in between does not hold that status back
-//! (no other worker can start an ended task). A worker that dies stops heartbeating:
+//! cancel asked on any node. A task's end is recorded before its final `llm_status`
+//! goes out, and its entry is acknowledged only after that status is out
+//! (`lua/announced.lua`): a worker that dies in between, or whose lease lapsed, leaves
+//! the entry pending, and the worker that takes it over sends the status unless the
+//! frame stream's history shows it went out (`start.lua`'s `announce`). A worker that dies stops heartbeating:
 //! after `claim_idle` (`task_claim_idle_ms`, 15 s) another worker's `XAUTOCLAIM` takes
 //! its entries, as many at once as it has free workers, and resumes each stream where
 //! it stopped ([`worker::Resume`]). A worker that cannot

@@ -169,10 +169,15 @@ pub trait Checkpoint: Send + Sync {
 
     /// The task ended so. Called before the final `llm_status` goes out, so a client
     /// that asks for the task's status when it sees that message reads the end.
-    /// Returns whether this run's end was recorded: then no other worker started the
-    /// task and none can any more, so the final `llm_status` goes out even if this
-    /// worker's lease lapsed meanwhile (nobody else would send it).
+    /// Returns whether this run's end was recorded; [`Checkpoint::announced`] follows
+    /// once the final `llm_status` is out.
     async fn finish(&self, outcome: &Outcome) -> bool;
+
+    /// The final `llm_status` of an end this run recorded went out (or has nowhere to
+    /// go). Until then the shared queue keeps the task's entry pending, so a worker
+    /// that dies in between leaves that status to the worker that takes the entry
+    /// over, never to nobody.
+    async fn announced(&self) {}
 
     /// Whether this worker still owns the task, as far as it can tell without asking:
     /// checked before every message, so a worker that was frozen (or starved) past its
@@ -324,12 +329,6 @@ impl Stream<'_> {
         if !self.may_send() {
             return None;
         }
-        self.send_owned(message).await
-    }
-
-    /// Sends one message without asking whether this worker still owns the stream: for
-    /// the final status of an end this run recorded ([`Checkpoint::finish`]).
-    async fn send_owned(&self, message: LlmMessage<'_>) -> Option<u64> {
         let draft = match self.template.draft(&message) {
             Some(draft) => draft,
             None => message_via_map(self.request, self.task_id, message),
@@ -383,14 +382,15 @@ impl Stream<'_> {
         }
     }
 
-    /// Records the end, then sends the final `llm_status`. An end this run recorded is
-    /// this run's to announce, even if the lease lapsed while it was recorded.
+    /// Records the end, then sends the final `llm_status` and tells the checkpoint it
+    /// went out. A status this run could not send (its lease lapsed, or publishing
+    /// failed) is not announced: the task's entry stays pending, and the worker that
+    /// takes it over sends that status.
     async fn end(&self, outcome: Outcome, status: LlmStatus) -> Outcome {
         let recorded = !self.abandon.is_cancelled() && self.checkpoint.finish(&outcome).await;
-        if recorded {
-            self.send_owned(LlmMessage::status(status)).await;
-        } else {
-            self.status(status).await;
+        let sent = self.status(status).await;
+        if recorded && sent.is_some() {
+            self.checkpoint.announced().await;
         }
         outcome
     }
@@ -488,13 +488,12 @@ pub async fn publish_unstarted_end(
     checkpoint: &dyn Checkpoint,
 ) {
     let Some(channel) = frames_channel(request) else {
-        checkpoint
-            .finish(&Outcome {
-                status,
-                response: None,
-                error: error.map(str::to_owned),
-            })
-            .await;
+        let outcome = Outcome {
+            status,
+            response: None,
+            error: error.map(str::to_owned),
+        };
+        record_announced(checkpoint, &outcome).await;
         return;
     };
     let never = CancellationToken::new();
@@ -516,6 +515,65 @@ pub async fn publish_unstarted_end(
             stream.fail_with(text.to_owned()).await;
         }
     }
+}
+
+/// Records an end whose final `llm_status` is out already, or has nowhere to go.
+async fn record_announced(checkpoint: &dyn Checkpoint, outcome: &Outcome) {
+    if checkpoint.finish(outcome).await {
+        checkpoint.announced().await;
+    }
+}
+
+/// The `llm_status` a task that ended with `status` ends its stream with.
+fn final_llm_status(status: TaskStatus) -> Option<LlmStatus> {
+    match status {
+        TaskStatus::Completed => Some(LlmStatus::Completed),
+        TaskStatus::Cancelled => Some(LlmStatus::Cancelled),
+        TaskStatus::Failed => Some(LlmStatus::Failed),
+        TaskStatus::Queued | TaskStatus::Running => None,
+    }
+}
+
+/// Whether `message` is the final `llm_status` of a task that ended with `status`.
+pub fn is_final_status(message: &Value, status: TaskStatus) -> bool {
+    match LlmHead::read(message) {
+        Some(LlmHead::Status(sent)) => final_llm_status(status) == Some(sent),
+        _ => false,
+    }
+}
+
+/// Sends the final `llm_status` of a task whose end is recorded (`checkpoint.finish`
+/// only confirms it) but whose worker died before that status went out.
+pub async fn announce_end(
+    ctx: &Context,
+    task_id: &str,
+    request: &TaskRequest,
+    status: TaskStatus,
+    abandon: &CancellationToken,
+    checkpoint: &dyn Checkpoint,
+) {
+    let outcome = Outcome {
+        status,
+        response: None,
+        error: None,
+    };
+    let Some(final_status) = final_llm_status(status) else {
+        return;
+    };
+    let Some(channel) = frames_channel(request) else {
+        record_announced(checkpoint, &outcome).await;
+        return;
+    };
+    let stream = Stream {
+        ctx,
+        channel,
+        task_id,
+        request,
+        abandon,
+        checkpoint,
+        template: MessageTemplate::new(request, task_id),
+    };
+    stream.end(outcome, final_status).await;
 }
 
 #[cfg(test)]

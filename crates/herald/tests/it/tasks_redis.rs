@@ -6,7 +6,8 @@
 //! taken over together within the claim timeout + 10 s; a task taken over twice goes
 //! on from everything sent, also what a dead worker never recorded; a sampling model's
 //! different answer restarts visibly. A claim renewal landing between a task's recorded
-//! end and its final status does not stop that status.
+//! end and its final status does not stop that status, and a worker dying there leaves
+//! it to the worker that takes its entry over.
 //!
 //! Each test starts its own `redis-server` (see `redis.rs`). Workers that must die are
 //! real `herald worker` processes, started with `task_claim_idle_ms = 1500` so a dead
@@ -518,9 +519,9 @@ async fn every_task_sends_its_final_status_even_when_a_claim_renewal_lands_after
 
 /// `lua/heartbeat.lua` on a real Redis, one entry per case: a claim this worker holds
 /// (1), one with a cancel asked (2), one another worker took over (0), tasks this worker
-/// ended whose last message is on its way (3, not lost), a task another worker ended
-/// (0), an entry no longer pending whose task still runs here (0), and one whose
-/// record is gone (0).
+/// ended, their final status out and entry acknowledged (3, not lost), a task another
+/// worker ended (0), an entry no longer pending whose task still runs here (0), and one
+/// whose record is gone (0).
 #[tokio::test]
 async fn the_claim_renewal_tells_a_task_this_worker_ended_from_one_another_worker_took() {
     let Some(redis) = Redis::start().await else {
@@ -580,6 +581,177 @@ async fn the_claim_renewal_tells_a_task_this_worker_ended_from_one_another_worke
     let codes = redis.cli(&eval).await;
     let expected: Vec<&str> = cases.iter().map(|case| case.5).collect();
     assert_eq!(codes.lines().collect::<Vec<_>>(), expected, "codes for {cases:?}");
+}
+
+/// Plays a worker that took `task_id`'s entry, recorded its end with the queue's own
+/// scripts (`start.lua`, `end.lua`) and sent `llm_response` (and, when
+/// `sent_final_status`, `llm_status completed`), then died before acknowledging it.
+async fn die_after_recording_the_end(
+    redis: &Redis,
+    node: &TestServer,
+    user: &str,
+    task_id: &str,
+    answer: &str,
+    sent_final_status: bool,
+) {
+    const START: &str = include_str!("../../src/tasks/redis/lua/start.lua");
+    const END: &str = include_str!("../../src/tasks/redis/lua/end.lua");
+    let (queue, group, dead) = ("herald:{tasks}:queue", "herald-workers", "dead-worker");
+    let read = [
+        "XREADGROUP",
+        "GROUP",
+        group,
+        dead,
+        "COUNT",
+        "1",
+        "STREAMS",
+        queue,
+        ">",
+    ];
+    let read = redis.cli(&read).await;
+    let entry = read
+        .lines()
+        .find(|line| line.split('-').count() == 2 && line.split('-').all(|n| n.parse::<u64>().is_ok()))
+        .unwrap_or_else(|| panic!("no entry read: {read}"))
+        .to_owned();
+    assert!(read.contains(task_id), "{read}");
+    let (task, text) = (
+        format!("herald:{{tasks}}:task:{task_id}"),
+        format!("herald:{{tasks}}:text:{task_id}"),
+    );
+    let started = redis
+        .cli(&[
+            "EVAL",
+            START,
+            "4",
+            &task,
+            "herald:{tasks}:queued",
+            queue,
+            &text,
+            group,
+            &entry,
+            dead,
+            "3",
+        ])
+        .await;
+    assert!(started.starts_with("run"), "{started}");
+    let response = json!({"type": "llm_response", "chat_id": "c", "task_id": task_id,
+        "data": {"event": "response_generated", "response": answer}});
+    let (status, body) = node.post(&format!("/api/v1/frame-stream/{user}"), response).await;
+    assert_eq!(status, 202, "{body}");
+    let (user_key, ended_key) = (
+        format!("herald:{{tasks}}:user:{user}"),
+        format!("herald:{{tasks}}:ended:{user}"),
+    );
+    let end = [
+        "EVAL",
+        END,
+        "5",
+        &task,
+        &user_key,
+        queue,
+        &text,
+        &ended_key,
+        group,
+        &entry,
+        "completed",
+        answer,
+        "",
+        "600000",
+        dead,
+        task_id,
+        "100",
+        "herald:{tasks}:task:",
+    ];
+    assert_eq!(redis.cli(&end).await, "1");
+    if sent_final_status {
+        let completed = json!({"type": "llm_status", "status": "completed", "chat_id": "c",
+            "task_id": task_id, "message": "Response completed"});
+        let (status, body) = node
+            .post(&format!("/api/v1/frame-stream/{user}"), completed)
+            .await;
+        assert_eq!(status, 202, "{body}");
+    }
+}
+
+/// SPEC's "never a silent gap" for a task's end: a worker that dies after recording a
+/// task's end and before its final `llm_status` leaves the entry pending, and the worker
+/// that takes it over sends that status; if the dead worker had sent it, it is not
+/// sent again. Before, `end.lua` acknowledged the entry with the end, and the status
+/// was lost.
+#[tokio::test]
+async fn a_final_status_a_dead_worker_did_not_send_is_sent_by_the_worker_that_takes_its_entry_once() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    if !redis.owned() {
+        // It reads the queue's entries as a worker of its own.
+        crate::redis::skip_shared_redis(None);
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // The workers' group, made here as a worker's consumer would make it.
+    let group = [
+        "XGROUP",
+        "CREATE",
+        "herald:{tasks}:queue",
+        "herald-workers",
+        "0",
+        "MKSTREAM",
+    ];
+    redis.cli(&group).await;
+    let a = submitting_node(&redis).await;
+    let user = user("announce");
+    let (mut ws, _) = a.connect(&format!("/ws/frame-stream/{user}/"), &user).await;
+    let unsent = generate(&a, &user, "c", "one").await;
+    die_after_recording_the_end(&redis, &a, &user, &unsent, "Echo: one", false).await;
+    let sent = generate(&a, &user, "c", "two").await;
+    die_after_recording_the_end(&redis, &a, &user, &sent, "Echo: two", true).await;
+
+    let _worker = worker(dir.path(), &redis, 1);
+    let stream = TaskStream::read(&mut ws, &unsent).await;
+    assert_eq!(stream.shape(), ["llm_response", "status:completed"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let pending = redis
+            .cli(&["XPENDING", "herald:{tasks}:queue", "herald-workers"])
+            .await;
+        if pending.lines().next() == Some("0") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "entries still pending: {pending}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(redis.cli(&["XLEN", "herald:{tasks}:queue"]).await, "0");
+    let (status, history) = a
+        .get(&format!("/api/v1/channels/frames:{user}/history?since=0"))
+        .await;
+    assert_eq!(status, 200, "{history}");
+    for (task_id, answer) in [(&unsent, "Echo: one"), (&sent, "Echo: two")] {
+        let shape: Vec<String> = history["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["task_id"] == task_id.as_str())
+            .map(|m| {
+                format!(
+                    "{}:{}",
+                    m["type"].as_str().unwrap(),
+                    m["status"].as_str().unwrap_or("")
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            ["llm_response:", "llm_status:completed"],
+            "task {task_id}: {history}"
+        );
+        let task = task_status(&a, &user, task_id).await;
+        assert_eq!(
+            (task["status"].as_str(), task["response"].as_str()),
+            (Some("completed"), Some(answer))
+        );
+    }
 }
 
 /// The `index`-th delta of the echo provider's answer to [`words`]: `Echo:`, ` w0`, …

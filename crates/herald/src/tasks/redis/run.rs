@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 use crate::ids::{ChatId, UserId};
 use crate::sync::lock;
 use crate::tasks::redis::{
-    ended_key, ms, number, task_key, text, text_key, user_key, RedisQueue, Running, GAVE_UP, GROUP,
-    IN_FLIGHT_TTL, MAX_ATTEMPTS, QUEUED_KEY, QUEUE_KEY, TASK_PREFIX,
+    ended_key, ms, number, status_of, task_key, text, text_key, user_key, RedisQueue, Running, GAVE_UP,
+    GROUP, IN_FLIGHT_TTL, MAX_ATTEMPTS, QUEUED_KEY, QUEUE_KEY, TASK_PREFIX,
 };
 use crate::tasks::worker::{self, Checkpoint, Job, Outcome, Phase, Progress, Resume};
 use crate::tasks::{TaskRequest, TaskStatus, Unavailable, MAX_ENDED_TASKS_PER_USER, TASK_RETENTION};
@@ -96,6 +96,7 @@ impl RedisQueue {
             tracing::warn!(task_id, "a task record is malformed; dropping it");
             self.end(entry, task_id, "", TaskStatus::Failed, None, Some("invalid task"))
                 .await;
+            self.announced(entry, task_id).await;
             return;
         };
         let request = TaskRequest {
@@ -104,12 +105,34 @@ impl RedisQueue {
             prompt: text(reply.get(3)),
             model: text(reply.get(4)),
         };
-        let checkpoint = RedisCheckpoint {
+        let mut checkpoint = RedisCheckpoint {
             queue: self,
             task_id,
             entry,
             user_id: request.user_id.as_str(),
+            ended: false,
         };
+        if action == "announce" {
+            let status = status_of(&text(reply.get(11))).unwrap_or(TaskStatus::Failed);
+            if self
+                .final_status_sent(task_id, &request, status, number(reply.get(7)))
+                .await
+            {
+                tracing::info!(
+                    task_id,
+                    "a dead worker's task had sent its final status; acknowledging it"
+                );
+                self.announced(entry, task_id).await;
+            } else {
+                tracing::warn!(
+                    task_id,
+                    "a dead worker's task ended without its final status; sending it"
+                );
+                checkpoint.ended = true;
+                worker::announce_end(&self.ctx, task_id, &request, status, abandon, &checkpoint).await;
+            }
+            return;
+        }
         let unstarted = match action.as_str() {
             "cancel" => Some((TaskStatus::Cancelled, None)),
             "exhausted" => {
@@ -167,27 +190,11 @@ impl RedisQueue {
         mut resume: Resume,
         offset: u64,
     ) -> Resume {
-        if self.history_size == 0 {
-            return resume;
-        }
-        let Some(channel) = worker::frames_channel(request) else {
-            return resume;
-        };
         let recorded = resume.clone();
         let mut last_offset = offset;
-        match self.broker.history(&channel, offset, self.history_size).await {
-            Ok(history) => {
-                for message in history.messages {
-                    let Ok(json) = serde_json::from_slice::<Json>(&message.bytes) else {
-                        continue;
-                    };
-                    if json.get("task_id").and_then(Json::as_str) == Some(task_id) {
-                        resume.observe(&json);
-                        last_offset = last_offset.max(message.offset);
-                    }
-                }
-            }
-            Err(err) => tracing::warn!(task_id, error = %err, "reading the stream to resume a task failed"),
+        for (json, message_offset) in self.read_back(task_id, request, offset).await {
+            resume.observe(&json);
+            last_offset = last_offset.max(message_offset);
         }
         if resume != recorded {
             let rewritten = self
@@ -205,6 +212,66 @@ impl RedisQueue {
             }
         }
         resume
+    }
+
+    /// The messages of `task_id` in its frame stream's history after `offset`, with
+    /// their offsets (none when history is off or cannot be read).
+    async fn read_back(&self, task_id: &str, request: &TaskRequest, offset: u64) -> Vec<(Json, u64)> {
+        let Some(channel) = worker::frames_channel(request) else {
+            return Vec::new();
+        };
+        if self.history_size == 0 {
+            return Vec::new();
+        }
+        let history = match self.broker.history(&channel, offset, self.history_size).await {
+            Ok(history) => history,
+            Err(err) => {
+                tracing::warn!(task_id, error = %err, "reading a task's stream back failed");
+                return Vec::new();
+            }
+        };
+        history
+            .messages
+            .into_iter()
+            .filter_map(|message| {
+                let json = serde_json::from_slice::<Json>(&message.bytes).ok()?;
+                (json.get("task_id").and_then(Json::as_str) == Some(task_id))
+                    .then_some((json, message.offset))
+            })
+            .collect()
+    }
+
+    /// Whether the frame stream's history holds the final `llm_status` of an ended
+    /// task (its worker sent it and died before acknowledging the entry). Without
+    /// history it cannot tell, and the status is sent: twice is better than never.
+    async fn final_status_sent(
+        &self,
+        task_id: &str,
+        request: &TaskRequest,
+        status: TaskStatus,
+        offset: u64,
+    ) -> bool {
+        self.read_back(task_id, request, offset)
+            .await
+            .iter()
+            .any(|(json, _)| worker::is_final_status(json, status))
+    }
+
+    /// Acknowledges an ended task's entry once its final `llm_status` is out
+    /// (`lua/announced.lua`).
+    pub(super) async fn announced(&self, entry: &str, task_id: &str) {
+        let acknowledged = self
+            .eval(
+                &self.scripts.announced,
+                vec![task_key(task_id), QUEUE_KEY.to_owned()],
+                vec![GROUP.to_owned(), entry.to_owned()],
+            )
+            .await;
+        if let Err(err) = acknowledged {
+            // The entry stays pending: the worker that takes it over finds the status
+            // in the stream's history and only acknowledges it.
+            tracing::warn!(task_id, error = %err, "acknowledging an ended task failed; another worker will");
+        }
     }
 
     /// Replaces a task's recorded text and next frame index (`lua/rewrite.lua`).
@@ -300,6 +367,8 @@ struct RedisCheckpoint<'a> {
     task_id: &'a str,
     entry: &'a str,
     user_id: &'a str,
+    /// The end is recorded already (a dead worker's, announced by this one).
+    ended: bool,
 }
 
 /// For an end a script has recorded already.
@@ -365,7 +434,14 @@ impl Checkpoint for RedisCheckpoint<'_> {
         Instant::now() < *lock(&self.queue.lease_until)
     }
 
+    async fn announced(&self) {
+        self.queue.announced(self.entry, self.task_id).await;
+    }
+
     async fn finish(&self, outcome: &Outcome) -> bool {
+        if self.ended {
+            return true;
+        }
         self.queue
             .end(
                 self.entry,

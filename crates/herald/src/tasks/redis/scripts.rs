@@ -14,6 +14,7 @@ pub(super) struct Scripts {
     pub(super) checkpoint: Script,
     pub(super) rewrite: Script,
     pub(super) end: Script,
+    pub(super) announced: Script,
     pub(super) hand_back: Script,
     pub(super) cancel: Script,
 }
@@ -29,6 +30,7 @@ impl Scripts {
             end: Script::from_lua(
                 include_str!("lua/end.lua").replace(NOTE_ENDED_MARK, &note_ended_lua(5, 8, 9, 10, 6)),
             ),
+            announced: Script::from_lua(include_str!("lua/announced.lua")),
             hand_back: Script::from_lua(include_str!("lua/hand_back.lua")),
             cancel: Script::from_lua(
                 include_str!("lua/cancel.lua").replace(NOTE_ENDED_MARK, &note_ended_lua(4, 3, 4, 5, 2)),

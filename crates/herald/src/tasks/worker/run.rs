@@ -11,7 +11,9 @@ use tokio_util::sync::CancellationToken;
 use crate::channel::now_rfc3339;
 use crate::compose::llm::{LlmMessage, LlmStatus, THINKING_MESSAGE};
 use crate::llm::{ChatMessage, LlmError, LlmEvent, LlmRequest, Usage};
-use crate::tasks::worker::{frames_channel, Context, Job, MessageTemplate, Outcome, Phase, Resume, Stream};
+use crate::tasks::worker::{
+    frames_channel, record_announced, Context, Job, MessageTemplate, Outcome, Phase, Resume, Stream,
+};
 use crate::tasks::{TaskRequest, TaskStatus};
 
 /// Runs a task to its end. `None`: the task was abandoned (lost to another worker or
@@ -31,7 +33,7 @@ pub async fn run(ctx: &Context, job: Job<'_>) -> Option<Outcome> {
             response: None,
             error: Some("invalid user id".to_owned()),
         };
-        checkpoint.finish(&outcome).await;
+        record_announced(checkpoint, &outcome).await;
         return Some(outcome);
     };
     let stream = Stream {
@@ -149,7 +151,8 @@ async fn finish_saved(stream: &Stream<'_>, resume: Resume) -> Option<Outcome> {
     if resume.phase < Phase::Completed {
         return finished(stream.abandon, stream.end(outcome, LlmStatus::Completed).await);
     }
-    stream.checkpoint.finish(&outcome).await;
+    // The final status is out already: only the end is missing.
+    record_announced(stream.checkpoint, &outcome).await;
     finished(stream.abandon, outcome)
 }
 

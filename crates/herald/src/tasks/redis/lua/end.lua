@@ -1,17 +1,19 @@
 -- KEYS = task, user, queue, text, ended; ARGV = group, entry, status, response, error,
 -- retention (ms), worker, task id, max ended, task key prefix. Ends the task unless
--- another worker owns it now (the ended-list part is note_ended.lua).
+-- another worker owns it now (the ended-list part is note_ended.lua). The entry stays
+-- pending, flagged `announce`, until the final `llm_status` is out (announced.lua): a
+-- worker that dies in between leaves it to another worker, which sends that status.
 local f = redis.call('HMGET', KEYS[1], 'status', 'worker')
 local done = (not f[1]) or f[1] == 'completed' or f[1] == 'failed' or f[1] == 'cancelled'
 if (not done) and f[2] and f[2] ~= ARGV[7] then
   return 0
 end
-redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[3], ARGV[2])
 if done then
+  redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
+  redis.call('XDEL', KEYS[3], ARGV[2])
   return 0
 end
-redis.call('HSET', KEYS[1], 'status', ARGV[3])
+redis.call('HSET', KEYS[1], 'status', ARGV[3], 'announce', '1')
 if ARGV[3] == 'completed' then
   redis.call('HSET', KEYS[1], 'response', ARGV[4])
 end

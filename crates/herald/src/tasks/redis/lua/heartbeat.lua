@@ -1,8 +1,8 @@
 -- Renews this node's claim on its running entries and reads their cancel flags.
 -- KEYS = queue; ARGV = group, consumer, task key prefix, then entry, task id pairs.
 -- Returns one code per pair: 0 lost (another worker owns it), 1 owned, 2 owned and
--- cancel asked, 3 ended by this worker (its end is recorded and the entry acknowledged
--- before its final status goes out: the run is sending it).
+-- cancel asked, 3 ended by this worker (its final status is out and the entry was
+-- acknowledged a moment before the run stops).
 local out = {}
 for i = 4, #ARGV, 2 do
   local entry = ARGV[i]
