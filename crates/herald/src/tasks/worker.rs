@@ -102,7 +102,24 @@ pub struct Resume {
     pub text: String,
     /// The `index` of the next streaming frame.
     pub next_index: u64,
+    /// The stream already told the user the task failed or was cancelled: a worker
+    /// sent `llm_error` (or the final status) and then died or could not record the
+    /// end. The task ends so; it never runs again after the user was told it ended.
+    pub ended: Option<Ended>,
 }
+
+/// How a resumed task's stream already ended ([`Resume::ended`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    pub status: TaskStatus,
+    /// The text of `llm_error`, for a failure.
+    pub error: Option<String>,
+    /// The final `llm_status` was sent too.
+    pub announced: bool,
+}
+
+/// The error of a failed task whose `llm_error` was lost, seen only by its final status.
+const FAILED: &str = "LLM processing failed";
 
 impl Resume {
     /// Folds in one message of this task read back from the frame stream's history.
@@ -126,7 +143,30 @@ impl Resume {
                 Phase::Streaming
             }
             Some(LlmHead::OtherFrame) => Phase::Started,
-            _ => Phase::New,
+            Some(LlmHead::Error) => {
+                let error = message.get("error").and_then(Value::as_str).unwrap_or(FAILED);
+                self.ended.get_or_insert(Ended {
+                    status: TaskStatus::Failed,
+                    error: Some(error.to_owned()),
+                    announced: false,
+                });
+                Phase::New
+            }
+            Some(LlmHead::Status(status @ (LlmStatus::Failed | LlmStatus::Cancelled))) => {
+                let ended = self.ended.get_or_insert(Ended {
+                    status: TaskStatus::Failed,
+                    error: None,
+                    announced: false,
+                });
+                if status == LlmStatus::Cancelled {
+                    ended.status = TaskStatus::Cancelled;
+                } else if ended.error.is_none() {
+                    ended.error = Some(FAILED.to_owned());
+                }
+                ended.announced = true;
+                Phase::New
+            }
+            None => Phase::New,
         };
         self.phase = self.phase.max(phase);
     }
@@ -518,7 +558,7 @@ pub async fn publish_unstarted_end(
 }
 
 /// Records an end whose final `llm_status` is out already, or has nowhere to go.
-async fn record_announced(checkpoint: &dyn Checkpoint, outcome: &Outcome) {
+pub async fn record_announced(checkpoint: &dyn Checkpoint, outcome: &Outcome) {
     if checkpoint.finish(outcome).await {
         checkpoint.announced().await;
     }

@@ -7,7 +7,8 @@
 //! on from everything sent, also what a dead worker never recorded; a sampling model's
 //! different answer restarts visibly. A claim renewal landing between a task's recorded
 //! end and its final status does not stop that status, and a worker dying there leaves
-//! it to the worker that takes its entry over.
+//! it to the worker that takes its entry over; a task whose stream already told the
+//! user it failed is ended so by that worker, never run again.
 //!
 //! Each test starts its own `redis-server` (see `redis.rs`). Workers that must die are
 //! real `herald worker` processes, started with `task_claim_idle_ms = 1500` so a dead
@@ -583,95 +584,159 @@ async fn the_claim_renewal_tells_a_task_this_worker_ended_from_one_another_worke
     assert_eq!(codes.lines().collect::<Vec<_>>(), expected, "codes for {cases:?}");
 }
 
-/// Plays a worker that took `task_id`'s entry, recorded its end with the queue's own
-/// scripts (`start.lua`, `end.lua`) and sent `llm_response` (and, when
-/// `sent_final_status`, `llm_status completed`), then died before acknowledging it.
-async fn die_after_recording_the_end(
-    redis: &Redis,
-    node: &TestServer,
-    user: &str,
-    task_id: &str,
-    answer: &str,
-    sent_final_status: bool,
-) {
-    const START: &str = include_str!("../../src/tasks/redis/lua/start.lua");
-    const END: &str = include_str!("../../src/tasks/redis/lua/end.lua");
-    let (queue, group, dead) = ("herald:{tasks}:queue", "herald-workers", "dead-worker");
-    let read = [
-        "XREADGROUP",
-        "GROUP",
-        group,
-        dead,
-        "COUNT",
-        "1",
-        "STREAMS",
-        queue,
-        ">",
-    ];
-    let read = redis.cli(&read).await;
-    let entry = read
-        .lines()
-        .find(|line| line.split('-').count() == 2 && line.split('-').all(|n| n.parse::<u64>().is_ok()))
-        .unwrap_or_else(|| panic!("no entry read: {read}"))
-        .to_owned();
-    assert!(read.contains(task_id), "{read}");
-    let (task, text) = (
-        format!("herald:{{tasks}}:task:{task_id}"),
-        format!("herald:{{tasks}}:text:{task_id}"),
-    );
-    let started = redis
-        .cli(&[
+const QUEUE: &str = "herald:{tasks}:queue";
+const GROUP: &str = "herald-workers";
+
+/// Plays a worker of the shared queue that dies part way through a task, with the
+/// queue's own scripts: it takes the task's entry (`start.lua`), sends messages as a
+/// worker would, and may record the end (`end.lua`).
+struct DeadWorker<'a> {
+    redis: &'a Redis,
+    node: &'a TestServer,
+    user: &'a str,
+    task_id: String,
+    entry: String,
+}
+
+impl<'a> DeadWorker<'a> {
+    const NAME: &'static str = "dead-worker";
+
+    /// The queue's consumer group, made as a worker's consumer makes it.
+    async fn make_group(redis: &Redis) {
+        redis
+            .cli(&["XGROUP", "CREATE", QUEUE, GROUP, "0", "MKSTREAM"])
+            .await;
+    }
+
+    /// Reads the next entry, which must be `task_id`'s, and starts it.
+    async fn take(redis: &'a Redis, node: &'a TestServer, user: &'a str, task_id: &str) -> Self {
+        let read = [
+            "XREADGROUP",
+            "GROUP",
+            GROUP,
+            Self::NAME,
+            "COUNT",
+            "1",
+            "STREAMS",
+            QUEUE,
+            ">",
+        ];
+        let read = redis.cli(&read).await;
+        assert!(read.contains(task_id), "{read}");
+        let entry = read
+            .lines()
+            .find(|line| line.split('-').count() == 2 && line.split('-').all(|n| n.parse::<u64>().is_ok()))
+            .unwrap_or_else(|| panic!("no entry read: {read}"))
+            .to_owned();
+        let worker = Self {
+            redis,
+            node,
+            user,
+            task_id: task_id.to_owned(),
+            entry,
+        };
+        let (task, text) = (worker.key("task"), worker.key("text"));
+        let start = [
             "EVAL",
-            START,
+            include_str!("../../src/tasks/redis/lua/start.lua"),
             "4",
             &task,
             "herald:{tasks}:queued",
-            queue,
+            QUEUE,
             &text,
-            group,
-            &entry,
-            dead,
+            GROUP,
+            &worker.entry,
+            Self::NAME,
             "3",
-        ])
-        .await;
-    assert!(started.starts_with("run"), "{started}");
-    let response = json!({"type": "llm_response", "chat_id": "c", "task_id": task_id,
-        "data": {"event": "response_generated", "response": answer}});
-    let (status, body) = node.post(&format!("/api/v1/frame-stream/{user}"), response).await;
-    assert_eq!(status, 202, "{body}");
-    let (user_key, ended_key) = (
-        format!("herald:{{tasks}}:user:{user}"),
-        format!("herald:{{tasks}}:ended:{user}"),
-    );
-    let end = [
-        "EVAL",
-        END,
-        "5",
-        &task,
-        &user_key,
-        queue,
-        &text,
-        &ended_key,
-        group,
-        &entry,
-        "completed",
-        answer,
-        "",
-        "600000",
-        dead,
-        task_id,
-        "100",
-        "herald:{tasks}:task:",
-    ];
-    assert_eq!(redis.cli(&end).await, "1");
-    if sent_final_status {
-        let completed = json!({"type": "llm_status", "status": "completed", "chat_id": "c",
-            "task_id": task_id, "message": "Response completed"});
-        let (status, body) = node
-            .post(&format!("/api/v1/frame-stream/{user}"), completed)
+        ];
+        let started = redis.cli(&start).await;
+        assert!(started.starts_with("run"), "{started}");
+        worker
+    }
+
+    fn key(&self, kind: &str) -> String {
+        let id = match kind {
+            "user" | "ended" => self.user,
+            _ => &self.task_id,
+        };
+        format!("herald:{{tasks}}:{kind}:{id}")
+    }
+
+    /// Publishes one message of the task to the user's frame stream.
+    async fn send(&self, mut message: Value) {
+        message["chat_id"] = json!("c");
+        message["task_id"] = json!(self.task_id);
+        let (status, body) = self
+            .node
+            .post(&format!("/api/v1/frame-stream/{}", self.user), message)
             .await;
         assert_eq!(status, 202, "{body}");
     }
+
+    async fn record_completed(&self, answer: &str) {
+        let (task, user, text, ended) = (
+            self.key("task"),
+            self.key("user"),
+            self.key("text"),
+            self.key("ended"),
+        );
+        let end = [
+            "EVAL",
+            include_str!("../../src/tasks/redis/lua/end.lua"),
+            "5",
+            &task,
+            &user,
+            QUEUE,
+            &text,
+            &ended,
+            GROUP,
+            &self.entry,
+            "completed",
+            answer,
+            "",
+            "600000",
+            Self::NAME,
+            &self.task_id,
+            "100",
+            "herald:{tasks}:task:",
+        ];
+        assert_eq!(self.redis.cli(&end).await, "1");
+    }
+}
+
+/// Waits until every entry of the queue is acknowledged and deleted.
+async fn until_the_queue_is_empty(redis: &Redis) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let pending = redis.cli(&["XPENDING", QUEUE, GROUP]).await;
+        if pending.lines().next() == Some("0") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "entries still pending: {pending}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(redis.cli(&["XLEN", QUEUE]).await, "0");
+}
+
+/// What the frame stream's history holds of `task_id`: `type:status` per message.
+async fn history_shape(node: &TestServer, user: &str, task_id: &str) -> Vec<String> {
+    let (status, history) = node
+        .get(&format!("/api/v1/channels/frames:{user}/history?since=0"))
+        .await;
+    assert_eq!(status, 200, "{history}");
+    history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["task_id"] == task_id)
+        .map(|m| {
+            format!(
+                "{}:{}",
+                m["type"].as_str().unwrap(),
+                m["status"].as_str().unwrap_or("")
+            )
+        })
+        .collect()
 }
 
 /// SPEC's "never a silent gap" for a task's end: a worker that dies after recording a
@@ -690,66 +755,87 @@ async fn a_final_status_a_dead_worker_did_not_send_is_sent_by_the_worker_that_ta
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    // The workers' group, made here as a worker's consumer would make it.
-    let group = [
-        "XGROUP",
-        "CREATE",
-        "herald:{tasks}:queue",
-        "herald-workers",
-        "0",
-        "MKSTREAM",
-    ];
-    redis.cli(&group).await;
+    DeadWorker::make_group(&redis).await;
     let a = submitting_node(&redis).await;
     let user = user("announce");
     let (mut ws, _) = a.connect(&format!("/ws/frame-stream/{user}/"), &user).await;
-    let unsent = generate(&a, &user, "c", "one").await;
-    die_after_recording_the_end(&redis, &a, &user, &unsent, "Echo: one", false).await;
-    let sent = generate(&a, &user, "c", "two").await;
-    die_after_recording_the_end(&redis, &a, &user, &sent, "Echo: two", true).await;
+    let answers = [("one", "Echo: one", false), ("two", "Echo: two", true)];
+    let mut tasks = Vec::new();
+    for (prompt, answer, sent_final_status) in answers {
+        let task_id = generate(&a, &user, "c", prompt).await;
+        let dead = DeadWorker::take(&redis, &a, &user, &task_id).await;
+        let data = json!({"event": "response_generated", "response": answer});
+        dead.send(json!({"type": "llm_response", "data": data})).await;
+        dead.record_completed(answer).await;
+        if sent_final_status {
+            let status =
+                json!({"type": "llm_status", "status": "completed", "message": "Response completed"});
+            dead.send(status).await;
+        }
+        tasks.push((task_id, answer));
+    }
 
     let _worker = worker(dir.path(), &redis, 1);
-    let stream = TaskStream::read(&mut ws, &unsent).await;
+    let stream = TaskStream::read(&mut ws, &tasks[0].0).await;
     assert_eq!(stream.shape(), ["llm_response", "status:completed"]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let pending = redis
-            .cli(&["XPENDING", "herald:{tasks}:queue", "herald-workers"])
-            .await;
-        if pending.lines().next() == Some("0") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "entries still pending: {pending}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(redis.cli(&["XLEN", "herald:{tasks}:queue"]).await, "0");
-    let (status, history) = a
-        .get(&format!("/api/v1/channels/frames:{user}/history?since=0"))
-        .await;
-    assert_eq!(status, 200, "{history}");
-    for (task_id, answer) in [(&unsent, "Echo: one"), (&sent, "Echo: two")] {
-        let shape: Vec<String> = history["messages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|m| m["task_id"] == task_id.as_str())
-            .map(|m| {
-                format!(
-                    "{}:{}",
-                    m["type"].as_str().unwrap(),
-                    m["status"].as_str().unwrap_or("")
-                )
-            })
-            .collect();
-        assert_eq!(
-            shape,
-            ["llm_response:", "llm_status:completed"],
-            "task {task_id}: {history}"
-        );
+    until_the_queue_is_empty(&redis).await;
+    for (task_id, answer) in &tasks {
+        let shape = history_shape(&a, &user, task_id).await;
+        assert_eq!(shape, ["llm_response:", "llm_status:completed"], "task {task_id}");
         let task = task_status(&a, &user, task_id).await;
         assert_eq!(
             (task["status"].as_str(), task["response"].as_str()),
-            (Some("completed"), Some(answer))
+            (Some("completed"), Some(*answer))
+        );
+    }
+}
+
+/// A worker that told the user a task failed (`llm_error`, and maybe `llm_status
+/// failed`) and died before recording the end: the worker that takes the task over
+/// ends it as failed, sending only what is missing, and never runs it again. Before,
+/// it ran the task again and streamed an answer after the error.
+#[tokio::test]
+async fn a_task_whose_stream_already_told_the_user_it_failed_is_not_run_again_by_the_worker_that_takes_it_over(
+) {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    if !redis.owned() {
+        crate::redis::skip_shared_redis(None);
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    DeadWorker::make_group(&redis).await;
+    let a = submitting_node(&redis).await;
+    let user = user("failed");
+    let error = "LLM processing failed: upstream said no";
+    let mut tasks = Vec::new();
+    for (prompt, sent_final_status) in [("one", false), ("two", true)] {
+        let task_id = generate(&a, &user, "c", prompt).await;
+        let dead = DeadWorker::take(&redis, &a, &user, &task_id).await;
+        dead.send(json!({"type": "llm_status", "status": "started", "message": "Started"}))
+            .await;
+        dead.send(json!({"type": "llm_error", "error": error})).await;
+        if sent_final_status {
+            let status = json!({"type": "llm_status", "status": "failed", "message": "Response failed"});
+            dead.send(status).await;
+        }
+        tasks.push(task_id);
+    }
+
+    let _worker = worker(dir.path(), &redis, 1);
+    until_the_queue_is_empty(&redis).await;
+    for task_id in &tasks {
+        let shape = history_shape(&a, &user, task_id).await;
+        assert_eq!(
+            shape,
+            ["llm_status:started", "llm_error:", "llm_status:failed"],
+            "task {task_id}"
+        );
+        let task = task_status(&a, &user, task_id).await;
+        assert_eq!(
+            (task["status"].as_str(), task["error"].as_str()),
+            (Some("failed"), Some(error))
         );
     }
 }

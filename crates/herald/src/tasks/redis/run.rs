@@ -142,13 +142,27 @@ impl RedisQueue {
             _ => None,
         };
         if let Some((status, error)) = unstarted {
-            worker::publish_unstarted_end(&self.ctx, task_id, &request, status, error, &checkpoint).await;
+            if self
+                .final_status_sent(task_id, &request, status, number(reply.get(7)))
+                .await
+            {
+                // The last worker sent it and could not record the end.
+                let outcome = Outcome {
+                    status,
+                    response: None,
+                    error: error.map(str::to_owned),
+                };
+                worker::record_announced(&checkpoint, &outcome).await;
+            } else {
+                worker::publish_unstarted_end(&self.ctx, task_id, &request, status, error, &checkpoint).await;
+            }
             return;
         }
         let mut resume = Resume {
             phase: Phase::from_u8(u8::try_from(number(reply.get(5))).unwrap_or(0)),
             text: text(reply.get(8)),
             next_index: number(reply.get(6)),
+            ended: None,
         };
         // A first start has sent nothing: only a task taken over (or handed back, which
         // does not count as an attempt) reads its stream back.

@@ -12,7 +12,7 @@ use crate::channel::now_rfc3339;
 use crate::compose::llm::{LlmMessage, LlmStatus, THINKING_MESSAGE};
 use crate::llm::{ChatMessage, LlmError, LlmEvent, LlmRequest, Usage};
 use crate::tasks::worker::{
-    frames_channel, record_announced, Context, Job, MessageTemplate, Outcome, Phase, Resume, Stream,
+    frames_channel, record_announced, Context, Ended, Job, MessageTemplate, Outcome, Phase, Resume, Stream,
 };
 use crate::tasks::{TaskRequest, TaskStatus};
 
@@ -45,6 +45,10 @@ pub async fn run(ctx: &Context, job: Job<'_>) -> Option<Outcome> {
         checkpoint,
         template: MessageTemplate::new(request, task_id),
     };
+    // A resumed task whose stream told the user it failed or was cancelled ends so.
+    if let Some(ended) = resume.ended {
+        return finish_ended(&stream, ended).await;
+    }
     // A resumed task that had already finished its answer only sends what is missing.
     if resume.phase >= Phase::Saved {
         return finish_saved(&stream, resume).await;
@@ -154,6 +158,25 @@ async fn finish_saved(stream: &Stream<'_>, resume: Resume) -> Option<Outcome> {
     // The final status is out already: only the end is missing.
     record_announced(stream.checkpoint, &outcome).await;
     finished(stream.abandon, outcome)
+}
+
+/// A resumed task whose stream already ended in a failure or a cancel: records that
+/// end and sends the final `llm_status` if it is missing.
+async fn finish_ended(stream: &Stream<'_>, ended: Ended) -> Option<Outcome> {
+    let outcome = Outcome {
+        status: ended.status,
+        response: None,
+        error: ended.error,
+    };
+    if ended.announced {
+        record_announced(stream.checkpoint, &outcome).await;
+        return finished(stream.abandon, outcome);
+    }
+    let status = match ended.status {
+        TaskStatus::Cancelled => LlmStatus::Cancelled,
+        _ => LlmStatus::Failed,
+    };
+    finished(stream.abandon, stream.end(outcome, status).await)
 }
 
 /// `llm_status started`, `llm_status thinking` and the thinking frame.

@@ -20,6 +20,7 @@ fn observe_follows_the_stream_and_a_restart_starts_the_text_again() {
         phase: Phase::Streaming,
         text: "Hel".to_owned(),
         next_index: 1,
+        ended: None,
     };
     // A frame already counted and one from the future change nothing.
     resume.observe(&frame(0, "Hel"));
@@ -38,6 +39,42 @@ fn observe_follows_the_stream_and_a_restart_starts_the_text_again() {
     assert_eq!(resume.phase, Phase::Responded);
     resume.observe(&status("completed"));
     assert_eq!(resume.phase, Phase::Completed);
+    assert_eq!(resume.ended, None);
+}
+
+#[test]
+fn observe_notices_a_stream_that_already_told_the_user_it_failed_or_was_cancelled() {
+    let failed = |announced| Ended {
+        status: TaskStatus::Failed,
+        error: Some("LLM processing failed: upstream said no".to_owned()),
+        announced,
+    };
+    let mut resume = Resume::default();
+    resume.observe(&frame(0, "Hel"));
+    resume.observe(&json!({"type": "llm_error", "error": "LLM processing failed: upstream said no"}));
+    assert_eq!(resume.ended, Some(failed(false)));
+    resume.observe(&status("failed"));
+    assert_eq!(resume.ended, Some(failed(true)));
+
+    // A failed status whose `llm_error` was lost still ends the task, with a general error.
+    let mut resume = Resume::default();
+    resume.observe(&status("failed"));
+    let expected = Ended {
+        status: TaskStatus::Failed,
+        error: Some(FAILED.to_owned()),
+        announced: true,
+    };
+    assert_eq!(resume.ended, Some(expected));
+
+    let mut resume = Resume::default();
+    resume.observe(&status("started"));
+    resume.observe(&status("cancelled"));
+    let expected = Ended {
+        status: TaskStatus::Cancelled,
+        error: None,
+        announced: true,
+    };
+    assert_eq!(resume.ended, Some(expected));
 }
 
 #[test]
