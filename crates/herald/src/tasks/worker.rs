@@ -124,7 +124,15 @@ const FAILED: &str = "LLM processing failed";
 impl Resume {
     /// Folds in one message of this task read back from the frame stream's history.
     pub fn observe(&mut self, message: &Value) {
-        let phase = match LlmHead::read(message) {
+        let head = LlmHead::read(message);
+        if !matches!(
+            head,
+            None | Some(LlmHead::Error | LlmHead::Status(LlmStatus::Failed | LlmStatus::Cancelled))
+        ) {
+            // A worker went on after an `llm_error`: that error did not end the task.
+            self.ended = None;
+        }
+        let phase = match head {
             Some(LlmHead::Status(LlmStatus::Started | LlmStatus::Thinking)) => Phase::Started,
             Some(LlmHead::Status(LlmStatus::Streaming)) => Phase::Streaming,
             // The answer started again: frames from index 0 replace what came before.
@@ -427,7 +435,7 @@ impl Stream<'_> {
     /// failed) is not announced: the task's entry stays pending, and the worker that
     /// takes it over sends that status.
     async fn end(&self, outcome: Outcome, status: LlmStatus) -> Outcome {
-        let recorded = !self.abandon.is_cancelled() && self.checkpoint.finish(&outcome).await;
+        let recorded = self.may_send() && self.checkpoint.finish(&outcome).await;
         let sent = self.status(status).await;
         if recorded && sent.is_some() {
             self.checkpoint.announced().await;

@@ -461,9 +461,10 @@ async fn a_dead_workers_25_tasks_are_taken_over_together_within_the_claim_timeou
     );
 }
 
-/// A task's end is recorded (its entry acknowledged) before its final `llm_status` goes
-/// out. A claim renewal that lands in between must not take the task for lost: that
-/// dropped `llm_status completed`, and the user waited for an end that never came.
+/// A task's end is recorded before its final `llm_status` goes out. A claim renewal
+/// that lands in between (or, since session 16, between the status and the entry's
+/// acknowledgement) must not take the task for lost: that dropped `llm_status
+/// completed`, and the user waited for an end that never came.
 /// Renewals every 30 ms (the shortest claim timeout) and 240 short tasks put many of
 /// them in that window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -705,8 +706,8 @@ impl<'a> DeadWorker<'a> {
 }
 
 /// Waits until every entry of the queue is acknowledged and deleted.
-async fn until_the_queue_is_empty(redis: &Redis) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+async fn until_the_queue_is_empty(redis: &Redis, within: Duration) {
+    let deadline = Instant::now() + within;
     loop {
         let pending = redis.cli(&["XPENDING", QUEUE, GROUP]).await;
         if pending.lines().next() == Some("0") {
@@ -778,7 +779,13 @@ async fn a_final_status_a_dead_worker_did_not_send_is_sent_by_the_worker_that_ta
     let _worker = worker(dir.path(), &redis, 1);
     let stream = TaskStream::read(&mut ws, &tasks[0].0).await;
     assert_eq!(stream.shape(), ["llm_response", "status:completed"]);
-    until_the_queue_is_empty(&redis).await;
+    until_the_queue_is_empty(&redis, Duration::from_secs(20)).await;
+
+    // A task run from start to end here has its entry acknowledged by its own worker
+    // as its final status goes out, not by a takeover one claim timeout later.
+    let task_id = generate(&a, &user, "c", "three").await;
+    TaskStream::read(&mut ws, &task_id).await.assert_completed_order();
+    until_the_queue_is_empty(&redis, Duration::from_millis(CLAIM_IDLE_MS / 2)).await;
     for (task_id, answer) in &tasks {
         let shape = history_shape(&a, &user, task_id).await;
         assert_eq!(shape, ["llm_response:", "llm_status:completed"], "task {task_id}");
@@ -793,7 +800,8 @@ async fn a_final_status_a_dead_worker_did_not_send_is_sent_by_the_worker_that_ta
 /// A worker that told the user a task failed (`llm_error`, and maybe `llm_status
 /// failed`) and died before recording the end: the worker that takes the task over
 /// ends it as failed, sending only what is missing, and never runs it again. Before,
-/// it ran the task again and streamed an answer after the error.
+/// it ran the task again and streamed an answer after the error. A task whose stream
+/// completed is not cancelled after it when the cancel flag is found on takeover.
 #[tokio::test]
 async fn a_task_whose_stream_already_told_the_user_it_failed_is_not_run_again_by_the_worker_that_takes_it_over(
 ) {
@@ -823,8 +831,29 @@ async fn a_task_whose_stream_already_told_the_user_it_failed_is_not_run_again_by
         tasks.push(task_id);
     }
 
+    // One more whose worker sent the whole answer and its final status, could not
+    // record the end, and whose user then asked to cancel: it stays completed.
+    let completed = generate(&a, &user, "c", "three").await;
+    let dead = DeadWorker::take(&redis, &a, &user, &completed).await;
+    let frame = json!({"status": "streaming", "delta": "Echo: three", "index": 0});
+    dead.send(json!({"type": "llm_frame", "frame": frame})).await;
+    let data = json!({"event": "response_generated", "response": "Echo: three"});
+    dead.send(json!({"type": "llm_response", "data": data})).await;
+    let status = json!({"type": "llm_status", "status": "completed", "message": "Response completed"});
+    dead.send(status).await;
+    let cancel = format!("/api/chat/tasks/{completed}/cancel");
+    let (status, body) = user_post(&a, &cancel, &a.token(&user), json!({})).await;
+    assert_eq!(status, 202, "{body}");
+
     let _worker = worker(dir.path(), &redis, 1);
-    until_the_queue_is_empty(&redis).await;
+    until_the_queue_is_empty(&redis, Duration::from_secs(20)).await;
+    let shape = history_shape(&a, &user, &completed).await;
+    assert_eq!(shape, ["llm_frame:", "llm_response:", "llm_status:completed"]);
+    let task = task_status(&a, &user, &completed).await;
+    assert_eq!(
+        (task["status"].as_str(), task["response"].as_str()),
+        (Some("completed"), Some("Echo: three"))
+    );
     for task_id in &tasks {
         let shape = history_shape(&a, &user, task_id).await;
         assert_eq!(

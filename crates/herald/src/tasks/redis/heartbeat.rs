@@ -67,8 +67,8 @@ impl RedisQueue {
                                 abandon.cancel();
                             }
                             2 => cancel.cancel(),
-                            // 1: still this node's; 3: this node recorded its end and
-                            // the run is sending the final status, which must go out.
+                            // 1: still this node's; 3: this node ended it, sent its
+                            // final status and acknowledged it; the run is stopping.
                             _ => {}
                         }
                     }

@@ -94,9 +94,14 @@ impl RedisQueue {
             ChatId::parse(&text(reply.get(2))),
         ) else {
             tracing::warn!(task_id, "a task record is malformed; dropping it");
-            self.end(entry, task_id, "", TaskStatus::Failed, None, Some("invalid task"))
-                .await;
-            self.announced(entry, task_id).await;
+            // Nothing can be sent to a user whose id is not valid: recorded is announced.
+            let recorded = action == "announce"
+                || self
+                    .end(entry, task_id, "", TaskStatus::Failed, None, Some("invalid task"))
+                    .await;
+            if recorded {
+                self.announced(entry, task_id).await;
+            }
             return;
         };
         let request = TaskRequest {
@@ -141,23 +146,6 @@ impl RedisQueue {
             }
             _ => None,
         };
-        if let Some((status, error)) = unstarted {
-            if self
-                .final_status_sent(task_id, &request, status, number(reply.get(7)))
-                .await
-            {
-                // The last worker sent it and could not record the end.
-                let outcome = Outcome {
-                    status,
-                    response: None,
-                    error: error.map(str::to_owned),
-                };
-                worker::record_announced(&checkpoint, &outcome).await;
-            } else {
-                worker::publish_unstarted_end(&self.ctx, task_id, &request, status, error, &checkpoint).await;
-            }
-            return;
-        }
         let mut resume = Resume {
             phase: Phase::from_u8(u8::try_from(number(reply.get(5))).unwrap_or(0)),
             text: text(reply.get(8)),
@@ -166,8 +154,17 @@ impl RedisQueue {
         };
         // A first start has sent nothing: only a task taken over (or handed back, which
         // does not count as an attempt) reads its stream back.
-        if number(reply.get(10)) > 1 || resume.phase > Phase::New {
+        if unstarted.is_some() || number(reply.get(10)) > 1 || resume.phase > Phase::New {
             resume = self.resume(task_id, &request, resume, number(reply.get(7))).await;
+        }
+        if let Some((status, error)) = unstarted {
+            // A stream that already ended (the last worker could not record it), or
+            // whose answer was saved, ends as it did: `worker::run` only records that
+            // end and sends what is missing, without asking the LLM.
+            if resume.ended.is_none() && resume.phase < Phase::Saved {
+                worker::publish_unstarted_end(&self.ctx, task_id, &request, status, error, &checkpoint).await;
+                return;
+            }
         }
         let outcome = worker::run(
             &self.ctx,
@@ -244,6 +241,12 @@ impl RedisQueue {
                 return Vec::new();
             }
         };
+        if !history.complete {
+            tracing::warn!(
+                task_id,
+                "part of a task's stream has left history; a takeover may repeat or miss what it held"
+            );
+        }
         history
             .messages
             .into_iter()
@@ -352,8 +355,9 @@ impl RedisQueue {
                 true
             }
             Ok(_) => false,
-            // The entry stays pending: another worker takes it over and finds the
-            // stream complete ([`Phase::Completed`]), so it only records the end.
+            // The entry stays pending: the worker that takes it over finds the end
+            // recorded (`announce`) or, if it was not, reads the stream's end back
+            // ([`Phase::Completed`], [`worker::Resume::ended`]) and only records it.
             Err(err) => {
                 tracing::warn!(task_id, error = %err, "recording a task's end failed");
                 false

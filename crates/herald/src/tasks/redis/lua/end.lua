@@ -9,8 +9,12 @@ if (not done) and f[2] and f[2] ~= ARGV[7] then
   return 0
 end
 if done then
-  redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
-  redis.call('XDEL', KEYS[3], ARGV[2])
+  -- Ended earlier: acknowledged here unless its final status is still to go out (a
+  -- stale worker must not take that from the worker announcing it).
+  if redis.call('HGET', KEYS[1], 'announce') ~= '1' then
+    redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
+    redis.call('XDEL', KEYS[3], ARGV[2])
+  end
   return 0
 end
 redis.call('HSET', KEYS[1], 'status', ARGV[3], 'announce', '1')
