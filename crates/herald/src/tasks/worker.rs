@@ -370,7 +370,27 @@ fn write_json_string(out: &mut Vec<u8>, text: &str) {
     let _ = serde_json::to_writer(out, text);
 }
 
-impl Stream<'_> {
+impl<'a> Stream<'a> {
+    /// The stream of `task_id`, or `None` when the user's id makes no frame channel
+    /// (ids are validated on submit, so only if that ever changed).
+    fn open(
+        ctx: &'a Context,
+        task_id: &'a str,
+        request: &'a TaskRequest,
+        abandon: &'a CancellationToken,
+        checkpoint: &'a dyn Checkpoint,
+    ) -> Option<Self> {
+        Some(Self {
+            ctx,
+            channel: frames_channel(request)?,
+            task_id,
+            request,
+            abandon,
+            checkpoint,
+            template: MessageTemplate::new(request, task_id),
+        })
+    }
+
     /// Sends one message; returns its offset. Sends nothing once the task is abandoned:
     /// another worker owns the stream from then on.
     async fn send(&self, message: LlmMessage<'_>) -> Option<u64> {
@@ -535,7 +555,8 @@ pub async fn publish_unstarted_end(
     error: Option<&str>,
     checkpoint: &dyn Checkpoint,
 ) {
-    let Some(channel) = frames_channel(request) else {
+    let never = CancellationToken::new();
+    let Some(stream) = Stream::open(ctx, task_id, request, &never, checkpoint) else {
         let outcome = Outcome {
             status,
             response: None,
@@ -543,16 +564,6 @@ pub async fn publish_unstarted_end(
         };
         record_announced(checkpoint, &outcome).await;
         return;
-    };
-    let never = CancellationToken::new();
-    let stream = Stream {
-        ctx,
-        channel,
-        task_id,
-        request,
-        abandon: &never,
-        checkpoint,
-        template: MessageTemplate::new(request, task_id),
     };
     match status {
         TaskStatus::Cancelled => {
@@ -608,20 +619,12 @@ pub async fn announce_end(
     let Some(final_status) = final_llm_status(status) else {
         return;
     };
-    let Some(channel) = frames_channel(request) else {
-        record_announced(checkpoint, &outcome).await;
-        return;
-    };
-    let stream = Stream {
-        ctx,
-        channel,
-        task_id,
-        request,
-        abandon,
-        checkpoint,
-        template: MessageTemplate::new(request, task_id),
-    };
-    stream.end(outcome, final_status).await;
+    match Stream::open(ctx, task_id, request, abandon, checkpoint) {
+        Some(stream) => {
+            stream.end(outcome, final_status).await;
+        }
+        None => record_announced(checkpoint, &outcome).await,
+    }
 }
 
 #[cfg(test)]

@@ -599,15 +599,24 @@ struct DeadWorker<'a> {
     entry: String,
 }
 
+/// A Redis of the test's own with the workers' consumer group (made as a worker's
+/// consumer makes it), a directory for worker configs, and a node that runs no tasks;
+/// `None` on a shared Redis, whose queue [`DeadWorker`] must not read.
+async fn for_dead_workers() -> Option<(Redis, tempfile::TempDir, TestServer)> {
+    let redis = Redis::start().await?;
+    if !redis.owned() {
+        crate::redis::skip_shared_redis(None);
+        return None;
+    }
+    redis
+        .cli(&["XGROUP", "CREATE", QUEUE, GROUP, "0", "MKSTREAM"])
+        .await;
+    let node = submitting_node(&redis).await;
+    Some((redis, tempfile::tempdir().unwrap(), node))
+}
+
 impl<'a> DeadWorker<'a> {
     const NAME: &'static str = "dead-worker";
-
-    /// The queue's consumer group, made as a worker's consumer makes it.
-    async fn make_group(redis: &Redis) {
-        redis
-            .cli(&["XGROUP", "CREATE", QUEUE, GROUP, "0", "MKSTREAM"])
-            .await;
-    }
 
     /// Reads the next entry, which must be `task_id`'s, and starts it.
     async fn take(redis: &'a Redis, node: &'a TestServer, user: &'a str, task_id: &str) -> Self {
@@ -747,17 +756,9 @@ async fn history_shape(node: &TestServer, user: &str, task_id: &str) -> Vec<Stri
 /// was lost.
 #[tokio::test]
 async fn a_final_status_a_dead_worker_did_not_send_is_sent_by_the_worker_that_takes_its_entry_once() {
-    let Some(redis) = Redis::start().await else {
+    let Some((redis, dir, a)) = for_dead_workers().await else {
         return;
     };
-    if !redis.owned() {
-        // It reads the queue's entries as a worker of its own.
-        crate::redis::skip_shared_redis(None);
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    DeadWorker::make_group(&redis).await;
-    let a = submitting_node(&redis).await;
     let user = user("announce");
     let (mut ws, _) = a.connect(&format!("/ws/frame-stream/{user}/"), &user).await;
     let answers = [("one", "Echo: one", false), ("two", "Echo: two", true)];
@@ -805,16 +806,9 @@ async fn a_final_status_a_dead_worker_did_not_send_is_sent_by_the_worker_that_ta
 #[tokio::test]
 async fn a_task_whose_stream_already_told_the_user_it_failed_is_not_run_again_by_the_worker_that_takes_it_over(
 ) {
-    let Some(redis) = Redis::start().await else {
+    let Some((redis, dir, a)) = for_dead_workers().await else {
         return;
     };
-    if !redis.owned() {
-        crate::redis::skip_shared_redis(None);
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    DeadWorker::make_group(&redis).await;
-    let a = submitting_node(&redis).await;
     let user = user("failed");
     let error = "LLM processing failed: upstream said no";
     let mut tasks = Vec::new();

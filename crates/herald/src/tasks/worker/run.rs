@@ -11,9 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::channel::now_rfc3339;
 use crate::compose::llm::{LlmMessage, LlmStatus, THINKING_MESSAGE};
 use crate::llm::{ChatMessage, LlmError, LlmEvent, LlmRequest, Usage};
-use crate::tasks::worker::{
-    frames_channel, record_announced, Context, Ended, Job, MessageTemplate, Outcome, Phase, Resume, Stream,
-};
+use crate::tasks::worker::{record_announced, Context, Ended, Job, Outcome, Phase, Resume, Stream};
 use crate::tasks::{TaskRequest, TaskStatus};
 
 /// Runs a task to its end. `None`: the task was abandoned (lost to another worker or
@@ -27,7 +25,7 @@ pub async fn run(ctx: &Context, job: Job<'_>) -> Option<Outcome> {
         resume,
         checkpoint,
     } = job;
-    let Some(channel) = frames_channel(request) else {
+    let Some(stream) = Stream::open(ctx, task_id, request, abandon, checkpoint) else {
         let outcome = Outcome {
             status: TaskStatus::Failed,
             response: None,
@@ -35,15 +33,6 @@ pub async fn run(ctx: &Context, job: Job<'_>) -> Option<Outcome> {
         };
         record_announced(checkpoint, &outcome).await;
         return Some(outcome);
-    };
-    let stream = Stream {
-        ctx,
-        channel,
-        task_id,
-        request,
-        abandon,
-        checkpoint,
-        template: MessageTemplate::new(request, task_id),
     };
     // A resumed task whose stream told the user it failed or was cancelled ends so.
     if let Some(ended) = resume.ended {
