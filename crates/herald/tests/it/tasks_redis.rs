@@ -8,7 +8,8 @@
 //! different answer restarts visibly. A claim renewal landing between a task's recorded
 //! end and its final status does not stop that status, and a worker dying there leaves
 //! it to the worker that takes its entry over; a task whose stream already told the
-//! user it failed is ended so by that worker, never run again.
+//! user it failed is ended so by that worker, never run again; a queued task's cancel
+//! whose node died before its status is announced by a worker.
 //!
 //! Each test starts its own `redis-server` (see `redis.rs`). Workers that must die are
 //! real `herald worker` processes, started with `task_claim_idle_ms = 1500` so a dead
@@ -860,6 +861,81 @@ async fn a_task_whose_stream_already_told_the_user_it_failed_is_not_run_again_by
             (task["status"].as_str(), task["error"].as_str()),
             (Some("failed"), Some(error))
         );
+    }
+}
+
+/// A queued task's cancel is announced by the node that took the cancel, which then
+/// removes its entry. A node that dies between recording the cancel (`cancel.lua`) and
+/// sending its status leaves the entry to a worker: the worker that reads it first
+/// leaves it pending (that node may be sending the status just then), and the worker
+/// that takes it over once idle sends the status unless it went out meanwhile. Before,
+/// the entry was skipped and the status lost.
+#[tokio::test]
+async fn a_queued_tasks_cancel_whose_node_died_before_sending_its_status_is_announced_by_a_worker() {
+    let Some((redis, dir, a)) = for_dead_workers().await else {
+        return;
+    };
+    let user = user("cancelq");
+    let (mut ws, _) = a.connect(&format!("/ws/frame-stream/{user}/"), &user).await;
+    let by_api = generate(&a, &user, "c", "one").await;
+    let cancel = format!("/api/chat/tasks/{by_api}/cancel");
+    let (status, body) = user_post(&a, &cancel, &a.token(&user), json!({})).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(
+        TaskStream::read(&mut ws, &by_api).await.shape(),
+        ["status:cancelled"]
+    );
+    until_the_queue_is_empty(&redis, Duration::from_secs(5)).await;
+
+    // Two cancels recorded by a node that then died (the cancel script alone); the
+    // second node was only slow, and sends its status while a worker holds the entry.
+    let orphan = generate(&a, &user, "c", "two").await;
+    let slow = generate(&a, &user, "c", "three").await;
+    for task_id in [&orphan, &slow] {
+        let (task, user_key, ended) = (
+            format!("herald:{{tasks}}:task:{task_id}"),
+            format!("herald:{{tasks}}:user:{user}"),
+            format!("herald:{{tasks}}:ended:{user}"),
+        );
+        let cancel = [
+            "EVAL",
+            include_str!("../../src/tasks/redis/lua/cancel.lua"),
+            "4",
+            &task,
+            &user_key,
+            "herald:{tasks}:queued",
+            &ended,
+            &user,
+            "600000",
+            task_id,
+            "100",
+            "herald:{tasks}:task:",
+        ];
+        let cancelled = redis.cli(&cancel).await;
+        assert_eq!(cancelled.lines().next(), Some("was_queued"), "{cancelled}");
+    }
+    let _worker = worker(dir.path(), &redis, 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.cli(&["XPENDING", QUEUE, GROUP]).await.lines().next() != Some("2") {
+        assert!(Instant::now() < deadline, "the worker did not read both entries");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = json!({"type": "llm_status", "status": "cancelled", "chat_id": "c",
+        "task_id": slow, "message": "Task cancelled"});
+    let (code, body) = a.post(&format!("/api/v1/frame-stream/{user}"), status).await;
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(
+        TaskStream::read(&mut ws, &orphan).await.shape(),
+        ["status:cancelled"]
+    );
+    until_the_queue_is_empty(&redis, Duration::from_secs(20)).await;
+    for task_id in [&by_api, &orphan, &slow] {
+        assert_eq!(
+            history_shape(&a, &user, task_id).await,
+            ["llm_status:cancelled"],
+            "{task_id}"
+        );
+        assert_eq!(task_status(&a, &user, task_id).await["status"], "cancelled");
     }
 }
 

@@ -5,7 +5,7 @@ use fred::prelude::{ClientLike, HashesInterface, Value};
 use crate::ids::{ChatId, UserId};
 use crate::redis::COMMAND_TIMEOUT;
 use crate::sync::lock;
-use crate::tasks::redis::run::AlreadyRecorded;
+use crate::tasks::redis::run::CancelledWhileQueued;
 use crate::tasks::redis::{
     ended_key, ms, number, status_of, task_key, text, unavailable, user_key, RedisQueue, IN_FLIGHT_TTL,
     QUEUED_KEY, QUEUE_KEY, TASK_PREFIX,
@@ -126,13 +126,18 @@ impl RedisQueue {
                     model: String::new(),
                 };
                 // The cancel script has recorded the end already.
+                let checkpoint = CancelledWhileQueued {
+                    queue: self,
+                    task_id,
+                    entry: &text(reply.get(5)),
+                };
                 worker::publish_unstarted_end(
                     &self.ctx,
                     task_id,
                     &request,
                     TaskStatus::Cancelled,
                     None,
-                    &AlreadyRecorded,
+                    &checkpoint,
                 )
                 .await;
             }

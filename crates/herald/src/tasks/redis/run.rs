@@ -85,7 +85,7 @@ impl RedisQueue {
             }
         };
         let action = text(reply.first());
-        if action == "skip" {
+        if action == "skip" || action == "wait" {
             return;
         }
         self.set_queue_depth(number(reply.get(9)));
@@ -389,11 +389,17 @@ struct RedisCheckpoint<'a> {
     ended: bool,
 }
 
-/// For an end a script has recorded already.
-pub(super) struct AlreadyRecorded;
+/// For a queued task the cancel script has ended already: the node that took the
+/// cancel sends its status, whatever its lease (it may run no workers), and then
+/// removes its entry (`entry`, empty for a record from before the entry was kept).
+pub(super) struct CancelledWhileQueued<'a> {
+    pub(super) queue: &'a RedisQueue,
+    pub(super) task_id: &'a str,
+    pub(super) entry: &'a str,
+}
 
 #[async_trait]
-impl Checkpoint for AlreadyRecorded {
+impl Checkpoint for CancelledWhileQueued<'_> {
     async fn save(&self, _progress: Progress<'_>) {}
 
     fn records_progress(&self) -> bool {
@@ -402,6 +408,12 @@ impl Checkpoint for AlreadyRecorded {
 
     async fn finish(&self, _outcome: &Outcome) -> bool {
         true
+    }
+
+    async fn announced(&self) {
+        if !self.entry.is_empty() {
+            self.queue.announced(self.entry, self.task_id).await;
+        }
     }
 }
 

@@ -1,14 +1,20 @@
 -- KEYS = task, queued, queue, text; ARGV = group, entry, consumer, max attempts.
 -- Returns `{action, user_id, chat_id, prompt, model, phase, next_index, offset, text,
 -- queued, attempts, status}` with action `run`, `cancel` (asked while its last worker
--- ran it), `exhausted`, `announce` (ended, but the worker that ended it died before its
--- final `llm_status` was out: this one sends it) or `skip` (ended or gone; the entry is
--- acknowledged).
+-- ran it), `exhausted`, `announce` (ended, but whoever ended it died before its final
+-- `llm_status` was out: this one sends it), `wait` (ended and not yet announced, read
+-- for the first time: whoever ended it may be sending that status now, so the entry is
+-- left pending, to be taken over as `announce` once idle) or `skip` (ended or gone; the
+-- entry is acknowledged).
 local f = redis.call('HMGET', KEYS[1], 'status', 'cancel', 'user_id', 'chat_id', 'prompt',
   'model', 'phase', 'next_index', 'offset')
 local st = f[1]
 if (not st) or st == 'completed' or st == 'failed' or st == 'cancelled' then
   if st and redis.call('HGET', KEYS[1], 'announce') == '1' then
+    local p = redis.call('XPENDING', KEYS[3], ARGV[1], ARGV[2], ARGV[2], 1)
+    if #p > 0 and tonumber(p[1][4]) <= 1 then
+      return {'wait'}
+    end
     redis.call('HSET', KEYS[1], 'worker', ARGV[3])
     return {'announce', f[3], f[4], '', '', f[7], f[8], f[9], '', redis.call('GET', KEYS[2]) or '0', 0, st}
   end
