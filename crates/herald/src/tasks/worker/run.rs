@@ -11,7 +11,9 @@ use tokio_util::sync::CancellationToken;
 use crate::channel::now_rfc3339;
 use crate::compose::llm::{LlmMessage, LlmStatus, THINKING_MESSAGE};
 use crate::llm::{ChatMessage, LlmError, LlmEvent, LlmRequest, Usage};
-use crate::tasks::worker::{record_announced, Context, Ended, Job, Outcome, Phase, Resume, Stream};
+use crate::tasks::worker::{
+    final_llm_status, record_announced, Context, Ended, Job, Outcome, Phase, Resume, Stream,
+};
 use crate::tasks::{TaskRequest, TaskStatus};
 
 /// Runs a task to its end. `None`: the task was abandoned (lost to another worker or
@@ -161,10 +163,7 @@ async fn finish_ended(stream: &Stream<'_>, ended: Ended) -> Option<Outcome> {
         record_announced(stream.checkpoint, &outcome).await;
         return finished(stream.abandon, outcome);
     }
-    let status = match ended.status {
-        TaskStatus::Cancelled => LlmStatus::Cancelled,
-        _ => LlmStatus::Failed,
-    };
+    let status = final_llm_status(ended.status).unwrap_or(LlmStatus::Failed);
     finished(stream.abandon, stream.end(outcome, status).await)
 }
 
