@@ -69,6 +69,11 @@ pub const MAX_URI_BYTES: usize = 8 * 1024;
 /// The most header bytes (names and values) accepted in one request.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
+/// The whole HTTP service, as `crate::router` builds it: the routes inside the panic
+/// catcher inside the [`Guard`].
+pub type App =
+    Guard<tower_http::catch_panic::CatchPanic<Router, tower_http::catch_panic::DefaultResponseForPanic>>;
+
 /// The layer every request crosses (`crate::router`, outside the panic catcher):
 /// refuses oversized request targets (414) and header sections (431) before any
 /// handler parses them, and makes every error answer JSON ([`json_errors`]).
@@ -93,10 +98,12 @@ pub struct Guard<S> {
     inner: S,
 }
 
-impl<S> tower::Service<Request> for Guard<S>
+impl<S, B> tower::Service<Request> for Guard<S>
 where
-    S: tower::Service<Request, Response = Response, Error = Infallible>,
+    S: tower::Service<Request, Response = axum::http::Response<B>, Error = Infallible>,
     S::Future: Send + 'static,
+    B: axum::body::HttpBody<Data = axum::body::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
 {
     type Response = Response;
     type Error = Infallible;
@@ -113,7 +120,7 @@ where
         let answer = self.inner.call(request);
         Box::pin(async move {
             let Ok(response) = answer.await;
-            Ok(json_errors(response).await)
+            Ok(json_errors(response.map(axum::body::Body::new)).await)
         })
     }
 }
@@ -138,19 +145,13 @@ fn oversized(request: &Request) -> Option<Response> {
     None
 }
 
-/// The length of `uri` as written, counted without building the string (every request
-/// is checked).
+/// The length of `uri` as written (as its `Display` writes it: scheme and `://`,
+/// authority, path, `?` and query), counted from its parts (every request is checked).
 fn uri_len(uri: &axum::http::Uri) -> usize {
-    struct Count(usize);
-    impl std::fmt::Write for Count {
-        fn write_str(&mut self, s: &str) -> std::fmt::Result {
-            self.0 += s.len();
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    let _ = std::fmt::write(&mut count, format_args!("{uri}"));
-    count.0
+    uri.scheme_str().map_or(0, |scheme| scheme.len() + 3)
+        + uri.authority().map_or(0, |authority| authority.as_str().len())
+        + uri.path().len()
+        + uri.query().map_or(0, |query| query.len() + 1)
 }
 
 /// The largest plain-text error body carried over as the JSON `message`.
@@ -230,6 +231,10 @@ mod uri_tests {
             "/",
             "/api/v1/notifications/u1?x=1&y=%20",
             "http://example.com:8080/a/b?c",
+            "http://example.com",
+            "https://user@example.com/?",
+            "example.com:443",
+            "/a?",
             "*",
         ] {
             let parsed: axum::http::Uri = uri.parse().unwrap();

@@ -392,18 +392,22 @@ pub async fn serve_state(
 
 /// The router: every route and global layer in one place (read it next to
 /// docs/protocol.md).
-pub fn router(state: AppState) -> axum::Router {
+///
+/// The global layers wrap the finished router as tower services rather than through
+/// `Router::layer`, which would box each layer's future on every request (two boxes a
+/// request: issue 19's unicast path).
+pub fn router(state: AppState) -> http::App {
+    use tower::Layer;
     use tower_http::catch_panic::CatchPanicLayer;
     let dev = if state.dev_jwt_secret.is_some() {
         crate::http::demo::dev_router()
     } else {
         axum::Router::new()
     };
-    axum::Router::new()
+    let routes = axum::Router::new()
         .merge(crate::ws::router())
         .merge(crate::http::router(&state.config.allowed_origins))
         .merge(dev)
-        .layer(CatchPanicLayer::new())
-        .layer(crate::http::GuardLayer)
-        .with_state(state)
+        .with_state(state);
+    crate::http::GuardLayer.layer(CatchPanicLayer::new().layer(routes))
 }

@@ -101,8 +101,8 @@ fn token_parts() -> &'static (tokio::runtime::Runtime, Authenticator) {
 }
 
 /// A node's router over a memory broker and an in-memory database.
-fn router_parts() -> &'static (tokio::runtime::Runtime, axum::Router) {
-    static PARTS: OnceLock<(tokio::runtime::Runtime, axum::Router)> = OnceLock::new();
+fn router_parts() -> &'static (tokio::runtime::Runtime, crate::http::App) {
+    static PARTS: OnceLock<(tokio::runtime::Runtime, crate::http::App)> = OnceLock::new();
     PARTS.get_or_init(|| {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)

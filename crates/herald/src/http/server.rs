@@ -34,7 +34,6 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, Response, StatusCode};
-use axum::Router;
 use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -398,7 +397,7 @@ impl http_body::Body for TrackedBody {
 /// The router as one connection's hyper service.
 #[derive(Clone)]
 struct ConnService {
-    router: Router,
+    router: crate::http::App,
     conn: Arc<ConnState>,
     peer: SocketAddr,
     load: Arc<Load>,
@@ -444,7 +443,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 /// finish their requests in flight and returns.
 pub async fn run(
     listener: TcpListener,
-    router: Router,
+    router: crate::http::App,
     limits: ServerLimits,
     load: Arc<Load>,
     metrics: Metrics,
