@@ -23,8 +23,9 @@
 //! goes out, and its entry is acknowledged only after that status is out
 //! (`lua/announced.lua`): a worker that dies in between, or whose lease lapsed, leaves
 //! the entry pending, and the worker that takes it over sends the status unless the
-//! frame stream's history shows it went out (`start.lua`'s `announce`). A worker that
-//! dies stops heartbeating: after `claim_idle` (`task_claim_idle_ms`, 15 s) another
+//! frame stream's history shows it went out (`start.lua`'s `announce`); the same holds
+//! for the node that took a queued task's cancel (`cancel.lua`). A worker that dies
+//! stops heartbeating: after `claim_idle` (`task_claim_idle_ms`, 15 s) another
 //! worker's `XAUTOCLAIM` takes its entries, as many at once as it has free workers, and
 //! resumes each stream where it stopped ([`worker::Resume`]). A worker that cannot
 //! heartbeat for `claim_idle / 2` (Redis unreachable) stops the task without sending

@@ -684,6 +684,23 @@ impl<'a> DeadWorker<'a> {
         assert_eq!(status, 202, "{body}");
     }
 
+    /// `hand_back.lua`, as a worker stopping at the end of its drain window.
+    async fn hand_back(&self) {
+        let task = self.key("task");
+        let hand_back = [
+            "EVAL",
+            include_str!("../../src/tasks/redis/lua/hand_back.lua"),
+            "3",
+            &task,
+            QUEUE,
+            "herald:{tasks}:queued",
+            GROUP,
+            &self.entry,
+            Self::NAME,
+        ];
+        assert_eq!(self.redis.cli(&hand_back).await, "1");
+    }
+
     async fn record_completed(&self, answer: &str) {
         let (task, user, text, ended) = (
             self.key("task"),
@@ -887,37 +904,39 @@ async fn a_queued_tasks_cancel_whose_node_died_before_sending_its_status_is_anno
     );
     until_the_queue_is_empty(&redis, Duration::from_secs(5)).await;
 
-    // Two cancels recorded by a node that then died (the cancel script alone); the
-    // second node was only slow, and sends its status while a worker holds the entry.
-    let orphan = generate(&a, &user, "c", "two").await;
-    let slow = generate(&a, &user, "c", "three").await;
-    for task_id in [&orphan, &slow] {
-        let (task, user_key, ended) = (
-            format!("herald:{{tasks}}:task:{task_id}"),
-            format!("herald:{{tasks}}:user:{user}"),
-            format!("herald:{{tasks}}:ended:{user}"),
-        );
-        let cancel = [
-            "EVAL",
-            include_str!("../../src/tasks/redis/lua/cancel.lua"),
-            "4",
-            &task,
-            &user_key,
-            "herald:{tasks}:queued",
-            &ended,
-            &user,
-            "600000",
-            task_id,
-            "100",
-            "herald:{tasks}:task:",
-        ];
-        let cancelled = redis.cli(&cancel).await;
-        assert_eq!(cancelled.lines().next(), Some("was_queued"), "{cancelled}");
+    // Cancels recorded by a node that then died (the cancel script alone): one of a
+    // task handed back by a stopping worker (pending, marked idle for ever so any
+    // worker takes it at once; the cancel makes it idle from now, or a worker would take
+    // it over at once, racing the node's status), one of a task never read, and one
+    // whose node was only slow and sends its status while a worker holds the entry.
+    let handed = generate(&a, &user, "c", "two").await;
+    let dead = DeadWorker::take(&redis, &a, &user, &handed).await;
+    dead.hand_back().await;
+    let orphan = generate(&a, &user, "c", "three").await;
+    let slow = generate(&a, &user, "c", "four").await;
+    for task_id in [&handed, &orphan, &slow] {
+        cancel_as_a_node_that_dies(&redis, &user, task_id).await;
     }
-    let _worker = worker(dir.path(), &redis, 1);
+    let pending = redis
+        .cli(&["XPENDING", QUEUE, GROUP, "-", "+", "10", DeadWorker::NAME])
+        .await;
+    let idle: Vec<&str> = pending.lines().collect();
+    assert_eq!(idle.first(), Some(&dead.entry.as_str()), "{pending}");
+    let idle_ms: u64 = idle[2].parse().unwrap();
+    assert!(
+        idle_ms < 1000,
+        "the handed-back entry is still idle for {idle_ms} ms"
+    );
+
+    // A claim timeout long enough that the slow node's status surely lands before the
+    // worker takes the entries over.
+    let _worker = worker_with_claim_idle(dir.path(), &redis, 1, 5000);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while redis.cli(&["XPENDING", QUEUE, GROUP]).await.lines().next() != Some("2") {
-        assert!(Instant::now() < deadline, "the worker did not read both entries");
+    while redis.cli(&["XPENDING", QUEUE, GROUP]).await.lines().next() != Some("3") {
+        assert!(
+            Instant::now() < deadline,
+            "the worker did not read both new entries"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let status = json!({"type": "llm_status", "status": "cancelled", "chat_id": "c",
@@ -929,7 +948,7 @@ async fn a_queued_tasks_cancel_whose_node_died_before_sending_its_status_is_anno
         ["status:cancelled"]
     );
     until_the_queue_is_empty(&redis, Duration::from_secs(20)).await;
-    for task_id in [&by_api, &orphan, &slow] {
+    for task_id in [&by_api, &orphan, &slow, &handed] {
         assert_eq!(
             history_shape(&a, &user, task_id).await,
             ["llm_status:cancelled"],
@@ -937,6 +956,34 @@ async fn a_queued_tasks_cancel_whose_node_died_before_sending_its_status_is_anno
         );
         assert_eq!(task_status(&a, &user, task_id).await["status"], "cancelled");
     }
+}
+
+/// Runs `cancel.lua` for a queued task of `user`, as a node that dies before sending
+/// the status.
+async fn cancel_as_a_node_that_dies(redis: &Redis, user: &str, task_id: &str) {
+    let (task, user_key, ended) = (
+        format!("herald:{{tasks}}:task:{task_id}"),
+        format!("herald:{{tasks}}:user:{user}"),
+        format!("herald:{{tasks}}:ended:{user}"),
+    );
+    let cancel = [
+        "EVAL",
+        include_str!("../../src/tasks/redis/lua/cancel.lua"),
+        "5",
+        &task,
+        &user_key,
+        "herald:{tasks}:queued",
+        &ended,
+        QUEUE,
+        user,
+        "600000",
+        task_id,
+        "100",
+        "herald:{tasks}:task:",
+        GROUP,
+    ];
+    let cancelled = redis.cli(&cancel).await;
+    assert_eq!(cancelled.lines().next(), Some("was_queued"), "{cancelled}");
 }
 
 /// The `index`-th delta of the echo provider's answer to [`words`]: `Echo:`, ` w0`, …

@@ -7,8 +7,8 @@ use crate::redis::COMMAND_TIMEOUT;
 use crate::sync::lock;
 use crate::tasks::redis::run::CancelledWhileQueued;
 use crate::tasks::redis::{
-    ended_key, ms, number, status_of, task_key, text, unavailable, user_key, RedisQueue, IN_FLIGHT_TTL,
-    QUEUED_KEY, QUEUE_KEY, TASK_PREFIX,
+    ended_key, ms, number, status_of, task_key, text, unavailable, user_key, RedisQueue, GROUP,
+    IN_FLIGHT_TTL, QUEUED_KEY, QUEUE_KEY, TASK_PREFIX,
 };
 use crate::tasks::worker;
 use crate::tasks::{
@@ -90,6 +90,7 @@ impl RedisQueue {
                     user_key(user_id.as_str()),
                     QUEUED_KEY.to_owned(),
                     ended_key(user_id.as_str()),
+                    QUEUE_KEY.to_owned(),
                 ],
                 vec![
                     user_id.as_str().to_owned(),
@@ -97,6 +98,7 @@ impl RedisQueue {
                     task_id.to_owned(),
                     MAX_ENDED_TASKS_PER_USER.to_string(),
                     TASK_PREFIX.to_owned(),
+                    GROUP.to_owned(),
                 ],
             )
             .await?

@@ -391,7 +391,7 @@ struct RedisCheckpoint<'a> {
 
 /// For a queued task the cancel script has ended already: the node that took the
 /// cancel sends its status, whatever its lease (it may run no workers), and then
-/// removes its entry (`entry`, empty for a record from before the entry was kept).
+/// removes its entry (`entry`; every record has one, the check is only defensive).
 pub(super) struct CancelledWhileQueued<'a> {
     pub(super) queue: &'a RedisQueue,
     pub(super) task_id: &'a str,

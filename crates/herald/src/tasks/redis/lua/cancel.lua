@@ -1,5 +1,5 @@
--- KEYS = task, user, queued, ended; ARGV = user id, retention (ms), task id, max
--- ended, task key prefix (the ended-list part is note_ended.lua).
+-- KEYS = task, user, queued, ended, queue; ARGV = user id, retention (ms), task id, max
+-- ended, task key prefix, group (the ended-list part is note_ended.lua).
 -- Returns `{outcome, status, chat_id, response, error, entry}` with outcome `none` (no
 -- such task of this user), `ended`, `was_queued` (now cancelled, flagged `announce`:
 -- the caller sends `llm_status cancelled`, then announced.lua removes the entry; if it
@@ -15,6 +15,15 @@ if f[1] == 'completed' or f[1] == 'failed' or f[1] == 'cancelled' then
 elseif f[1] == 'queued' then
   out[1] = 'was_queued'
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'announce', '1')
+  -- A handed-back entry is pending and marked idle for ever, to be taken at once: it is
+  -- made idle from now, so no worker takes it over (and sends the status) before the
+  -- caller's own status had time to go out. (No group yet: no worker ever read it.)
+  if f[6] then
+    local p = redis.pcall('XPENDING', KEYS[5], ARGV[6], f[6], f[6], 1)
+    if type(p) == 'table' and not p.err and #p > 0 then
+      redis.call('XCLAIM', KEYS[5], ARGV[6], p[1][2], 0, f[6], 'JUSTID')
+    end
+  end
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   redis.call('SREM', KEYS[2], ARGV[3])
   if tonumber(redis.call('GET', KEYS[3]) or '0') > 0 then
