@@ -122,6 +122,11 @@ pub struct Ended {
 const FAILED: &str = "LLM processing failed";
 
 impl Resume {
+    /// Whether the stream's final `llm_status` was read back.
+    pub fn announced(&self) -> bool {
+        self.phase == Phase::Completed || self.ended.as_ref().is_some_and(|ended| ended.announced)
+    }
+
     /// Folds in one message of this task read back from the frame stream's history.
     pub fn observe(&mut self, message: &Value) {
         let head = LlmHead::read(message);
@@ -593,14 +598,6 @@ fn final_llm_status(status: TaskStatus) -> Option<LlmStatus> {
     }
 }
 
-/// Whether `message` is the final `llm_status` of a task that ended with `status`.
-pub fn is_final_status(message: &Value, status: TaskStatus) -> bool {
-    match LlmHead::read(message) {
-        Some(LlmHead::Status(sent)) => final_llm_status(status) == Some(sent),
-        _ => false,
-    }
-}
-
 /// Sends the final `llm_status` of a task whose end is recorded (`checkpoint.finish`
 /// only confirms it) but whose worker died before that status went out.
 pub async fn announce_end(
@@ -611,19 +608,23 @@ pub async fn announce_end(
     abandon: &CancellationToken,
     checkpoint: &dyn Checkpoint,
 ) {
-    let outcome = Outcome {
+    let ended = Ended {
         status,
-        response: None,
         error: None,
-    };
-    let Some(final_status) = final_llm_status(status) else {
-        return;
+        announced: false,
     };
     match Stream::open(ctx, task_id, request, abandon, checkpoint) {
         Some(stream) => {
-            stream.end(outcome, final_status).await;
+            run::finish_ended(&stream, ended).await;
         }
-        None => record_announced(checkpoint, &outcome).await,
+        None => {
+            let outcome = Outcome {
+                status,
+                response: None,
+                error: None,
+            };
+            record_announced(checkpoint, &outcome).await;
+        }
     }
 }
 

@@ -120,7 +120,7 @@ impl RedisQueue {
         if action == "announce" {
             let status = status_of(&text(reply.get(11))).unwrap_or(TaskStatus::Failed);
             if self
-                .final_status_sent(task_id, &request, status, number(reply.get(7)))
+                .final_status_sent(task_id, &request, number(reply.get(7)))
                 .await
             {
                 tracing::info!(
@@ -261,17 +261,12 @@ impl RedisQueue {
     /// Whether the frame stream's history holds the final `llm_status` of an ended
     /// task (its worker sent it and died before acknowledging the entry). Without
     /// history it cannot tell, and the status is sent: twice is better than never.
-    async fn final_status_sent(
-        &self,
-        task_id: &str,
-        request: &TaskRequest,
-        status: TaskStatus,
-        offset: u64,
-    ) -> bool {
-        self.read_back(task_id, request, offset)
-            .await
-            .iter()
-            .any(|(json, _)| worker::is_final_status(json, status))
+    async fn final_status_sent(&self, task_id: &str, request: &TaskRequest, offset: u64) -> bool {
+        let mut seen = Resume::default();
+        for (json, _) in self.read_back(task_id, request, offset).await {
+            seen.observe(&json);
+        }
+        seen.announced()
     }
 
     /// Acknowledges an ended task's entry once its final `llm_status` is out

@@ -153,7 +153,7 @@ async fn finish_saved(stream: &Stream<'_>, resume: Resume) -> Option<Outcome> {
 
 /// A resumed task whose stream already ended in a failure or a cancel: records that
 /// end and sends the final `llm_status` if it is missing.
-async fn finish_ended(stream: &Stream<'_>, ended: Ended) -> Option<Outcome> {
+pub(super) async fn finish_ended(stream: &Stream<'_>, ended: Ended) -> Option<Outcome> {
     let outcome = Outcome {
         status: ended.status,
         response: None,
