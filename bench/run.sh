@@ -9,7 +9,7 @@
 # same treatment for both, as the release profile's link-time optimization is), in place
 # of the plain builds: an instrumented and an optimized build of each, and their training
 # runs. The script passes `--bin-dir` itself.
-# A full run measures the goals of issue 19 in three herald/bare pairs and judges them
+# A full run measures the goals of issue 19 in five herald/bare pairs and judges them
 # on the median ratio (`--pairs`, bench/src/pairs.rs); `--pairs 1` measures once.
 # Needs: cargo, python3 (3.11) with venv, redis-server on PATH; for the profile-guided
 # builds, llvm-profdata (see bench/pgo.sh).

@@ -91,7 +91,8 @@ struct AllArgs {
     #[arg(long)]
     venv: Option<PathBuf>,
     /// Run herald and the bare baseline under this command, e.g. `valgrind
-    /// --tool=callgrind` (profiling).
+    /// --tool=callgrind` or `perf record --switch-output` (profiling; both are told
+    /// where the measured phase starts and ends, see `profiler_mark`).
     #[arg(long)]
     wrap: Option<String>,
     /// Where results go (default: bench/results).
@@ -127,7 +128,7 @@ struct AllArgs {
     stream_words: Option<usize>,
     /// Measure the goals of issue 19 in this many herald/bare pairs, the main run being
     /// the first; the goals are judged on the median ratio (see `bench/src/pairs.rs`).
-    /// Only the goal scenarios among `--scenarios` are paired. Default: 3, or 1 with
+    /// Only the goal scenarios among `--scenarios` are paired. Default: 5, or 1 with
     /// `--quick`.
     #[arg(long)]
     pairs: Option<usize>,
@@ -573,7 +574,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let n_pairs = args.pairs.unwrap_or(if args.quick { 1 } else { 3 });
+    let n_pairs = args.pairs.unwrap_or(if args.quick { 1 } else { 5 });
     let position = |kind: Kind| kinds.iter().position(|k| *k == kind);
     if let (true, Some(herald), Some(bare)) = (n_pairs > 1, position(Kind::Herald), position(Kind::Bare)) {
         // The main run measured the servers in `kinds`' order; the pairs take turns.

@@ -49,24 +49,33 @@ fn cpu(ctx: &Ctx, running: &Running) -> (Usage, f64) {
     (server, redis)
 }
 
-/// Under `--wrap` with callgrind, counts only the measured phase: zeroes the server's
-/// counters at its start (`dump: None`) and dumps them, named `dump`, at its end, so the
-/// instruction counts exclude start-up and the other phases.
-async fn callgrind_mark(ctx: &Ctx, running: &Running, dump: Option<&str>) {
-    if !ctx
-        .programs
-        .wrap
-        .as_deref()
-        .is_some_and(|wrap| wrap.contains("callgrind"))
-    {
+/// Under a profiling `--wrap`, marks the measured phase so the profile holds it alone:
+/// at its start (`dump: None`) and at its end (`dump: Some(label)`).
+///
+/// - callgrind: zeroes the server's counters at the start and dumps them, named
+///   `label`, at the end.
+/// - `perf record --switch-output`: sends perf `SIGUSR2` at both marks, so it starts a
+///   new output file at each; the second of a server's files is the measured phase.
+async fn profiler_mark(ctx: &Ctx, running: &Running, dump: Option<&str>) {
+    let Some(wrap) = ctx.programs.wrap.as_deref() else {
+        return;
+    };
+    let perf = wrap.contains("perf record") && wrap.contains("--switch-output");
+    if !perf && !wrap.contains("callgrind") {
         return;
     }
     for pid in running.pids() {
-        let action = dump.map_or_else(|| "--zero".to_owned(), |label| format!("--dump={label}"));
-        let _ = tokio::process::Command::new("callgrind_control")
-            .args([action, pid.to_string()])
-            .output()
-            .await;
+        let mut command = if perf {
+            let mut kill = tokio::process::Command::new("kill");
+            kill.args(["-USR2".to_owned(), pid.to_string()]);
+            kill
+        } else {
+            let action = dump.map_or_else(|| "--zero".to_owned(), |label| format!("--dump={label}"));
+            let mut control = tokio::process::Command::new("callgrind_control");
+            control.args([action, pid.to_string()]);
+            control
+        };
+        let _ = command.output().await;
     }
 }
 
@@ -267,7 +276,7 @@ pub async fn run_round(
         .start_round(spec.round, (!unicast).then_some(spec.events))
         .await?;
     let publisher = Publisher::new(&running.http())?;
-    callgrind_mark(ctx, running, None).await;
+    profiler_mark(ctx, running, None).await;
     let (cpu_before, redis_before) = cpu(ctx, running);
     let started = Instant::now();
     let publish = publisher
@@ -291,7 +300,7 @@ pub async fn run_round(
     }
     let seconds = started.elapsed().as_secs_f64();
     let (cpu_after, redis_after) = cpu(ctx, running);
-    callgrind_mark(ctx, running, Some("round")).await;
+    profiler_mark(ctx, running, Some("round")).await;
     let report = fleet.end_round().await?;
     let used = cpu_after.since(&cpu_before);
     let cpu_seconds = used.cpu();
@@ -407,13 +416,13 @@ async fn idle_on(ctx: &Ctx, running: &Running, sockets: usize) -> anyhow::Result
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = rss(running);
     let mut fleet = Fleet::start(Fleet::workers_for(sockets))?;
-    callgrind_mark(ctx, running, None).await;
+    profiler_mark(ctx, running, None).await;
     let (cpu_before, _) = cpu(ctx, running);
     let connect = fleet
         .connect(&running.addresses, &Endpoint::Notifications, sockets)
         .await?;
     let (cpu_after, _) = cpu(ctx, running);
-    callgrind_mark(ctx, running, Some("connect")).await;
+    profiler_mark(ctx, running, Some("connect")).await;
     check_connected(&connect, sockets, "idle")?;
     #[allow(clippy::cast_precision_loss)]
     let cpu_us_per_handshake = cpu_after.since(&cpu_before).cpu() * 1e6 / connect.sockets.max(1) as f64;
@@ -584,7 +593,7 @@ pub async fn stream(ctx: &Ctx, kind: Kind, tasks: usize, words: usize) -> anyhow
             .await?;
         check_connected(&connect, tasks, "stream")?;
         let expected_frames = u64::try_from(words + 1).unwrap_or(u64::MAX);
-        callgrind_mark(ctx, &running, None).await;
+        profiler_mark(ctx, &running, None).await;
         let (cpu_before, redis_before) = cpu(ctx, &running);
         // Each reply lasts (words + 1) × 20 ms; allow for a slow server ten times over.
         let timeout_ms = 30_000 + 200 * expected_frames;
@@ -592,7 +601,7 @@ pub async fn stream(ctx: &Ctx, kind: Kind, tasks: usize, words: usize) -> anyhow
             .stream(&running.http(), &prompt(words), expected_frames, timeout_ms)
             .await?;
         let (cpu_after, redis_after) = cpu(ctx, &running);
-        callgrind_mark(ctx, &running, Some("stream")).await;
+        profiler_mark(ctx, &running, Some("stream")).await;
         fleet.stop().await;
         let used = cpu_after.since(&cpu_before);
         let cpu_seconds = used.cpu();
