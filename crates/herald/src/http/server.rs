@@ -12,7 +12,9 @@
 //!   the first byte of a request, or takes longer than `request_head_timeout_ms` from
 //!   that byte to the end of the head. hyper's own `header_read_timeout` starts when
 //!   it begins waiting for a head, idle time included, so it cannot tell the two
-//!   apart; it is set to their sum as a backstop;
+//!   apart. It is not set: hyper reads a head only while no request is in flight, which
+//!   is exactly when `Watched` times the wait, and its timer would cost every request
+//!   a boxed `Sleep` of its own (issue 19, bench/notes.md);
 //! - each request carries one [`Peer`] extension: its peer address, its client IP
 //!   (from `X-Forwarded-For` when the peer is a trusted proxy) and the [`Load`]. One
 //!   extension rather than three: each is a boxed entry in the request's extension
@@ -36,7 +38,7 @@ use axum::body::Body;
 use axum::http::{HeaderMap, Request, Response, StatusCode};
 use bytes::Bytes;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, Sleep};
@@ -327,10 +329,18 @@ impl AsyncRead for Watched {
         let sleep = this
             .sleep
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if sleep.deadline() != deadline {
+        // The timer is moved earlier at once, but never later: a keep-alive connection's
+        // deadline moves later with every request, and moving the timer each time would
+        // cost every request a timer-wheel update (issue 19). A timer left behind the
+        // deadline fires early, once per timeout at most, and is moved on then.
+        if sleep.deadline() > deadline {
             sleep.as_mut().reset(deadline);
         }
-        if sleep.as_mut().poll(cx).is_ready() {
+        while sleep.as_mut().poll(cx).is_ready() {
+            if sleep.deadline() < deadline {
+                sleep.as_mut().reset(deadline);
+                continue;
+            }
             let what = if this.head_started.is_some() {
                 "the request head did not arrive within request_head_timeout_ms"
             } else {
@@ -454,9 +464,8 @@ pub async fn run(
     let closing = tokio_util::sync::CancellationToken::new();
     let connections = tokio_util::task::TaskTracker::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.request_head_timeout + limits.http_idle_timeout);
+    // No timer: `Watched` times the wait for a head (module doc).
+    builder.header_read_timeout(None);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
