@@ -1,5 +1,6 @@
-//! The accept loop (SPEC "Limits against hostile clients"): hyper's HTTP/1 server with
-//! a timer, serving the router on each accepted connection.
+//! The accept loop (SPEC "Limits against hostile clients"): hyper's HTTP/1 server,
+//! serving the router on each accepted connection, with its own timing of the wait
+//! for a request ([`Watched`]).
 //!
 //! What it adds to a plain `axum::serve`:
 //! - a connection that has not finished its first request or upgrade is *pending*;
@@ -329,18 +330,10 @@ impl AsyncRead for Watched {
         let sleep = this
             .sleep
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        // The timer is moved earlier at once, but never later: a keep-alive connection's
-        // deadline moves later with every request, and moving the timer each time would
-        // cost every request a timer-wheel update (issue 19). A timer left behind the
-        // deadline fires early, once per timeout at most, and is moved on then.
-        if sleep.deadline() > deadline {
+        if sleep.deadline() != deadline {
             sleep.as_mut().reset(deadline);
         }
-        while sleep.as_mut().poll(cx).is_ready() {
-            if sleep.deadline() < deadline {
-                sleep.as_mut().reset(deadline);
-                continue;
-            }
+        if sleep.as_mut().poll(cx).is_ready() {
             let what = if this.head_started.is_some() {
                 "the request head did not arrive within request_head_timeout_ms"
             } else {
