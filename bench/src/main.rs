@@ -92,7 +92,9 @@ struct AllArgs {
     venv: Option<PathBuf>,
     /// Run herald and the bare baseline under this command, e.g. `valgrind
     /// --tool=callgrind` or `perf record --switch-output` (profiling; both are told
-    /// where the measured phase starts and ends, see `profiler_mark`).
+    /// where the measured phase starts and ends, see `profiler_mark`). The CPU and
+    /// memory figures are then the wrapper's process: the server itself under
+    /// valgrind, perf alone (not its child, the server) under perf.
     #[arg(long)]
     wrap: Option<String>,
     /// Where results go (default: bench/results).

@@ -227,15 +227,24 @@ mod tests {
     fn reads_this_process() -> anyhow::Result<()> {
         let pid = std::process::id();
         assert!(rss_bytes(pid)? > 0);
-        let before = usage(pid, ticks_per_second())?;
-        // A millisecond of work shows on the CPU clock, which ticks would round away.
+        let ticks = ticks_per_second();
+        let before = usage(pid, ticks)?;
+        // Some work, until this process's CPU clock shows 30 ms of it (or 10 s pass).
         let start = tokio::time::Instant::now();
         let mut spin = 0_u64;
-        while start.elapsed() < std::time::Duration::from_millis(2) {
-            spin = std::hint::black_box(spin.wrapping_add(1));
+        while cpu_clock(pid)? - before.clock < 0.03 && start.elapsed() < std::time::Duration::from_secs(10) {
+            for _ in 0..10_000 {
+                spin = std::hint::black_box(spin.wrapping_add(1));
+            }
         }
-        let used = usage(pid, ticks_per_second())?.since(&before);
-        assert!(used.cpu() >= 0.001, "{used:?}");
+        let now = usage(pid, ticks)?;
+        assert!(now.since(&before).cpu() >= 0.03, "{now:?} after {before:?}");
+        // The clock is this process's: the ticks of /proc/<pid>/stat say the same, to
+        // within their truncation.
+        assert!(
+            (now.clock - (now.user + now.system)).abs() <= 3.0 / ticks,
+            "{now:?}"
+        );
         assert!(before.minor_faults > 0, "a running process has touched memory");
         // A sleep gives up the CPU: at least one voluntary switch.
         std::thread::sleep(std::time::Duration::from_millis(1));

@@ -190,7 +190,7 @@ fn retention_split_table(md: &mut String, results: &Results) {
     let switches = rows.iter().any(SplitRow::has_switches);
     let _ = writeln!(
         md,
-        "The server's CPU a message (a frame on the stream), split into user and kernel time, and its minor page faults a message (mostly memory touched for the first time), from `/proc/<pid>/stat`{}; this run's scenarios only, not the extra pairs.\n",
+        "The server's CPU a message (a frame on the stream; its CPU clock), split into kernel time (`/proc/<pid>/stat`'s stime, in clock ticks) and user time (the rest, so the ticks' rounding lands there), and its minor page faults a message (mostly memory touched for the first time, `/proc/<pid>/stat`){}; this run's scenarios only, not the extra pairs.\n",
         if switches {
             "; and its threads' context switches a message from `/proc/<pid>/task/*/status`, voluntary (a thread going to sleep, to be woken again) + involuntary (preempted)"
         } else {

@@ -55,11 +55,17 @@ fn cpu(ctx: &Ctx, running: &Running) -> (Usage, f64) {
 /// - callgrind: zeroes the server's counters at the start and dumps them, named
 ///   `label`, at the end.
 /// - `perf record --switch-output`: sends perf `SIGUSR2` at both marks, so it starts a
-///   new output file at each; the second of a server's files is the measured phase.
+///   new output file at each: each measured phase is a file of its own, the second,
+///   fourth, … of a server.
+///
+/// Django's stack is never wrapped, so it is never marked (`SIGUSR2` would end daphne).
 async fn profiler_mark(ctx: &Ctx, running: &Running, dump: Option<&str>) {
     let Some(wrap) = ctx.programs.wrap.as_deref() else {
         return;
     };
+    if running.kind == Kind::Django {
+        return;
+    }
     let perf = wrap.contains("perf record") && wrap.contains("--switch-output");
     if !perf && !wrap.contains("callgrind") {
         return;
