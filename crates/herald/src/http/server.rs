@@ -1,6 +1,5 @@
-//! The accept loop (SPEC "Limits against hostile clients"): hyper's HTTP/1 server,
-//! serving the router on each accepted connection, with its own timing of the wait
-//! for a request ([`Watched`]).
+//! The accept loop (SPEC "Limits against hostile clients"): hyper's HTTP/1 server with
+//! a timer, serving the router on each accepted connection.
 //!
 //! What it adds to a plain `axum::serve`:
 //! - a connection that has not finished its first request or upgrade is *pending*;
@@ -13,9 +12,12 @@
 //!   the first byte of a request, or takes longer than `request_head_timeout_ms` from
 //!   that byte to the end of the head. hyper's own `header_read_timeout` starts when
 //!   it begins waiting for a head, idle time included, so it cannot tell the two
-//!   apart. It is not set: hyper reads a head only while no request is in flight, which
-//!   is exactly when `Watched` times the wait, and its timer would cost every request
-//!   a boxed `Sleep` of its own (issue 19, bench/notes.md);
+//!   apart; it is set to their sum as a backstop. The backstop is what closes a
+//!   keep-alive connection left idle after a request: without it such a connection
+//!   stayed open (tests/it/hostile.rs), so `Watched` does not see that wait (hyper seems
+//!   to poll the socket while the last response still counts as in flight), and such a
+//!   connection is closed at the sum, not at the idle timeout. The backstop costs every
+//!   request a boxed `Sleep` (issue 19, bench/notes.md);
 //! - each request carries one [`Peer`] extension: its peer address, its client IP
 //!   (from `X-Forwarded-For` when the peer is a trusted proxy) and the [`Load`]. One
 //!   extension rather than three: each is a boxed entry in the request's extension
@@ -39,7 +41,7 @@ use axum::body::Body;
 use axum::http::{HeaderMap, Request, Response, StatusCode};
 use bytes::Bytes;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, Sleep};
@@ -457,8 +459,9 @@ pub async fn run(
     let closing = tokio_util::sync::CancellationToken::new();
     let connections = tokio_util::task::TaskTracker::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
-    // No timer: `Watched` times the wait for a head (module doc).
-    builder.header_read_timeout(None);
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.request_head_timeout + limits.http_idle_timeout);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
