@@ -314,7 +314,7 @@ fn render(results: &Results, json_name: &str, png: Option<&str>, notes: &str) ->
     );
     let _ = writeln!(
         md,
-        "The load generator runs on the same two cores as the server, so absolute rates are bounded by the machine; CPU per delivery is the server process's own CPU time (its CPU clock, `clock_getcpuclockid`, to the nanosecond) divided by the messages its sockets received. It counts only the server's own time, yet on a shared host it still moves by 10–30 % from run to run, which is why the goals are judged on several pairs.\n"
+        "The load generator runs on the same two cores as the server, so absolute rates are bounded by the machine; CPU per delivery is the server process's own CPU time (its CPU clock, `clock_getcpuclockid`, to the nanosecond) divided by the messages its sockets received. It counts only the server's own time, yet on a shared host a server's figure still moves by 5–15 % between runs minutes apart, which is why the goals are judged on several pairs, each measured one server right after the other.\n"
     );
     if !results.errors.is_empty() || !results.skipped.is_empty() {
         let _ = writeln!(md, "**Incomplete run:**\n");
