@@ -71,17 +71,16 @@ async fn profiler_mark(ctx: &Ctx, running: &Running, dump: Option<&str>) {
         return;
     }
     for pid in running.pids() {
-        let mut command = if perf {
-            let mut kill = tokio::process::Command::new("kill");
-            kill.args(["-USR2".to_owned(), pid.to_string()]);
-            kill
+        let (program, action) = if perf {
+            ("kill", "-USR2".to_owned())
         } else {
             let action = dump.map_or_else(|| "--zero".to_owned(), |label| format!("--dump={label}"));
-            let mut control = tokio::process::Command::new("callgrind_control");
-            control.args([action, pid.to_string()]);
-            control
+            ("callgrind_control", action)
         };
-        let _ = command.output().await;
+        let _ = tokio::process::Command::new(program)
+            .args([action, pid.to_string()])
+            .output()
+            .await;
     }
 }
 
