@@ -10,14 +10,13 @@
 //!   answers 503 (`ws`), while every other route keeps answering;
 //! - [`Watched`] closes a connection that waits longer than `http_idle_timeout_ms` for
 //!   the first byte of a request, or takes longer than `request_head_timeout_ms` from
-//!   that byte to the end of the head. hyper's own `header_read_timeout` starts when
-//!   it begins waiting for a head, idle time included, so it cannot tell the two
-//!   apart; it is set to their sum as a backstop. The backstop is what closes a
-//!   keep-alive connection left idle after a request: without it such a connection
-//!   stayed open (tests/it/hostile.rs), so `Watched` does not see that wait (hyper seems
-//!   to poll the socket while the last response still counts as in flight), and such a
-//!   connection is closed at the sum, not at the idle timeout. The backstop costs every
-//!   request a boxed `Sleep` (issue 19, bench/notes.md);
+//!   that byte to the end of the head. hyper's own `header_read_timeout` is not used:
+//!   it starts when hyper begins waiting for a head, idle time included, so it cannot
+//!   tell the two apart, and it costs every request a boxed `Sleep` (issue 19).
+//!   hyper polls the socket while a request is in flight and not again once its
+//!   response is sent, until bytes arrive; so while a request is in flight `Watched`
+//!   keeps its timer armed no later than one idle timeout ahead, and when it fires
+//!   after the response, times the wait from the response's end;
 //! - each request carries one [`Peer`] extension: its peer address, its client IP
 //!   (from `X-Forwarded-For` when the peer is a trusted proxy) and the [`Load`]. One
 //!   extension rather than three: each is a boxed entry in the request's extension
@@ -41,7 +40,7 @@ use axum::body::Body;
 use axum::http::{HeaderMap, Request, Response, StatusCode};
 use bytes::Bytes;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, Sleep};
@@ -258,6 +257,10 @@ impl Drop for Busy {
 /// request's first byte, then `head` until the request's head is in (the service is
 /// called). Not while a request is in flight, and never once upgraded (the WebSocket
 /// session has its own ping/pong deadline).
+///
+/// While a request is in flight the timer still runs, at most one idle timeout ahead:
+/// hyper reads the socket then (to see it close) and not again after the response,
+/// so the timer is what brings it back to time the wait for the next request.
 pub struct Watched {
     inner: TcpStream,
     /// `None` once the connection was upgraded.
@@ -274,18 +277,28 @@ pub struct Watched {
     sleep: Option<Pin<Box<Sleep>>>,
 }
 
+/// What a connection's socket is doing, for [`Watched`].
+enum Phase {
+    /// Upgraded to a WebSocket: nothing to time.
+    Upgraded,
+    /// A request in flight.
+    Busy,
+    /// Waiting for a request, or reading its head.
+    Waiting,
+}
+
 impl Watched {
-    /// Whether the wait for a request is timed now; notes the end of a request.
-    fn watching(&mut self) -> bool {
+    /// What the connection is doing now; notes the end of a request.
+    fn phase(&mut self) -> Phase {
         let Some(state) = &self.state else {
-            return false;
+            return Phase::Upgraded;
         };
         if state.upgraded.load(Ordering::Relaxed) {
             // A WebSocket now: nothing more to time, so the timer and the connection's
             // shared state go (an idle socket should hold neither).
             self.sleep = None;
             self.state = None;
-            return false;
+            return Phase::Upgraded;
         }
         // One snapshot, under the lock that every change of these is made under.
         let (idle_since, busy, started) = {
@@ -298,7 +311,7 @@ impl Watched {
         };
         if busy > 0 {
             self.head_started = None;
-            return false;
+            return Phase::Busy;
         }
         if started != self.seen {
             // Requests came and went since the last read: wait for the next one from
@@ -307,7 +320,18 @@ impl Watched {
             self.head_started = None;
             self.idle_since = idle_since;
         }
-        true
+        Phase::Waiting
+    }
+
+    /// Polls the timer, set to `deadline`; whether it has passed.
+    fn expired(&mut self, deadline: Instant, cx: &mut Context<'_>) -> bool {
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.deadline() != deadline {
+            sleep.as_mut().reset(deadline);
+        }
+        sleep.as_mut().poll(cx).is_ready()
     }
 }
 
@@ -316,8 +340,26 @@ impl AsyncRead for Watched {
         let this = self.get_mut();
         let before = buf.filled().len();
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if !this.watching() {
-            return result;
+        match this.phase() {
+            Phase::Upgraded => return result,
+            Phase::Busy => {
+                if result.is_pending() {
+                    // Come back no later than one idle timeout from now: if the request
+                    // has ended by then, the wait after it is timed from its end.
+                    let idle_timeout = this.idle_timeout;
+                    let sleep = this
+                        .sleep
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle_timeout)));
+                    if sleep.is_elapsed() {
+                        sleep.as_mut().reset(Instant::now() + idle_timeout);
+                    }
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        cx.waker().wake_by_ref();
+                    }
+                }
+                return result;
+            }
+            Phase::Waiting => {}
         }
         if result.is_ready() {
             if buf.filled().len() > before && this.head_started.is_none() {
@@ -329,13 +371,7 @@ impl AsyncRead for Watched {
             Some(started) => started + this.head_timeout,
             None => this.idle_since + this.idle_timeout,
         };
-        let sleep = this
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if sleep.deadline() != deadline {
-            sleep.as_mut().reset(deadline);
-        }
-        if sleep.as_mut().poll(cx).is_ready() {
+        if this.expired(deadline, cx) {
             let what = if this.head_started.is_some() {
                 "the request head did not arrive within request_head_timeout_ms"
             } else {
@@ -459,9 +495,9 @@ pub async fn run(
     let closing = tokio_util::sync::CancellationToken::new();
     let connections = tokio_util::task::TaskTracker::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.request_head_timeout + limits.http_idle_timeout);
+    // `Watched` times the wait for a request and its head; hyper's own timer would
+    // cost every request a boxed `Sleep`, and with no timer hyper sets none.
+    builder.header_read_timeout(None);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {

@@ -295,6 +295,101 @@ async fn a_quiet_stream_gets_keep_alive_comments() {
     assert_eq!(statuses.last().map(String::as_str), Some("completed"));
 }
 
+/// A response in flight is not timed by the HTTP idle timeout, however long it stays
+/// silent: that timeout bounds the wait for a request, which begins once the response
+/// has ended (SPEC §9, `http_idle_timeout_ms`).
+#[tokio::test]
+async fn a_silent_stream_longer_than_the_http_idle_timeout_is_not_cut() {
+    let slow = Reply::Slow(
+        Duration::from_millis(2000),
+        Box::new(Reply::events(&reply_events())),
+    );
+    let fake = FakeLlm::start(vec![slow]).await;
+    let srv = TestServer::builder()
+        .env("HERALD_LLM_BASE_URL", fake.base_url.clone())
+        .configure(|c| {
+            c.http_idle_timeout = Duration::from_millis(400);
+            c.sse_keep_alive = Duration::from_secs(60);
+        })
+        .spawn()
+        .await;
+    let task_id = generate(&srv, "u1", "c1", "Say hello").await;
+    let opened = tokio::time::Instant::now();
+    let mut reader = events(&srv, &task_id, None).await;
+    let mut statuses = Vec::new();
+    while let Some(event) = reader.next_event().await {
+        let data = event.data();
+        if data["type"] == "llm_status" {
+            statuses.push(data["status"].as_str().unwrap().to_owned());
+        }
+    }
+    assert!(
+        opened.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        opened.elapsed()
+    );
+    assert_eq!(
+        statuses.last().map(String::as_str),
+        Some("completed"),
+        "{statuses:?}"
+    );
+}
+
+/// The wait for the next request on a keep-alive connection starts when a long response
+/// ends, and a connection left idle then is closed at `http_idle_timeout_ms` (SPEC §9),
+/// also when the response was a stream that ended after hyper last read the socket.
+#[tokio::test]
+async fn a_connection_idle_after_a_stream_ended_is_closed_at_the_http_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let slow = Reply::Slow(
+        Duration::from_millis(800),
+        Box::new(Reply::events(&reply_events())),
+    );
+    let fake = FakeLlm::start(vec![slow]).await;
+    let srv = TestServer::builder()
+        .env("HERALD_LLM_BASE_URL", fake.base_url.clone())
+        .configure(|c| {
+            c.http_idle_timeout = Duration::from_millis(1000);
+            c.request_head_timeout = Duration::from_millis(1500);
+        })
+        .spawn()
+        .await;
+    let task_id = generate(&srv, "u1", "c1", "Say hello").await;
+    let mut stream = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    let request = format!(
+        "GET /api/chat/tasks/{task_id}/events HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer {}\r\n\r\n",
+        srv.token("u1")
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The chunked body's last chunk ends the response.
+    while !got.ends_with(b"0\r\n\r\n") {
+        let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
+            .await
+            .expect("the stream did not end")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before the stream ended: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&got).contains("completed"));
+    let ended = tokio::time::Instant::now();
+    let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
+        .await
+        .expect("the idle connection stayed open")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "no bytes after the response");
+    let idle = ended.elapsed();
+    assert!(
+        idle >= Duration::from_millis(900) && idle < Duration::from_millis(1800),
+        "closed {idle:?} after the stream ended (idle timeout 1 s, head timeout 1.5 s)"
+    );
+}
+
 /// A `Last-Event-ID` the channel never reached means its offsets restarted (a new
 /// epoch) since the client's last event: the stream ends at once with `stream_lost`,
 /// so the client re-fetches the task rather than miss messages.
