@@ -240,6 +240,57 @@ async fn lost_writes_on_a_channel_nobody_listens_to_are_found_after_a_reconnect(
     assert_eq!(next["offset"], told["offset"].as_u64().unwrap() + 1, "{next}");
 }
 
+/// The first command after the subscription comes back may fail: a failover drops the
+/// command connection too, and it may still be reconnecting. The node reads the
+/// channel's position once more rather than close its sockets with 1001 (a
+/// read made to fail here by giving the channel's state the wrong type until it failed).
+#[tokio::test]
+async fn a_catch_up_whose_first_read_fails_is_tried_again_not_closed() {
+    let Some(redis) = own_redis("edits Redis keys").await else {
+        return;
+    };
+    let a = redis.node().await;
+    let u = user("retried");
+    let (mut ws, welcome) = a.connect("/ws/notifications/", &u).await;
+    a.notify(&u, json!({"n": 1})).await;
+    read_checked(&mut ws, &welcome, 1).await;
+    let meta = format!("herald:{{notifications:{u}}}:meta");
+    let fields = redis.cli(&["HGETALL", &meta]).await;
+    let fields: Vec<&str> = fields.lines().collect();
+    assert!(fields.contains(&"epoch"), "{fields:?}");
+    let wrong_type = || async {
+        let stats = redis.cli(&["INFO", "errorstats"]).await;
+        stats
+            .lines()
+            .find_map(|line| line.strip_prefix("errorstat_WRONGTYPE:count="))
+            .map_or(0, |count| count.trim().parse::<u64>().unwrap())
+    };
+    let before = wrong_type().await;
+    redis.cli(&["DEL", &meta]).await;
+    redis.cli(&["SET", &meta, "not a hash"]).await;
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while wrong_type().await == before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the catch-up never read the channel"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    redis.cli(&["DEL", &meta]).await;
+    let mut restore = vec!["HSET", meta.as_str()];
+    restore.extend(&fields);
+    redis.cli(&restore).await;
+    // The second read finds the channel as it was: nothing to tell, and the next
+    // message follows in the same epoch.
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    a.notify(&u, json!({"n": 2})).await;
+    let next = ws.next_json().await;
+    assert_eq!(next["notification"]["n"], 2, "{next}");
+    assert_eq!(next["offset"], 2, "{next}");
+    assert_eq!(next["epoch"], welcome["epoch"], "{next}");
+}
+
 /// The same loss found without a publish: after its subscription reconnects, the node
 /// compares the channel's offset in Redis with the highest it has seen, finds it went
 /// back, starts a new epoch and tells the socket.

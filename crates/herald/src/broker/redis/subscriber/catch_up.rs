@@ -3,15 +3,32 @@
 
 use super::*;
 
+/// How long a script cut off with its connection waits before its second try.
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
+
 impl Subscriber {
-    /// Runs a script on the command connection (on a Cluster, its slot's primary).
+    /// Runs a script on the command connection (on a Cluster, its slot's primary),
+    /// twice if the first try fails. A failover or restart drops the command connection
+    /// with the subscription, so the first commands after the resubscribe often fail
+    /// while it reconnects; without a second try every channel's sockets were closed
+    /// (1001) where they could have been told in band. Both scripts run here (the
+    /// channel read and [`RESET_SCRIPT`]) give the same answer when run twice.
     pub(super) async fn script(
         &self,
         script: &Script,
         keys: Vec<String>,
         args: Vec<Value>,
     ) -> Result<Value, BrokerError> {
-        run_script(&self.commands, self.shards.as_deref(), script, keys, args).await
+        let shards = self.shards.as_deref();
+        match run_script(&self.commands, shards, script, keys.clone(), args.clone()).await {
+            Ok(reply) => Ok(reply),
+            Err(err) => {
+                tracing::debug!(error = %err, "a script failed: trying once more once Redis is connected");
+                tokio::time::sleep(RETRY_PAUSE).await;
+                let _ = tokio::time::timeout(FIRST_CONNECT_WAIT, self.commands.wait_for_connect()).await;
+                run_script(&self.commands, shards, script, keys, args).await
+            }
+        }
     }
 
     /// Brings this node's sockets of `channels` up to date with Redis after the node
