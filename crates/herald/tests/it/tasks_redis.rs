@@ -686,6 +686,11 @@ impl<'a> DeadWorker<'a> {
 
     /// `hand_back.lua`, as a worker stopping at the end of its drain window.
     async fn hand_back(&self) {
+        assert_eq!(self.hand_back_answer().await, "1");
+    }
+
+    /// What `hand_back.lua` answers: 1 when it handed the task back.
+    async fn hand_back_answer(&self) -> String {
         let task = self.key("task");
         let hand_back = [
             "EVAL",
@@ -698,7 +703,7 @@ impl<'a> DeadWorker<'a> {
             &self.entry,
             Self::NAME,
         ];
-        assert_eq!(self.redis.cli(&hand_back).await, "1");
+        self.redis.cli(&hand_back).await
     }
 
     async fn record_completed(&self, answer: &str) {
@@ -730,6 +735,26 @@ impl<'a> DeadWorker<'a> {
         ];
         assert_eq!(self.redis.cli(&end).await, "1");
     }
+}
+
+/// A worker that stops holding a task whose end it recorded (the reply to `end.lua`
+/// lost, say) does not hand it back: `hand_back.lua` gives back only a task still
+/// running, or an answer saved as complete would be generated again.
+#[tokio::test]
+async fn a_task_whose_end_is_recorded_is_not_handed_back() {
+    let Some((redis, _dir, a)) = for_dead_workers().await else {
+        return;
+    };
+    let user = user("endedback");
+    let task_id = generate(&a, &user, "c", "one").await;
+    let dead = DeadWorker::take(&redis, &a, &user, &task_id).await;
+    dead.record_completed("Echo: one").await;
+    let queued = redis.cli(&["GET", "herald:{tasks}:queued"]).await;
+    assert_eq!(dead.hand_back_answer().await, "0");
+    let task = dead.key("task");
+    assert_eq!(redis.cli(&["HGET", &task, "status"]).await, "completed");
+    assert_eq!(redis.cli(&["GET", "herald:{tasks}:queued"]).await, queued);
+    assert_eq!(task_status(&a, &user, &task_id).await["status"], "completed");
 }
 
 /// Waits until every entry of the queue is acknowledged and deleted.

@@ -1,7 +1,9 @@
 -- KEYS = task, queue, queued; ARGV = group, entry, worker. Gives a running task back:
 -- queued again, this start not counted, and its entry marked idle so the next
--- `XAUTOCLAIM` of any worker takes it at once.
-if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[3] then
+-- `XAUTOCLAIM` of any worker takes it at once. Only a task still running, and this
+-- worker's: one whose end was recorded (its reply lost, say) is not run again.
+local f = redis.call('HMGET', KEYS[1], 'status', 'worker')
+if f[1] ~= 'running' or f[2] ~= ARGV[3] then
   return 0
 end
 redis.call('HINCRBY', KEYS[1], 'attempts', -1)
