@@ -13,8 +13,8 @@
 //!   that byte to the end of the head. hyper's own `header_read_timeout` is not used:
 //!   it starts when hyper begins waiting for a head, idle time included, so it cannot
 //!   tell the two apart, and it costs every request a boxed `Sleep` (issue 19).
-//!   hyper polls the socket while a request is in flight and not again once its
-//!   response is sent, until bytes arrive; so while a request is in flight `Watched`
+//!   Without that timer hyper polls the socket while a request is in flight and not
+//!   again once its response is sent, until bytes arrive; so while a request is in flight `Watched`
 //!   keeps its timer armed no later than one idle timeout ahead, and when it fires
 //!   after the response, times the wait from the response's end;
 //! - each request carries one [`Peer`] extension: its peer address, its client IP
@@ -346,12 +346,15 @@ impl AsyncRead for Watched {
                 if result.is_pending() {
                     // Come back no later than one idle timeout from now: if the request
                     // has ended by then, the wait after it is timed from its end.
+                    // (Not later: a head timeout longer than the idle timeout may be
+                    // what the timer holds from reading this request's head.)
                     let idle_timeout = this.idle_timeout;
                     let sleep = this
                         .sleep
                         .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle_timeout)));
-                    if sleep.is_elapsed() {
-                        sleep.as_mut().reset(Instant::now() + idle_timeout);
+                    let latest = Instant::now() + idle_timeout;
+                    if sleep.is_elapsed() || sleep.deadline() > latest {
+                        sleep.as_mut().reset(latest);
                     }
                     if sleep.as_mut().poll(cx).is_ready() {
                         cx.waker().wake_by_ref();

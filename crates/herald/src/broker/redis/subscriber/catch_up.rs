@@ -6,13 +6,19 @@ use super::*;
 /// How long a script cut off with its connection waits before its second try.
 const RETRY_PAUSE: Duration = Duration::from_millis(250);
 
+/// How long the second try waits for the command connection to come back: the longest
+/// reconnect backoff (`redis::build_client`).
+const RETRY_CONNECT_WAIT: Duration = Duration::from_secs(2);
+
 impl Subscriber {
     /// Runs a script on the command connection (on a Cluster, its slot's primary),
     /// twice if the first try fails. A failover or restart drops the command connection
     /// with the subscription, so the first commands after the resubscribe often fail
     /// while it reconnects; without a second try every channel's sockets were closed
     /// (1001) where they could have been told in band. Both scripts run here (the
-    /// channel read and [`RESET_SCRIPT`]) give the same answer when run twice.
+    /// channel read and [`RESET_SCRIPT`]) give the same answer when run twice. On a
+    /// Cluster the second try does not wait for the whole-cluster client: each primary
+    /// has its own connection ([`Shards`]), and one failing must not hold the others.
     pub(super) async fn script(
         &self,
         script: &Script,
@@ -25,7 +31,9 @@ impl Subscriber {
             Err(err) => {
                 tracing::debug!(error = %err, "a script failed: trying once more once Redis is connected");
                 tokio::time::sleep(RETRY_PAUSE).await;
-                let _ = tokio::time::timeout(FIRST_CONNECT_WAIT, self.commands.wait_for_connect()).await;
+                if shards.is_none() {
+                    let _ = tokio::time::timeout(RETRY_CONNECT_WAIT, self.commands.wait_for_connect()).await;
+                }
                 run_script(&self.commands, shards, script, keys, args).await
             }
         }
