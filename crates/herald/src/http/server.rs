@@ -14,9 +14,9 @@
 //!   it starts when hyper begins waiting for a head, idle time included, so it cannot
 //!   tell the two apart, and it costs every request a boxed `Sleep` (issue 19).
 //!   Without that timer hyper polls the socket while a request is in flight and not
-//!   again once its response is sent, until bytes arrive; so while a request is in flight `Watched`
-//!   keeps its timer armed no later than one idle timeout ahead, and when it fires
-//!   after the response, times the wait from the response's end;
+//!   again once its response is sent, until bytes arrive; so while a request is in
+//!   flight `Watched` keeps its timer armed no later than one idle timeout ahead, and
+//!   when it fires after the response, times the wait from the response's end;
 //! - each request carries one [`Peer`] extension: its peer address, its client IP
 //!   (from `X-Forwarded-For` when the peer is a trusted proxy) and the [`Load`]. One
 //!   extension rather than three: each is a boxed entry in the request's extension
