@@ -348,15 +348,12 @@ impl AsyncRead for Watched {
                     // has ended by then, the wait after it is timed from its end.
                     // (Not later: a head timeout longer than the idle timeout may be
                     // what the timer holds from reading this request's head.)
-                    let idle_timeout = this.idle_timeout;
-                    let sleep = this
-                        .sleep
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle_timeout)));
-                    let latest = Instant::now() + idle_timeout;
-                    if sleep.is_elapsed() || sleep.deadline() > latest {
-                        sleep.as_mut().reset(latest);
-                    }
-                    if sleep.as_mut().poll(cx).is_ready() {
+                    let latest = Instant::now() + this.idle_timeout;
+                    let deadline = match &this.sleep {
+                        Some(sleep) if !sleep.is_elapsed() && sleep.deadline() <= latest => sleep.deadline(),
+                        _ => latest,
+                    };
+                    if this.expired(deadline, cx) {
                         cx.waker().wake_by_ref();
                     }
                 }

@@ -3,7 +3,10 @@
 //! acknowledged message without being told, when Redis loses a channel's state under
 //! connected sockets.
 
+use std::time::Duration;
+
 use serde_json::{json, Value};
+use tokio::time::Instant;
 
 use crate::redis::{user, wait_ready, Redis};
 use crate::support::{TestServer, WsClient};
@@ -269,13 +272,10 @@ async fn a_catch_up_whose_first_read_fails_is_tried_again_not_closed() {
     redis.cli(&["DEL", &meta]).await;
     redis.cli(&["SET", &meta, "not a hash"]).await;
     redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(5);
     while wrong_type().await == before {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the catch-up never read the channel"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        assert!(Instant::now() < deadline, "the catch-up never read the channel");
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // Back in one step, before the second try (250 ms after the first).
     let mut restore = vec![
@@ -288,7 +288,7 @@ async fn a_catch_up_whose_first_read_fails_is_tried_again_not_closed() {
     redis.cli(&restore).await;
     // The second read finds the channel as it was: nothing to tell, and the next
     // message follows in the same epoch.
-    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
     a.notify(&u, json!({"n": 2})).await;
     let next = ws.next_json().await;
     assert_eq!(next["notification"]["n"], 2, "{next}");

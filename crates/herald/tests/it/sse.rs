@@ -259,20 +259,30 @@ async fn reconnect_mid_stream(srv: &TestServer) {
     );
 }
 
+/// A node whose LLM is silent for `delay` before it answers, configured by `configure`;
+/// the fake LLM goes with it (it stops when dropped).
+async fn with_a_slow_llm(
+    delay: Duration,
+    configure: impl FnOnce(&mut herald::config::Config) + Send + 'static,
+) -> (FakeLlm, TestServer) {
+    let slow = Reply::Slow(delay, Box::new(Reply::events(&reply_events())));
+    let fake = FakeLlm::start(vec![slow]).await;
+    let srv = TestServer::builder()
+        .env("HERALD_LLM_BASE_URL", fake.base_url.clone())
+        .configure(configure)
+        .spawn()
+        .await;
+    (fake, srv)
+}
+
 /// While nothing happens (upstream is slow to answer), a comment line goes out every
 /// `sse_keep_alive_ms`.
 #[tokio::test]
 async fn a_quiet_stream_gets_keep_alive_comments() {
-    let slow = Reply::Slow(
-        Duration::from_millis(1500),
-        Box::new(Reply::events(&reply_events())),
-    );
-    let fake = FakeLlm::start(vec![slow]).await;
-    let srv = TestServer::builder()
-        .env("HERALD_LLM_BASE_URL", fake.base_url.clone())
-        .configure(|c| c.sse_keep_alive = Duration::from_millis(200))
-        .spawn()
-        .await;
+    let (_fake, srv) = with_a_slow_llm(Duration::from_millis(1500), |c| {
+        c.sse_keep_alive = Duration::from_millis(200)
+    })
+    .await;
     let task_id = generate(&srv, "u1", "c1", "Say hello").await;
     let mut reader = events(&srv, &task_id, None).await;
     let mut comments = 0;
@@ -300,19 +310,11 @@ async fn a_quiet_stream_gets_keep_alive_comments() {
 /// has ended (SPEC §9, `http_idle_timeout_ms`).
 #[tokio::test]
 async fn a_silent_stream_longer_than_the_http_idle_timeout_is_not_cut() {
-    let slow = Reply::Slow(
-        Duration::from_millis(2000),
-        Box::new(Reply::events(&reply_events())),
-    );
-    let fake = FakeLlm::start(vec![slow]).await;
-    let srv = TestServer::builder()
-        .env("HERALD_LLM_BASE_URL", fake.base_url.clone())
-        .configure(|c| {
-            c.http_idle_timeout = Duration::from_millis(400);
-            c.sse_keep_alive = Duration::from_secs(60);
-        })
-        .spawn()
-        .await;
+    let (_fake, srv) = with_a_slow_llm(Duration::from_millis(2000), |c| {
+        c.http_idle_timeout = Duration::from_millis(400);
+        c.sse_keep_alive = Duration::from_secs(60);
+    })
+    .await;
     let task_id = generate(&srv, "u1", "c1", "Say hello").await;
     let opened = tokio::time::Instant::now();
     let mut reader = events(&srv, &task_id, None).await;
@@ -341,19 +343,11 @@ async fn a_silent_stream_longer_than_the_http_idle_timeout_is_not_cut() {
 #[tokio::test]
 async fn a_connection_idle_after_a_stream_ended_is_closed_at_the_http_idle_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let slow = Reply::Slow(
-        Duration::from_millis(800),
-        Box::new(Reply::events(&reply_events())),
-    );
-    let fake = FakeLlm::start(vec![slow]).await;
-    let srv = TestServer::builder()
-        .env("HERALD_LLM_BASE_URL", fake.base_url.clone())
-        .configure(|c| {
-            c.http_idle_timeout = Duration::from_millis(1000);
-            c.request_head_timeout = Duration::from_millis(1500);
-        })
-        .spawn()
-        .await;
+    let (_fake, srv) = with_a_slow_llm(Duration::from_millis(800), |c| {
+        c.http_idle_timeout = Duration::from_millis(1000);
+        c.request_head_timeout = Duration::from_millis(1500);
+    })
+    .await;
     let task_id = generate(&srv, "u1", "c1", "Say hello").await;
     let mut stream = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
     let request = format!(
