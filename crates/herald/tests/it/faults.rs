@@ -296,6 +296,61 @@ async fn a_catch_up_whose_first_read_fails_is_tried_again_not_closed() {
     assert_eq!(next["epoch"], welcome["epoch"], "{next}");
 }
 
+/// A catch-up where many channels cannot be read pauses once for all of them, not once
+/// a channel: while it runs it holds the subscriber's lock that every subscribe waits
+/// for, so its length must not grow with the number of failing channels. 96 channels
+/// whose meta keys are not hashes fail both tries; every socket is closed (1001) about
+/// one pause (250 ms) after the first read fails. A pause a channel, 16 at a time, took
+/// six pauses (1.5 s) at least.
+#[tokio::test]
+async fn a_catch_up_of_many_unreadable_channels_pauses_once_for_all_of_them() {
+    const CHANNELS: usize = 96;
+    let Some(redis) = own_redis("edits Redis keys").await else {
+        return;
+    };
+    let a = redis.node().await;
+    let mut sockets = Vec::new();
+    let mut metas = Vec::new();
+    for n in 0..CHANNELS {
+        let u = user(&format!("unreadable{n}"));
+        sockets.push(a.connect("/ws/notifications/", &u).await.0);
+        metas.push(format!("herald:{{notifications:{u}}}:meta"));
+    }
+    let wrong_type = || async {
+        let stats = redis.cli(&["INFO", "errorstats"]).await;
+        stats
+            .lines()
+            .find_map(|line| line.strip_prefix("errorstat_WRONGTYPE:count="))
+            .map_or(0, |count| count.trim().parse::<u64>().unwrap())
+    };
+    let before = wrong_type().await;
+    let count = CHANNELS.to_string();
+    let mut spoil = vec![
+        "EVAL",
+        "for _, key in ipairs(KEYS) do redis.call('DEL', key); redis.call('SET', key, 'not a hash') end",
+        count.as_str(),
+    ];
+    spoil.extend(metas.iter().map(String::as_str));
+    redis.cli(&spoil).await;
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while wrong_type().await == before {
+        assert!(Instant::now() < deadline, "the catch-up never read the channels");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let first_failure = Instant::now();
+    let closes = futures_util::future::join_all(sockets.iter_mut().map(WsClient::expect_close)).await;
+    let took = first_failure.elapsed();
+    eprintln!("{CHANNELS} unreadable channels closed {took:?} after the first failed read");
+    for (code, reason) in closes {
+        assert_eq!(code, 1001, "{reason}");
+    }
+    assert!(
+        took < Duration::from_millis(1200),
+        "closing {CHANNELS} unreadable channels took {took:?} after the first failed read"
+    );
+}
+
 /// The same loss found without a publish: after its subscription reconnects, the node
 /// compares the channel's offset in Redis with the highest it has seen, finds it went
 /// back, starts a new epoch and tells the socket.

@@ -3,7 +3,7 @@
 
 use super::*;
 
-/// How long a script cut off with its connection waits before its second try.
+/// How long a batch of channels whose scripts failed waits before its second try.
 const RETRY_PAUSE: Duration = Duration::from_millis(250);
 
 /// How long the second try waits for the command connection to come back: the longest
@@ -11,32 +11,49 @@ const RETRY_PAUSE: Duration = Duration::from_millis(250);
 const RETRY_CONNECT_WAIT: Duration = Duration::from_secs(2);
 
 impl Subscriber {
-    /// Runs a script on the command connection (on a Cluster, its slot's primary),
-    /// twice if the first try fails. A failover or restart drops the command connection
-    /// with the subscription, so the first commands after the resubscribe often fail
-    /// while it reconnects; without a second try every channel's sockets were closed
-    /// (1001) where they could have been told in band. Both scripts run here (the
-    /// channel read and [`RESET_SCRIPT`]) give the same answer when run twice. On a
-    /// Cluster the second try does not wait for the whole-cluster client: each primary
-    /// has its own connection ([`Shards`]), and one failing must not hold the others.
+    /// Runs a script on the command connection (on a Cluster, its slot's primary).
     pub(super) async fn script(
         &self,
         script: &Script,
         keys: Vec<String>,
         args: Vec<Value>,
     ) -> Result<Value, BrokerError> {
-        let shards = self.shards.as_deref();
-        match run_script(&self.commands, shards, script, keys.clone(), args.clone()).await {
-            Ok(reply) => Ok(reply),
-            Err(err) => {
-                tracing::debug!(error = %err, "a script failed: trying once more once Redis is connected");
-                tokio::time::sleep(RETRY_PAUSE).await;
-                if shards.is_none() {
-                    let _ = tokio::time::timeout(RETRY_CONNECT_WAIT, self.commands.wait_for_connect()).await;
-                }
-                run_script(&self.commands, shards, script, keys, args).await
-            }
+        run_script(&self.commands, self.shards.as_deref(), script, keys, args).await
+    }
+
+    /// Waits before a second try: [`RETRY_PAUSE`], then on one Redis up to
+    /// [`RETRY_CONNECT_WAIT`] for the command connection. On a Cluster it does not wait
+    /// for the whole-cluster client: each primary has its own connection ([`Shards`]),
+    /// and one failing must not hold the others.
+    async fn pause_for_connection(&self) {
+        tokio::time::sleep(RETRY_PAUSE).await;
+        if self.shards.is_none() {
+            let _ = tokio::time::timeout(RETRY_CONNECT_WAIT, self.commands.wait_for_connect()).await;
         }
+    }
+
+    /// Runs `attempt` on every item, [`CATCH_UP_CONCURRENCY`] at a time, then once more
+    /// on the items whose attempt failed, together, after one
+    /// [`Subscriber::pause_for_connection`]; returns those that failed twice. A
+    /// failover or restart drops the command connection with the subscription, so the
+    /// first commands after the resubscribe often fail while it reconnects; without a
+    /// second try every channel's sockets were closed (1001) where they could have been
+    /// told in band. One pause for the whole batch, not one per channel, bounds how
+    /// long a catch-up holds `changing` (and so every subscribe) however many channels
+    /// fail: about one pause and two rounds of commands. Every attempt made here (the
+    /// channel read and [`RESET_SCRIPT`]) gives the same answer when made twice.
+    async fn twice<T, F, Fut>(&self, items: Vec<T>, attempt: F) -> Vec<(T, BrokerError)>
+    where
+        F: Fn(T) -> Fut,
+        Fut: std::future::Future<Output = (T, Result<(), BrokerError>)>,
+    {
+        let failed = each(items, &attempt).await;
+        let Some((_, first)) = failed.first() else {
+            return failed;
+        };
+        tracing::debug!(failed = failed.len(), error = %first, "channels could not be read in Redis: trying them once more once Redis is connected");
+        self.pause_for_connection().await;
+        each(failed.into_iter().map(|(item, _)| item).collect(), &attempt).await
     }
 
     /// Brings this node's sockets of `channels` up to date with Redis after the node
@@ -51,20 +68,16 @@ impl Subscriber {
             return;
         }
         let _ = tokio::time::timeout(FIRST_CONNECT_WAIT, self.commands.wait_for_connect()).await;
-        let results: Vec<(String, Result<(), BrokerError>)> = futures_util::stream::iter(channels)
-            .map(|channel| async move {
+        let failed = self
+            .twice(channels, |channel| async move {
                 let result = self.catch_up_one(&channel).await;
                 (channel, result)
             })
-            .buffer_unordered(CATCH_UP_CONCURRENCY)
-            .collect()
             .await;
         let lost = Close::new(CloseCode::GoingAway, "lost position; resume with since");
-        for (channel, result) in results {
-            if let Err(err) = result {
-                let closed = self.hub.disconnect_channel(&channel, &lost);
-                tracing::warn!(channel, closed, error = %err, "could not catch up with Redis: closing the channel's sockets (1001)");
-            }
+        for (channel, err) in failed {
+            let closed = self.hub.disconnect_channel(&channel, &lost);
+            tracing::warn!(channel, closed, error = %err, "could not catch up with Redis: closing the channel's sockets (1001)");
         }
     }
 
@@ -183,24 +196,15 @@ impl Subscriber {
         if channels.is_empty() {
             return;
         }
-        let failed: Vec<(String, Option<Server>)> = futures_util::stream::iter(channels)
-            .map(|((channel, epoch, offset), before)| async move {
-                let verified = self.verify_one(&channel, &epoch, offset).await;
-                (channel, before, verified)
+        let failed = self
+            .twice(channels, |verify| async move {
+                let ((channel, epoch, offset), _) = &verify;
+                let verified = self.verify_one(channel, epoch, *offset).await;
+                (verify, verified)
             })
-            .buffer_unordered(CATCH_UP_CONCURRENCY)
-            .filter_map(|(channel, before, verified)| async move {
-                match verified {
-                    Ok(()) => None,
-                    Err(err) => {
-                        tracing::debug!(channel, error = %err, "could not compare an acknowledged position with Redis: trying again later");
-                        Some((channel, before))
-                    }
-                }
-            })
-            .collect()
             .await;
-        for (channel, before) in failed {
+        for (((channel, _, _), before), err) in failed {
+            tracing::debug!(channel, error = %err, "could not compare an acknowledged position with Redis: trying again later");
             self.acked.unverified(&channel, before);
         }
     }
@@ -243,7 +247,15 @@ impl Subscriber {
             }
             listening.resetting = true;
         }
-        let result = self.run_reset(channel, &stale).await;
+        // Called alone (a reused offset seen on pub/sub, or within a catch-up that
+        // found the loss), so it makes its own second try.
+        let result = match self.run_reset(channel, &stale).await {
+            Ok(position) => Ok(position),
+            Err(_) => {
+                self.pause_for_connection().await;
+                self.run_reset(channel, &stale).await
+            }
+        };
         let marker = {
             let mut channels = lock(&self.channels);
             let Some(listening) = channels.get_mut(channel) else {
@@ -279,4 +291,19 @@ impl Subscriber {
             }
         }
     }
+}
+
+/// Runs `attempt` on every item, [`CATCH_UP_CONCURRENCY`] at a time; returns the items
+/// whose attempt failed, with the error.
+async fn each<T, F, Fut>(items: Vec<T>, attempt: &F) -> Vec<(T, BrokerError)>
+where
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = (T, Result<(), BrokerError>)>,
+{
+    futures_util::stream::iter(items)
+        .map(attempt)
+        .buffer_unordered(CATCH_UP_CONCURRENCY)
+        .filter_map(|(item, result)| std::future::ready(result.err().map(|err| (item, err))))
+        .collect()
+        .await
 }
