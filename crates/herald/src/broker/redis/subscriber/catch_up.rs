@@ -3,7 +3,8 @@
 
 use super::*;
 
-/// How long a batch of channels whose scripts failed waits before its second try.
+/// How long a batch of channels whose scripts failed (or a lone reset) waits before its
+/// second try.
 const RETRY_PAUSE: Duration = Duration::from_millis(250);
 
 /// How long the second try waits for the command connection to come back: the longest
@@ -40,8 +41,11 @@ impl Subscriber {
     /// second try every channel's sockets were closed (1001) where they could have been
     /// told in band. One pause for the whole batch, not one per channel, bounds how
     /// long a catch-up holds `changing` (and so every subscribe) however many channels
-    /// fail: about one pause and two rounds of commands. Every attempt made here (the
-    /// channel read and [`RESET_SCRIPT`]) gives the same answer when made twice.
+    /// fail: about one pause and two rounds of commands. An attempt may run twice: a
+    /// channel read can be repeated, and [`RESET_SCRIPT`] leaves an epoch that is
+    /// already gone alone, so a second run finds what the first one did (a check of an
+    /// acknowledged position whose reset ran but lost its reply then finds the new
+    /// epoch and leaves the old position to expire, which no comparison uses).
     async fn twice<T, F, Fut>(&self, items: Vec<T>, attempt: F) -> Vec<(T, BrokerError)>
     where
         F: Fn(T) -> Fut,
@@ -51,7 +55,7 @@ impl Subscriber {
         let Some((_, first)) = failed.first() else {
             return failed;
         };
-        tracing::debug!(failed = failed.len(), error = %first, "channels could not be read in Redis: trying them once more once Redis is connected");
+        tracing::debug!(failed = failed.len(), error = %first, "channels could not be checked against Redis: trying them once more once Redis is connected");
         self.pause_for_connection().await;
         each(failed.into_iter().map(|(item, _)| item).collect(), &attempt).await
     }
@@ -110,8 +114,8 @@ impl Subscriber {
                     now = position.offset,
                     "channel offset went back in Redis (lost writes): starting a new epoch"
                 );
-                self.reset(channel, known).await;
-                return Ok(());
+                // Once: a failure is tried again with the catch-up's batch.
+                return self.reset_once(channel, known).await;
             }
         };
         // History is read only when something was missed (most channels after a short
@@ -235,61 +239,63 @@ impl Subscriber {
     }
 
     /// Replaces `channel`'s epoch `stale`, whose offsets Redis handed out again, and
-    /// tells the channel's sessions (an epoch marker).
+    /// tells the channel's sessions (an epoch marker). Run alone (a reused offset seen
+    /// on pub/sub), so it makes its own second try; if that fails too, the channel's
+    /// sockets are closed (1001) and resume.
     pub(super) async fn reset(self: &Arc<Self>, channel: &str, stale: Arc<str>) {
+        let result = match self.reset_once(channel, stale.clone()).await {
+            Ok(()) => Ok(()),
+            Err(err) => {
+                tracing::debug!(channel, error = %err, "could not start a new epoch: trying once more once Redis is connected");
+                self.pause_for_connection().await;
+                self.reset_once(channel, stale).await
+            }
+        };
+        if let Err(err) = result {
+            let lost = Close::new(CloseCode::GoingAway, "lost position; resume with since");
+            let closed = self.hub.disconnect_channel(channel, &lost);
+            tracing::warn!(
+                channel,
+                closed,
+                error = %err,
+                "could not start a new epoch: closing the channel's sockets (1001)"
+            );
+        }
+    }
+
+    /// One try at [`Subscriber::reset`]; a failure is left to the caller, a catch-up
+    /// tries it again with the rest of its batch. Nothing to do when this node no
+    /// longer listens to `channel` or a reset of it is already running.
+    async fn reset_once(self: &Arc<Self>, channel: &str, stale: Arc<str>) -> Result<(), BrokerError> {
         {
             let mut channels = lock(&self.channels);
             let Some(listening) = channels.get_mut(channel) else {
-                return;
+                return Ok(());
             };
             if listening.resetting {
-                return;
+                return Ok(());
             }
             listening.resetting = true;
         }
-        // Called alone (a reused offset seen on pub/sub, or within a catch-up that
-        // found the loss), so it makes its own second try.
-        let result = match self.run_reset(channel, &stale).await {
-            Ok(position) => Ok(position),
-            Err(_) => {
-                self.pause_for_connection().await;
-                self.run_reset(channel, &stale).await
-            }
-        };
+        let result = self.run_reset(channel, &stale).await;
         let marker = {
             let mut channels = lock(&self.channels);
             let Some(listening) = channels.get_mut(channel) else {
-                return;
+                return Ok(());
             };
             listening.resetting = false;
-            match result {
-                Ok(position) => {
-                    listening.retire(&stale);
-                    let epoch = listening.note(&position.epoch, position.offset);
-                    Some(Message::epoch_marker(epoch, position.offset))
-                }
-                Err(_) => None,
-            }
+            let position = result?;
+            listening.retire(&stale);
+            let epoch = listening.note(&position.epoch, position.offset);
+            Message::epoch_marker(epoch, position.offset)
         };
-        match marker {
-            Some(marker) => {
-                tracing::warn!(
-                    channel,
-                    epoch = &*marker.epoch,
-                    "channel moved to a new epoch after lost writes"
-                );
-                self.hub.deliver(channel, &marker);
-            }
-            None => {
-                let lost = Close::new(CloseCode::GoingAway, "lost position; resume with since");
-                let closed = self.hub.disconnect_channel(channel, &lost);
-                tracing::warn!(
-                    channel,
-                    closed,
-                    "could not start a new epoch: closing the channel's sockets (1001)"
-                );
-            }
-        }
+        tracing::warn!(
+            channel,
+            epoch = &*marker.epoch,
+            "channel moved to a new epoch after lost writes"
+        );
+        self.hub.deliver(channel, &marker);
+        Ok(())
     }
 }
 
