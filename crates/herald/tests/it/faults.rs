@@ -22,6 +22,16 @@ async fn own_redis(what: &str) -> Option<Redis> {
     Some(redis)
 }
 
+/// How many commands `redis` has refused with WRONGTYPE (`INFO errorstats`): a read of
+/// a channel whose meta key was made a string counts one.
+async fn wrong_type_errors(redis: &Redis) -> u64 {
+    let stats = redis.cli(&["INFO", "errorstats"]).await;
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix("errorstat_WRONGTYPE:count="))
+        .map_or(0, |count| count.trim().parse::<u64>().unwrap())
+}
+
 /// Reads `ws` until `n` notifications arrived, checking on the way that every message
 /// is in the epoch the socket was last told and follows the previous offset by one, and
 /// that an epoch change was told in band (`recovered:false`). Returns the notifications
@@ -261,19 +271,12 @@ async fn a_catch_up_whose_first_read_fails_is_tried_again_not_closed() {
     let fields = redis.cli(&["HGETALL", &meta]).await;
     let fields: Vec<&str> = fields.lines().collect();
     assert!(fields.contains(&"epoch"), "{fields:?}");
-    let wrong_type = || async {
-        let stats = redis.cli(&["INFO", "errorstats"]).await;
-        stats
-            .lines()
-            .find_map(|line| line.strip_prefix("errorstat_WRONGTYPE:count="))
-            .map_or(0, |count| count.trim().parse::<u64>().unwrap())
-    };
-    let before = wrong_type().await;
+    let before = wrong_type_errors(&redis).await;
     redis.cli(&["DEL", &meta]).await;
     redis.cli(&["SET", &meta, "not a hash"]).await;
     redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
     let deadline = Instant::now() + Duration::from_secs(5);
-    while wrong_type().await == before {
+    while wrong_type_errors(&redis).await == before {
         assert!(Instant::now() < deadline, "the catch-up never read the channel");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -316,14 +319,7 @@ async fn a_catch_up_of_many_unreadable_channels_pauses_once_for_all_of_them() {
         sockets.push(a.connect("/ws/notifications/", &u).await.0);
         metas.push(format!("herald:{{notifications:{u}}}:meta"));
     }
-    let wrong_type = || async {
-        let stats = redis.cli(&["INFO", "errorstats"]).await;
-        stats
-            .lines()
-            .find_map(|line| line.strip_prefix("errorstat_WRONGTYPE:count="))
-            .map_or(0, |count| count.trim().parse::<u64>().unwrap())
-    };
-    let before = wrong_type().await;
+    let before = wrong_type_errors(&redis).await;
     let count = CHANNELS.to_string();
     let mut spoil = vec![
         "EVAL",
@@ -334,7 +330,7 @@ async fn a_catch_up_of_many_unreadable_channels_pauses_once_for_all_of_them() {
     redis.cli(&spoil).await;
     redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while wrong_type().await == before {
+    while wrong_type_errors(&redis).await == before {
         assert!(Instant::now() < deadline, "the catch-up never read the channels");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
