@@ -78,9 +78,8 @@ impl Subscriber {
                 (channel, result)
             })
             .await;
-        let lost = Close::new(CloseCode::GoingAway, "lost position; resume with since");
         for (channel, err) in failed {
-            let closed = self.hub.disconnect_channel(&channel, &lost);
+            let closed = self.lost_position(&channel);
             tracing::warn!(channel, closed, error = %err, "could not catch up with Redis: closing the channel's sockets (1001)");
         }
     }
@@ -252,8 +251,7 @@ impl Subscriber {
             }
         };
         if let Err(err) = result {
-            let lost = Close::new(CloseCode::GoingAway, "lost position; resume with since");
-            let closed = self.hub.disconnect_channel(channel, &lost);
+            let closed = self.lost_position(channel);
             tracing::warn!(
                 channel,
                 closed,
@@ -261,6 +259,14 @@ impl Subscriber {
                 "could not start a new epoch: closing the channel's sockets (1001)"
             );
         }
+    }
+
+    /// Closes `channel`'s sockets on this node (1001) when its position in Redis cannot
+    /// be known: its clients resume with `since` and are told what they missed.
+    /// Returns how many were closed.
+    fn lost_position(&self, channel: &str) -> usize {
+        let lost = Close::new(CloseCode::GoingAway, "lost position; resume with since");
+        self.hub.disconnect_channel(channel, &lost)
     }
 
     /// One try at [`Subscriber::reset`]; a failure is left to the caller, a catch-up
