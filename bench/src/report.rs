@@ -93,6 +93,24 @@ fn ratios_and_median(ratios: &[Option<f64>]) -> (String, String) {
     (each, median)
 }
 
+/// For a unicast or stream goal not met: what bounds it, read off this run's pairs with
+/// `bare-history` (the bare relay with only the contract's retention added), and how
+/// close herald came to that bound. Empty where the run did not measure it.
+fn bound_note(results: &Results, goal: Goal) -> String {
+    if !matches!(goal, Goal::Unicast | Goal::Stream) {
+        return String::new();
+    }
+    let cost = pairs::median(&pairs::ratios_against(results, goal, Against::RetentionCost));
+    let herald = pairs::median(&pairs::ratios_against(results, goal, Against::BareHistory));
+    let (Some(cost), Some(herald)) = (cost, herald) else {
+        return String::new();
+    };
+    let at = if herald <= 1.0 { "at" } else { "above" };
+    format!(
+        "; {at} its bound: the bare relay keeping what the contract keeps costs {cost:.2}× bare, herald {herald:.2}× of that (medians; table below)"
+    )
+}
+
 /// What the contract's retention costs the bare relay, and herald against that relay,
 /// when the run measured `bare-history`: what the unicast and stream goals are read
 /// beside.
@@ -660,10 +678,13 @@ fn render(results: &Results, json_name: &str, png: Option<&str>, notes: &str) ->
         if paired {
             let (each, median_cell) = ratios_and_median(&ratios);
             let median = pairs::median(&ratios);
+            let mut cell = verdict(median.map(|r| r <= bound)).to_owned();
+            if median.is_some_and(|r| r > bound) {
+                cell.push_str(&bound_note(results, goal));
+            }
             let _ = writeln!(
                 md,
-                "| {figure} | {herald} | {bare} | {this_run_cell} | {each} | {median_cell} | ≤ {bound:.1}× | {} |",
-                verdict(median.map(|r| r <= bound))
+                "| {figure} | {herald} | {bare} | {this_run_cell} | {each} | {median_cell} | ≤ {bound:.1}× | {cell} |"
             );
         } else {
             let _ = writeln!(
@@ -1069,6 +1090,57 @@ mod tests {
         );
         // Unicast was not measured on any server: dashes, no median.
         assert!(text.contains("| unicast, CPU per delivery | —, — | — | —, — | — |"));
+        // The goal is not met (median 1.10×), and its verdict says what bounds it.
+        let goal = text
+            .lines()
+            .find(|line| line.starts_with("| echo LLM stream, CPU per frame | 12.0 µs"))
+            .unwrap();
+        assert!(
+            goal.ends_with(
+                "| **1.10×** | ≤ 1.0× | **not met**; at its bound: the bare relay keeping what the contract keeps costs 1.18× bare, herald 0.95× of that (medians; table below) |"
+            ),
+            "{goal}"
+        );
+    }
+
+    /// Above the bound, the verdict says so; a goal met gets no note.
+    #[test]
+    fn a_goal_above_its_bound_is_told_apart() {
+        let stream = |server: &str, cpu_us_per_frame: f64| StreamResult {
+            server: server.to_owned(),
+            cpu_us_per_frame,
+            ..StreamResult::default()
+        };
+        let results = |herald: f64| Results {
+            stream: vec![
+                stream("herald", herald),
+                stream("bare", 10.0),
+                stream("bare-history", 11.0),
+            ],
+            pairs: vec![pairs::GoalPair {
+                herald_first: true,
+                herald: pairs::GoalFigures {
+                    stream_cpu_us_per_frame: herald,
+                    ..pairs::GoalFigures::default()
+                },
+                bare: pairs::GoalFigures {
+                    stream_cpu_us_per_frame: 10.0,
+                    ..pairs::GoalFigures::default()
+                },
+                bare_history: None,
+            }],
+            ..Results::default()
+        };
+        let row = |herald: f64| {
+            render(&results(herald), "x.json", None, "")
+                .lines()
+                .find(|line| line.starts_with("| echo LLM stream, CPU per frame | "))
+                .unwrap()
+                .to_owned()
+        };
+        // herald 13 µs: 1.30× bare; bare-history 1.10× bare, herald 1.18× of it.
+        assert!(row(13.0).ends_with("**not met**; above its bound: the bare relay keeping what the contract keeps costs 1.10× bare, herald 1.18× of that (medians; table below) |"), "{}", row(13.0));
+        assert!(row(9.0).ends_with("| ≤ 1.0× | met |"), "{}", row(9.0));
     }
 
     #[test]

@@ -232,7 +232,9 @@ impl Authenticator {
             KeySource::Jwks(jwks) => {
                 let header = jsonwebtoken::decode_header(token).map_err(|_| AuthFailure::Malformed)?;
                 refuse_critical_extensions(&header)?;
-                let (key, algorithm) = jwks.key_for(header.kid.as_deref(), header.alg).await?;
+                // Boxed: its future (a key set fetch) would otherwise be part of every
+                // handshake's future, HS256 ones too.
+                let (key, algorithm) = Box::pin(jwks.key_for(header.kid.as_deref(), header.alg)).await?;
                 if header.alg != algorithm {
                     return Err(AuthFailure::WrongAlgorithm);
                 }
