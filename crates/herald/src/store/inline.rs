@@ -84,6 +84,13 @@ pub(super) const ADD_EXCHANGE: &str =
     "INSERT INTO chat_messages (user_id, chat_id, role, content, created_at) \
      VALUES ($1, $2, 'user', $3, $4), ($5, $6, 'assistant', $7, $8)";
 
+/// One turn, for [`write_in_one_transaction`]: inside a transaction, a statement that
+/// writes several rows keeps a statement journal (a copy of every page it changes, so
+/// that it can be undone alone), which a one-row insert does not need. The batch's
+/// transaction is what makes an exchange's two turns all or nothing there.
+const ADD_TURN: &str = "INSERT INTO chat_messages (user_id, chat_id, role, content, created_at) \
+     VALUES ($1, $2, $3, $4, $5)";
+
 pub(super) const CHAT_TURNS: &str = "SELECT role, content, created_at FROM chat_messages \
      WHERE user_id = $1 AND chat_id = $2 ORDER BY id DESC LIMIT $3";
 
@@ -263,13 +270,12 @@ fn write_in_one_transaction(conn: &Connection, batch: &[Exchange]) -> Result<(),
     }
     conn.execute_batch("BEGIN IMMEDIATE")?;
     let written = conn
-        .prepare_cached(ADD_EXCHANGE)
+        .prepare_cached(ADD_TURN)
         .and_then(|mut statement| {
             batch.iter().try_for_each(|e| {
+                statement.execute(params![e.user_id, e.chat_id, "user", e.prompt, e.now])?;
                 statement
-                    .execute(params![
-                        e.user_id, e.chat_id, e.prompt, e.now, e.user_id, e.chat_id, e.answer, e.now
-                    ])
+                    .execute(params![e.user_id, e.chat_id, "assistant", e.answer, e.now])
                     .map(drop)
             })
         })

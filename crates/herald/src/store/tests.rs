@@ -271,6 +271,49 @@ async fn a_locked_batch_lands_through_the_pool() {
     assert_eq!(store.chat_turns("u", "c", 100).await.unwrap().len(), 40);
 }
 
+/// An exchange whose answer cannot be written leaves no half of it behind: inside the
+/// batch's transaction each turn is its own statement, so what keeps a prompt from
+/// landing without its answer is the transaction, rolled back whole; the batch then
+/// goes through the pool, where the others land and the failing one is refused.
+#[tokio::test(flavor = "current_thread")]
+async fn a_batch_failing_part_way_leaves_no_half_exchange() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = file_store(&dir).await;
+    let conn = rusqlite::Connection::open(dir.path().join("herald.db")).unwrap();
+    conn.execute_batch(
+        "CREATE TRIGGER refuse_boom BEFORE INSERT ON chat_messages WHEN NEW.content = 'boom' \
+         BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+    )
+    .unwrap();
+    drop(conn);
+    let writers: Vec<_> = [("q0", "a0"), ("q1", "boom"), ("q2", "a2")]
+        .into_iter()
+        .map(|(prompt, answer)| {
+            let store = store.clone();
+            tokio::spawn(async move { store.add_chat_exchange("u", "c", prompt, answer).await })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for writer in writers {
+        outcomes.push(writer.await.unwrap().is_ok());
+    }
+    assert_eq!(outcomes, [true, false, true]);
+    let inline = inline_of(&store);
+    assert_eq!(
+        inline.commits.load(Ordering::Relaxed),
+        0,
+        "the batch was not committed"
+    );
+    let contents: Vec<String> = store
+        .chat_turns("u", "c", 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|turn| turn.content)
+        .collect();
+    assert_eq!(contents, ["q0", "a0", "q2", "a2"]);
+}
+
 /// A transaction left open on the inline connection (a failed rollback) is rolled
 /// back before the next batch, which is then written inline.
 #[tokio::test]
