@@ -302,8 +302,8 @@ impl Store {
     /// exchanges on one chat do not interleave their turns. One statement rather than a
     /// transaction of two: the pool runs each SQLite statement on its connection's own
     /// thread, so every statement, `BEGIN` and `COMMIT` is a thread wake-up there and
-    /// back. On a SQLite file, exchanges that wait together are committed together
-    /// (see `inline`).
+    /// back. On a SQLite file, exchanges that wait together are committed together in
+    /// one transaction, a one-row insert a turn (see `inline`).
     pub async fn add_chat_exchange(
         &self,
         user_id: &str,
