@@ -1004,6 +1004,23 @@ fn round_row(md: &mut String, round: &RoundResult) {
 mod tests {
     use super::*;
 
+    /// A stream result of `server` at `cpu_us_per_frame`, the rest defaults.
+    fn stream(server: &str, cpu_us_per_frame: f64) -> StreamResult {
+        StreamResult {
+            server: server.to_owned(),
+            cpu_us_per_frame,
+            ..StreamResult::default()
+        }
+    }
+
+    /// A pair's goal figures with only the stream's CPU a frame set.
+    fn stream_figures(stream_cpu_us_per_frame: f64) -> pairs::GoalFigures {
+        pairs::GoalFigures {
+            stream_cpu_us_per_frame,
+            ..pairs::GoalFigures::default()
+        }
+    }
+
     #[test]
     fn numbers_read_well() {
         assert_eq!(count(1_234_567), "1,234,567");
@@ -1016,15 +1033,6 @@ mod tests {
     /// With pairs, a goal is judged on the median ratio, not on the main run's.
     #[test]
     fn paired_goals_are_judged_on_the_median() {
-        let stream = |server: &str, cpu_us_per_frame: f64| StreamResult {
-            server: server.to_owned(),
-            cpu_us_per_frame,
-            ..StreamResult::default()
-        };
-        let figures = |stream_cpu_us_per_frame: f64| pairs::GoalFigures {
-            stream_cpu_us_per_frame,
-            ..pairs::GoalFigures::default()
-        };
         let mut results = Results {
             // The main run alone: 1.20×, not met.
             stream: vec![stream("herald", 12.0), stream("bare", 10.0)],
@@ -1034,8 +1042,8 @@ mod tests {
         for (herald, bare) in [(9.0, 10.0), (9.5, 10.0), (0.0, 10.0)] {
             results.pairs.push(pairs::GoalPair {
                 herald_first: false,
-                herald: figures(herald),
-                bare: figures(bare),
+                herald: stream_figures(herald),
+                bare: stream_figures(bare),
                 bare_history: None,
             });
         }
@@ -1056,11 +1064,6 @@ mod tests {
 
     #[test]
     fn the_retention_table_pairs_bare_history_with_both() {
-        let stream = |server: &str, cpu_us_per_frame: f64| StreamResult {
-            server: server.to_owned(),
-            cpu_us_per_frame,
-            ..StreamResult::default()
-        };
         let mut results = Results {
             stream: vec![
                 stream("herald", 12.0),
@@ -1069,15 +1072,11 @@ mod tests {
             ],
             ..Results::default()
         };
-        let figures = |stream_cpu_us_per_frame| pairs::GoalFigures {
-            stream_cpu_us_per_frame,
-            ..pairs::GoalFigures::default()
-        };
         results.pairs.push(pairs::GoalPair {
             herald_first: true,
-            herald: figures(10.0),
-            bare: figures(10.0),
-            bare_history: Some(figures(12.5)),
+            herald: stream_figures(10.0),
+            bare: stream_figures(10.0),
+            bare_history: Some(stream_figures(12.5)),
         });
         let text = render(&results, "x.json", None, "");
         let row = text
@@ -1106,11 +1105,6 @@ mod tests {
     /// Above the bound, the verdict says so; a goal met gets no note.
     #[test]
     fn a_goal_above_its_bound_is_told_apart() {
-        let stream = |server: &str, cpu_us_per_frame: f64| StreamResult {
-            server: server.to_owned(),
-            cpu_us_per_frame,
-            ..StreamResult::default()
-        };
         let results = |herald: f64| Results {
             stream: vec![
                 stream("herald", herald),
@@ -1119,14 +1113,8 @@ mod tests {
             ],
             pairs: vec![pairs::GoalPair {
                 herald_first: true,
-                herald: pairs::GoalFigures {
-                    stream_cpu_us_per_frame: herald,
-                    ..pairs::GoalFigures::default()
-                },
-                bare: pairs::GoalFigures {
-                    stream_cpu_us_per_frame: 10.0,
-                    ..pairs::GoalFigures::default()
-                },
+                herald: stream_figures(herald),
+                bare: stream_figures(10.0),
                 bare_history: None,
             }],
             ..Results::default()
