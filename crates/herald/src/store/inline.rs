@@ -85,9 +85,10 @@ pub(super) const ADD_EXCHANGE: &str =
      VALUES ($1, $2, 'user', $3, $4), ($5, $6, 'assistant', $7, $8)";
 
 /// One turn, for [`write_in_one_transaction`]: inside a transaction, a statement that
-/// writes several rows keeps a statement journal (a copy of every page it changes, so
-/// that it can be undone alone), which a one-row insert does not need. The batch's
-/// transaction is what makes an exchange's two turns all or nothing there.
+/// writes several rows and may abort part way (a `NOT NULL` column is enough) keeps a
+/// statement journal (a copy of every page it changes, so that it alone can be
+/// undone), which a one-row insert does not need. The batch's transaction is what
+/// makes an exchange's two turns all or nothing there.
 const ADD_TURN: &str = "INSERT INTO chat_messages (user_id, chat_id, role, content, created_at) \
      VALUES ($1, $2, $3, $4, $5)";
 
@@ -219,10 +220,11 @@ impl Inline {
         }
     }
 
-    /// Appends `batch` in one transaction: all of it or none. Each exchange is one
-    /// two-row statement, so concurrent exchanges on one chat never interleave their
-    /// turns. Returns whether a checkpoint is due, or `None` if the file was locked
-    /// (nothing was written). Callers hold the gate open.
+    /// Appends `batch` in one transaction: all of it or none. An exchange's two turns
+    /// are written one after the other under the connection's lock and the file's
+    /// write lock (`BEGIN IMMEDIATE`), so concurrent exchanges on one chat never
+    /// interleave their turns. Returns whether a checkpoint is due, or `None` if the
+    /// file was locked (nothing was written). Callers hold the gate open.
     pub(super) fn add_chat_exchanges(&self, batch: &[Exchange]) -> Result<Option<bool>, rusqlite::Error> {
         let written = {
             // A transaction left open (a failed rollback, a panic while the lock was
@@ -248,6 +250,11 @@ impl Inline {
         limit: i64,
     ) -> Result<Option<Vec<ChatTurn>>, rusqlite::Error> {
         let conn = lock(&self.conn);
+        // A transaction left open (a failed rollback) may hold a batch's rows, even an
+        // exchange's prompt without its answer: read what is committed, on the pool.
+        if !conn.is_autocommit() {
+            return Ok(None);
+        }
         unless_busy(conn.prepare_cached(CHAT_TURNS).and_then(|mut statement| {
             statement
                 .query_map(params![user_id, chat_id, limit], |row| {
@@ -306,6 +313,15 @@ impl Inline {
         let conn = lock(&self.conn);
         if let Err(err) = conn.execute_batch("BEGIN") {
             panic!("BEGIN: {err}");
+        }
+    }
+
+    /// Writes `user_id`'s prompt alone in the transaction left open, as a batch that
+    /// failed between an exchange's two turns and then failed to roll back would.
+    pub(super) fn write_a_lone_prompt(&self, user_id: &str, chat_id: &str, prompt: &str) {
+        let conn = lock(&self.conn);
+        if let Err(err) = conn.execute(ADD_TURN, params![user_id, chat_id, "user", prompt, 0]) {
+            panic!("a lone prompt: {err}");
         }
     }
 }

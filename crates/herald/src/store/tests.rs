@@ -314,6 +314,27 @@ async fn a_batch_failing_part_way_leaves_no_half_exchange() {
     assert_eq!(contents, ["q0", "a0", "q2", "a2"]);
 }
 
+/// While a transaction is left open on the inline connection (a failed rollback), a
+/// read goes through the pool and sees only what was committed, not a prompt written
+/// there without its answer.
+#[tokio::test]
+async fn a_read_does_not_see_a_transaction_left_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = file_store(&dir).await;
+    store.add_chat_exchange("u", "c", "q", "a").await.unwrap();
+    let inline = inline_of(&store);
+    inline.leave_a_transaction_open();
+    inline.write_a_lone_prompt("u", "c", "half");
+    let contents: Vec<String> = store
+        .chat_turns("u", "c", 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|turn| turn.content)
+        .collect();
+    assert_eq!(contents, ["q", "a"]);
+}
+
 /// A transaction left open on the inline connection (a failed rollback) is rolled
 /// back before the next batch, which is then written inline.
 #[tokio::test]

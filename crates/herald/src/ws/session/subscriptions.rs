@@ -170,9 +170,9 @@ where
         let cursor = &self.cursors[idx];
         let org = cursor.channel.id().to_owned();
         let sub = cursor.sub;
-        // Boxed: presence reads Redis, and its 8 KB future would otherwise be part of
-        // every `start` and `subscribe`, which are boxed and so copied into fresh
-        // memory at every handshake (issue 19).
+        // Boxed: presence may read Redis, and its 8 KB future would otherwise be part
+        // of every `start` (boxed, and so copied into fresh memory at every handshake)
+        // and of every `subscribe` message's future (issue 19).
         match Box::pin(self.state.presence.watch(&org, &self.outbox, sub)).await {
             Ok(users) => self.queue_text(crate::presence::presence_message(&org, &users)),
             Err(err) => {
