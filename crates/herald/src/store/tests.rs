@@ -10,6 +10,17 @@ async fn file_store(dir: &tempfile::TempDir) -> Store {
     }
 }
 
+/// The contents of a chat's turns, oldest first.
+async fn contents(store: &Store, user_id: &str, chat_id: &str) -> Vec<String> {
+    store
+        .chat_turns(user_id, chat_id, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|turn| turn.content)
+        .collect()
+}
+
 /// The inline connection every file store has.
 fn inline_of(store: &Store) -> &Arc<Inline> {
     match store.inline.as_ref() {
@@ -304,14 +315,7 @@ async fn a_batch_failing_part_way_leaves_no_half_exchange() {
         0,
         "the batch was not committed"
     );
-    let contents: Vec<String> = store
-        .chat_turns("u", "c", 100)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|turn| turn.content)
-        .collect();
-    assert_eq!(contents, ["q0", "a0", "q2", "a2"]);
+    assert_eq!(contents(&store, "u", "c").await, ["q0", "a0", "q2", "a2"]);
 }
 
 /// While a transaction is left open on the inline connection (a failed rollback), a
@@ -325,14 +329,7 @@ async fn a_read_does_not_see_a_transaction_left_open() {
     let inline = inline_of(&store);
     inline.leave_a_transaction_open();
     inline.write_a_lone_prompt("u", "c", "half");
-    let contents: Vec<String> = store
-        .chat_turns("u", "c", 10)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|turn| turn.content)
-        .collect();
-    assert_eq!(contents, ["q", "a"]);
+    assert_eq!(contents(&store, "u", "c").await, ["q", "a"]);
 }
 
 /// A transaction left open on the inline connection (a failed rollback) is rolled
