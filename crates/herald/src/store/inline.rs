@@ -281,9 +281,8 @@ fn write_in_one_transaction(conn: &Connection, batch: &[Exchange]) -> Result<(),
         .and_then(|mut statement| {
             batch.iter().try_for_each(|e| {
                 statement.execute(params![e.user_id, e.chat_id, "user", e.prompt, e.now])?;
-                statement
-                    .execute(params![e.user_id, e.chat_id, "assistant", e.answer, e.now])
-                    .map(drop)
+                statement.execute(params![e.user_id, e.chat_id, "assistant", e.answer, e.now])?;
+                Ok(())
             })
         })
         .and_then(|()| conn.execute_batch("COMMIT"));
