@@ -162,6 +162,36 @@ pub fn median(values: &[Option<f64>]) -> Option<f64> {
     }
 }
 
+/// A distribution-free interval for the median of the measured `values`, holding it with
+/// probability at least `confidence`: the k-th smallest and the k-th largest value, k
+/// the largest for which fewer than k of n values fall below the median with probability
+/// at most (1 − `confidence`) / 2 (each value falls below it with probability ½, so the
+/// count is binomial). For n = 9 at 0.95 that is the 2nd and the 8th (96.1 %). `None`
+/// when there are too few values for any such k (fewer than 6 at 0.95). It assumes
+/// nothing of how the ratios are spread, only that the pairs are independent.
+pub fn median_interval(values: &[Option<f64>], confidence: f64) -> Option<(f64, f64)> {
+    let mut sorted: Vec<f64> = values.iter().flatten().copied().collect();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    let tail = (1.0 - confidence) / 2.0;
+    // P(B ≤ j) for B ~ Binomial(n, ½), accumulated term by term.
+    let mut term = 0.5_f64.powi(i32::try_from(n).ok()?);
+    let mut below = 0.0;
+    let mut k = 0;
+    for j in 0..n / 2 {
+        below += term;
+        if below > tail {
+            break;
+        }
+        k = j + 1;
+        #[allow(clippy::cast_precision_loss)]
+        {
+            term *= (n - j) as f64 / (j + 1) as f64;
+        }
+    }
+    (k > 0).then(|| (sorted[k - 1], sorted[n - k]))
+}
+
 /// Runs one extra pair. A scenario that fails leaves its figures at 0 (that pair does
 /// not count for the goal) and is recorded in `errors`.
 #[allow(clippy::cast_precision_loss)]
@@ -279,6 +309,32 @@ mod tests {
             median(&[Some(1.0), Some(0.8), None, Some(1.2), Some(0.9)]),
             Some(0.95)
         );
+    }
+
+    #[test]
+    fn the_median_interval_takes_the_order_statistics_the_binomial_allows() {
+        let values = |n: usize| (1..=n).map(|i| Some(i as f64)).collect::<Vec<_>>();
+        // Fewer than 6 values cannot hold the median with 95 %: even the extremes miss
+        // it with probability 2/32 at n = 5.
+        assert_eq!(median_interval(&values(5), 0.95), None);
+        // n = 6: the extremes, 1 − 2/64 = 96.9 %.
+        assert_eq!(median_interval(&values(6), 0.95), Some((1.0, 6.0)));
+        // n = 9: P(B ≤ 1) = 10/512 ≤ 2.5 % < P(B ≤ 2) = 46/512, so the 2nd and 8th.
+        assert_eq!(median_interval(&values(9), 0.95), Some((2.0, 8.0)));
+        // n = 15: P(B ≤ 3) = 576/32768 ≤ 2.5 % < P(B ≤ 4), so the 4th and 12th.
+        assert_eq!(median_interval(&values(15), 0.95), Some((4.0, 12.0)));
+        // Unsorted, with a pair that did not count.
+        let mixed = [
+            Some(1.3),
+            None,
+            Some(0.9),
+            Some(1.1),
+            Some(1.0),
+            Some(1.2),
+            Some(0.8),
+        ];
+        assert_eq!(median_interval(&mixed, 0.95), Some((0.8, 1.3)));
+        assert_eq!(median_interval(&[], 0.95), None);
     }
 
     #[test]

@@ -82,15 +82,44 @@ fn ratio_cell(r: Option<f64>) -> String {
     }
 }
 
-/// Each pair's ratio and their median, as the goals table writes them.
+/// How sure the report's intervals of a median are ([`pairs::median_interval`]).
+const CONFIDENCE: f64 = 0.95;
+
+/// Each pair's ratio, and their median with its interval where there are pairs enough,
+/// as the goals table writes them.
 fn ratios_and_median(ratios: &[Option<f64>]) -> (String, String) {
     let each = ratios
         .iter()
         .map(|r| r.map_or("—".to_owned(), |r| format!("{r:.2}×")))
         .collect::<Vec<_>>()
         .join(", ");
-    let median = pairs::median(ratios).map_or("—".to_owned(), |r| format!("**{r:.2}×**"));
+    let mut median = pairs::median(ratios).map_or("—".to_owned(), |r| format!("**{r:.2}×**"));
+    if let Some((low, high)) = pairs::median_interval(ratios, CONFIDENCE) {
+        let _ = write!(median, " ({low:.2}–{high:.2}×)");
+    }
     (each, median)
+}
+
+/// Where `ratios` stand against 1.0×: judged on their median's interval when there are
+/// pairs enough for one ("level" when it holds 1.0), else on the median; both as
+/// printed, so that a value shown as 1.00× is never "above" or "under".
+fn against_one(ratios: &[Option<f64>]) -> Option<&'static str> {
+    let printed = |r: f64| (r * 100.0).round() / 100.0;
+    if let Some((low, high)) = pairs::median_interval(ratios, CONFIDENCE) {
+        return Some(if printed(low) > 1.0 {
+            "above"
+        } else if printed(high) < 1.0 {
+            "under"
+        } else {
+            "level with"
+        });
+    }
+    let median = pairs::median(ratios)?;
+    Some(if printed(median) > 1.0 {
+        "above"
+    } else {
+        "at or under"
+    })
 }
 
 /// For a unicast or stream goal not met: what bounds it, read off this run's pairs with
@@ -100,19 +129,23 @@ fn bound_note(results: &Results, goal: Goal) -> String {
     if !matches!(goal, Goal::Unicast | Goal::Stream) {
         return String::new();
     }
-    let cost = pairs::median(&pairs::ratios_against(results, goal, Against::RetentionCost));
-    let herald = pairs::median(&pairs::ratios_against(results, goal, Against::BareHistory));
-    let (Some(cost), Some(herald)) = (cost, herald) else {
+    let cost_ratios = pairs::ratios_against(results, goal, Against::RetentionCost);
+    let herald_ratios = pairs::ratios_against(results, goal, Against::BareHistory);
+    let (Some(cost), Some(herald), Some(at)) = (
+        pairs::median(&cost_ratios),
+        pairs::median(&herald_ratios),
+        against_one(&herald_ratios),
+    ) else {
         return String::new();
     };
-    // Judged as printed, so that a herald ratio shown as 1.00× never reads "above".
-    let at = if (herald * 100.0).round() <= 100.0 {
-        "at or under"
-    } else {
-        "above"
+    let interval = |ratios: &[Option<f64>]| {
+        pairs::median_interval(ratios, CONFIDENCE)
+            .map_or_else(String::new, |(low, high)| format!(" ({low:.2}–{high:.2}×)"))
     };
     format!(
-        "; {at} its bound: the bare relay keeping what the contract keeps costs {cost:.2}× bare, herald {herald:.2}× of that (medians; table below)"
+        "; {at} its bound: the bare relay keeping what the contract keeps costs {cost:.2}×{} bare, herald {herald:.2}×{} of that (medians; table below)",
+        interval(&cost_ratios),
+        interval(&herald_ratios),
     )
 }
 
@@ -139,7 +172,7 @@ fn retention_table(md: &mut String, results: &Results) {
     );
     let _ = writeln!(
         md,
-        "| figure | bare-history / bare, each pair | median | herald / bare-history, each pair | median |"
+        "| figure | bare-history / bare, each pair | median (95 % interval) | herald / bare-history, each pair | median (95 % interval) |"
     );
     let _ = writeln!(md, "|---|---|---|---|---|");
     for (figure, goal) in rows {
@@ -609,13 +642,13 @@ fn render(results: &Results, json_name: &str, png: Option<&str>, notes: &str) ->
     if paired {
         let _ = writeln!(
             md,
-            "Each goal was measured in {} herald/bare pairs: this run's scenarios, then {} more pairs of the goal scenarios, one server right after the other, taking turns going first (`--pairs`). The verdict is on the median of the pairs' ratios; the figures are this run's.\n",
+            "Each goal was measured in {} herald/bare pairs: this run's scenarios, then {} more pairs of the goal scenarios, one server right after the other, taking turns going first (`--pairs`). The verdict is on the median of the pairs' ratios; the figures are this run's. Beside a median, where there are six pairs or more, is the interval that holds the true median with probability at least 95 % whatever the spread of the ratios (the k-th smallest and k-th largest ratio, k from the binomial distribution: the 2nd and 8th of 9), so a goal whose interval holds its bound is one these pairs cannot tell met from missed.\n",
             results.pairs.len() + 1,
             results.pairs.len()
         );
         let _ = writeln!(
             md,
-            "| figure | herald | bare | ratio | ratio in each pair | median | goal | verdict |"
+            "| figure | herald | bare | ratio | ratio in each pair | median (95 % interval) | goal | verdict |"
         );
         let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
     } else {
@@ -1145,6 +1178,63 @@ mod tests {
             .find(|line| line.starts_with("| echo LLM stream, CPU per frame | "))
             .unwrap();
         assert!(row.ends_with("| ≤ 1.0× | **not met** |"), "{row}");
+    }
+
+    /// With nine pairs the medians carry their intervals, and the bound is judged on
+    /// herald's interval against the relay with retention: level with it when the
+    /// interval holds 1.0, above or under when it does not.
+    #[test]
+    fn nine_pairs_judge_the_bound_on_the_interval() {
+        // herald / bare-history in the nine pairs: `shift` plus 0.96, 0.97, …, 1.04.
+        let results = |shift: f64| {
+            let herald = |i: usize| 11.0 * (shift + 0.96 + 0.01 * i as f64);
+            Results {
+                stream: vec![
+                    stream("herald", herald(0)),
+                    stream("bare", 10.0),
+                    stream("bare-history", 11.0),
+                ],
+                pairs: (1..9)
+                    .map(|i| pairs::GoalPair {
+                        herald_first: i % 2 == 0,
+                        herald: stream_figures(herald(i)),
+                        bare: stream_figures(10.0),
+                        bare_history: Some(stream_figures(11.0)),
+                    })
+                    .collect(),
+                ..Results::default()
+            }
+        };
+        let row = |shift: f64| {
+            render(&results(shift), "x.json", None, "")
+                .lines()
+                .find(|line| line.starts_with("| echo LLM stream, CPU per frame | "))
+                .unwrap()
+                .to_owned()
+        };
+        // herald / bare 1.056–1.144×, median 1.10×, the 2nd and 8th 1.067× and 1.133×.
+        assert!(
+            row(0.0).contains(
+                "| **1.10×** (1.07–1.13×) | ≤ 1.0× | **not met**; level with its bound: the bare relay keeping what the contract keeps costs 1.10× (1.10–1.10×) bare, herald 1.00× (0.97–1.03×) of that (medians; table below) |"
+            ),
+            "{}",
+            row(0.0)
+        );
+        // Shifted by 5 %: the interval of herald / bare-history, 1.02–1.08×, lies above.
+        assert!(row(0.05).contains("; above its bound:"), "{}", row(0.05));
+        // Shifted down by 5 %: 0.92–0.98× lies under; the goal (1.02–1.08× bare) stays
+        // not met.
+        assert!(
+            row(-0.05).contains("**not met**; under its bound:"),
+            "{}",
+            row(-0.05)
+        );
+        // The retention table carries the intervals too.
+        let text = render(&results(0.0), "x.json", None, "");
+        assert!(
+            text.contains("| **1.10×** (1.10–1.10×) | 0.96×, 0.97×, 0.98×, 0.99×, 1.00×, 1.01×, 1.02×, 1.03×, 1.04× | **1.00×** (0.97–1.03×) |"),
+            "{text}"
+        );
     }
 
     #[test]
