@@ -54,6 +54,14 @@ enum Command {
         #[arg(long, value_enum)]
         section: Option<Scenario>,
     },
+    /// Print each goal's ratios pooled over the pairs of several results files: medians
+    /// and 95 % intervals, as a Markdown table (for runs of the same code, to narrow
+    /// what one run's pairs can tell).
+    Pool {
+        /// `bench/results/<date>.json` files, two or more.
+        #[arg(required = true, num_args = 1..)]
+        results: Vec<PathBuf>,
+    },
     /// A load-generator worker (started by `all`; reads commands on stdin).
     Worker,
 }
@@ -272,6 +280,21 @@ fn main() -> anyhow::Result<()> {
                     report::write_all(&repo, &parsed, &results, &default_venv())
                 }
             }
+        }
+        Command::Pool { results } => {
+            let mut runs = Vec::new();
+            for path in &results {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                let parsed: Results = serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not a results file", path.display()))?;
+                runs.push(parsed);
+            }
+            #[allow(clippy::print_stdout)]
+            {
+                print!("{}", report::pooled_table(&runs));
+            }
+            Ok(())
         }
         Command::All(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()

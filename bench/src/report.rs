@@ -149,6 +149,51 @@ fn bound_note(results: &Results, goal: Goal) -> String {
     )
 }
 
+/// Each goal's ratios over the pairs of several runs together (`bench pool`): how many
+/// pairs, the median and its 95 % interval, herald / bare for every goal and, for
+/// unicast and the stream, bare-history / bare and herald / bare-history as well.
+pub fn pooled_table(runs: &[Results]) -> String {
+    let mut md = String::new();
+    let revs: Vec<&str> = runs.iter().map(|run| run.git_rev.as_str()).collect();
+    let _ = writeln!(
+        md,
+        "Pooled over {} runs (git {}): each ratio's median over every pair of every run, and the interval that holds the true median with probability at least 95 % (`pairs::median_interval`).\n",
+        runs.len(),
+        revs.join(", ")
+    );
+    let _ = writeln!(md, "| figure | ratio | pairs | median (95 % interval) |");
+    let _ = writeln!(md, "|---|---|---|---|");
+    let goals = [
+        ("RSS per idle socket", Goal::Rss),
+        ("server CPU per handshake", Goal::Handshake),
+        ("server CPU per delivery, fan-out", Goal::FanoutCpu),
+        ("fan-out p99", Goal::FanoutP99),
+        ("unicast, CPU per delivery", Goal::Unicast),
+        ("echo LLM stream, CPU per frame", Goal::Stream),
+    ];
+    for (figure, goal) in goals {
+        let againsts: &[(&str, Against)] = if matches!(goal, Goal::Unicast | Goal::Stream) {
+            &[
+                ("herald / bare", Against::Bare),
+                ("bare-history / bare", Against::RetentionCost),
+                ("herald / bare-history", Against::BareHistory),
+            ]
+        } else {
+            &[("herald / bare", Against::Bare)]
+        };
+        for (name, against) in againsts {
+            let ratios: Vec<Option<f64>> = runs
+                .iter()
+                .flat_map(|run| pairs::ratios_against(run, goal, *against))
+                .collect();
+            let counted = ratios.iter().flatten().count();
+            let (_, median) = ratios_and_median(&ratios);
+            let _ = writeln!(md, "| {figure} | {name} | {counted} | {median} |");
+        }
+    }
+    md
+}
+
 /// What the contract's retention costs the bare relay, and herald against that relay,
 /// when the run measured `bare-history`: what the unicast and stream goals are read
 /// beside.
@@ -1233,6 +1278,48 @@ mod tests {
         let text = render(&results(0.0), "x.json", None, "");
         assert!(
             text.contains("| **1.10×** (1.10–1.10×) | 0.96×, 0.97×, 0.98×, 0.99×, 1.00×, 1.01×, 1.02×, 1.03×, 1.04× | **1.00×** (0.97–1.03×) |"),
+            "{text}"
+        );
+    }
+
+    /// `bench pool` counts every pair of every run, and only pairs that measured both
+    /// servers of a ratio.
+    #[test]
+    fn pooled_runs_count_every_pair() {
+        let run = |herald: [f64; 3], rev: &str| Results {
+            git_rev: rev.to_owned(),
+            stream: vec![
+                stream("herald", herald[0]),
+                stream("bare", 10.0),
+                stream("bare-history", 11.0),
+            ],
+            pairs: herald[1..]
+                .iter()
+                .map(|&cpu| pairs::GoalPair {
+                    herald_first: false,
+                    herald: stream_figures(cpu),
+                    bare: stream_figures(10.0),
+                    bare_history: None,
+                })
+                .collect(),
+            ..Results::default()
+        };
+        let text = pooled_table(&[run([10.5, 11.5, 12.0], "a1"), run([9.0, 10.0, 13.0], "b2")]);
+        assert!(text.starts_with("Pooled over 2 runs (git a1, b2)"), "{text}");
+        // Six herald / bare pairs: 0.90, 1.00, 1.05, 1.15, 1.20, 1.30; the median 1.10,
+        // and six are just enough for an interval, the extremes.
+        assert!(
+            text.contains("| echo LLM stream, CPU per frame | herald / bare | 6 | **1.10×** (0.90–1.30×) |"),
+            "{text}"
+        );
+        // bare-history only in each run's main pair: two, no interval.
+        assert!(
+            text.contains("| echo LLM stream, CPU per frame | herald / bare-history | 2 | **0.89×** |"),
+            "{text}"
+        );
+        // Nothing measured: no pairs, a dash.
+        assert!(
+            text.contains("| RSS per idle socket | herald / bare | 0 | — |"),
             "{text}"
         );
     }
