@@ -7,7 +7,10 @@
 //! stream) once on herald and once on the bare server, one right after the other,
 //! scenario by scenario, and the servers take turns going first. The report judges
 //! each goal on the median of the pairs' ratios (the main run counting as the first
-//! pair) and lists every ratio, "—" for a pair where a scenario failed.
+//! pair) and lists every ratio, "—" for a pair where a scenario failed. Beside each
+//! median it gives the interval that holds the true median with probability at least
+//! 95 % ([`median_interval`]), so a verdict these pairs cannot tell from its bound reads
+//! as such; `bench pool` does the same over the pairs of several runs.
 //!
 //! When the run includes `bare-history` (the bare relay keeping what herald's contract
 //! keeps of every message), each pair also measures it on unicast and the stream: last
