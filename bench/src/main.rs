@@ -59,7 +59,7 @@ enum Command {
     /// what one run's pairs can tell).
     Pool {
         /// `bench/results/<date>.json` files, two or more.
-        #[arg(required = true, num_args = 1..)]
+        #[arg(required = true, num_args = 2..)]
         results: Vec<PathBuf>,
     },
     /// A load-generator worker (started by `all`; reads commands on stdin).
@@ -282,12 +282,21 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Pool { results } => {
-            let mut runs = Vec::new();
+            let mut runs: Vec<Results> = Vec::new();
             for path in &results {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read {}", path.display()))?;
                 let parsed: Results = serde_json::from_str(&text)
                     .with_context(|| format!("{} is not a results file", path.display()))?;
+                if let Some(first) = runs.first() {
+                    anyhow::ensure!(
+                        first.mode == parsed.mode,
+                        "{} is a {} run and the first file a {} run: their figures are of different sizes; pool runs of one mode",
+                        path.display(),
+                        parsed.mode,
+                        first.mode
+                    );
+                }
                 runs.push(parsed);
             }
             #[allow(clippy::print_stdout)]

@@ -153,10 +153,16 @@ pub fn ratios_against(results: &Results, goal: Goal, against: Against) -> Vec<Op
         .collect()
 }
 
-/// The median of the measured `values` (the mean of the middle two for an even count).
-pub fn median(values: &[Option<f64>]) -> Option<f64> {
+/// The measured `values`, sorted.
+fn measured(values: &[Option<f64>]) -> Vec<f64> {
     let mut sorted: Vec<f64> = values.iter().flatten().copied().collect();
     sorted.sort_by(f64::total_cmp);
+    sorted
+}
+
+/// The median of the measured `values` (the mean of the middle two for an even count).
+pub fn median(values: &[Option<f64>]) -> Option<f64> {
+    let sorted = measured(values);
     let n = sorted.len();
     match n {
         0 => None,
@@ -167,32 +173,37 @@ pub fn median(values: &[Option<f64>]) -> Option<f64> {
 
 /// A distribution-free interval for the median of the measured `values`, holding it with
 /// probability at least `confidence`: the k-th smallest and the k-th largest value, k
-/// the largest for which fewer than k of n values fall below the median with probability
-/// at most (1 − `confidence`) / 2 (each value falls below it with probability ½, so the
-/// count is binomial). For n = 9 at 0.95 that is the 2nd and the 8th (96.1 %). `None`
-/// when there are too few values for any such k (fewer than 6 at 0.95). It assumes
-/// nothing of how the ratios are spread, only that the pairs are independent.
+/// from [`interval_rank`]. `None` when there are too few values for any such k (fewer
+/// than 6 at 0.95). It assumes nothing of how the ratios are spread, only that they are
+/// independent draws of one distribution: pairs measured alike, on the same code and
+/// host.
 pub fn median_interval(values: &[Option<f64>], confidence: f64) -> Option<(f64, f64)> {
-    let mut sorted: Vec<f64> = values.iter().flatten().copied().collect();
-    sorted.sort_by(f64::total_cmp);
+    let sorted = measured(values);
     let n = sorted.len();
+    interval_rank(n, confidence).map(|k| (sorted[k - 1], sorted[n - k]))
+}
+
+/// The k of [`median_interval`] for n values: the largest for which fewer than k of n
+/// values fall below the median with probability at most (1 − `confidence`) / 2 (each
+/// value falls below it with probability ½, so the count is binomial). For n = 9 at 0.95
+/// that is 2, the 2nd and the 8th (96.1 %); `None` when not even k = 1 qualifies.
+#[allow(clippy::cast_precision_loss)]
+pub fn interval_rank(n: usize, confidence: f64) -> Option<usize> {
     let tail = (1.0 - confidence) / 2.0;
-    // P(B ≤ j) for B ~ Binomial(n, ½), accumulated term by term.
-    let mut term = 0.5_f64.powi(i32::try_from(n).ok()?);
+    // P(B ≤ j) for B ~ Binomial(n, ½), term by term; each term's logarithm, since ½ⁿ
+    // itself is 0 in floating point from n = 1075.
+    let mut ln_term = -(n as f64) * std::f64::consts::LN_2;
     let mut below = 0.0;
     let mut k = 0;
     for j in 0..n / 2 {
-        below += term;
+        below += ln_term.exp();
         if below > tail {
             break;
         }
         k = j + 1;
-        #[allow(clippy::cast_precision_loss)]
-        {
-            term *= (n - j) as f64 / (j + 1) as f64;
-        }
+        ln_term += ((n - j) as f64 / (j + 1) as f64).ln();
     }
-    (k > 0).then(|| (sorted[k - 1], sorted[n - k]))
+    (k > 0).then_some(k)
 }
 
 /// Runs one extra pair. A scenario that fails leaves its figures at 0 (that pair does
@@ -338,6 +349,11 @@ mod tests {
         ];
         assert_eq!(median_interval(&mixed, 0.95), Some((0.8, 1.3)));
         assert_eq!(median_interval(&[], 0.95), None);
+        // n = 2,000, where ½ⁿ is 0 in floating point: the normal approximation puts k at
+        // 1,000 − 1.96 × √500 ≈ 956.
+        let (low, high) = median_interval(&values(2000), 0.95).unwrap();
+        assert!((950.0..=960.0).contains(&low), "{low}");
+        assert_eq!(high, 2001.0 - low);
     }
 
     #[test]

@@ -93,18 +93,34 @@ fn ratios_and_median(ratios: &[Option<f64>]) -> (String, String) {
         .map(|r| r.map_or("—".to_owned(), |r| format!("{r:.2}×")))
         .collect::<Vec<_>>()
         .join(", ");
-    let mut median = pairs::median(ratios).map_or("—".to_owned(), |r| format!("**{r:.2}×**"));
-    if let Some((low, high)) = pairs::median_interval(ratios, CONFIDENCE) {
-        let _ = write!(median, " ({low:.2}–{high:.2}×)");
-    }
-    (each, median)
+    let median = pairs::median(ratios).map_or("—".to_owned(), |r| format!("**{r:.2}×**"));
+    (each, median + &interval_cell(ratios))
+}
+
+/// " (low–high×)", the interval of the median of `ratios`; empty with too few pairs.
+fn interval_cell(ratios: &[Option<f64>]) -> String {
+    pairs::median_interval(ratios, CONFIDENCE)
+        .map_or_else(String::new, |(low, high)| format!(" ({low:.2}–{high:.2}×)"))
+}
+
+/// "1st", "2nd", "3rd", "4th", … "11th", "12th", "13th", "21st".
+fn ordinal(k: usize) -> String {
+    let suffix = match (k % 10, k % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{k}{suffix}")
 }
 
 /// Where `ratios` stand against 1.0×: judged on their median's interval when there are
 /// pairs enough for one ("level" when it holds 1.0), else on the median; both as
 /// printed, so that a value shown as 1.00× is never "above" or "under".
 fn against_one(ratios: &[Option<f64>]) -> Option<&'static str> {
-    let printed = |r: f64| (r * 100.0).round() / 100.0;
+    // The value as `{:.2}` shows it (rounding ×100 can differ from it at a half).
+    let printed = |r: f64| format!("{r:.2}").parse::<f64>().unwrap_or(r);
     if let Some((low, high)) = pairs::median_interval(ratios, CONFIDENCE) {
         return Some(if printed(low) > 1.0 {
             "above"
@@ -138,14 +154,10 @@ fn bound_note(results: &Results, goal: Goal) -> String {
     ) else {
         return String::new();
     };
-    let interval = |ratios: &[Option<f64>]| {
-        pairs::median_interval(ratios, CONFIDENCE)
-            .map_or_else(String::new, |(low, high)| format!(" ({low:.2}–{high:.2}×)"))
-    };
     format!(
         "; {at} its bound: the bare relay keeping what the contract keeps costs {cost:.2}×{} bare, herald {herald:.2}×{} of that (medians; table below)",
-        interval(&cost_ratios),
-        interval(&herald_ratios),
+        interval_cell(&cost_ratios),
+        interval_cell(&herald_ratios),
     )
 }
 
@@ -685,11 +697,16 @@ fn render(results: &Results, json_name: &str, png: Option<&str>, notes: &str) ->
     );
     let paired = !results.pairs.is_empty();
     if paired {
+        let n = results.pairs.len() + 1;
         let _ = writeln!(
             md,
-            "Each goal was measured in {} herald/bare pairs: this run's scenarios, then {} more pairs of the goal scenarios, one server right after the other, taking turns going first (`--pairs`). The verdict is on the median of the pairs' ratios; the figures are this run's. Beside a median, where there are six pairs or more, is the interval that holds the true median with probability at least 95 % whatever the spread of the ratios (the k-th smallest and k-th largest ratio, k from the binomial distribution: the 2nd and 8th of 9), so a goal whose interval holds its bound is one these pairs cannot tell met from missed.\n",
-            results.pairs.len() + 1,
-            results.pairs.len()
+            "Each goal was measured in {n} herald/bare pairs: this run's scenarios, then {} more pairs of the goal scenarios, one server right after the other, taking turns going first (`--pairs`). The verdict is on the median of the pairs' ratios; the figures are this run's.{}\n",
+            results.pairs.len(),
+            pairs::interval_rank(n, CONFIDENCE).map_or_else(String::new, |k| format!(
+                " Beside each median is the interval that holds the true median with probability at least 95 % whatever the spread of the ratios: the {} smallest and the {} largest of the {n} ratios, k from the binomial distribution (`pairs::median_interval`). A goal whose interval holds its bound is one these pairs cannot tell met from missed.",
+                ordinal(k),
+                ordinal(k)
+            ))
         );
         let _ = writeln!(
             md,
@@ -1105,6 +1122,18 @@ mod tests {
     }
 
     #[test]
+    fn ordinals_read_well() {
+        let read: Vec<String> = [1, 2, 3, 4, 11, 12, 13, 21, 22, 101, 111]
+            .into_iter()
+            .map(ordinal)
+            .collect();
+        assert_eq!(
+            read,
+            ["1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "101st", "111th"]
+        );
+    }
+
+    #[test]
     fn numbers_read_well() {
         assert_eq!(count(1_234_567), "1,234,567");
         assert_eq!(count(999), "999");
@@ -1274,12 +1303,34 @@ mod tests {
             "{}",
             row(-0.05)
         );
-        // The retention table carries the intervals too.
+        // The retention table carries the intervals too, and the text says which ranks.
         let text = render(&results(0.0), "x.json", None, "");
+        assert!(
+            text.contains("the 2nd smallest and the 2nd largest of the 9 ratios"),
+            "{text}"
+        );
         assert!(
             text.contains("| **1.10×** (1.10–1.10×) | 0.96×, 0.97×, 0.98×, 0.99×, 1.00×, 1.01×, 1.02×, 1.03×, 1.04× | **1.00×** (0.97–1.03×) |"),
             "{text}"
         );
+    }
+
+    /// The interval is judged as printed: a low end shown as 1.00× holds 1.0.
+    #[test]
+    fn an_interval_is_judged_as_printed() {
+        let nine = |second: f64| {
+            let mut ratios = vec![Some(0.9), Some(second)];
+            ratios.extend((0..7).map(|i| Some(1.1 + 0.01 * f64::from(i))));
+            ratios
+        };
+        // The 2nd and 8th of nine: `second` and 1.15.
+        assert_eq!(against_one(&nine(0.999)), Some("level with"));
+        assert_eq!(against_one(&nine(1.004)), Some("level with"));
+        assert_eq!(against_one(&nine(1.006)), Some("above"));
+        // Five pairs: no interval, the median as before.
+        assert_eq!(against_one(&[Some(1.004); 5]), Some("at or under"));
+        assert_eq!(against_one(&[Some(1.006); 5]), Some("above"));
+        assert_eq!(against_one(&[]), None);
     }
 
     /// `bench pool` counts every pair of every run, and only pairs that measured both
