@@ -1113,6 +1113,15 @@ mod tests {
         }
     }
 
+    /// The stream's row of the rendered goals table.
+    fn stream_goal_row(results: &Results) -> String {
+        render(results, "x.json", None, "")
+            .lines()
+            .find(|line| line.starts_with("| echo LLM stream, CPU per frame | "))
+            .unwrap()
+            .to_owned()
+    }
+
     /// A pair's goal figures with only the stream's CPU a frame set.
     fn stream_figures(stream_cpu_us_per_frame: f64) -> pairs::GoalFigures {
         pairs::GoalFigures {
@@ -1231,13 +1240,7 @@ mod tests {
             }],
             ..Results::default()
         };
-        let row = |herald: f64| {
-            render(&results(herald), "x.json", None, "")
-                .lines()
-                .find(|line| line.starts_with("| echo LLM stream, CPU per frame | "))
-                .unwrap()
-                .to_owned()
-        };
+        let row = |herald: f64| stream_goal_row(&results(herald));
         // herald 13 µs: 1.30× bare; bare-history 1.10× bare, herald 1.18× of it.
         assert!(row(13.0).ends_with("**not met**; above its bound: the bare relay keeping what the contract keeps costs 1.10× bare, herald 1.18× of that (medians; table below) |"), "{}", row(13.0));
         assert!(row(9.0).ends_with("| ≤ 1.0× | met |"), "{}", row(9.0));
@@ -1246,11 +1249,7 @@ mod tests {
         // No bare-history measured: the verdict alone.
         let mut unbounded = results(13.0);
         unbounded.stream.retain(|result| result.server != "bare-history");
-        let text = render(&unbounded, "x.json", None, "");
-        let row = text
-            .lines()
-            .find(|line| line.starts_with("| echo LLM stream, CPU per frame | "))
-            .unwrap();
+        let row = stream_goal_row(&unbounded);
         assert!(row.ends_with("| ≤ 1.0× | **not met** |"), "{row}");
     }
 
@@ -1279,13 +1278,7 @@ mod tests {
                 ..Results::default()
             }
         };
-        let row = |shift: f64| {
-            render(&results(shift), "x.json", None, "")
-                .lines()
-                .find(|line| line.starts_with("| echo LLM stream, CPU per frame | "))
-                .unwrap()
-                .to_owned()
-        };
+        let row = |shift: f64| stream_goal_row(&results(shift));
         // herald / bare 1.056–1.144×, median 1.10×, the 2nd and 8th 1.067× and 1.133×.
         assert!(
             row(0.0).contains(
