@@ -181,8 +181,14 @@ impl RedisQueue {
         match outcome {
             // The end was recorded before the last message went out.
             Some(_) => {}
+            // The claim ended: taken over, not renewed within the lease (the heartbeat
+            // logged which), or this node claimed the entry again. Nobody may have
+            // taken the task yet: whichever worker claims the entry next finishes it.
             None if abandon.is_cancelled() => {
-                tracing::warn!(task_id, "task lost to another worker; stopped");
+                tracing::warn!(
+                    task_id,
+                    "task stopped on this worker: its claim ended; the worker that claims its queue entry next finishes it"
+                );
             }
             None => self.hand_back(entry, task_id).await,
         }
